@@ -1,0 +1,187 @@
+//! Reading PEM files and building the rustls configurations: the mutual-TLS policy.
+//!
+//! The policy, in one place for QUIC and gRPC alike:
+//! - TLS 1.3 only. Both ends are ours, so there is no older peer to accommodate, and 1.3
+//!   encrypts the certificates themselves (an observer learns no agent names).
+//! - The sink requires a client certificate that chains to the configured CA and carries the
+//!   clientAuth usage (webpki checks it). A sink certificate (serverAuth only) is refused.
+//! - The agent verifies the sink's certificate against the same kind of CA file (not the system
+//!   roots) and against the configured server name.
+//! - No 0-RTT: early data could be replayed by an attacker, and 0.5-RTT data would reach a
+//!   client before it is authenticated. Connections are long-lived, so the saving is nil.
+//! - ALPN carries the protocol version, so mismatched versions fail at the handshake.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+
+use crate::{CertInfo, Error};
+
+/// The crypto provider every config uses (ring).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A certificate chain with its private key, and the holder's name from the certificate.
+#[derive(Debug)]
+pub struct Identity {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    info: CertInfo,
+}
+
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Self {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+            info: self.info.clone(),
+        }
+    }
+}
+
+impl Identity {
+    /// Reads a certificate (chain) and its key from PEM files.
+    ///
+    /// # Errors
+    ///
+    /// When a file cannot be read or holds no certificate or key.
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, Error> {
+        Self::from_pem(
+            &read(cert)?,
+            &read(key)?,
+            &cert.display().to_string(),
+            &key.display().to_string(),
+        )
+    }
+
+    /// The same from PEM text; `cert_origin` and `key_origin` name the sources in errors.
+    ///
+    /// # Errors
+    ///
+    /// When the text holds no certificate or key.
+    pub fn from_pem(
+        cert_pem: &str,
+        key_pem: &str,
+        cert_origin: &str,
+        key_origin: &str,
+    ) -> Result<Self, Error> {
+        let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| Error::NoCertificate(cert_origin.into()))?;
+        let first = chain
+            .first()
+            .ok_or_else(|| Error::NoCertificate(cert_origin.into()))?;
+        let info = CertInfo::from_der(first)?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|e| Error::NoPrivateKey(key_origin.into(), e.to_string()))?;
+        Ok(Self { chain, key, info })
+    }
+
+    /// What the leaf certificate says.
+    pub fn info(&self) -> &CertInfo {
+        &self.info
+    }
+
+    /// The holder's name (common name, else first DNS name), or `"unnamed"`.
+    pub fn name(&self) -> &str {
+        self.info.name().unwrap_or("unnamed")
+    }
+}
+
+/// The CA certificates a peer must chain to.
+#[derive(Debug, Clone)]
+pub struct TrustAnchors {
+    roots: Arc<RootCertStore>,
+}
+
+impl TrustAnchors {
+    /// Reads every certificate of a PEM file as a trust anchor.
+    ///
+    /// # Errors
+    ///
+    /// When the file cannot be read or holds no usable certificate.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        Self::from_pem(&read(path)?, &path.display().to_string())
+    }
+
+    /// The same from PEM text; `origin` names the source in errors.
+    ///
+    /// # Errors
+    ///
+    /// When the text holds no usable certificate.
+    pub fn from_pem(pem: &str, origin: &str) -> Result<Self, Error> {
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            let cert = cert.map_err(|_| Error::NoCertificate(origin.into()))?;
+            roots.add(cert)?;
+        }
+        if roots.is_empty() {
+            return Err(Error::NoCertificate(origin.into()));
+        }
+        Ok(Self {
+            roots: Arc::new(roots),
+        })
+    }
+}
+
+/// The sink's TLS configuration: TLS 1.3, client certificates required and verified against
+/// `ca`, no early data, ALPN `alpn`.
+///
+/// # Errors
+///
+/// When the identity's key does not match its certificate, or the CA set is unusable.
+pub fn server_config(
+    ca: &TrustAnchors,
+    identity: &Identity,
+    alpn: &[u8],
+) -> Result<rustls::ServerConfig, Error> {
+    let provider = provider();
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(ca.roots.clone(), provider.clone()).build()?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
+    config.alpn_protocols = vec![alpn.to_vec()];
+    config.max_early_data_size = 0;
+    Ok(config)
+}
+
+/// The agent's TLS configuration: TLS 1.3, the server verified against `ca` (not the system
+/// roots), `identity` presented as the client certificate, no early data, ALPN `alpn`.
+///
+/// # Errors
+///
+/// When the identity's key does not match its certificate.
+pub fn client_config(
+    ca: &TrustAnchors,
+    identity: &Identity,
+    alpn: &[u8],
+) -> Result<rustls::ClientConfig, Error> {
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(ca.roots.clone())
+        .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())?;
+    config.alpn_protocols = vec![alpn.to_vec()];
+    config.enable_early_data = false;
+    Ok(config)
+}
+
+/// The name of a peer from the certificate it presented (the first of its chain).
+pub fn peer_name(chain: &[CertificateDer<'_>]) -> Option<String> {
+    let info = CertInfo::from_der(chain.first()?).ok()?;
+    info.name().map(str::to_owned)
+}
+
+fn read(path: &Path) -> Result<String, Error> {
+    std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.to_owned(),
+        source,
+    })
+}

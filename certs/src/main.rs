@@ -1,0 +1,201 @@
+//! `relay-certs`: make the relay's private CA and the agents' and sinks' certificates.
+//!
+//! Usage: `relay-certs init`, then `relay-certs issue --role sink --name sink.example.com` and
+//! `relay-certs issue --role agent --name site-a`; `relay-certs show FILE` to inspect.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::net::IpAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use relay_certs::{Ca, CertInfo, Leaf, Role};
+
+/// Make and inspect the certificates of sflow-relay's private CA.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Make a new CA: DIR/ca.pem (give to agents and sinks) and DIR/ca.key (keep offline, 0600).
+    Init {
+        /// Folder for the CA files.
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+        /// The CA's common name.
+        #[arg(long, default_value = "sflow-relay CA")]
+        name: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a certificate signed by the CA in DIR: OUT/NAME.pem and OUT/NAME.key (0600).
+    Issue {
+        /// agent (TLS client, clientAuth) or sink (TLS server, serverAuth).
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        /// Common name: the agent's identity, or the sink's DNS name.
+        #[arg(long)]
+        name: String,
+        /// An extra DNS name for a sink (repeatable).
+        #[arg(long = "dns", value_name = "NAME")]
+        dns: Vec<String>,
+        /// An IP address for a sink reached by address (repeatable).
+        #[arg(long = "ip", value_name = "ADDR")]
+        ips: Vec<IpAddr>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// Folder holding ca.pem and ca.key.
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+        /// Folder for the new files (default: the CA folder).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print a certificate's subject, names, usage and expiry.
+    Show {
+        /// PEM certificate files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum RoleArg {
+    Agent,
+    Sink,
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("relay-certs: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Init {
+            dir,
+            name,
+            days,
+            force,
+        } => {
+            let ca = Ca::generate(&name, days)?;
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let (cert, key) = (dir.join("ca.pem"), dir.join("ca.key"));
+            refuse_overwrite(&[&cert, &key], force)?;
+            write_file(&key, ca.key_pem().as_bytes(), 0o600)?;
+            write_file(&cert, ca.cert_pem().as_bytes(), 0o644)?;
+            println!("wrote {} and {}", cert.display(), key.display());
+        }
+        Command::Issue {
+            role,
+            name,
+            dns,
+            ips,
+            days,
+            dir,
+            out,
+            force,
+        } => {
+            if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+                bail!("--name {name:?} cannot be used as a file name");
+            }
+            let ca = load_ca(&dir)?;
+            let role = match role {
+                RoleArg::Agent => Role::Agent,
+                RoleArg::Sink => Role::Sink,
+            };
+            let mut leaf = Leaf::new(role, name.clone(), days);
+            leaf.dns = dns;
+            leaf.ips = ips;
+            let issued = ca.issue(&leaf)?;
+            let out = out.unwrap_or(dir);
+            std::fs::create_dir_all(&out)
+                .with_context(|| format!("cannot create {}", out.display()))?;
+            let (cert, key) = (
+                out.join(format!("{name}.pem")),
+                out.join(format!("{name}.key")),
+            );
+            refuse_overwrite(&[&cert, &key], force)?;
+            write_file(&key, issued.key_pem.as_bytes(), 0o600)?;
+            write_file(&cert, issued.cert_pem.as_bytes(), 0o644)?;
+            println!(
+                "wrote {} ({} certificate) and {}",
+                cert.display(),
+                role.as_str(),
+                key.display()
+            );
+        }
+        Command::Show { files } => {
+            for (i, file) in files.iter().enumerate() {
+                let pem = std::fs::read_to_string(file)
+                    .with_context(|| format!("cannot read {}", file.display()))?;
+                let info = CertInfo::from_pem(&pem).with_context(|| file.display().to_string())?;
+                if i > 0 {
+                    println!();
+                }
+                println!("file:         {}\n{info}", file.display());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn load_ca(dir: &Path) -> anyhow::Result<Ca> {
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "cannot read {} (run `relay-certs init --dir {}` first)",
+                path.display(),
+                dir.display()
+            )
+        })
+    };
+    Ok(Ca::from_pem(&read("ca.pem")?, &read("ca.key")?)?)
+}
+
+fn refuse_overwrite(paths: &[&Path], force: bool) -> anyhow::Result<()> {
+    if force {
+        return Ok(());
+    }
+    for path in paths {
+        if path.exists() {
+            bail!("{} exists; pass --force to overwrite it", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// Writes `contents` with `mode`; a private key is never readable by others, not even briefly.
+fn write_file(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    file.write_all(contents)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}

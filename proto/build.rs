@@ -1,0 +1,13 @@
+//! Generates the protobuf types and the gRPC service from `proto/` with protox, a protobuf
+//! compiler written in Rust, so a build needs nothing but the Rust toolchain (no system protoc).
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto = "proto/sflow_relay/v1/relay.proto";
+    println!("cargo:rerun-if-changed={proto}");
+    let descriptors = protox::compile([proto], ["proto"])?;
+    tonic_prost_build::configure()
+        .bytes(".")
+        .build_transport(false)
+        .compile_fds(descriptors)?;
+    Ok(())
+}

@@ -1,0 +1,44 @@
+//! The wire contract of sflow-relay, shared by `relay-agent` and `relay-sink`.
+//!
+//! This crate owns every byte that travels between the two: the protobuf messages and gRPC
+//! service generated from `proto/sflow_relay/v1/relay.proto` ([`pb`]), the length-prefixed
+//! framing used on QUIC streams ([`wire`]). It does no network I/O of its own beyond reading
+//! frames from a caller's `AsyncRead`, and knows nothing of TLS or certificates (see `relay-certs`).
+//!
+//! # Wire format
+//!
+//! A QUIC connection between agent and sink negotiates ALPN [`ALPN`] and carries one
+//! bidirectional stream, opened by the agent. Each direction is a sequence of frames:
+//!
+//! ```text
+//!  0               4                                   4 + len
+//!  +---------------+-----------------------------------+
+//!  | len: u32 (BE) | protobuf message (len bytes)      |
+//!  +---------------+-----------------------------------+
+//! ```
+//!
+//! Agent → sink frames hold a [`pb::Batch`], sink → agent frames hold a [`pb::Ack`]. A reader
+//! refuses a frame whose `len` exceeds its limit before allocating for it. Over gRPC the same
+//! messages travel as the `sflow_relay.v1.Relay/Stream` call, with gRPC's own framing.
+//!
+//! # Layout
+//!
+//! - [`pb`]: generated protobuf types and the tonic client and server for the gRPC service.
+//! - [`wire`]: [`wire::Datagram`], frame encoding and decoding, [`wire::FrameReader`].
+#![warn(missing_docs)]
+
+pub mod wire;
+
+/// Types and gRPC service generated from `relay.proto` (package `sflow_relay.v1`).
+#[allow(missing_docs, unreachable_pub, unused_qualifications, clippy::use_self)]
+pub mod pb {
+    include!(concat!(env!("OUT_DIR"), "/sflow_relay.v1.rs"));
+}
+
+/// ALPN protocol name: the relay protocol and its major version. A peer that speaks another
+/// version fails the TLS handshake instead of misreading frames.
+pub const ALPN: &[u8] = b"sflow-relay/1";
+
+/// The largest UDP payload the relay carries: the IPv4 maximum (65,535 − 8 − 20). IPv6 allows
+/// 20 bytes more, which no sFlow agent sends; such datagrams are dropped and counted.
+pub const MAX_DATAGRAM_LEN: usize = 65_507;
