@@ -158,10 +158,11 @@ impl Ca {
         let mut sans = Vec::new();
         // The name doubles as a DNS SAN when it is one, so `--name sink.example.com` is enough.
         for dns in std::iter::once(&leaf.name).chain(&leaf.dns) {
-            match dns.clone().try_into() {
-                Ok(name) => sans.push(SanType::DnsName(name)),
-                Err(e) if dns != &leaf.name => return Err(e.into()),
-                Err(_) => {}
+            let valid = rustls::pki_types::DnsName::try_from(dns.as_str()).is_ok();
+            if valid {
+                sans.push(SanType::DnsName(dns.clone().try_into()?));
+            } else if dns != &leaf.name {
+                return Err(Error::InvalidName(dns.clone()));
             }
         }
         sans.extend(leaf.ips.iter().map(|ip| SanType::IpAddress(*ip)));

@@ -48,6 +48,9 @@ pub enum Error {
     /// The client-certificate verifier could not be built (for example an empty CA file).
     #[error("cannot build the client certificate verifier: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// A name given for a DNS subject alternative name is not a valid DNS name.
+    #[error("{0:?} is not a valid DNS name")]
+    InvalidName(String),
     /// rcgen could not make or sign a certificate.
     #[error("cannot make certificate: {0}")]
     Rcgen(#[from] rcgen::Error),
