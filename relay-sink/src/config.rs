@@ -1,0 +1,152 @@
+//! The sink's options: one struct for the command line and the TOML file, and the checked
+//! [`Config`] that `run` takes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use runtime::quic::QuicOptions;
+use runtime::telemetry::LogFormat;
+use serde::{Deserialize, Serialize};
+
+/// Default QUIC listen address (UDP).
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
+/// Default queue per destination, in batches (64 KiB each by the agent's default).
+pub const DEFAULT_REPLAY_QUEUE: usize = 1024;
+/// Default send buffer of each replay socket.
+pub const DEFAULT_SEND_BUFFER: usize = 4 * 1024 * 1024;
+
+/// relay-sink: accept relay agents over mutually authenticated QUIC and replay every sFlow
+/// datagram they carry, byte for byte, as UDP to each --forward destination.
+///
+/// Every option can also be set in a TOML file (--config) under the same name.
+#[derive(Debug, Clone, Default, Parser, Serialize, Deserialize)]
+#[command(name = "relay-sink", version)]
+#[serde(rename_all = "kebab-case")]
+pub struct Args {
+    /// TOML file with any of these options; the command line wins over it.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// QUIC listen address (UDP). [default: 0.0.0.0:4433]
+    #[arg(long, value_name = "ADDR")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+
+    /// CA certificate (PEM) that agents' certificates must chain to.
+    #[arg(long, value_name = "FILE")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+
+    /// This sink's certificate (PEM, serverAuth), as issued by `relay-certs issue --role sink`.
+    #[arg(long, value_name = "FILE")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+
+    /// This sink's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+
+    /// Replay destination HOST:PORT, e.g. an sFlow-RT collector (repeatable: each gets every
+    /// datagram).
+    #[arg(long, value_name = "HOST:PORT")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forward: Vec<String>,
+
+    /// Batches queued per destination before that destination's drops begin. [default: 1024]
+    #[arg(long, value_name = "BATCHES")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay_queue: Option<usize>,
+
+    /// Send buffer asked for each replay socket, bytes. [default: 4 MiB]
+    #[arg(long, value_name = "BYTES")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_buffer: Option<usize>,
+
+    /// Largest frame accepted from an agent, bytes; a larger one closes that connection. [default: 4 MiB]
+    #[arg(long, value_name = "BYTES")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_frame_bytes: Option<usize>,
+
+    /// Time allowed for an agent's TLS handshake. [default: 10s]
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub handshake_timeout: Option<Duration>,
+
+    /// On SIGTERM/SIGINT, time allowed to finish replaying what was received. [default: 5s]
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub shutdown_grace: Option<Duration>,
+
+    /// Log line format (filter with RUST_LOG, e.g. RUST_LOG=debug). [default: text]
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub quic: QuicOptions,
+}
+
+/// The sink's checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// QUIC listen address.
+    pub listen: SocketAddr,
+    /// CA certificate file.
+    pub ca: PathBuf,
+    /// Own certificate file.
+    pub cert: PathBuf,
+    /// Own key file.
+    pub key: PathBuf,
+    /// Replay destinations, as given (resolved at start).
+    pub forward: Vec<String>,
+    /// Batches queued per destination.
+    pub replay_queue: usize,
+    /// Send buffer per replay socket.
+    pub send_buffer: usize,
+    /// Largest frame accepted.
+    pub max_frame_bytes: usize,
+    /// TLS handshake time limit.
+    pub handshake_timeout: Duration,
+    /// Time to finish replaying on shutdown.
+    pub shutdown_grace: Duration,
+    /// QUIC tuning.
+    pub quic: QuicOptions,
+}
+
+impl TryFrom<Args> for Config {
+    type Error = String;
+
+    fn try_from(args: Args) -> Result<Self, String> {
+        let need = |v: Option<PathBuf>, flag: &str| {
+            v.ok_or_else(|| format!("--{flag} is required (see `relay-sink --help`)"))
+        };
+        if args.forward.is_empty() {
+            return Err("at least one --forward HOST:PORT is required: where to replay datagrams".into());
+        }
+        let max_frame_bytes = args.max_frame_bytes.unwrap_or(proto::wire::DEFAULT_MAX_FRAME_LEN);
+        if max_frame_bytes < 2 * proto::MAX_DATAGRAM_LEN {
+            return Err(format!(
+                "--max-frame-bytes {max_frame_bytes} is too small: a frame must hold the largest datagram ({} bytes)",
+                proto::MAX_DATAGRAM_LEN
+            ));
+        }
+        Ok(Self {
+            listen: args.listen.unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
+            ca: need(args.ca, "ca")?,
+            cert: need(args.cert, "cert")?,
+            key: need(args.key, "key")?,
+            forward: args.forward,
+            replay_queue: args.replay_queue.unwrap_or(DEFAULT_REPLAY_QUEUE).max(1),
+            send_buffer: args.send_buffer.unwrap_or(DEFAULT_SEND_BUFFER),
+            max_frame_bytes,
+            handshake_timeout: args.handshake_timeout.unwrap_or(Duration::from_secs(10)),
+            shutdown_grace: args.shutdown_grace.unwrap_or(Duration::from_secs(5)),
+            quic: args.quic,
+        })
+    }
+}

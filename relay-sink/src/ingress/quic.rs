@@ -1,0 +1,136 @@
+//! QUIC ingress: accept agents, check who they are, read their batch frames, acknowledge.
+//!
+//! The TLS handshake (in rustls, configured by `relay-certs`) has already refused any agent
+//! whose certificate does not chain to our CA or lacks the clientAuth usage; this module logs
+//! those refusals with the peer address and the reason, and names accepted agents by the name
+//! in their certificate.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use proto::pb;
+use proto::wire::{FrameReader, WireError, encode_frame};
+use quinn::{Connection, Incoming, RecvStream, SendStream, VarInt};
+use rustls::pki_types::CertificateDer;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::Shared;
+use crate::metrics::Metrics;
+
+/// Application error codes sent in CONNECTION_CLOSE.
+const CLOSE_SHUTDOWN: u32 = 0;
+const CLOSE_PROTOCOL: u32 = 1;
+
+/// Accepts connections until `token` is cancelled or the endpoint closes.
+pub(crate) async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, token: CancellationToken, tracker: TaskTracker) {
+    loop {
+        let incoming = tokio::select! {
+            incoming = endpoint.accept() => incoming,
+            () = token.cancelled() => break,
+        };
+        let Some(incoming) = incoming else { break };
+        let remote = incoming.remote_address();
+        let span = tracing::info_span!("agent", %remote);
+        tracker.spawn(handle(incoming, shared.clone(), token.clone()).instrument(span));
+    }
+}
+
+async fn handle(incoming: Incoming, shared: Arc<Shared>, token: CancellationToken) {
+    let remote = incoming.remote_address();
+    let connection = match tokio::time::timeout(shared.config.handshake_timeout, incoming).await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(error)) => {
+            Metrics::add(&shared.metrics.handshakes_refused, 1);
+            tracing::warn!(%remote, reason = %error, "agent refused: TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            Metrics::add(&shared.metrics.handshakes_refused, 1);
+            tracing::warn!(%remote, reason = "handshake timeout", "agent refused: TLS handshake did not complete in time");
+            return;
+        }
+    };
+    let agent = agent_name(&connection);
+    Metrics::add(&shared.metrics.connections_accepted, 1);
+    tracing::info!(%agent, %remote, "agent connected");
+    let streams = TaskTracker::new();
+    let reason = loop {
+        let accepted = tokio::select! {
+            accepted = connection.accept_bi() => accepted,
+            () = token.cancelled() => {
+                connection.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"sink shutting down");
+                break "sink shutting down".to_string();
+            }
+        };
+        match accepted {
+            Ok((send, recv)) => {
+                streams.spawn(stream(send, recv, connection.clone(), agent.clone(), remote, shared.clone(), token.clone()));
+            }
+            Err(error) => break error.to_string(),
+        }
+    };
+    streams.close();
+    streams.wait().await;
+    tracing::info!(%agent, %remote, %reason, "agent disconnected");
+}
+
+/// The agent's name from its certificate (already verified by rustls).
+fn agent_name(connection: &Connection) -> String {
+    connection
+        .peer_identity()
+        .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .and_then(|chain| certs::load::peer_name(&chain))
+        .unwrap_or_else(|| "unnamed".into())
+}
+
+async fn stream(
+    mut send: SendStream,
+    recv: RecvStream,
+    connection: Connection,
+    agent: String,
+    remote: SocketAddr,
+    shared: Arc<Shared>,
+    token: CancellationToken,
+) {
+    let mut reader = FrameReader::new(recv, shared.config.max_frame_bytes);
+    let mut ack = BytesMut::with_capacity(32);
+    loop {
+        let next = tokio::select! {
+            next = reader.next::<pb::Batch>() => next,
+            () = token.cancelled() => return,
+        };
+        let batch = match next {
+            Ok(Some(batch)) => batch,
+            Ok(None) => {
+                let _ = send.finish();
+                return;
+            }
+            Err(WireError::Io(error)) => {
+                tracing::debug!(%agent, %error, "stream ended");
+                return;
+            }
+            Err(error) => {
+                Metrics::add(&shared.metrics.protocol_errors, 1);
+                tracing::warn!(%agent, %remote, %error, "closing connection: protocol violation");
+                connection.close(VarInt::from_u32(CLOSE_PROTOCOL), error.to_string().as_bytes());
+                return;
+            }
+        };
+        let (session, sequence) = (batch.session, batch.sequence);
+        Metrics::add(&shared.metrics.batches_received, 1);
+        Metrics::add(&shared.metrics.datagrams_received, batch.datagrams.len() as u64);
+        tracing::trace!(%agent, sequence, datagrams = batch.datagrams.len(), "batch");
+        shared.replay.submit(Arc::new(batch));
+        ack.clear();
+        encode_frame(&pb::Ack { session, sequence }, &mut ack);
+        let write = tokio::time::timeout(Duration::from_secs(30), send.write_all(&ack));
+        if !matches!(write.await, Ok(Ok(()))) {
+            tracing::debug!(%agent, "could not acknowledge; stream closed");
+            return;
+        }
+    }
+}

@@ -1,0 +1,39 @@
+//! `relay-sink`: see `relay-sink --help` and the README.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use relay_sink::{Args, Config, Metrics};
+use runtime::udp::{self, Buffers};
+
+fn main() -> ExitCode {
+    let cli = Args::parse();
+    let args = match runtime::config::load(&cli, cli.config.as_deref()) {
+        Ok(args) => args,
+        Err(e) => return fail(&e),
+    };
+    runtime::telemetry::init(args.log_format.unwrap_or_default());
+    let config = match Config::try_from(args) {
+        Ok(config) => config,
+        Err(e) => return fail(&e),
+    };
+    let rt = tokio::runtime::Runtime::new().expect("start tokio runtime");
+    rt.block_on(async {
+        // The QUIC socket carries every agent's traffic: give it room for bursts.
+        let buffers = Buffers { recv: Some(8 << 20), send: Some(8 << 20) };
+        let socket = match udp::bind(config.listen, buffers) {
+            Ok(socket) => socket,
+            Err(e) => return fail(&format!("cannot listen on {}: {e}", config.listen)),
+        };
+        match relay_sink::run(config, socket, Arc::new(Metrics::default()), runtime::shutdown::signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        }
+    })
+}
+
+fn fail(e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("relay-sink: error: {e}");
+    ExitCode::FAILURE
+}
