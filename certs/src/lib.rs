@@ -1,13 +1,14 @@
 //! Identity for sflow-relay: a private CA, the certificates it issues, and the one place where
 //! the mutual-TLS policy of agent and sink is written down.
 //!
-//! - [`issue`]: make a CA and sign agent (clientAuth) and sink (serverAuth) certificates with
+//! - [`issue`] — make a CA and sign agent (clientAuth) and sink (serverAuth) certificates with
 //!   rcgen. Used by the `relay-certs` binary and by tests that need a throwaway PKI.
-//! - [`load`]: read PEM files and build the rustls [`rustls::ServerConfig`] (sink: TLS 1.3
+//! - [`load`] — read PEM files and build the rustls [`rustls::ServerConfig`] (sink: TLS 1.3
 //!   only, a client certificate chaining to the CA required, no 0-RTT) and
 //!   [`rustls::ClientConfig`] (agent: the sink verified against the CA and the configured name).
-//! - [`inspect`]: read a certificate's subject, names, usage and validity, for `relay-certs
+//! - [`inspect`] — read a certificate's subject, names, usage and validity, for `relay-certs
 //!   show` and for naming a peer in logs.
+//! - [`store`] — writing PEM files (keys with mode 0600, no overwriting without `--force`).
 //!
 //! Nothing here opens a socket: the QUIC and gRPC layers take the configs built here.
 #![warn(missing_docs)]
@@ -15,6 +16,7 @@
 pub mod inspect;
 pub mod issue;
 pub mod load;
+pub mod store;
 
 pub use inspect::CertInfo;
 pub use issue::{Ca, Issued, Leaf, Role};

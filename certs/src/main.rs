@@ -3,14 +3,12 @@
 //! Usage: `relay-certs init`, then `relay-certs issue --role sink --name sink.example.com` and
 //! `relay-certs issue --role agent --name site-a`; `relay-certs show FILE` to inspect.
 
-use std::fs::OpenOptions;
-use std::io::Write;
 use std::net::IpAddr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use relay_certs::store::{self, Secrecy};
 use relay_certs::{Ca, CertInfo, Leaf, Role};
 
 /// Make and inspect the certificates of sflow-relay's private CA.
@@ -98,9 +96,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             std::fs::create_dir_all(&dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
             let (cert, key) = (dir.join("ca.pem"), dir.join("ca.key"));
-            refuse_overwrite(&[&cert, &key], force)?;
-            write_file(&key, ca.key_pem().as_bytes(), 0o600)?;
-            write_file(&cert, ca.cert_pem().as_bytes(), 0o644)?;
+            store::refuse_overwrite(&[&cert, &key], force)?;
+            store::write(&key, ca.key_pem().as_bytes(), Secrecy::Private)?;
+            store::write(&cert, ca.cert_pem().as_bytes(), Secrecy::Public)?;
             println!("wrote {} and {}", cert.display(), key.display());
         }
         Command::Issue {
@@ -132,9 +130,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 out.join(format!("{name}.pem")),
                 out.join(format!("{name}.key")),
             );
-            refuse_overwrite(&[&cert, &key], force)?;
-            write_file(&key, issued.key_pem.as_bytes(), 0o600)?;
-            write_file(&cert, issued.cert_pem.as_bytes(), 0o644)?;
+            store::refuse_overwrite(&[&cert, &key], force)?;
+            store::write(&key, issued.key_pem.as_bytes(), Secrecy::Private)?;
+            store::write(&cert, issued.cert_pem.as_bytes(), Secrecy::Public)?;
             println!(
                 "wrote {} ({} certificate) and {}",
                 cert.display(),
@@ -169,33 +167,4 @@ fn load_ca(dir: &Path) -> anyhow::Result<Ca> {
         })
     };
     Ok(Ca::from_pem(&read("ca.pem")?, &read("ca.key")?)?)
-}
-
-fn refuse_overwrite(paths: &[&Path], force: bool) -> anyhow::Result<()> {
-    if force {
-        return Ok(());
-    }
-    for path in paths {
-        if path.exists() {
-            bail!("{} exists; pass --force to overwrite it", path.display());
-        }
-    }
-    Ok(())
-}
-
-/// Writes `contents` with `mode`; a private key is never readable by others, not even briefly.
-fn write_file(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("cannot create {}", tmp.display()))?;
-    file.write_all(contents)
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
 }

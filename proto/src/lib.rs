@@ -23,8 +23,8 @@
 //!
 //! # Layout
 //!
-//! - [`pb`]: generated protobuf types and the tonic client and server for the gRPC service.
-//! - [`wire`]: [`wire::Datagram`], frame encoding and decoding, [`wire::FrameReader`].
+//! - [`pb`] — generated protobuf types and the tonic client and server for the gRPC service.
+//! - [`wire`] — [`wire::Datagram`], frame encoding and decoding, [`wire::FrameReader`].
 #![warn(missing_docs)]
 
 pub mod wire;

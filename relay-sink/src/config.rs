@@ -73,12 +73,20 @@ pub struct Args {
 
     /// Time allowed for an agent's TLS handshake. [default: 10s]
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub handshake_timeout: Option<Duration>,
 
     /// On SIGTERM/SIGINT, time allowed to finish replaying what was received. [default: 5s]
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub shutdown_grace: Option<Duration>,
 
     /// Log line format (filter with RUST_LOG, e.g. RUST_LOG=debug). [default: text]
@@ -126,9 +134,13 @@ impl TryFrom<Args> for Config {
             v.ok_or_else(|| format!("--{flag} is required (see `relay-sink --help`)"))
         };
         if args.forward.is_empty() {
-            return Err("at least one --forward HOST:PORT is required: where to replay datagrams".into());
+            return Err(
+                "at least one --forward HOST:PORT is required: where to replay datagrams".into(),
+            );
         }
-        let max_frame_bytes = args.max_frame_bytes.unwrap_or(proto::wire::DEFAULT_MAX_FRAME_LEN);
+        let max_frame_bytes = args
+            .max_frame_bytes
+            .unwrap_or(proto::wire::DEFAULT_MAX_FRAME_LEN);
         if max_frame_bytes < 2 * proto::MAX_DATAGRAM_LEN {
             return Err(format!(
                 "--max-frame-bytes {max_frame_bytes} is too small: a frame must hold the largest datagram ({} bytes)",
@@ -136,7 +148,9 @@ impl TryFrom<Args> for Config {
             ));
         }
         Ok(Self {
-            listen: args.listen.unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
+            listen: args
+                .listen
+                .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
             ca: need(args.ca, "ca")?,
             cert: need(args.cert, "cert")?,
             key: need(args.key, "key")?,

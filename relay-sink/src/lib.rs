@@ -6,10 +6,10 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: command-line and file options, and the checked [`Config`].
+//! - [`config`] — command-line and file options, and the checked [`Config`].
 //! - `ingress`: transports that bring batches in (QUIC).
-//! - [`replay`]: per-destination UDP senders with bounded queues.
-//! - [`metrics`]: counters.
+//! - [`replay`] — per-destination UDP senders with bounded queues.
+//! - [`metrics`] — counters.
 //!
 //! [`run`] takes the bound UDP socket and a shutdown future, so tests and the demo can drive
 //! it without a process of its own.
@@ -66,7 +66,9 @@ pub async fn run(
     let ca = certs::TrustAnchors::load(&config.ca)?;
     let identity = certs::Identity::load(&config.cert, &config.key)?;
     let tls = certs::server_config(&ca, &identity, proto::ALPN)?;
-    let local = socket.local_addr().map_err(|e| Error::Quic(config.listen, e.to_string()))?;
+    let local = socket
+        .local_addr()
+        .map_err(|e| Error::Quic(config.listen, e.to_string()))?;
     let quic_tls = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| Error::Quic(local, e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic_tls));
@@ -76,9 +78,20 @@ pub async fn run(
         .map_err(|e| Error::Quic(local, e.to_string()))?;
 
     let mut replay_tasks = JoinSet::new();
-    let replay = Replay::start(&config.forward, config.replay_queue, config.send_buffer, metrics.clone(), &mut replay_tasks).await?;
+    let replay = Replay::start(
+        &config.forward,
+        config.replay_queue,
+        config.send_buffer,
+        metrics.clone(),
+        &mut replay_tasks,
+    )
+    .await?;
     let grace = config.shutdown_grace;
-    let shared = Arc::new(Shared { config, replay, metrics: metrics.clone() });
+    let shared = Arc::new(Shared {
+        config,
+        replay,
+        metrics: metrics.clone(),
+    });
     tracing::info!(
         listen = %local,
         identity = identity.name(),
@@ -88,7 +101,12 @@ pub async fn run(
 
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let accept = tokio::spawn(ingress::quic::serve(endpoint.clone(), shared.clone(), token.clone(), tracker.clone()));
+    let accept = tokio::spawn(ingress::quic::serve(
+        endpoint.clone(),
+        shared.clone(),
+        token.clone(),
+        tracker.clone(),
+    ));
     shutdown.await;
     token.cancel();
     let _ = accept.await;
@@ -98,8 +116,15 @@ pub async fn run(
     }
     // Dropping the last `Replay` closes the destination queues; their tasks drain and end.
     drop(shared);
-    if tokio::time::timeout(grace, async { while replay_tasks.join_next().await.is_some() {} }).await.is_err() {
-        tracing::warn!("replay did not finish within the shutdown grace period; queued datagrams dropped");
+    if tokio::time::timeout(grace, async {
+        while replay_tasks.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        tracing::warn!(
+            "replay did not finish within the shutdown grace period; queued datagrams dropped"
+        );
     }
     endpoint.close(0u32.into(), b"sink shutting down");
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;

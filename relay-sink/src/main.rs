@@ -21,12 +21,22 @@ fn main() -> ExitCode {
     let rt = tokio::runtime::Runtime::new().expect("start tokio runtime");
     rt.block_on(async {
         // The QUIC socket carries every agent's traffic: give it room for bursts.
-        let buffers = Buffers { recv: Some(8 << 20), send: Some(8 << 20) };
+        let buffers = Buffers {
+            recv: Some(8 << 20),
+            send: Some(8 << 20),
+        };
         let socket = match udp::bind(config.listen, buffers) {
             Ok(socket) => socket,
             Err(e) => return fail(&format!("cannot listen on {}: {e}", config.listen)),
         };
-        match relay_sink::run(config, socket, Arc::new(Metrics::default()), runtime::shutdown::signal()).await {
+        match relay_sink::run(
+            config,
+            socket,
+            Arc::new(Metrics::default()),
+            runtime::shutdown::signal(),
+        )
+        .await
+        {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
         }

@@ -56,15 +56,23 @@ impl Replay {
                 .await
                 .ok()
                 .and_then(|mut addrs| addrs.next())
-                .ok_or_else(|| crate::Error::Destination(target.clone(), "does not resolve".into()))?;
+                .ok_or_else(|| {
+                    crate::Error::Destination(target.clone(), "does not resolve".into())
+                })?;
             let local: SocketAddr = if addr.is_ipv4() {
                 "0.0.0.0:0".parse().expect("valid")
             } else {
                 "[::]:0".parse().expect("valid")
             };
-            let socket = udp::bind(local, Buffers { recv: None, send: Some(send_buffer) })
-                .and_then(UdpSocket::from_std)
-                .map_err(|e| crate::Error::Destination(target.clone(), e.to_string()))?;
+            let socket = udp::bind(
+                local,
+                Buffers {
+                    recv: None,
+                    send: Some(send_buffer),
+                },
+            )
+            .and_then(UdpSocket::from_std)
+            .map_err(|e| crate::Error::Destination(target.clone(), e.to_string()))?;
             socket
                 .connect(addr)
                 .await
@@ -78,13 +86,17 @@ impl Replay {
                 full: RateLimit::new(Duration::from_secs(10)),
             });
         }
-        Ok(Self { destinations, metrics })
+        Ok(Self {
+            destinations,
+            metrics,
+        })
     }
 
     /// Queues `batch` for every destination; never waits.
     pub fn submit(&self, batch: Arc<pb::Batch>) {
         for dest in &self.destinations {
-            if let Err(mpsc::error::TrySendError::Full(batch)) = dest.queue.try_send(batch.clone()) {
+            if let Err(mpsc::error::TrySendError::Full(batch)) = dest.queue.try_send(batch.clone())
+            {
                 let n = batch.datagrams.len() as u64;
                 Metrics::add(&self.metrics.replay_queue_drops, n);
                 if let Some(more) = dest.full.check() {

@@ -46,9 +46,12 @@ pub enum ConfigError {
 ///
 /// When the file cannot be read, is not TOML, has a value of the wrong type, or has a key no
 /// option matches.
-pub fn load<T: Serialize + DeserializeOwned>(cli: &T, path: Option<&Path>) -> Result<T, ConfigError> {
+pub fn load<T: Serialize + DeserializeOwned>(
+    cli: &T,
+    path: Option<&Path>,
+) -> Result<T, ConfigError> {
     let Some(path) = path else {
-        return Ok(round_trip(cli, "command line")?);
+        return round_trip(cli, "command line");
     };
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -78,7 +81,10 @@ pub fn load<T: Serialize + DeserializeOwned>(cli: &T, path: Option<&Path>) -> Re
         path: shown.clone(),
         message: e.to_string(),
     })?;
-    let unknown: Vec<String> = file_keys.into_iter().filter(|k| !known.contains_key(k)).collect();
+    let unknown: Vec<String> = file_keys
+        .into_iter()
+        .filter(|k| !known.contains_key(k))
+        .collect();
     if !unknown.is_empty() {
         return Err(ConfigError::Unknown {
             path: shown,
@@ -94,7 +100,9 @@ fn round_trip<T: Serialize + DeserializeOwned>(value: &T, origin: &str) -> Resul
         message,
     };
     let table = Table::try_from(value).map_err(|e| invalid(e.to_string()))?;
-    Value::Table(table).try_into().map_err(|e: toml::de::Error| invalid(e.to_string()))
+    Value::Table(table)
+        .try_into()
+        .map_err(|e: toml::de::Error| invalid(e.to_string()))
 }
 
 #[cfg(test)]
@@ -122,16 +130,29 @@ mod tests {
     #[test]
     fn command_line_wins_and_file_fills_the_rest() {
         let f = file("listen = [\"a\", \"b\"]\nbatch-bytes = 10\nname = \"file\"\n");
-        let cli = Opts { name: Some("cli".into()), ..Default::default() };
+        let cli = Opts {
+            name: Some("cli".into()),
+            ..Default::default()
+        };
         let got = load(&cli, Some(f.path())).unwrap();
-        assert_eq!(got, Opts { listen: vec!["a".into(), "b".into()], batch_bytes: Some(10), name: Some("cli".into()) });
+        assert_eq!(
+            got,
+            Opts {
+                listen: vec!["a".into(), "b".into()],
+                batch_bytes: Some(10),
+                name: Some("cli".into())
+            }
+        );
     }
 
     #[test]
     fn unknown_and_mistyped_keys_are_errors() {
         let f = file("batch-byte = 10\n");
         let err = load(&Opts::default(), Some(f.path())).unwrap_err();
-        assert!(err.to_string().contains("unknown option(s): batch-byte"), "{err}");
+        assert!(
+            err.to_string().contains("unknown option(s): batch-byte"),
+            "{err}"
+        );
         let f = file("batch-bytes = \"ten\"\n");
         let err = load(&Opts::default(), Some(f.path())).unwrap_err();
         assert!(err.to_string().contains("batch-bytes"), "{err}");

@@ -2,13 +2,13 @@
 //!
 //! # Layout
 //!
-//! - [`telemetry`]: tracing subscriber (`RUST_LOG`, `--log-format text|json`), logs on stderr.
-//! - [`shutdown`]: waiting for SIGINT or SIGTERM.
-//! - [`udp`]: binding UDP sockets with large kernel buffers, and saying when the kernel clamps them.
-//! - [`config`]: one set of option names for the command line and the TOML file.
-//! - [`quic`]: QUIC transport tuning (keep-alive, idle timeout, flow-control windows, congestion
+//! - [`telemetry`] — tracing subscriber (`RUST_LOG`, `--log-format text|json`), logs on stderr.
+//! - [`shutdown`] — waiting for SIGINT or SIGTERM.
+//! - [`udp`] — binding UDP sockets with large kernel buffers, and saying when the kernel clamps them.
+//! - [`config`] — one set of option names for the command line and the TOML file.
+//! - [`quic`] — QUIC transport tuning (keep-alive, idle timeout, flow-control windows, congestion
 //!   control, GSO) and the stateless-reset key.
-//! - [`ratelimit`]: logging a recurring event at most once per interval.
+//! - [`ratelimit`] — logging a recurring event at most once per interval.
 //!
 //! The wire format lives in `relay-proto` and the TLS policy in `relay-certs`, not here.
 

@@ -44,11 +44,19 @@ pub struct QuicOptions {
     /// QUIC keep-alive interval (e.g. 5s); 0s turns keep-alives off. Keep it below the idle
     /// timeout and below any NAT or load-balancer UDP timeout on the path. [default: 5s]
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub keep_alive: Option<Duration>,
     /// Close the connection after this long without hearing from the peer. [default: 30s]
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub idle_timeout: Option<Duration>,
     /// Per-stream receive window, bytes; raise to bandwidth × RTT on long fat links. [default: 8 MiB]
     #[arg(long, value_name = "BYTES")]
@@ -91,7 +99,9 @@ impl QuicOptions {
         t.enable_segmentation_offload(self.gso.unwrap_or(true));
         match self.congestion.unwrap_or_default() {
             Congestion::Cubic => t.congestion_controller_factory(Arc::new(CubicConfig::default())),
-            Congestion::Newreno => t.congestion_controller_factory(Arc::new(NewRenoConfig::default())),
+            Congestion::Newreno => {
+                t.congestion_controller_factory(Arc::new(NewRenoConfig::default()))
+            }
             Congestion::Bbr => t.congestion_controller_factory(Arc::new(BbrConfig::default())),
         };
         t

@@ -34,14 +34,70 @@ pub fn bind(addr: SocketAddr, buffers: Buffers) -> io::Result<UdpSocket> {
     if let Some(want) = buffers.recv {
         // Failure to set is not fatal: the read-back below reports what we got.
         let _ = socket.set_recv_buffer_size(want);
-        check_granted(addr, "receive", want, socket.recv_buffer_size()?, "net.core.rmem_max");
+        check_granted(
+            addr,
+            "receive",
+            want,
+            socket.recv_buffer_size()?,
+            "net.core.rmem_max",
+        );
     }
     if let Some(want) = buffers.send {
         let _ = socket.set_send_buffer_size(want);
-        check_granted(addr, "send", want, socket.send_buffer_size()?, "net.core.wmem_max");
+        check_granted(
+            addr,
+            "send",
+            want,
+            socket.send_buffer_size()?,
+            "net.core.wmem_max",
+        );
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// A client socket on an ephemeral port that reaches IPv4 and IPv6 peers alike: `[::]:0`
+/// with IPv4-mapped addresses allowed, or `0.0.0.0:0` where the host has no IPv6.
+///
+/// # Errors
+///
+/// When neither can be bound.
+pub fn bind_client(buffers: Buffers) -> io::Result<UdpSocket> {
+    let dual = (|| {
+        let socket = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
+        socket.set_only_v6(false)?;
+        socket.bind(&SocketAddr::from(([0u16; 8], 0)).into())?;
+        Ok::<_, io::Error>(socket)
+    })();
+    let Ok(socket) = dual else {
+        return bind(SocketAddr::from(([0, 0, 0, 0], 0)), buffers);
+    };
+    let addr = socket
+        .local_addr()?
+        .as_socket()
+        .unwrap_or_else(|| SocketAddr::from(([0u16; 8], 0)));
+    if let Some(want) = buffers.recv {
+        let _ = socket.set_recv_buffer_size(want);
+        check_granted(
+            addr,
+            "receive",
+            want,
+            socket.recv_buffer_size()?,
+            "net.core.rmem_max",
+        );
+    }
+    if let Some(want) = buffers.send {
+        let _ = socket.set_send_buffer_size(want);
+        check_granted(
+            addr,
+            "send",
+            want,
+            socket.send_buffer_size()?,
+            "net.core.wmem_max",
+        );
+    }
+    socket.set_nonblocking(true)?;
     Ok(socket.into())
 }
 
@@ -92,9 +148,19 @@ mod tests {
 
     #[test]
     fn binds_v4_and_v6_side_by_side_and_reads_drops() {
-        let v4 = bind("127.0.0.1:0".parse().unwrap(), Buffers { recv: Some(1 << 20), send: None }).unwrap();
+        let v4 = bind(
+            "127.0.0.1:0".parse().unwrap(),
+            Buffers {
+                recv: Some(1 << 20),
+                send: None,
+            },
+        )
+        .unwrap();
         let port = v4.local_addr().unwrap().port();
-        if let Ok(v6) = bind(SocketAddr::new("::1".parse().unwrap(), port), Buffers::default()) {
+        if let Ok(v6) = bind(
+            SocketAddr::new("::1".parse().unwrap(), port),
+            Buffers::default(),
+        ) {
             assert_eq!(v6.local_addr().unwrap().port(), port);
         }
         assert_eq!(kernel_drops(v4.local_addr().unwrap()), Some(0));

@@ -26,7 +26,12 @@ const CLOSE_SHUTDOWN: u32 = 0;
 const CLOSE_PROTOCOL: u32 = 1;
 
 /// Accepts connections until `token` is cancelled or the endpoint closes.
-pub(crate) async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, token: CancellationToken, tracker: TaskTracker) {
+pub(crate) async fn serve(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    token: CancellationToken,
+    tracker: TaskTracker,
+) {
     loop {
         let incoming = tokio::select! {
             incoming = endpoint.accept() => incoming,
@@ -68,7 +73,15 @@ async fn handle(incoming: Incoming, shared: Arc<Shared>, token: CancellationToke
         };
         match accepted {
             Ok((send, recv)) => {
-                streams.spawn(stream(send, recv, connection.clone(), agent.clone(), remote, shared.clone(), token.clone()));
+                streams.spawn(stream(
+                    send,
+                    recv,
+                    connection.clone(),
+                    agent.clone(),
+                    remote,
+                    shared.clone(),
+                    token.clone(),
+                ));
             }
             Err(error) => break error.to_string(),
         }
@@ -116,13 +129,19 @@ async fn stream(
             Err(error) => {
                 Metrics::add(&shared.metrics.protocol_errors, 1);
                 tracing::warn!(%agent, %remote, %error, "closing connection: protocol violation");
-                connection.close(VarInt::from_u32(CLOSE_PROTOCOL), error.to_string().as_bytes());
+                connection.close(
+                    VarInt::from_u32(CLOSE_PROTOCOL),
+                    error.to_string().as_bytes(),
+                );
                 return;
             }
         };
         let (session, sequence) = (batch.session, batch.sequence);
         Metrics::add(&shared.metrics.batches_received, 1);
-        Metrics::add(&shared.metrics.datagrams_received, batch.datagrams.len() as u64);
+        Metrics::add(
+            &shared.metrics.datagrams_received,
+            batch.datagrams.len() as u64,
+        );
         tracing::trace!(%agent, sequence, datagrams = batch.datagrams.len(), "batch");
         shared.replay.submit(Arc::new(batch));
         ack.clear();

@@ -1,0 +1,349 @@
+//! The agent's options: one struct for the command line and the TOML file, and the checked
+//! [`Config`] that `run` takes.
+//!
+//! The common case, one sink, is a set of flags (`--sink`, `--server-name`, `--ca`, `--cert`,
+//! `--key`). More sinks are a `[[sink]]` list in the file; each entry may name its own CA,
+//! certificate and key, and inherits the top-level ones otherwise.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use runtime::quic::QuicOptions;
+use runtime::telemetry::LogFormat;
+use serde::{Deserialize, Serialize};
+
+/// Default listen address: the sFlow port on all IPv4 addresses.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:6343";
+/// Default socket receive buffer: 8 MiB holds about 6,000 datagrams of 1,400 bytes, several
+/// seconds of a busy site, enough to ride out scheduling hiccups.
+pub const DEFAULT_RECV_BUFFER: usize = 8 * 1024 * 1024;
+/// Default batch size limit: 64 KiB, large enough that per-frame costs vanish (about 45
+/// datagrams of 1,400 bytes), small enough to stay far below any frame or message limit.
+pub const DEFAULT_BATCH_BYTES: usize = 64 * 1024;
+/// Default batch delay: a lone datagram waits at most 5 ms. sFlow analyzers work in seconds,
+/// so this costs nothing, and it lets a burst share one frame.
+pub const DEFAULT_BATCH_DELAY: Duration = Duration::from_millis(5);
+/// Default queue per sink, in batches: 1,024 × 64 KiB bounds memory at 64 MiB per sink and
+/// holds several seconds of traffic while a connection is re-established.
+pub const DEFAULT_QUEUE_BATCHES: usize = 1024;
+
+/// relay-agent: receive sFlow over UDP and stream it to one or more relay sinks over mutually
+/// authenticated QUIC.
+///
+/// Every option can also be set in a TOML file (--config) under the same name; several sinks
+/// are a `[[sink]]` list there.
+#[derive(Debug, Clone, Default, Parser, Serialize, Deserialize)]
+#[command(name = "relay-agent", version)]
+#[serde(rename_all = "kebab-case")]
+pub struct Args {
+    /// TOML file with any of these options; the command line wins over it.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// UDP address to receive sFlow on (repeatable; IPv4 and IPv6). [default: 0.0.0.0:6343]
+    #[arg(long, value_name = "ADDR")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub listen: Vec<SocketAddr>,
+
+    /// Socket receive buffer to ask the kernel for, bytes. [default: 8 MiB]
+    #[arg(long, value_name = "BYTES")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recv_buffer: Option<usize>,
+
+    /// The sink, HOST:PORT (its QUIC port, UDP). In a config file, `[[sink]]` entries instead.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_sink)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sink: Option<Sinks>,
+
+    /// Name the sink's certificate must carry. [default: the HOST of --sink]
+    #[arg(long, value_name = "NAME")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+
+    /// CA certificate (PEM) the sink's certificate must chain to.
+    #[arg(long, value_name = "FILE")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+
+    /// This agent's certificate (PEM, clientAuth), as issued by `relay-certs issue --role agent`.
+    #[arg(long, value_name = "FILE")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+
+    /// This agent's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+
+    /// Flush a batch when it reaches this many bytes. [default: 65536]
+    #[arg(long, value_name = "BYTES")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_bytes: Option<usize>,
+
+    /// Flush a batch this long after its first datagram at the latest. [default: 5ms]
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub batch_delay: Option<Duration>,
+
+    /// Batches queued per sink; when full, new batches for that sink are dropped and counted. [default: 1024]
+    #[arg(long, value_name = "BATCHES")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_batches: Option<usize>,
+
+    /// Time allowed for connecting to a sink (QUIC and TLS handshake). [default: 10s]
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub connect_timeout: Option<Duration>,
+
+    /// First wait before reconnecting; doubles per failure, with jitter. [default: 200ms]
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub reconnect_min: Option<Duration>,
+
+    /// Longest wait between reconnection attempts. [default: 30s]
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub reconnect_max: Option<Duration>,
+
+    /// On SIGTERM/SIGINT, time allowed to send what is queued and see it acknowledged. [default: 5s]
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub shutdown_grace: Option<Duration>,
+
+    /// Log line format (filter with RUST_LOG, e.g. RUST_LOG=debug). [default: text]
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub quic: QuicOptions,
+}
+
+/// The sinks to send to: one address from the command line, or a `[[sink]]` list from a file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Sinks {
+    /// `--sink HOST:PORT` (or `sink = "HOST:PORT"` in a file).
+    One(String),
+    /// `[[sink]]` entries.
+    Many(Vec<SinkEntry>),
+}
+
+/// One `[[sink]]` entry of a config file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SinkEntry {
+    /// HOST:PORT of the sink's QUIC port.
+    pub addr: String,
+    /// Name the sink's certificate must carry [default: HOST].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// CA for this sink [default: the top-level `ca`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate for this sink [default: the top-level `cert`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// Client key for this sink [default: the top-level `key`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// Queue for this sink, in batches [default: the top-level `queue-batches`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_batches: Option<usize>,
+}
+
+fn parse_sink(s: &str) -> Result<Sinks, String> {
+    split_host_port(s)?;
+    Ok(Sinks::One(s.to_owned()))
+}
+
+/// `HOST:PORT` → (host, port), with `[v6]:port` for IPv6 literals.
+fn split_host_port(s: &str) -> Result<(String, u16), String> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?} is not HOST:PORT"))?;
+    let port = port
+        .parse()
+        .map_err(|_| format!("{s:?}: bad port {port:?}"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("{s:?}: missing host"));
+    }
+    Ok((host.to_owned(), port))
+}
+
+/// One sink, checked.
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    /// HOST:PORT, resolved at each connection attempt.
+    pub addr: String,
+    /// Name to verify in the sink's certificate.
+    pub server_name: String,
+    /// CA file.
+    pub ca: PathBuf,
+    /// Client certificate file.
+    pub cert: PathBuf,
+    /// Client key file.
+    pub key: PathBuf,
+    /// Queue capacity in batches.
+    pub queue_batches: usize,
+}
+
+/// The agent's checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// UDP listen addresses.
+    pub listen: Vec<SocketAddr>,
+    /// Receive buffer per socket.
+    pub recv_buffer: usize,
+    /// Sinks.
+    pub sinks: Vec<SinkConfig>,
+    /// Batch flush size.
+    pub batch_bytes: usize,
+    /// Batch flush delay.
+    pub batch_delay: Duration,
+    /// Connection attempt time limit.
+    pub connect_timeout: Duration,
+    /// Reconnect backoff floor.
+    pub reconnect_min: Duration,
+    /// Reconnect backoff ceiling.
+    pub reconnect_max: Duration,
+    /// Shutdown grace period.
+    pub shutdown_grace: Duration,
+    /// QUIC tuning.
+    pub quic: QuicOptions,
+}
+
+impl TryFrom<Args> for Config {
+    type Error = String;
+
+    fn try_from(args: Args) -> Result<Self, String> {
+        let queue = args.queue_batches.unwrap_or(DEFAULT_QUEUE_BATCHES).max(1);
+        let entries = match args.sink {
+            None => {
+                return Err(
+                    "--sink HOST:PORT is required (or [[sink]] entries in --config)".into(),
+                );
+            }
+            Some(Sinks::One(addr)) => vec![SinkEntry {
+                addr,
+                server_name: args.server_name.clone(),
+                ca: None,
+                cert: None,
+                key: None,
+                queue_batches: None,
+            }],
+            Some(Sinks::Many(entries)) if entries.is_empty() => {
+                return Err("no [[sink]] entries".into());
+            }
+            Some(Sinks::Many(entries)) => entries,
+        };
+        let mut sinks = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let (host, _) = split_host_port(&entry.addr)?;
+            let pick = |own: Option<PathBuf>, top: &Option<PathBuf>, what: &str| {
+                own.or_else(|| top.clone()).ok_or_else(|| {
+                    format!(
+                        "sink {}: no {what} file (--{what}, or `{what}` in its [[sink]] entry)",
+                        entry.addr
+                    )
+                })
+            };
+            sinks.push(SinkConfig {
+                server_name: entry.server_name.clone().unwrap_or(host),
+                ca: pick(entry.ca.clone(), &args.ca, "ca")?,
+                cert: pick(entry.cert.clone(), &args.cert, "cert")?,
+                key: pick(entry.key.clone(), &args.key, "key")?,
+                queue_batches: entry.queue_batches.unwrap_or(queue).max(1),
+                addr: entry.addr,
+            });
+        }
+        let listen = if args.listen.is_empty() {
+            vec![DEFAULT_LISTEN.parse().expect("valid default")]
+        } else {
+            args.listen
+        };
+        let reconnect_min = args.reconnect_min.unwrap_or(Duration::from_millis(200));
+        Ok(Self {
+            listen,
+            recv_buffer: args.recv_buffer.unwrap_or(DEFAULT_RECV_BUFFER),
+            sinks,
+            batch_bytes: args
+                .batch_bytes
+                .unwrap_or(DEFAULT_BATCH_BYTES)
+                .clamp(1, proto::wire::DEFAULT_MAX_FRAME_LEN / 4),
+            batch_delay: args.batch_delay.unwrap_or(DEFAULT_BATCH_DELAY),
+            connect_timeout: args.connect_timeout.unwrap_or(Duration::from_secs(10)),
+            reconnect_min,
+            reconnect_max: args
+                .reconnect_max
+                .unwrap_or(Duration::from_secs(30))
+                .max(reconnect_min),
+            shutdown_grace: args.shutdown_grace.unwrap_or(Duration::from_secs(5)),
+            quic: args.quic,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_forms() {
+        assert_eq!(
+            split_host_port("sink.example.com:4433").unwrap(),
+            ("sink.example.com".into(), 4433)
+        );
+        assert_eq!(split_host_port("[::1]:4433").unwrap(), ("::1".into(), 4433));
+        assert!(split_host_port("nohost").is_err());
+        assert!(split_host_port(":4433").is_err());
+    }
+
+    #[test]
+    fn sink_list_entries_inherit_top_level_files() {
+        let toml = r#"
+            ca = "ca.pem"
+            cert = "a.pem"
+            key = "a.key"
+            [[sink]]
+            addr = "one.example.com:4433"
+            [[sink]]
+            addr = "10.0.0.1:4433"
+            server-name = "two.example.com"
+            ca = "other-ca.pem"
+        "#;
+        let args: Args = toml::from_str(toml).unwrap();
+        let config = Config::try_from(args).unwrap();
+        assert_eq!(config.sinks.len(), 2);
+        assert_eq!(config.sinks[0].server_name, "one.example.com");
+        assert_eq!(config.sinks[0].ca, PathBuf::from("ca.pem"));
+        assert_eq!(config.sinks[1].server_name, "two.example.com");
+        assert_eq!(config.sinks[1].ca, PathBuf::from("other-ca.pem"));
+        assert_eq!(config.sinks[1].cert, PathBuf::from("a.pem"));
+    }
+}

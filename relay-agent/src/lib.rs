@@ -1,0 +1,197 @@
+//! relay-agent: the site end of sflow-relay.
+//!
+//! Receives sFlow datagrams on UDP, batches them, and streams the batches to each configured
+//! sink over QUIC with mutual TLS. The receive path never waits on the network: bounded queues
+//! sit between receiving, batching and each sink, and every drop is counted and logged.
+//!
+//! ```text
+//! UDP sockets ─► receive ─► (queue) ─► batch ─┬─► (queue) ─► QUIC link ─► sink A
+//!                                             └─► (queue) ─► QUIC link ─► sink B
+//! ```
+//!
+//! # Layout
+//!
+//! - [`config`] — command-line and file options, and the checked [`Config`].
+//! - `receive`: the UDP receive loops.
+//! - `batch`: batching and fan-out to the sinks' queues.
+//! - `transport`: one link per sink (QUIC), with reconnect backoff.
+//! - [`metrics`] — counters.
+//! - [`demo`] — the one-command quick start (sink and agent on loopback, throwaway certificates).
+//!
+//! [`run`] takes bound sockets and a shutdown future, so tests and the demo can drive it
+//! without a process of its own.
+
+mod batch;
+pub mod config;
+pub mod demo;
+pub mod metrics;
+mod receive;
+mod transport;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use config::{Args, Config};
+pub use metrics::{Metrics, SinkMetrics};
+use quinn::VarInt;
+use runtime::ratelimit::RateLimit;
+use runtime::udp::{self, Buffers};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Datagrams queued between the receive loops and the batcher.
+const INGEST_QUEUE: usize = 16 * 1024;
+
+/// Errors that stop the agent from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Certificates or keys could not be loaded, or do not fit together.
+    #[error("sink {0}: {1}")]
+    Certs(String, certs::Error),
+    /// The QUIC endpoint could not be set up.
+    #[error("cannot start QUIC: {0}")]
+    Quic(String),
+    /// A UDP socket could not be registered.
+    #[error("UDP socket: {0}")]
+    Socket(std::io::Error),
+}
+
+/// Runs the agent on the bound UDP `sockets` until `shutdown` resolves, then stops receiving,
+/// sends what is queued and waits for the sinks to acknowledge it (within `shutdown_grace`).
+///
+/// Per-sink counters are pushed to `sink_metrics` in the order of `config.sinks`.
+///
+/// # Errors
+///
+/// When certificates cannot be loaded or sockets cannot be set up.
+pub async fn run(
+    config: Config,
+    sockets: Vec<std::net::UdpSocket>,
+    metrics: Arc<Metrics>,
+    sink_metrics: &mut Vec<Arc<SinkMetrics>>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let transport = Arc::new(config.quic.transport_config());
+    let client_socket = udp::bind_client(Buffers {
+        recv: Some(4 << 20),
+        send: Some(8 << 20),
+    })
+    .map_err(Error::Socket)?;
+    let endpoint = runtime::quic::endpoint(client_socket, None, None)
+        .map_err(|e| Error::Quic(e.to_string()))?;
+    let session: u64 = rand::random();
+
+    let mut links = JoinSet::new();
+    let mut queues = Vec::with_capacity(config.sinks.len());
+    for sink in &config.sinks {
+        let certs_error = |e| Error::Certs(sink.addr.clone(), e);
+        let ca = certs::TrustAnchors::load(&sink.ca).map_err(certs_error)?;
+        let identity = certs::Identity::load(&sink.cert, &sink.key).map_err(certs_error)?;
+        let tls = certs::client_config(&ca, &identity, proto::ALPN).map_err(certs_error)?;
+        let tls = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|e| Error::Quic(e.to_string()))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(tls));
+        client.transport_config(transport.clone());
+        tracing::info!(
+            sink = %sink.addr,
+            server_name = %sink.server_name,
+            identity = identity.name(),
+            expires_in_days = identity.info().seconds_to_expiry() / 86_400,
+            "relaying to sink"
+        );
+        let (tx, rx) = mpsc::channel(sink.queue_batches);
+        let link_metrics = Arc::new(SinkMetrics::default());
+        sink_metrics.push(link_metrics.clone());
+        queues.push(batch::SinkQueue {
+            name: sink.addr.clone(),
+            queue: tx,
+            metrics: link_metrics.clone(),
+            full: RateLimit::new(Duration::from_secs(10)),
+        });
+        links.spawn(
+            transport::quic::Link {
+                sink: sink.clone(),
+                client,
+                endpoint: endpoint.clone(),
+                queue: rx,
+                metrics: link_metrics,
+                connect_timeout: config.connect_timeout,
+                backoff: transport::Backoff::new(config.reconnect_min, config.reconnect_max),
+            }
+            .run(),
+        );
+    }
+
+    let (ingest_tx, ingest_rx) = mpsc::channel(INGEST_QUEUE);
+    let batcher = tokio::spawn(batch::batch_loop(
+        ingest_rx,
+        queues,
+        session,
+        config.batch_bytes,
+        config.batch_delay,
+        metrics.clone(),
+    ));
+    let token = CancellationToken::new();
+    let mut receivers = JoinSet::new();
+    for socket in sockets {
+        let socket = tokio::net::UdpSocket::from_std(socket).map_err(Error::Socket)?;
+        tracing::info!(listen = ?socket.local_addr().ok(), "receiving sFlow");
+        receivers.spawn(receive::receive_loop(
+            socket,
+            ingest_tx.clone(),
+            metrics.clone(),
+            token.clone(),
+        ));
+    }
+    drop(ingest_tx);
+
+    shutdown.await;
+    token.cancel();
+    while receivers.join_next().await.is_some() {}
+    // The receive loops held the last ingest senders: the batcher now flushes and ends, which
+    // closes the sinks' queues, and each link drains its queue and waits for its acks.
+    let _ = batcher.await;
+    let drained = tokio::time::timeout(config.shutdown_grace, async {
+        while links.join_next().await.is_some() {}
+    });
+    if drained.await.is_err() {
+        tracing::warn!(
+            grace = ?config.shutdown_grace,
+            "shutdown grace period over: batches still queued or unacknowledged are dropped"
+        );
+        links.abort_all();
+    }
+    endpoint.close(VarInt::from_u32(0), b"agent shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    tracing::info!(
+        datagrams_received = metrics::get(&metrics.datagrams_received),
+        dropped_queue_full = metrics::get(&metrics.dropped_queue_full),
+        batches = metrics::get(&metrics.batches),
+        "agent stopped"
+    );
+    Ok(())
+}
+
+/// Binds each listen address with the configured receive buffer.
+///
+/// # Errors
+///
+/// When an address cannot be bound; the error names it.
+pub fn bind_listeners(config: &Config) -> Result<Vec<std::net::UdpSocket>, String> {
+    config
+        .listen
+        .iter()
+        .map(|addr| {
+            udp::bind(
+                *addr,
+                Buffers {
+                    recv: Some(config.recv_buffer),
+                    send: None,
+                },
+            )
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))
+        })
+        .collect()
+}

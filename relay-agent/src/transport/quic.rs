@@ -1,0 +1,163 @@
+//! A link to one sink over QUIC: connect (mutual TLS), open one bidirectional stream, write
+//! batch frames, read acknowledgements; on failure, reconnect with backoff.
+//!
+//! Delivery today: a frame taken from the queue while the connection is down waits for the
+//! next connection; a frame whose write fails mid-way is counted as lost
+//! (`dropped_connection_lost`), never written twice.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::pb;
+use proto::wire::FrameReader;
+use quinn::{Connection, Endpoint, VarInt};
+use tokio::sync::{mpsc, watch};
+
+use super::Backoff;
+use crate::batch::Frame;
+use crate::config::SinkConfig;
+use crate::metrics::{self, SinkMetrics};
+
+/// Acks are tiny; anything larger is a broken peer.
+const MAX_ACK_FRAME: usize = 1024;
+
+/// Everything a link needs.
+#[derive(Debug)]
+pub(crate) struct Link {
+    pub(crate) sink: SinkConfig,
+    pub(crate) client: quinn::ClientConfig,
+    pub(crate) endpoint: Endpoint,
+    pub(crate) queue: mpsc::Receiver<Frame>,
+    pub(crate) metrics: Arc<SinkMetrics>,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) backoff: Backoff,
+}
+
+impl Link {
+    /// Runs until the queue is closed and drained, everything sent is acknowledged (or the
+    /// connection is lost during that wait), and the connection is closed.
+    pub(crate) async fn run(mut self) {
+        let mut carry: Option<Frame> = None;
+        loop {
+            let connection = match self.connect().await {
+                Ok(connection) => connection,
+                Err(reason) => {
+                    metrics::add(&self.metrics.connect_failures, 1);
+                    if carry.is_none() && self.queue.is_closed() && self.queue.is_empty() {
+                        tracing::warn!(sink = %self.sink.addr, %reason, "cannot connect to sink; nothing left to send");
+                        return;
+                    }
+                    let wait = self.backoff.next_delay();
+                    tracing::warn!(sink = %self.sink.addr, %reason, retry_in = ?wait, "cannot connect to sink");
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+            };
+            self.backoff.reset();
+            metrics::add(&self.metrics.connects, 1);
+            tracing::info!(sink = %self.sink.addr, remote = %connection.remote_address(), "connected to sink");
+            match self.stream(&connection, &mut carry).await {
+                Ok(()) => return,
+                Err(reason) => {
+                    tracing::warn!(sink = %self.sink.addr, %reason, "connection to sink lost; reconnecting");
+                }
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Connection, String> {
+        let addr = tokio::net::lookup_host(self.sink.addr.as_str())
+            .await
+            .map_err(|e| format!("cannot resolve {}: {e}", self.sink.addr))?
+            .next()
+            .ok_or_else(|| format!("{} resolves to no address", self.sink.addr))?;
+        let connecting = self
+            .endpoint
+            .connect_with(self.client.clone(), addr, &self.sink.server_name)
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        match tokio::time::timeout(self.connect_timeout, connecting).await {
+            Ok(Ok(connection)) => Ok(connection),
+            Ok(Err(error)) => Err(self.explain(&error.to_string())),
+            Err(_) => Err(format!(
+                "no QUIC handshake with {addr} within {:?}",
+                self.connect_timeout
+            )),
+        }
+    }
+
+    /// Turns the usual TLS refusals into advice.
+    fn explain(&self, error: &str) -> String {
+        if error.contains("NotValidForName") {
+            format!(
+                "the sink's certificate is not valid for the name {:?}: set --server-name to a name in its certificate ({error})",
+                self.sink.server_name
+            )
+        } else if error.contains("UnknownIssuer") {
+            format!(
+                "the sink's certificate is not signed by the CA in {} ({error})",
+                self.sink.ca.display()
+            )
+        } else if error.contains("certificate") {
+            format!("the sink refused this agent's certificate or the handshake failed: {error}")
+        } else {
+            error.to_owned()
+        }
+    }
+
+    /// Streams frames on one connection. `Ok` when the queue closed and the end was handled;
+    /// `Err` with a reason when the connection broke.
+    async fn stream(
+        &mut self,
+        connection: &Connection,
+        carry: &mut Option<Frame>,
+    ) -> Result<(), String> {
+        let (mut send, recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+        let (acked_tx, mut acked) = watch::channel(0u64);
+        let ack_metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            let mut reader = FrameReader::new(recv, MAX_ACK_FRAME);
+            while let Ok(Some(ack)) = reader.next::<pb::Ack>().await {
+                ack_metrics
+                    .acked_sequence
+                    .fetch_max(ack.sequence, std::sync::atomic::Ordering::Relaxed);
+                acked_tx.send_replace(ack.sequence);
+            }
+        });
+        let mut last_sent = 0u64;
+        loop {
+            let frame = match carry.take() {
+                Some(frame) => Some(frame),
+                None => tokio::select! {
+                    frame = self.queue.recv() => frame,
+                    error = connection.closed() => return Err(error.to_string()),
+                },
+            };
+            let Some(frame) = frame else { break };
+            if let Some(error) = connection.close_reason() {
+                *carry = Some(frame);
+                return Err(error.to_string());
+            }
+            if let Err(error) = send.write_chunk(frame.bytes.clone()).await {
+                metrics::add(&self.metrics.dropped_connection_lost, frame.datagrams);
+                return Err(error.to_string());
+            }
+            last_sent = frame.sequence;
+            metrics::add(&self.metrics.batches_sent, 1);
+            metrics::add(&self.metrics.datagrams_sent, frame.datagrams);
+        }
+        // The queue is closed: the agent is shutting down. Finish the stream and wait for the
+        // sink to acknowledge the last batch (the caller bounds this wait).
+        let _ = send.finish();
+        let wait = acked.wait_for(|&seq| seq >= last_sent);
+        tokio::select! {
+            result = wait => {
+                if result.is_ok() {
+                    tracing::info!(sink = %self.sink.addr, last_sequence = last_sent, "all batches acknowledged");
+                }
+            }
+            error = connection.closed() => tracing::warn!(sink = %self.sink.addr, %error, "connection closed before all batches were acknowledged"),
+        }
+        connection.close(VarInt::from_u32(0), b"agent shutting down");
+        Ok(())
+    }
+}
