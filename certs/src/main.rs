@@ -26,9 +26,10 @@ enum Command {
         /// Folder for the CA files.
         #[arg(long, default_value = "pki")]
         dir: PathBuf,
-        /// The CA's common name.
-        #[arg(long, default_value = "sflow-relay CA")]
-        name: String,
+        /// The CA's common name [default: "sflow-relay CA" and a random suffix, so that two
+        /// organisations' CAs never share a name].
+        #[arg(long)]
+        name: Option<String>,
         /// Validity in days.
         #[arg(long, default_value_t = 3650)]
         days: u32,
@@ -92,6 +93,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             days,
             force,
         } => {
+            let name =
+                name.unwrap_or_else(|| format!("sflow-relay CA {:08x}", rand::random::<u32>()));
             let ca = Ca::generate(&name, days)?;
             std::fs::create_dir_all(&dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;

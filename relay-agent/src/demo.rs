@@ -48,23 +48,6 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     ensure_pki(&pki)
         .map_err(|e| format!("cannot make demo certificates in {}: {e}", pki.display()))?;
 
-    let sink_config = sink::Config::try_from(sink::Args {
-        listen: Some(args.sink_listen),
-        ca: Some(pki.join("ca.pem")),
-        cert: Some(pki.join("localhost.pem")),
-        key: Some(pki.join("localhost.key")),
-        forward: vec![args.forward.clone()],
-        ..Default::default()
-    })?;
-    let agent_config = crate::Config::try_from(crate::Args {
-        listen: vec![args.listen],
-        sink: Some(crate::config::Sinks::One(args.sink_listen.to_string())),
-        server_name: Some("localhost".into()),
-        ca: Some(pki.join("ca.pem")),
-        cert: Some(pki.join("demo-agent.pem")),
-        key: Some(pki.join("demo-agent.key")),
-        ..Default::default()
-    })?;
     let sink_socket = udp::bind(
         args.sink_listen,
         Buffers {
@@ -73,12 +56,31 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         },
     )
     .map_err(|e| format!("cannot listen on {} (sink): {e}", args.sink_listen))?;
+    let sink_addr = sink_socket.local_addr().map_err(|e| e.to_string())?;
+    let sink_config = sink::Config::try_from(sink::Args {
+        listen: Some(sink_addr),
+        ca: Some(pki.join("ca.pem")),
+        cert: Some(pki.join("localhost.pem")),
+        key: Some(pki.join("localhost.key")),
+        forward: vec![args.forward.clone()],
+        ..Default::default()
+    })?;
+    let agent_config = crate::Config::try_from(crate::Args {
+        listen: vec![args.listen],
+        sink: Some(crate::config::Sinks::One(sink_addr.to_string())),
+        server_name: Some("localhost".into()),
+        ca: Some(pki.join("ca.pem")),
+        cert: Some(pki.join("demo-agent.pem")),
+        key: Some(pki.join("demo-agent.key")),
+        ..Default::default()
+    })?;
     let agent_sockets = crate::bind_listeners(&agent_config)?;
+    let listen = agent_sockets[0].local_addr().map_err(|e| e.to_string())?;
 
     println!("sflow-relay demo: sink and agent on this host, mutual TLS over QUIC");
     println!("  certificates:  {}", pki.display());
-    println!("  send sFlow to: udp {}  (the agent)", args.listen);
-    println!("  relayed over:  quic {}  (the sink)", args.sink_listen);
+    println!("  send sFlow to: udp {listen}  (the agent)");
+    println!("  relayed over:  quic {sink_addr}  (the sink)");
     println!("  replayed to:   udp {}", args.forward);
     println!("  stop with Ctrl-C");
 
@@ -121,7 +123,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
                 if now != last {
                     println!(
                         "demo: {} datagrams received on {}, {} replayed to {}",
-                        now.0, args.listen, now.1, args.forward
+                        now.0, listen, now.1, args.forward
                     );
                     last = now;
                 }

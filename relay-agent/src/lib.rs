@@ -137,7 +137,8 @@ pub async fn run(
     let mut receivers = JoinSet::new();
     for socket in sockets {
         let socket = tokio::net::UdpSocket::from_std(socket).map_err(Error::Socket)?;
-        tracing::info!(listen = ?socket.local_addr().ok(), "receiving sFlow");
+        let listen = socket.local_addr().map_err(Error::Socket)?;
+        tracing::info!(%listen, "receiving sFlow");
         receivers.spawn(receive::receive_loop(
             socket,
             ingest_tx.clone(),

@@ -18,6 +18,9 @@ use crate::batch::Frame;
 use crate::config::SinkConfig;
 use crate::metrics::{self, SinkMetrics};
 
+/// A connection that lasts this long counts as accepted, even with nothing to send.
+const HEALTHY_AFTER: Duration = Duration::from_secs(10);
+
 /// Acks are tiny; anything larger is a broken peer.
 const MAX_ACK_FRAME: usize = 1024;
 
@@ -53,13 +56,14 @@ impl Link {
                     continue;
                 }
             };
-            self.backoff.reset();
             metrics::add(&self.metrics.connects, 1);
             tracing::info!(sink = %self.sink.addr, remote = %connection.remote_address(), "connected to sink");
             match self.stream(&connection, &mut carry).await {
                 Ok(()) => return,
                 Err(reason) => {
-                    tracing::warn!(sink = %self.sink.addr, %reason, "connection to sink lost; reconnecting");
+                    let wait = self.backoff.next_delay();
+                    tracing::warn!(sink = %self.sink.addr, %reason, retry_in = ?wait, "connection to sink lost; reconnecting");
+                    tokio::time::sleep(wait).await;
                 }
             }
         }
@@ -87,7 +91,7 @@ impl Link {
 
     /// Turns the usual TLS refusals into advice.
     fn explain(&self, error: &str) -> String {
-        if error.contains("NotValidForName") {
+        if error.contains("NotValidForName") || error.contains("not valid for name") {
             format!(
                 "the sink's certificate is not valid for the name {:?}: set --server-name to a name in its certificate ({error})",
                 self.sink.server_name
@@ -124,12 +128,23 @@ impl Link {
             }
         });
         let mut last_sent = 0u64;
+        // In TLS 1.3 the sink checks our certificate after our side of the handshake is done,
+        // so "connected" is not yet "accepted". The backoff resets only once the sink has
+        // acknowledged something or the connection has stayed up a while; a refused agent
+        // keeps backing off instead of hammering the sink.
+        let mut proven = false;
+        let healthy_after = tokio::time::Instant::now() + HEALTHY_AFTER;
         loop {
+            if !proven && (*acked.borrow() > 0 || tokio::time::Instant::now() >= healthy_after) {
+                proven = true;
+                self.backoff.reset();
+            }
             let frame = match carry.take() {
                 Some(frame) => Some(frame),
                 None => tokio::select! {
                     frame = self.queue.recv() => frame,
-                    error = connection.closed() => return Err(error.to_string()),
+                    error = connection.closed() => return Err(self.explain(&error.to_string())),
+                    () = tokio::time::sleep_until(healthy_after), if !proven => continue,
                 },
             };
             let Some(frame) = frame else { break };

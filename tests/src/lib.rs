@@ -1,0 +1,555 @@
+//! Harness for the end-to-end tests: the real `relay-certs`, `relay-sink` and `relay-agent`
+//! binaries, run as processes on loopback with ephemeral ports, plus UDP senders and captures.
+//!
+//! - [`bin`] builds the binaries once per test process (`cargo build --bins`) and finds them.
+//! - [`Pki`] makes a CA and certificates with `relay-certs`.
+//! - [`Daemon`] runs a binary with JSON logs, collects its log lines, and waits for events.
+//! - [`UdpCapture`] receives replayed datagrams on a thread, for byte-exact assertions.
+//! - [`send_paced`] sends datagrams with a bounded number in flight, so that the kernel
+//!   buffers on the way (whose size the test cannot choose) never overflow: a test asserts
+//!   the relay's behaviour, not the kernel's.
+//!
+//! Every wait has a deadline and fails with the daemon's logs attached.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub mod quic;
+
+/// Default deadline for a wait.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// The path of a workspace binary, built (once per process) in the profile the tests run in.
+///
+/// # Panics
+///
+/// When the build fails.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile>/deps/<test>-<hash>
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>")
+            .to_path_buf();
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "--bins",
+            "-p",
+            "relay-agent",
+            "-p",
+            "relay-sink",
+            "-p",
+            "relay-certs",
+        ]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "building the binaries failed");
+        profile_dir
+    });
+    dir.join(name)
+}
+
+// === Pki ===
+
+/// A CA made by `relay-certs init`, and certificates issued from it.
+#[derive(Debug)]
+pub struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    /// A new CA in `dir` (created).
+    pub fn new(dir: &Path) -> Self {
+        let out = Command::new(bin("relay-certs"))
+            .args(["init", "--dir"])
+            .arg(dir)
+            .output()
+            .expect("run relay-certs");
+        assert!(
+            out.status.success(),
+            "relay-certs init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self {
+            dir: dir.to_owned(),
+        }
+    }
+
+    /// The CA certificate.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// Issues a certificate: `relay-certs issue --role ROLE --name NAME EXTRA…`; returns
+    /// (certificate, key).
+    pub fn issue(&self, role: &str, name: &str, extra: &[&str]) -> (PathBuf, PathBuf) {
+        let out = Command::new(bin("relay-certs"))
+            .args(["issue", "--role", role, "--name", name, "--dir"])
+            .arg(&self.dir)
+            .args(extra)
+            .output()
+            .expect("run relay-certs");
+        assert!(
+            out.status.success(),
+            "relay-certs issue: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            self.dir.join(format!("{name}.pem")),
+            self.dir.join(format!("{name}.key")),
+        )
+    }
+
+    /// Issues the usual sink certificate: `localhost`, 127.0.0.1 and ::1.
+    pub fn sink_cert(&self, name: &str) -> (PathBuf, PathBuf) {
+        self.issue(
+            "sink",
+            name,
+            &["--dns", "localhost", "--ip", "127.0.0.1", "--ip", "::1"],
+        )
+    }
+
+    /// Issues an agent certificate.
+    pub fn agent_cert(&self, name: &str) -> (PathBuf, PathBuf) {
+        self.issue("agent", name, &[])
+    }
+}
+
+// === Daemon ===
+
+/// A running binary whose stdout and stderr lines are collected.
+#[derive(Debug)]
+pub struct Daemon {
+    name: String,
+    child: Child,
+    lines: Arc<(Mutex<Vec<String>>, Condvar)>,
+}
+
+impl Daemon {
+    /// Starts `bin(name)` with `args`.
+    pub fn spawn<S: AsRef<std::ffi::OsStr>>(name: &str, args: &[S]) -> Self {
+        let mut child = Command::new(bin(name))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        let lines = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        for stream in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    let (store, ready) = &*lines;
+                    store.lock().unwrap().push(line);
+                    ready.notify_all();
+                }
+            });
+        }
+        Self {
+            name: name.to_owned(),
+            child,
+            lines,
+        }
+    }
+
+    /// All output lines so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.0.lock().unwrap().clone()
+    }
+
+    /// Output lines that are JSON log events.
+    pub fn events(&self) -> Vec<Value> {
+        self.lines()
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Number of log events with `message` containing `text`.
+    pub fn count(&self, text: &str) -> usize {
+        self.events()
+            .iter()
+            .filter(|e| message(e).contains(text))
+            .count()
+    }
+
+    /// Waits for the `nth` (1-based) log event whose message contains `text`, and returns it.
+    ///
+    /// # Panics
+    ///
+    /// After `timeout`, with the output so far.
+    pub fn wait_for_nth(&self, text: &str, nth: usize, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        let (store, ready) = &*self.lines;
+        let mut guard = store.lock().unwrap();
+        loop {
+            let found: Vec<Value> = guard
+                .iter()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .filter(|e| message(e).contains(text))
+                .collect();
+            if found.len() >= nth {
+                return found[nth - 1].clone();
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                drop(guard);
+                panic!(
+                    "{}: no log event #{nth} containing {text:?} within {timeout:?}; output:\n{}",
+                    self.name,
+                    self.lines().join("\n")
+                );
+            }
+            guard = ready.wait_timeout(guard, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Waits for the first log event whose message contains `text`.
+    pub fn wait_for(&self, text: &str) -> Value {
+        self.wait_for_nth(text, 1, WAIT)
+    }
+
+    /// Waits for an output line (plain text, e.g. the demo's) containing `text`.
+    pub fn wait_for_line(&self, text: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let (store, ready) = &*self.lines;
+        let mut guard = store.lock().unwrap();
+        loop {
+            if let Some(line) = guard.iter().find(|l| l.contains(text)) {
+                return line.clone();
+            }
+            let now = Instant::now();
+            assert!(
+                now < deadline,
+                "{}: no line containing {text:?}; output:\n{}",
+                self.name,
+                guard.join("\n")
+            );
+            guard = ready.wait_timeout(guard, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit.
+    ///
+    /// # Panics
+    ///
+    /// When the process does not exit within [`WAIT`].
+    pub fn terminate(&mut self) -> ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit after SIGTERM; output:\n{}",
+                self.name,
+                self.lines().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the process at once (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The `message` field of a log event.
+pub fn message(event: &Value) -> &str {
+    event
+        .get("message")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+}
+
+/// A string field of a log event.
+pub fn field<'a>(event: &'a Value, name: &str) -> &'a str {
+    event.get(name).and_then(Value::as_str).unwrap_or_default()
+}
+
+/// Starts `relay-sink` on an ephemeral loopback port (or `listen`), replaying to `forward`.
+/// Returns the daemon and its QUIC address.
+pub fn start_sink(
+    pki: &Pki,
+    cert: &(PathBuf, PathBuf),
+    forward: &[SocketAddr],
+    listen: Option<SocketAddr>,
+    extra: &[&str],
+) -> (Daemon, SocketAddr) {
+    let mut args: Vec<String> = vec![
+        "--log-format".into(),
+        "json".into(),
+        "--listen".into(),
+        listen.map_or_else(|| "127.0.0.1:0".into(), |a| a.to_string()),
+        "--ca".into(),
+        path(&pki.ca()),
+        "--cert".into(),
+        path(&cert.0),
+        "--key".into(),
+        path(&cert.1),
+    ];
+    for f in forward {
+        args.extend(["--forward".into(), f.to_string()]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let sink = Daemon::spawn("relay-sink", &args);
+    let event = sink.wait_for("sink listening");
+    let addr = field(&event, "listen")
+        .parse()
+        .expect("listen address in log");
+    (sink, addr)
+}
+
+/// Starts `relay-agent` on an ephemeral loopback port, sending to `sink` as `server_name`.
+/// Returns the daemon and its UDP receive address.
+pub fn start_agent(
+    ca: &Path,
+    cert: &(PathBuf, PathBuf),
+    sink: SocketAddr,
+    server_name: &str,
+    extra: &[&str],
+) -> (Daemon, SocketAddr) {
+    let mut args: Vec<String> = vec![
+        "--log-format".into(),
+        "json".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--sink".into(),
+        sink.to_string(),
+        "--server-name".into(),
+        server_name.into(),
+        "--ca".into(),
+        path(ca),
+        "--cert".into(),
+        path(&cert.0),
+        "--key".into(),
+        path(&cert.1),
+        "--reconnect-max".into(),
+        "1s".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let agent = Daemon::spawn("relay-agent", &args);
+    let addr = agent_listen_addr(&agent);
+    (agent, addr)
+}
+
+/// The UDP address an agent reported it receives on.
+pub fn agent_listen_addr(agent: &Daemon) -> SocketAddr {
+    let event = agent.wait_for("receiving sFlow");
+    field(&event, "listen")
+        .parse()
+        .expect("listen address in log")
+}
+
+/// A path as a string argument.
+pub fn path(p: &Path) -> String {
+    p.to_str().expect("UTF-8 path").to_owned()
+}
+
+// === UdpCapture ===
+
+/// Collects datagrams arriving on a loopback UDP port, on a thread of its own.
+#[derive(Debug)]
+pub struct UdpCapture {
+    addr: SocketAddr,
+    received: Arc<(Mutex<Vec<Vec<u8>>>, Condvar)>,
+}
+
+impl UdpCapture {
+    /// Binds 127.0.0.1:0 and starts receiving. The thread ends with the test process.
+    pub fn bind() -> Self {
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind capture");
+        // As large as the kernel allows (net.core.rmem_max): replay comes in bursts.
+        let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(16 << 20);
+        let addr = socket.local_addr().expect("capture address");
+        let received = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        let store = received.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65_536];
+            while let Ok(n) = socket.recv(&mut buf) {
+                let (list, ready) = &*store;
+                list.lock().unwrap().push(buf[..n].to_vec());
+                ready.notify_all();
+            }
+        });
+        Self { addr, received }
+    }
+
+    /// Where to send.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Datagrams received so far.
+    pub fn received(&self) -> Vec<Vec<u8>> {
+        self.received.0.lock().unwrap().clone()
+    }
+
+    /// How many datagrams arrived whose first byte is `tag`.
+    pub fn count_tagged(&self, tag: u8) -> usize {
+        self.received
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|d| d.first() == Some(&tag))
+            .count()
+    }
+
+    /// How many datagrams arrived.
+    pub fn len(&self) -> usize {
+        self.received.0.lock().unwrap().len()
+    }
+
+    /// Whether none arrived.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Waits until `pred(received)` holds, or `timeout` passes; returns whether it held.
+    pub fn wait_until(&self, timeout: Duration, pred: impl Fn(&[Vec<u8>]) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        let (list, ready) = &*self.received;
+        let mut guard = list.lock().unwrap();
+        loop {
+            if pred(&guard) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            guard = ready.wait_timeout(guard, deadline - now).unwrap().0;
+        }
+    }
+}
+
+// === Sending ===
+
+/// Deterministic test datagrams: `n` payloads whose first byte is `tag` and next four the
+/// index; sizes mostly near 1,400 bytes, with small ones (from 1 byte) and large ones (up to
+/// 65,507 bytes, the IPv4 maximum) mixed in. Contents come from a seeded generator.
+pub fn datagrams(n: usize, tag: u8, seed: u64) -> Vec<Vec<u8>> {
+    let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    (0..n)
+        .map(|i| {
+            let r = next();
+            let len = match i {
+                0 => 1,
+                1 => proto::MAX_DATAGRAM_LEN,
+                _ if i % 200 == 7 => {
+                    9_000 + (r % (proto::MAX_DATAGRAM_LEN as u64 - 9_000 + 1)) as usize
+                }
+                _ if i % 200 == 8 => proto::MAX_DATAGRAM_LEN,
+                _ if i % 10 == 3 => 1 + (r % 200) as usize,
+                _ => 1_300 + (r % 200) as usize,
+            };
+            let mut d = Vec::with_capacity(len);
+            d.push(tag);
+            d.extend_from_slice(&(i as u32).to_be_bytes());
+            while d.len() < len {
+                d.extend_from_slice(&next().to_le_bytes());
+            }
+            d.truncate(len);
+            d
+        })
+        .collect()
+}
+
+/// Sends `datagrams` to `to` in order, keeping at most `window` datagrams (and about 128 KiB)
+/// between what was sent and what `delivered()` reports as arrived. Fails when nothing
+/// arrives for [`WAIT`].
+pub fn send_paced(
+    to: SocketAddr,
+    datagrams: &[Vec<u8>],
+    window: usize,
+    delivered: impl Fn() -> usize,
+) {
+    const WINDOW_BYTES: usize = 128 * 1024;
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind sender");
+    let mut prefix = Vec::with_capacity(datagrams.len() + 1);
+    prefix.push(0usize);
+    for d in datagrams {
+        prefix.push(prefix.last().unwrap() + d.len());
+    }
+    let mut last_progress = (0usize, Instant::now());
+    for (i, d) in datagrams.iter().enumerate() {
+        loop {
+            let done = delivered().min(i);
+            if done != last_progress.0 {
+                last_progress = (done, Instant::now());
+            }
+            let in_flight = i - done;
+            let bytes = prefix[i] - prefix[done];
+            if in_flight == 0 || (in_flight < window && bytes + d.len() <= WINDOW_BYTES) {
+                break;
+            }
+            assert!(
+                last_progress.1.elapsed() < WAIT,
+                "no progress for {WAIT:?}: {done} of {} delivered",
+                datagrams.len()
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        socket.send_to(d, to).expect("send datagram");
+    }
+}
+
+/// Sends `datagrams` to `to` without pacing (for traffic whose delivery is not asserted).
+pub fn send_all(to: SocketAddr, datagrams: &[Vec<u8>]) {
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind sender");
+    for d in datagrams {
+        socket.send_to(d, to).expect("send datagram");
+    }
+}
+
+/// A free loopback UDP port (bound, then released). For the rare daemon that must be told a
+/// port before it starts; everything else binds port 0.
+pub fn free_udp_port() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("free port")
+}

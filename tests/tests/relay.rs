@@ -1,0 +1,425 @@
+//! End-to-end: the real relay-certs, relay-sink and relay-agent binaries on loopback.
+
+use std::time::Duration;
+
+use relay_tests::{
+    Daemon, Pki, UdpCapture, WAIT, datagrams, field, path, send_all, send_paced, start_agent,
+    start_sink,
+};
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
+
+/// The capture's datagrams whose first byte is `tag`, in arrival order.
+fn tagged(capture: &UdpCapture, tag: u8) -> Vec<Vec<u8>> {
+    capture
+        .received()
+        .into_iter()
+        .filter(|d| d.first() == Some(&tag))
+        .collect()
+}
+
+/// Indices (tag, index) of sent datagrams that did not arrive.
+fn missing(capture: &UdpCapture, sent: &[&Vec<Vec<u8>>]) -> Vec<(u8, usize)> {
+    let received = capture.received();
+    let mut out = Vec::new();
+    for list in sent {
+        for (i, d) in list.iter().enumerate() {
+            if !received.contains(d) {
+                out.push((d[0], i));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn delivers_20000_mixed_datagrams_byte_exact_in_order() {
+    let dir = tmp();
+    let pki = Pki::new(dir.path());
+    let capture = UdpCapture::bind();
+    let (_sink, sink_addr) = start_sink(&pki, &pki.sink_cert("sink"), &[capture.addr()], None, &[]);
+    let (agent, listen) = start_agent(
+        &pki.ca(),
+        &pki.agent_cert("site-a"),
+        sink_addr,
+        "localhost",
+        &[],
+    );
+    agent.wait_for("connected to sink");
+
+    let sent = datagrams(20_000, 0xA1, 1);
+    assert_eq!(sent.iter().map(Vec::len).min(), Some(1));
+    assert_eq!(sent.iter().map(Vec::len).max(), Some(65_507));
+    let near_1400 = sent
+        .iter()
+        .filter(|d| (1_300..1_500).contains(&d.len()))
+        .count();
+    assert!(
+        near_1400 > 17_000,
+        "most datagrams near 1,400 bytes ({near_1400})"
+    );
+
+    send_paced(listen, &sent, 64, || capture.len());
+    assert!(
+        capture.wait_until(WAIT, |r| r.len() >= sent.len()),
+        "only {} of {} arrived",
+        capture.len(),
+        sent.len()
+    );
+    // Give a duplicate time to show up before comparing.
+    std::thread::sleep(Duration::from_millis(200));
+    let received = capture.received();
+    assert_eq!(
+        received.len(),
+        sent.len(),
+        "count differs: duplicates or extras"
+    );
+    for (i, (got, want)) in received.iter().zip(&sent).enumerate() {
+        assert!(
+            got == want,
+            "datagram {i} differs (len {} vs {})",
+            got.len(),
+            want.len()
+        );
+    }
+}
+
+#[test]
+fn two_agents_with_different_certificates_both_arrive() {
+    let dir = tmp();
+    let pki = Pki::new(dir.path());
+    let capture = UdpCapture::bind();
+    let (sink, sink_addr) = start_sink(&pki, &pki.sink_cert("sink"), &[capture.addr()], None, &[]);
+    let (_a, listen_a) = start_agent(
+        &pki.ca(),
+        &pki.agent_cert("site-a"),
+        sink_addr,
+        "localhost",
+        &[],
+    );
+    let (_b, listen_b) = start_agent(
+        &pki.ca(),
+        &pki.agent_cert("site-b"),
+        sink_addr,
+        "localhost",
+        &[],
+    );
+    let sent_a = datagrams(3_000, 0xA1, 2);
+    let sent_b = datagrams(3_000, 0xB2, 3);
+    std::thread::scope(|s| {
+        s.spawn(|| send_paced(listen_a, &sent_a, 32, || capture.count_tagged(0xA1)));
+        s.spawn(|| send_paced(listen_b, &sent_b, 32, || capture.count_tagged(0xB2)));
+    });
+    let all = capture.wait_until(WAIT, |r| r.len() >= 6_000);
+    assert!(
+        all,
+        "only {} of 6000 arrived; missing: {:?}",
+        capture.len(),
+        missing(&capture, &[&sent_a, &sent_b])
+    );
+    assert_eq!(
+        tagged(&capture, 0xA1),
+        sent_a,
+        "site-a's datagrams, in order"
+    );
+    assert_eq!(
+        tagged(&capture, 0xB2),
+        sent_b,
+        "site-b's datagrams, in order"
+    );
+    let names: Vec<String> = sink
+        .events()
+        .iter()
+        .filter(|e| relay_tests::message(e) == "agent connected")
+        .map(|e| field(e, "agent").to_owned())
+        .collect();
+    assert!(
+        names.contains(&"site-a".into()) && names.contains(&"site-b".into()),
+        "identities from certificates: {names:?}"
+    );
+}
+
+#[test]
+fn refused_agents_relay_nothing_while_a_good_agent_keeps_going() {
+    let dir = tmp();
+    let pki = Pki::new(&dir.path().join("ours"));
+    let other = Pki::new(&dir.path().join("theirs"));
+    let capture = UdpCapture::bind();
+    let sink_cert = pki.sink_cert("sink");
+    let (sink, sink_addr) = start_sink(&pki, &sink_cert, &[capture.addr()], None, &[]);
+    let (_good, good_listen) = start_agent(
+        &pki.ca(),
+        &pki.agent_cert("good"),
+        sink_addr,
+        "localhost",
+        &[],
+    );
+
+    // An agent whose certificate another CA signed (it trusts our CA for the sink).
+    let (foreign, foreign_listen) = start_agent(
+        &pki.ca(),
+        &other.agent_cert("intruder"),
+        sink_addr,
+        "localhost",
+        &[],
+    );
+    // An agent presenting the sink's own certificate (serverAuth only).
+    let (server_cert, server_cert_listen) =
+        start_agent(&pki.ca(), &sink_cert, sink_addr, "localhost", &[]);
+
+    let good = datagrams(2_000, 0x60, 4);
+    let bad = datagrams(200, 0xEE, 5);
+    std::thread::scope(|s| {
+        s.spawn(|| send_paced(good_listen, &good, 32, || capture.count_tagged(0x60)));
+        s.spawn(|| {
+            for _ in 0..5 {
+                send_all(foreign_listen, &bad);
+                send_all(server_cert_listen, &bad);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+    });
+    // And a client with no certificate at all, speaking the real protocol.
+    let no_cert = relay_tests::quic::relay_without_client_cert(sink_addr, &pki.ca(), &bad);
+    assert!(
+        no_cert.is_err(),
+        "a client without a certificate was accepted"
+    );
+
+    assert!(
+        capture.wait_until(WAIT, |r| r.iter().filter(|d| d[0] == 0x60).count()
+            >= good.len())
+    );
+    assert_eq!(
+        tagged(&capture, 0x60),
+        good,
+        "the good agent's datagrams all arrive, in order"
+    );
+
+    // Each refusal is logged by the sink with its reason.
+    let refusals = |needle: &str| {
+        sink.events()
+            .iter()
+            .filter(|e| {
+                relay_tests::message(e).contains("agent refused")
+                    && field(e, "reason").contains(needle)
+            })
+            .count()
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    while (refusals("UnknownIssuer") + refusals("BadSignature") == 0
+        || refusals("no certificates") == 0
+        || refusals("extended key usage") == 0)
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let reasons: Vec<String> = sink
+        .events()
+        .iter()
+        .filter(|e| relay_tests::message(e).contains("agent refused"))
+        .map(|e| field(e, "reason").to_owned())
+        .collect();
+    assert!(
+        refusals("UnknownIssuer") + refusals("BadSignature") > 0,
+        "foreign CA refused with reason; refusals: {reasons:?}"
+    );
+    assert!(
+        refusals("no certificates") > 0,
+        "missing certificate refused with reason; refusals: {reasons:?}"
+    );
+    assert!(
+        refusals("extended key usage") > 0,
+        "serverAuth-only certificate refused with reason; refusals: {reasons:?}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        capture.count_tagged(0xEE),
+        0,
+        "nothing of a refused agent is replayed"
+    );
+    // The refused agents say why, too.
+    assert!(
+        foreign.count("refused") + foreign.count("lost") > 0,
+        "{:?}",
+        foreign.lines()
+    );
+    assert!(
+        server_cert.count("refused") + server_cert.count("lost") > 0,
+        "{:?}",
+        server_cert.lines()
+    );
+}
+
+#[test]
+fn agent_refuses_a_sink_whose_certificate_has_another_name() {
+    let dir = tmp();
+    let pki = Pki::new(dir.path());
+    let capture = UdpCapture::bind();
+    let (_sink, sink_addr) = start_sink(
+        &pki,
+        &pki.issue("sink", "sink.example.com", &[]),
+        &[capture.addr()],
+        None,
+        &[],
+    );
+    let (agent, listen) = start_agent(
+        &pki.ca(),
+        &pki.agent_cert("site-a"),
+        sink_addr,
+        "other.example.com",
+        &[],
+    );
+    let event = agent.wait_for("cannot connect to sink");
+    let reason = field(&event, "reason");
+    assert!(
+        reason.contains("not valid for the name \\\"other.example.com\\\"")
+            || reason.contains("not valid for the name \"other.example.com\""),
+        "{reason}"
+    );
+    send_all(listen, &datagrams(50, 0x11, 6));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        capture.is_empty(),
+        "nothing reaches a sink the agent does not trust"
+    );
+}
+
+#[test]
+fn agent_reconnects_after_the_sink_restarts() {
+    let dir = tmp();
+    let pki = Pki::new(dir.path());
+    let capture = UdpCapture::bind();
+    let sink_cert = pki.sink_cert("sink");
+    let (mut sink, sink_addr) = start_sink(&pki, &sink_cert, &[capture.addr()], None, &[]);
+    let (agent, listen) = start_agent(
+        &pki.ca(),
+        &pki.agent_cert("site-a"),
+        sink_addr,
+        "localhost",
+        &[],
+    );
+    agent.wait_for("connected to sink");
+    let before = datagrams(1_000, 0x01, 7);
+    send_paced(listen, &before, 32, || capture.count_tagged(0x01));
+    assert!(capture.wait_until(WAIT, |r| r.len() >= before.len()));
+
+    assert!(sink.terminate().success(), "sink exits cleanly on SIGTERM");
+    let (_sink, again) = start_sink(&pki, &sink_cert, &[capture.addr()], Some(sink_addr), &[]);
+    assert_eq!(again, sink_addr);
+    agent.wait_for_nth("connected to sink", 2, WAIT);
+
+    let after = datagrams(1_000, 0x02, 8);
+    send_paced(listen, &after, 32, || capture.count_tagged(0x02));
+    assert!(
+        capture.wait_until(WAIT, |r| r.iter().filter(|d| d[0] == 0x02).count()
+            >= after.len())
+    );
+    assert_eq!(
+        tagged(&capture, 0x02),
+        after,
+        "everything sent after the reconnect arrives, in order"
+    );
+    assert_eq!(tagged(&capture, 0x01), before);
+}
+
+#[test]
+fn fan_out_keeps_going_when_one_destination_is_closed() {
+    let dir = tmp();
+    let pki = Pki::new(dir.path());
+    let capture = UdpCapture::bind();
+    let closed = relay_tests::free_udp_port();
+    let (sink, sink_addr) = start_sink(
+        &pki,
+        &pki.sink_cert("sink"),
+        &[closed, capture.addr()],
+        None,
+        &[],
+    );
+    let (_agent, listen) = start_agent(
+        &pki.ca(),
+        &pki.agent_cert("site-a"),
+        sink_addr,
+        "localhost",
+        &[],
+    );
+    let sent = datagrams(3_000, 0x33, 9);
+    send_paced(listen, &sent, 32, || capture.len());
+    assert!(
+        capture.wait_until(WAIT, |r| r.len() >= sent.len()),
+        "only {} arrived",
+        capture.len()
+    );
+    assert_eq!(
+        capture.received(),
+        sent,
+        "the open destination gets everything, in order"
+    );
+    let failure = sink.wait_for("replay to destination failed");
+    assert_eq!(field(&failure, "destination"), closed.to_string());
+}
+
+#[test]
+fn one_agent_two_sinks_with_different_cas_survives_one_stopping() {
+    let dir = tmp();
+    let pki_1 = Pki::new(&dir.path().join("company"));
+    let pki_2 = Pki::new(&dir.path().join("consultant"));
+    let (capture_1, capture_2) = (UdpCapture::bind(), UdpCapture::bind());
+    let (_sink_1, addr_1) = start_sink(
+        &pki_1,
+        &pki_1.sink_cert("sink1"),
+        &[capture_1.addr()],
+        None,
+        &[],
+    );
+    let (mut sink_2, addr_2) = start_sink(
+        &pki_2,
+        &pki_2.sink_cert("sink2"),
+        &[capture_2.addr()],
+        None,
+        &[],
+    );
+    let (cert_1, cert_2) = (
+        pki_1.agent_cert("site-a"),
+        pki_2.agent_cert("site-a-for-consultant"),
+    );
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = [\"127.0.0.1:0\"]\nlog-format = \"json\"\nreconnect-max = \"1s\"\n\
+             [[sink]]\naddr = \"{addr_1}\"\nserver-name = \"localhost\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
+             [[sink]]\naddr = \"{addr_2}\"\nserver-name = \"localhost\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            path(&pki_1.ca()),
+            path(&cert_1.0),
+            path(&cert_1.1),
+            path(&pki_2.ca()),
+            path(&cert_2.0),
+            path(&cert_2.1),
+        ),
+    )
+    .unwrap();
+    let agent = Daemon::spawn("relay-agent", &["--config", &path(&config)]);
+    let listen = relay_tests::agent_listen_addr(&agent);
+    agent.wait_for_nth("connected to sink", 2, WAIT);
+
+    let first = datagrams(1_000, 0x0A, 10);
+    send_paced(listen, &first, 32, || capture_1.len().min(capture_2.len()));
+    assert!(capture_1.wait_until(WAIT, |r| r.len() >= first.len()));
+    assert!(capture_2.wait_until(WAIT, |r| r.len() >= first.len()));
+    assert_eq!(capture_1.received(), first);
+    assert_eq!(capture_2.received(), first);
+
+    sink_2.kill();
+    let second = datagrams(3_000, 0x0B, 11);
+    send_paced(listen, &second, 32, || capture_1.count_tagged(0x0B));
+    assert!(capture_1.wait_until(WAIT, |r| r.len() >= first.len() + second.len()));
+    assert_eq!(
+        tagged(&capture_1, 0x0B),
+        second,
+        "the live sink still gets everything"
+    );
+    assert_eq!(capture_2.count_tagged(0x0B), 0);
+}
