@@ -43,16 +43,10 @@ pub fn bin(name: &str) -> PathBuf {
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--bins",
-            "-p",
-            "relay-agent",
-            "-p",
-            "relay-sink",
-            "-p",
-            "relay-certs",
-        ]);
+        // The same targets and features as `cargo test --workspace` (the test command), so
+        // this build is a no-op after it; a narrower selection would unify dependency features
+        // differently and relink the binaries on every run.
+        cmd.args(["build", "--workspace", "--bins", "--tests"]);
         if release {
             cmd.arg("--release");
         }

@@ -1,0 +1,55 @@
+//! The README's quick start, `relay-agent demo`, run as a new user would (on ephemeral ports).
+
+use std::time::Duration;
+
+use relay_tests::{Daemon, UdpCapture, WAIT, datagrams, path, send_paced};
+
+#[test]
+fn demo_relays_what_is_sent_to_it_and_reuses_its_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo_dir = dir.path().join("demo");
+    for run in 0..2 {
+        let capture = UdpCapture::bind();
+        let forward = capture.addr().to_string();
+        let args = [
+            "demo",
+            "--dir",
+            &path(&demo_dir),
+            "--listen",
+            "127.0.0.1:0",
+            "--sink-listen",
+            "127.0.0.1:0",
+            "--forward",
+            &forward,
+            "--report-every",
+            "200ms",
+        ];
+        let mut demo = Daemon::spawn("relay-agent", &args);
+        let line = demo.wait_for_line("send sFlow to: udp ", WAIT);
+        let listen = line
+            .split("udp ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .unwrap()
+            .parse()
+            .unwrap();
+        demo.wait_for_line("connected to sink", WAIT);
+        let sent = datagrams(500, 0xD0 + run, 40 + u64::from(run));
+        send_paced(listen, &sent, 32, || capture.len());
+        assert!(
+            capture.wait_until(WAIT, |r| r.len() >= sent.len()),
+            "run {run}: {} of 500",
+            capture.len()
+        );
+        assert_eq!(capture.received(), sent);
+        demo.wait_for_line("demo: 500 datagrams received", WAIT);
+        assert!(demo.terminate().success());
+        assert!(
+            demo.lines()
+                .iter()
+                .any(|l| l.contains("demo: stopped after 500 datagrams received, 500 replayed"))
+        );
+        assert!(demo_dir.join("pki/ca.pem").exists());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
