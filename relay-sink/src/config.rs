@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 
 /// Default QUIC listen address (UDP).
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
+/// Default kernel buffer of the QUIC socket: it carries every agent's traffic, in bursts.
+pub const DEFAULT_RECV_BUFFER: usize = 8 * 1024 * 1024;
 /// Default queue per destination, in batches (64 KiB each by the agent's default).
 pub const DEFAULT_REPLAY_QUEUE: usize = 1024;
 /// Default send buffer of each replay socket.
@@ -34,6 +36,11 @@ pub struct Args {
     #[arg(long, value_name = "ADDR")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listen: Option<SocketAddr>,
+
+    /// Receive (and send) buffer to ask the kernel for on the QUIC socket, bytes. [default: 8 MiB]
+    #[arg(long, value_name = "BYTES")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recv_buffer: Option<usize>,
 
     /// CA certificate (PEM) that agents' certificates must chain to.
     #[arg(long, value_name = "FILE")]
@@ -104,6 +111,8 @@ pub struct Args {
 pub struct Config {
     /// QUIC listen address.
     pub listen: SocketAddr,
+    /// Kernel buffer size for the QUIC socket.
+    pub recv_buffer: usize,
     /// CA certificate file.
     pub ca: PathBuf,
     /// Own certificate file.
@@ -151,6 +160,7 @@ impl TryFrom<Args> for Config {
             listen: args
                 .listen
                 .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
+            recv_buffer: args.recv_buffer.unwrap_or(DEFAULT_RECV_BUFFER),
             ca: need(args.ca, "ca")?,
             cert: need(args.cert, "cert")?,
             key: need(args.key, "key")?,

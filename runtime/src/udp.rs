@@ -102,15 +102,20 @@ pub fn bind_client(buffers: Buffers) -> io::Result<UdpSocket> {
 }
 
 /// Linux reports twice the size it grants (the doubling covers its bookkeeping), so the
-/// request was honoured when the read-back is at least the request.
-fn check_granted(addr: SocketAddr, which: &str, want: usize, got: usize, sysctl: &str) {
+/// usable size is half the read-back.
+fn check_granted(addr: SocketAddr, which: &str, want: usize, reported: usize, sysctl: &str) {
+    let got = if cfg!(target_os = "linux") {
+        reported / 2
+    } else {
+        reported
+    };
     if got < want {
         tracing::warn!(
             %addr,
             requested_bytes = want,
             granted_bytes = got,
             "kernel clamped the socket {which} buffer; bursts may be dropped by the kernel. \
-             Raise it with `sysctl -w {sysctl}={want}` (and persist it in /etc/sysctl.d/)"
+             Raise the limit with `sysctl -w {sysctl}={want}` (and persist it in /etc/sysctl.d/)"
         );
     } else {
         tracing::debug!(%addr, requested_bytes = want, granted_bytes = got, "socket {which} buffer set");
