@@ -165,7 +165,14 @@ impl Ca {
                 return Err(Error::InvalidName(dns.clone()));
             }
         }
-        sans.extend(leaf.ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        // A name that is an address (`--name 192.0.2.7`) is verified as an IP SAN.
+        let name_ip = leaf.name.parse::<IpAddr>().ok();
+        sans.extend(
+            name_ip
+                .iter()
+                .chain(&leaf.ips)
+                .map(|ip| SanType::IpAddress(*ip)),
+        );
         sans.dedup();
         params.subject_alt_names = sans;
         params.is_ca = IsCa::ExplicitNoCa;
@@ -231,6 +238,14 @@ mod tests {
         let info = CertInfo::from_pem(&leaf.cert_pem).unwrap();
         assert!(info.issuer.contains("test CA"), "{}", info.issuer);
         assert!(CertInfo::from_pem(ca.cert_pem()).unwrap().is_ca);
+    }
+
+    #[test]
+    fn a_name_that_is_an_address_becomes_an_ip_san() {
+        let ca = Ca::generate("test CA", 30).unwrap();
+        let leaf = ca.issue(&Leaf::new(Role::Sink, "192.0.2.7", 1)).unwrap();
+        let info = CertInfo::from_pem(&leaf.cert_pem).unwrap();
+        assert_eq!(info.subject_alt_names, vec!["IP:192.0.2.7"]);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! This crate owns every byte that travels between the two: the protobuf messages and gRPC
 //! service generated from `proto/sflow_relay/v1/relay.proto` ([`pb`]), the length-prefixed
-//! framing used on QUIC streams ([`wire`]). It does no network I/O of its own beyond reading
+//! framing used on QUIC streams ([`wire`]), and the line-delimited hex codec of the `--ssh-hex`
+//! mode ([`wire::hex`]). It does no network I/O of its own beyond reading
 //! frames from a caller's `AsyncRead`, and knows nothing of TLS or certificates (see `relay-certs`).
 //!
 //! # Wire format
@@ -25,6 +26,7 @@
 //!
 //! - [`pb`] — generated protobuf types and the tonic client and server for the gRPC service.
 //! - [`wire`] — [`wire::Datagram`], frame encoding and decoding, [`wire::FrameReader`].
+//! - [`wire::hex`] — one datagram per line of hex, the protocol of the older ssh pipe.
 #![warn(missing_docs)]
 
 pub mod wire;
@@ -39,6 +41,7 @@ pub mod pb {
 /// version fails the TLS handshake instead of misreading frames.
 pub const ALPN: &[u8] = b"sflow-relay/1";
 
-/// The largest UDP payload the relay carries: the IPv4 maximum (65,535 − 8 − 20). IPv6 allows
-/// 20 bytes more, which no sFlow agent sends; such datagrams are dropped and counted.
+/// The largest UDP payload over IPv4 (65,535 − 8 − 20), and the largest datagram the relay
+/// promises to carry. IPv6 allows 20 bytes more, which no sFlow agent sends; such a datagram is
+/// relayed, but replaying it to an IPv4 destination fails and is counted as a replay error.
 pub const MAX_DATAGRAM_LEN: usize = 65_507;

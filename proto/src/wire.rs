@@ -3,6 +3,8 @@
 //! Owns the frame header, the frame size limit and the [`Datagram`] domain type. Does not own
 //! how frames are scheduled or acknowledged (that is the agent's and the sink's business).
 
+pub mod hex;
+
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};

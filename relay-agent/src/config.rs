@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use runtime::quic::QuicOptions;
+use runtime::ssh_hex::SshHexOptions;
 use runtime::telemetry::LogFormat;
 use serde::{Deserialize, Serialize};
 
@@ -141,16 +142,42 @@ pub struct Args {
     #[command(flatten)]
     #[serde(flatten)]
     pub quic: QuicOptions,
+
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub ssh_hex: SshHexOptions,
 }
 
 /// The sinks to send to: one address from the command line, or a `[[sink]]` list from a file.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize)]
 #[serde(untagged)]
 pub enum Sinks {
     /// `--sink HOST:PORT` (or `sink = "HOST:PORT"` in a file).
     One(String),
     /// `[[sink]]` entries.
     Many(Vec<SinkEntry>),
+}
+
+/// By hand rather than `untagged`, so a mistake inside a `[[sink]]` entry is reported as
+/// itself (say, "unknown field `adr`") instead of "did not match any variant".
+impl<'de> Deserialize<'de> for Sinks {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Sinks;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("\"HOST:PORT\" or a list of [[sink]] tables")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Sinks, E> {
+                Ok(Sinks::One(v.to_owned()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Sinks, A::Error> {
+                Vec::<SinkEntry>::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+                    .map(Sinks::Many)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 /// One `[[sink]]` entry of a config file.
@@ -260,6 +287,9 @@ impl TryFrom<Args> for Config {
             Some(Sinks::Many(entries)) if entries.is_empty() => {
                 return Err("no [[sink]] entries".into());
             }
+            Some(Sinks::Many(_)) if args.server_name.is_some() => {
+                return Err("server-name applies to a single --sink; with [[sink]] entries, give each its own server-name".into());
+            }
             Some(Sinks::Many(entries)) => entries,
         };
         let mut sinks = Vec::with_capacity(entries.len());
@@ -322,6 +352,17 @@ mod tests {
         assert_eq!(split_host_port("[::1]:4433").unwrap(), ("::1".into(), 4433));
         assert!(split_host_port("nohost").is_err());
         assert!(split_host_port(":4433").is_err());
+    }
+
+    #[test]
+    fn mistakes_in_sink_entries_are_reported_as_such() {
+        let err = toml::from_str::<Args>("[[sink]]\nadr = \"x:1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `adr`"), "{err}");
+        let args: Args = toml::from_str("server-name = \"a\"\n[[sink]]\naddr = \"x:1\"\n").unwrap();
+        let err = Config::try_from(args).unwrap_err();
+        assert!(err.contains("give each its own server-name"), "{err}");
     }
 
     #[test]

@@ -119,6 +119,7 @@ pub async fn run(
                 metrics: link_metrics,
                 connect_timeout: config.connect_timeout,
                 backoff: transport::Backoff::new(config.reconnect_min, config.reconnect_max),
+                in_flight: Default::default(),
             }
             .run(),
         );
@@ -166,6 +167,19 @@ pub async fn run(
     }
     endpoint.close(VarInt::from_u32(0), b"agent shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    for (sink, m) in config.sinks.iter().zip(sink_metrics.iter()) {
+        tracing::info!(
+            sink = %sink.addr,
+            datagrams_sent = metrics::get(&m.datagrams_sent),
+            batches_sent = metrics::get(&m.batches_sent),
+            acked_sequence = metrics::get(&m.acked_sequence),
+            dropped_queue_full = metrics::get(&m.dropped_queue_full),
+            dropped_connection_lost = metrics::get(&m.dropped_connection_lost),
+            connects = metrics::get(&m.connects),
+            connect_failures = metrics::get(&m.connect_failures),
+            "sink link summary"
+        );
+    }
     tracing::info!(
         datagrams_received = metrics::get(&metrics.datagrams_received),
         dropped_queue_full = metrics::get(&metrics.dropped_queue_full),

@@ -39,12 +39,22 @@ fn main() -> ExitCode {
     }
     let args = match runtime::config::load(&cli.args, cli.args.config.as_deref()) {
         Ok(args) => args,
-        Err(e) => return fail(&e),
+        Err(e) => return usage(&e),
     };
     runtime::telemetry::init(args.log_format.unwrap_or_default());
+    if args.ssh_hex.ssh_hex {
+        let recv_buffer = args
+            .recv_buffer
+            .unwrap_or(relay_agent::config::DEFAULT_RECV_BUFFER);
+        let counters = runtime::ssh_hex::Counters::default();
+        return match runtime::ssh_hex::run(&args.ssh_hex, recv_buffer, &counters) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        };
+    }
     let config = match Config::try_from(args) {
         Ok(config) => config,
-        Err(e) => return fail(&e),
+        Err(e) => return usage(&e),
     };
     let sockets = match relay_agent::bind_listeners(&config) {
         Ok(sockets) => sockets,
@@ -68,4 +78,11 @@ fn main() -> ExitCode {
 fn fail(e: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("relay-agent: error: {e}");
     ExitCode::FAILURE
+}
+
+/// A configuration mistake: exit status 64 (EX_USAGE), which a service manager should not
+/// retry (see `RestartPreventExitStatus` in the systemd units).
+fn usage(e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("relay-agent: configuration error: {e}");
+    ExitCode::from(64)
 }

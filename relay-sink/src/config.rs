@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use runtime::quic::QuicOptions;
+use runtime::ssh_hex::SshHexOptions;
 use runtime::telemetry::LogFormat;
 use serde::{Deserialize, Serialize};
 
@@ -104,6 +105,10 @@ pub struct Args {
     #[command(flatten)]
     #[serde(flatten)]
     pub quic: QuicOptions,
+
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub ssh_hex: SshHexOptions,
 }
 
 /// The sink's checked configuration.

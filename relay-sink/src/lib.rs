@@ -49,6 +49,8 @@ pub(crate) struct Shared {
     config: Config,
     replay: Replay,
     metrics: Arc<Metrics>,
+    /// At most ten refusal log lines a second: a flood of bad handshakes must not flood logs.
+    refusals: runtime::ratelimit::RateLimit,
 }
 
 /// Runs the sink on `socket` until `shutdown` resolves, then stops accepting, closes agent
@@ -91,6 +93,7 @@ pub async fn run(
         config,
         replay,
         metrics: metrics.clone(),
+        refusals: runtime::ratelimit::RateLimit::new(std::time::Duration::from_millis(100)),
     });
     tracing::info!(
         listen = %local,
@@ -132,6 +135,10 @@ pub async fn run(
         datagrams_received = Metrics::get(&metrics.datagrams_received),
         datagrams_replayed = Metrics::get(&metrics.datagrams_replayed),
         replay_errors = Metrics::get(&metrics.replay_errors),
+        replay_queue_drops = Metrics::get(&metrics.replay_queue_drops),
+        connections_accepted = Metrics::get(&metrics.connections_accepted),
+        handshakes_refused = Metrics::get(&metrics.handshakes_refused),
+        protocol_errors = Metrics::get(&metrics.protocol_errors),
         "sink stopped"
     );
     Ok(())

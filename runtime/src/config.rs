@@ -46,7 +46,7 @@ pub enum ConfigError {
 ///
 /// When the file cannot be read, is not TOML, has a value of the wrong type, or has a key no
 /// option matches.
-pub fn load<T: Serialize + DeserializeOwned>(
+pub fn load<T: Serialize + DeserializeOwned + clap::CommandFactory>(
     cli: &T,
     path: Option<&Path>,
 ) -> Result<T, ConfigError> {
@@ -76,14 +76,17 @@ pub fn load<T: Serialize + DeserializeOwned>(
             path: shown.clone(),
             message: e.to_string(),
         })?;
-    // Keys the struct did not take are unknown: serde skips them silently otherwise.
-    let known = Table::try_from(&parsed).map_err(|e| ConfigError::Invalid {
-        path: shown.clone(),
-        message: e.to_string(),
-    })?;
+    // The file's keys are the command line's long option names: anything else is a typo that
+    // serde would skip silently.
+    let command = T::command();
+    let known: Vec<&str> = command
+        .get_arguments()
+        .filter_map(clap::Arg::get_long)
+        .filter(|name| !matches!(*name, "config" | "help" | "version"))
+        .collect();
     let unknown: Vec<String> = file_keys
         .into_iter()
-        .filter(|k| !known.contains_key(k))
+        .filter(|k| !known.contains(&k.as_str()))
         .collect();
     if !unknown.is_empty() {
         return Err(ConfigError::Unknown {
@@ -110,13 +113,16 @@ mod tests {
     use super::*;
     use serde::Deserialize;
 
-    #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
+    #[derive(Debug, Default, Serialize, Deserialize, PartialEq, clap::Parser)]
     #[serde(rename_all = "kebab-case")]
     struct Opts {
+        #[arg(long)]
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         listen: Vec<String>,
+        #[arg(long)]
         #[serde(default, skip_serializing_if = "Option::is_none")]
         batch_bytes: Option<u64>,
+        #[arg(long)]
         #[serde(default, skip_serializing_if = "Option::is_none")]
         name: Option<String>,
     }
@@ -142,6 +148,15 @@ mod tests {
                 batch_bytes: Some(10),
                 name: Some("cli".into())
             }
+        );
+    }
+
+    #[test]
+    fn an_empty_list_is_a_known_key() {
+        let f = file("listen = []\n");
+        assert_eq!(
+            load(&Opts::default(), Some(f.path())).unwrap(),
+            Opts::default()
         );
     }
 

@@ -8,6 +8,7 @@
 //! - [`config`] — one set of option names for the command line and the TOML file.
 //! - [`quic`] — QUIC transport tuning (keep-alive, idle timeout, flow-control windows, congestion
 //!   control, GSO) and the stateless-reset key.
+//! - [`ssh_hex`] — the `--ssh-hex` mode, compatible with the `sflow_fwd.py | ssh` pipe.
 //! - [`ratelimit`] — logging a recurring event at most once per interval.
 //!
 //! The wire format lives in `relay-proto` and the TLS policy in `relay-certs`, not here.
@@ -16,5 +17,6 @@ pub mod config;
 pub mod quic;
 pub mod ratelimit;
 pub mod shutdown;
+pub mod ssh_hex;
 pub mod telemetry;
 pub mod udp;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use quinn::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
 use quinn::{EndpointConfig, IdleTimeout, TransportConfig, VarInt};
+use quinn_proto::HashedConnectionIdGenerator;
 use serde::{Deserialize, Serialize};
 
 /// Default keep-alive interval: well below common NAT/load-balancer UDP timeouts (30 s+).
@@ -126,18 +127,21 @@ pub fn endpoint(
     server: Option<quinn::ServerConfig>,
     reset_secret: Option<&[u8]>,
 ) -> std::io::Result<quinn::Endpoint> {
-    let config = match reset_secret {
-        Some(secret) => {
-            let digest = ring::digest::digest(
-                &ring::digest::SHA256,
-                &[b"sflow-relay stateless reset v1\0".as_slice(), secret].concat(),
-            );
-            EndpointConfig::new(Arc::new(ring::hmac::Key::new(
-                ring::hmac::HMAC_SHA256,
-                digest.as_ref(),
-            )))
-        }
-        None => EndpointConfig::default(),
-    };
+    let mut config = EndpointConfig::default();
+    if let Some(secret) = reset_secret {
+        let derive = |label: &[u8]| {
+            ring::digest::digest(&ring::digest::SHA256, &[label, b"\0", secret].concat())
+        };
+        let reset_key = derive(b"sflow-relay stateless reset v1");
+        config.reset_key(Arc::new(ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            reset_key.as_ref(),
+        )));
+        // The restarted endpoint must also recognise its predecessor's connection IDs as its
+        // own, or it drops their packets instead of answering with a reset.
+        let cid_key = derive(b"sflow-relay connection id v1");
+        let cid_key = u64::from_le_bytes(cid_key.as_ref()[..8].try_into().expect("8 bytes"));
+        config.cid_generator(move || Box::new(HashedConnectionIdGenerator::from_key(cid_key)));
+    }
     quinn::Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime))
 }

@@ -1,6 +1,8 @@
 //! Logging setup: `RUST_LOG` filters (default `info`), human or JSON lines, always on stderr so
 //! stdout stays free for data (the `--ssh-hex` mode writes datagrams there).
 
+use std::io::IsTerminal;
+
 use serde::{Deserialize, Serialize};
 use tracing_subscriber::EnvFilter;
 
@@ -20,7 +22,9 @@ pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal, never into journald or a log file.
+        .with_ansi(std::io::stderr().is_terminal());
     // A second init (tests running several daemons in one process) keeps the first subscriber.
     let _ = match format {
         LogFormat::Text => builder.try_init(),

@@ -136,19 +136,26 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `bin(name)` with `args`.
     pub fn spawn<S: AsRef<std::ffi::OsStr>>(name: &str, args: &[S]) -> Self {
-        let mut child = Command::new(bin(name))
-            .args(args)
+        let mut cmd = Command::new(bin(name));
+        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped());
+        Self::start(name, cmd)
+    }
+
+    /// Starts `cmd` (its stdin and stdout as the caller set them; stdout is collected when
+    /// piped, stderr always).
+    pub fn start(name: &str, mut cmd: Command) -> Self {
+        let mut child = cmd
             .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("start {name}: {e}"));
         let lines = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
-        for stream in [
-            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().expect("stderr")),
-        ] {
+        let mut streams: Vec<Box<dyn std::io::Read + Send>> =
+            vec![Box::new(child.stderr.take().expect("stderr"))];
+        if let Some(stdout) = child.stdout.take() {
+            streams.push(Box::new(stdout));
+        }
+        for stream in streams {
             let lines = lines.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines() {
@@ -240,6 +247,27 @@ impl Daemon {
                 guard.join("\n")
             );
             guard = ready.wait_timeout(guard, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Waits (bounded) for the process to exit by itself.
+    ///
+    /// # Panics
+    ///
+    /// When it is still running after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} still running; output:\n{}",
+                self.name,
+                self.lines().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -461,6 +489,13 @@ impl UdpCapture {
 /// index; sizes mostly near 1,400 bytes, with small ones (from 1 byte) and large ones (up to
 /// 65,507 bytes, the IPv4 maximum) mixed in. Contents come from a seeded generator.
 pub fn datagrams(n: usize, tag: u8, seed: u64) -> Vec<Vec<u8>> {
+    datagrams_up_to(n, tag, seed, proto::MAX_DATAGRAM_LEN)
+}
+
+/// As [`datagrams`], with no datagram longer than `max_len` (the large ones take sizes from
+/// a quarter of `max_len` up to `max_len`).
+pub fn datagrams_up_to(n: usize, tag: u8, seed: u64, max_len: usize) -> Vec<Vec<u8>> {
+    let large_min = (max_len / 4).max(1);
     let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut next = move || {
         rng ^= rng << 13;
@@ -473,14 +508,13 @@ pub fn datagrams(n: usize, tag: u8, seed: u64) -> Vec<Vec<u8>> {
             let r = next();
             let len = match i {
                 0 => 1,
-                1 => proto::MAX_DATAGRAM_LEN,
-                _ if i % 200 == 7 => {
-                    9_000 + (r % (proto::MAX_DATAGRAM_LEN as u64 - 9_000 + 1)) as usize
-                }
-                _ if i % 200 == 8 => proto::MAX_DATAGRAM_LEN,
+                1 => max_len,
+                _ if i % 200 == 7 => large_min + (r % (max_len - large_min + 1) as u64) as usize,
+                _ if i % 200 == 8 => max_len,
                 _ if i % 10 == 3 => 1 + (r % 200) as usize,
                 _ => 1_300 + (r % 200) as usize,
-            };
+            }
+            .min(max_len);
             let mut d = Vec::with_capacity(len);
             d.push(tag);
             d.extend_from_slice(&(i as u32).to_be_bytes());
@@ -537,6 +571,20 @@ pub fn send_all(to: SocketAddr, datagrams: &[Vec<u8>]) {
     let socket = UdpSocket::bind("127.0.0.1:0").expect("bind sender");
     for d in datagrams {
         socket.send_to(d, to).expect("send datagram");
+    }
+}
+
+/// Waits until some process has a UDP socket bound to `addr`'s port (read from
+/// `/proc/net/udp`), for peers that do not say when they are ready.
+///
+/// # Panics
+///
+/// After [`WAIT`].
+pub fn wait_udp_bound(addr: SocketAddr) {
+    let deadline = Instant::now() + WAIT;
+    while runtime::udp::kernel_drops(addr).is_none() {
+        assert!(Instant::now() < deadline, "nothing bound UDP {addr}");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -423,3 +423,50 @@ fn one_agent_two_sinks_with_different_cas_survives_one_stopping() {
     );
     assert_eq!(capture_2.count_tagged(0x0B), 0);
 }
+
+#[test]
+fn a_sink_restarted_after_a_crash_resets_old_connections_at_once() {
+    let dir = tmp();
+    let pki = Pki::new(dir.path());
+    let capture = UdpCapture::bind();
+    let sink_cert = pki.sink_cert("sink");
+    let (mut sink, sink_addr) = start_sink(&pki, &sink_cert, &[capture.addr()], None, &[]);
+    // Idle timeout far beyond the test's patience: only a stateless reset can end the link.
+    let (agent, listen) = start_agent(
+        &pki.ca(),
+        &pki.agent_cert("site-a"),
+        sink_addr,
+        "localhost",
+        &["--idle-timeout", "120s"],
+    );
+    agent.wait_for("connected to sink");
+    sink.kill();
+    let (_sink, _) = start_sink(&pki, &sink_cert, &[capture.addr()], Some(sink_addr), &[]);
+    let started = std::time::Instant::now();
+    // Traffic makes the agent send on its old connection; the new sink answers with a reset.
+    let probe = datagrams(40, 0x77, 12);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for d in probe.chunks(1) {
+                send_all(listen, d);
+                std::thread::sleep(Duration::from_millis(50));
+                if agent.count("connected to sink") >= 2 {
+                    break;
+                }
+            }
+        });
+    });
+    agent.wait_for_nth("connected to sink", 2, Duration::from_secs(10));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "reconnected only after {:?}",
+        started.elapsed()
+    );
+    let after = datagrams(500, 0x78, 13);
+    send_paced(listen, &after, 32, || capture.count_tagged(0x78));
+    assert!(
+        capture.wait_until(WAIT, |r| r.iter().filter(|d| d[0] == 0x78).count()
+            >= after.len())
+    );
+    assert_eq!(tagged(&capture, 0x78), after);
+}

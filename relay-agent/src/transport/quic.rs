@@ -2,9 +2,11 @@
 //! batch frames, read acknowledgements; on failure, reconnect with backoff.
 //!
 //! Delivery today: a frame taken from the queue while the connection is down waits for the
-//! next connection; a frame whose write fails mid-way is counted as lost
-//! (`dropped_connection_lost`), never written twice.
+//! next connection. Frames written to a connection that breaks before the sink acknowledges
+//! them are counted as lost (`dropped_connection_lost`) and never written twice: the sink
+//! may have replayed them, and a duplicate would distort the analyzer's counters.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +36,8 @@ pub(crate) struct Link {
     pub(crate) metrics: Arc<SinkMetrics>,
     pub(crate) connect_timeout: Duration,
     pub(crate) backoff: Backoff,
+    /// (sequence, datagrams) of batches written and not yet acknowledged.
+    pub(crate) in_flight: VecDeque<(u64, u64)>,
 }
 
 impl Link {
@@ -46,27 +50,63 @@ impl Link {
                 Ok(connection) => connection,
                 Err(reason) => {
                     metrics::add(&self.metrics.connect_failures, 1);
-                    if carry.is_none() && self.queue.is_closed() && self.queue.is_empty() {
-                        tracing::warn!(sink = %self.sink.addr, %reason, "cannot connect to sink; nothing left to send");
-                        return;
-                    }
                     let wait = self.backoff.next_delay();
                     tracing::warn!(sink = %self.sink.addr, %reason, retry_in = ?wait, "cannot connect to sink");
-                    tokio::time::sleep(wait).await;
+                    if !self.pause(wait, &mut carry).await {
+                        return;
+                    }
                     continue;
                 }
             };
             metrics::add(&self.metrics.connects, 1);
             tracing::info!(sink = %self.sink.addr, remote = %connection.remote_address(), "connected to sink");
-            match self.stream(&connection, &mut carry).await {
+            let result = self.stream(&connection, &mut carry).await;
+            // Batches written but not acknowledged may or may not have been replayed; without
+            // resending (planned) they count as lost.
+            let unacknowledged: u64 = self
+                .in_flight
+                .drain(..)
+                .map(|(_, datagrams)| datagrams)
+                .sum();
+            metrics::add(&self.metrics.dropped_connection_lost, unacknowledged);
+            match result {
                 Ok(()) => return,
                 Err(reason) => {
                     let wait = self.backoff.next_delay();
-                    tracing::warn!(sink = %self.sink.addr, %reason, retry_in = ?wait, "connection to sink lost; reconnecting");
-                    tokio::time::sleep(wait).await;
+                    tracing::warn!(
+                        sink = %self.sink.addr,
+                        %reason,
+                        unacknowledged_datagrams = unacknowledged,
+                        retry_in = ?wait,
+                        "connection to sink lost; reconnecting"
+                    );
+                    if !self.pause(wait, &mut carry).await {
+                        return;
+                    }
                 }
             }
         }
+    }
+
+    /// Waits `wait` before the next attempt, taking a frame from the queue meanwhile (so a
+    /// closed queue is noticed). Returns false when the queue has closed with nothing left to
+    /// send: the agent is shutting down and there is no reason to retry.
+    async fn pause(&mut self, wait: Duration, carry: &mut Option<Frame>) -> bool {
+        let until = tokio::time::Instant::now() + wait;
+        if carry.is_none() {
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => return true,
+                frame = self.queue.recv() => match frame {
+                    Some(frame) => *carry = Some(frame),
+                    None => {
+                        tracing::info!(sink = %self.sink.addr, "sink unreachable and nothing left to send");
+                        return false;
+                    }
+                },
+            }
+        }
+        tokio::time::sleep_until(until).await;
+        true
     }
 
     async fn connect(&self) -> Result<Connection, String> {
@@ -157,6 +197,15 @@ impl Link {
                 return Err(error.to_string());
             }
             last_sent = frame.sequence;
+            self.in_flight.push_back((frame.sequence, frame.datagrams));
+            let acked_now = *acked.borrow();
+            while self
+                .in_flight
+                .front()
+                .is_some_and(|&(sequence, _)| sequence <= acked_now)
+            {
+                self.in_flight.pop_front();
+            }
             metrics::add(&self.metrics.batches_sent, 1);
             metrics::add(&self.metrics.datagrams_sent, frame.datagrams);
         }
@@ -167,6 +216,7 @@ impl Link {
         tokio::select! {
             result = wait => {
                 if result.is_ok() {
+                    self.in_flight.clear();
                     tracing::info!(sink = %self.sink.addr, last_sequence = last_sent, "all batches acknowledged");
                 }
             }

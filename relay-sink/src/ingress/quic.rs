@@ -50,12 +50,16 @@ async fn handle(incoming: Incoming, shared: Arc<Shared>, token: CancellationToke
         Ok(Ok(connection)) => connection,
         Ok(Err(error)) => {
             Metrics::add(&shared.metrics.handshakes_refused, 1);
-            tracing::warn!(%remote, reason = %error, "agent refused: TLS handshake failed");
+            if let Some(more) = shared.refusals.check() {
+                tracing::warn!(%remote, reason = %error, earlier_refusals_not_logged = more, "agent refused: TLS handshake failed");
+            }
             return;
         }
         Err(_) => {
             Metrics::add(&shared.metrics.handshakes_refused, 1);
-            tracing::warn!(%remote, reason = "handshake timeout", "agent refused: TLS handshake did not complete in time");
+            if let Some(more) = shared.refusals.check() {
+                tracing::warn!(%remote, reason = "handshake timeout", earlier_refusals_not_logged = more, "agent refused: TLS handshake did not complete in time");
+            }
             return;
         }
     };
