@@ -144,11 +144,17 @@ impl Daemon {
     /// Starts `cmd` (its stdin and stdout as the caller set them; stdout is collected when
     /// piped, stderr always).
     pub fn start(name: &str, mut cmd: Command) -> Self {
-        let mut child = cmd
+        let child = cmd
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        Self::adopt(name, child)
+    }
+
+    /// Takes over a started child: collects its stdout (when still piped) and stderr (when
+    /// piped), and kills it on drop.
+    pub fn adopt(name: &str, mut child: Child) -> Self {
         let lines = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
         let mut streams: Vec<Box<dyn std::io::Read + Send>> =
             vec![Box::new(child.stderr.take().expect("stderr"))];
@@ -586,6 +592,14 @@ pub fn wait_udp_bound(addr: SocketAddr) {
         assert!(Instant::now() < deadline, "nothing bound UDP {addr}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A free loopback TCP port (bound, then released).
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
 }
 
 /// A free loopback UDP port (bound, then released). For the rare daemon that must be told a

@@ -1,0 +1,353 @@
+//! `--ssh-hex`: the hex-lines-over-ssh protocol, end to end through real pipes and UDP
+//! sockets, against the Python port of the original script and through a real sshd.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use relay_tests::{
+    Daemon, UdpCapture, WAIT, bin, datagrams_up_to, free_udp_port, path, send_paced, wait_udp_bound,
+};
+
+const N: usize = 5_000;
+
+fn python_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/sflow_fwd.py")
+}
+
+fn relay(name: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(bin(name));
+    cmd.arg("--ssh-hex").args(args).env("RUST_LOG", "info");
+    cmd
+}
+
+fn python(args: &[&str]) -> Command {
+    let mut cmd = Command::new("python3");
+    cmd.arg(python_script()).args(args);
+    cmd
+}
+
+/// Starts `left | right`; `right`'s stdout is collected, stderr of both always.
+fn pipe(mut left: Command, mut right: Command) -> (Daemon, Daemon) {
+    left.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut left_child = left.spawn().expect("start left side");
+    let stdout = left_child.stdout.take().expect("left stdout");
+    // Re-wrap as a Daemon for log collection and cleanup.
+    let left = Daemon::adopt("left", left_child);
+    right.stdin(Stdio::from(stdout)).stdout(Stdio::piped());
+    let right = Daemon::start("right", right);
+    (left, right)
+}
+
+/// Sends `N` datagrams of up to `max_len` bytes into `left`'s UDP port and checks they come
+/// out of `right` byte-identical and in order.
+fn check(
+    left: Command,
+    right: Command,
+    collector: std::net::SocketAddr,
+    capture: &UdpCapture,
+    max_len: usize,
+) {
+    let (_left, _right) = pipe(left, right);
+    wait_udp_bound(collector);
+    let sent = datagrams_up_to(N, 0x5A, max_len as u64, max_len);
+    assert_eq!(sent.iter().map(Vec::len).max(), Some(max_len));
+    send_paced(collector, &sent, 32, || capture.len());
+    assert!(
+        capture.wait_until(WAIT, |r| r.len() >= N),
+        "only {} of {N} arrived",
+        capture.len()
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let received = capture.received();
+    assert_eq!(received.len(), N, "duplicates or extras");
+    for (i, (got, want)) in received.iter().zip(&sent).enumerate() {
+        assert!(
+            got == want,
+            "datagram {i} differs (len {} vs {})",
+            got.len(),
+            want.len()
+        );
+    }
+}
+
+#[test]
+fn python_collector_to_relay_server() {
+    let capture = UdpCapture::bind();
+    let collector = free_udp_port();
+    let port = collector.port().to_string();
+    let cap_port = capture.addr().port().to_string();
+    check(
+        python(&["-c", "127.0.0.1", "-p", &port]),
+        relay("relay-sink", &["-s", "127.0.0.1", "-p", &cap_port]),
+        collector,
+        &capture,
+        2_048,
+    );
+}
+
+#[test]
+fn relay_collector_to_python_server() {
+    let capture = UdpCapture::bind();
+    let collector = free_udp_port();
+    let port = collector.port().to_string();
+    let cap_port = capture.addr().port().to_string();
+    check(
+        relay("relay-agent", &["-c", "127.0.0.1", "-p", &port]),
+        python(&["-s", "127.0.0.1", "-p", &cap_port]),
+        collector,
+        &capture,
+        2_048,
+    );
+}
+
+#[test]
+fn relay_collector_to_relay_server_up_to_65507_bytes() {
+    let capture = UdpCapture::bind();
+    let collector = free_udp_port();
+    let port = collector.port().to_string();
+    let cap_port = capture.addr().port().to_string();
+    check(
+        relay("relay-agent", &["-c", "127.0.0.1", "-p", &port]),
+        relay("relay-sink", &["-s", "127.0.0.1", "-p", &cap_port]),
+        collector,
+        &capture,
+        65_507,
+    );
+}
+
+#[test]
+fn malformed_lines_are_reported_with_their_numbers_and_skipped() {
+    let capture = UdpCapture::bind();
+    let cap_port = capture.addr().port().to_string();
+    let good: Vec<Vec<u8>> = (0..200u32)
+        .map(|i| [&i.to_be_bytes()[..], &[0xAB; 100][..]].concat())
+        .collect();
+    let hex = |d: &[u8]| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let mut input = String::new();
+    let mut bad_lines = Vec::new();
+    let mut line = 0;
+    let mut push = |text: String, bad: bool, input: &mut String| {
+        line += 1;
+        if bad {
+            bad_lines.push(line);
+        }
+        input.push_str(&text);
+    };
+    for (i, d) in good.iter().enumerate() {
+        match i % 8 {
+            0 => push(format!("{}\n", hex(d).to_uppercase()), false, &mut input),
+            1 => push(format!("{}\r\n", hex(d)), false, &mut input),
+            2 => push(format!("  {}\t\n", hex(d)), false, &mut input),
+            _ => push(format!("{}\n", hex(d)), false, &mut input),
+        }
+        match i % 20 {
+            3 => push("abc\n".into(), true, &mut input),
+            7 => push("01zz02\n".into(), true, &mut input),
+            11 => push("\n".into(), false, &mut input),
+            13 => push(format!("{}\n", "ab".repeat(100_000)), true, &mut input),
+            17 => push("\r\n".into(), false, &mut input),
+            _ => {}
+        }
+    }
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &input).unwrap();
+    let mut cmd = relay(
+        "relay-sink",
+        &["-s", "127.0.0.1", "-p", &cap_port, "--log-format", "json"],
+    );
+    cmd.stdin(std::fs::File::open(file.path()).unwrap())
+        .stdout(Stdio::piped());
+    let mut sink = Daemon::start("relay-sink", cmd);
+    let status = sink.wait_exit(WAIT);
+    assert!(status.success(), "exit status 0 at end of input: {status}");
+    assert!(capture.wait_until(WAIT, |r| r.len() >= good.len()));
+    assert_eq!(
+        capture.received(),
+        good,
+        "every good datagram arrives, in order"
+    );
+    let reported: Vec<u64> = sink
+        .events()
+        .iter()
+        .filter(|e| relay_tests::message(e) == "malformed line skipped")
+        .map(|e| e["line"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        reported, bad_lines,
+        "each bad line reported with its number"
+    );
+    let reasons: Vec<String> = sink
+        .events()
+        .iter()
+        .filter_map(|e| e["reason"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("odd number of hex digits")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("not a hex digit")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("longer than the largest datagram")),
+        "{reasons:?}"
+    );
+}
+
+#[test]
+fn collector_exits_non_zero_when_stdout_closes() {
+    let collector = free_udp_port();
+    let port = collector.port().to_string();
+    let mut cmd = relay("relay-agent", &["-c", "127.0.0.1", "-p", &port]);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    drop(child.stdout.take()); // the reader (ssh) is gone
+    let mut agent = Daemon::adopt("relay-agent", child);
+    wait_udp_bound(collector);
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while agent.is_running() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running with stdout closed"
+        );
+        socket.send_to(b"sflow", collector).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = agent.wait_exit(WAIT);
+    assert_eq!(status.code(), Some(1), "non-zero, so systemd restarts it");
+    let output = agent.lines().join("\n");
+    assert!(
+        output.contains("stdout closed") && output.contains("ssh session ended"),
+        "{output}"
+    );
+}
+
+/// sshd on an ephemeral loopback port with throwaway host and user keys, as root.
+struct Sshd {
+    _dir: tempfile::TempDir,
+    _daemon: Daemon,
+    port: u16,
+    key: PathBuf,
+}
+
+impl Sshd {
+    /// `Err(reason)` when sshd cannot run here.
+    fn start() -> Result<Self, String> {
+        let sshd = ["/usr/sbin/sshd", "/usr/bin/sshd"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .ok_or("no sshd installed (Debian package openssh-server)")?;
+        let uid = Command::new("id")
+            .arg("-u")
+            .output()
+            .map_err(|e| e.to_string())?;
+        if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+            return Err("sshd with a throwaway config needs root".into());
+        }
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let d = dir.path();
+        for (file, kind) in [("host_key", "ed25519"), ("user_key", "ed25519")] {
+            let ok = Command::new("ssh-keygen")
+                .args(["-q", "-t", kind, "-N", "", "-f"])
+                .arg(d.join(file))
+                .status()
+                .map_err(|e| format!("ssh-keygen: {e}"))?;
+            if !ok.success() {
+                return Err("ssh-keygen failed".into());
+            }
+        }
+        std::fs::copy(d.join("user_key.pub"), d.join("authorized_keys"))
+            .map_err(|e| e.to_string())?;
+        let port = relay_tests::free_tcp_port();
+        let config = format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPidFile {}\n\
+             PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+             UsePAM no\nStrictModes no\n",
+            path(&d.join("host_key")),
+            path(&d.join("authorized_keys")),
+            path(&d.join("sshd.pid")),
+        );
+        std::fs::write(d.join("sshd_config"), config).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all("/run/sshd").map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(sshd);
+        cmd.args(["-D", "-e", "-f"])
+            .arg(d.join("sshd_config"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        let mut daemon = Daemon::start("sshd", cmd);
+        let deadline = std::time::Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if !daemon.is_running() {
+                return Err(format!("sshd exited: {}", daemon.lines().join("\n")));
+            }
+            if std::time::Instant::now() > deadline {
+                return Err("sshd did not start listening".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Self {
+            key: d.join("user_key"),
+            _dir: dir,
+            _daemon: daemon,
+            port,
+        })
+    }
+
+    /// `ssh root@127.0.0.1 REMOTE` through this sshd.
+    fn ssh(&self, remote: &str) -> Command {
+        let mut cmd = Command::new("ssh");
+        cmd.args([
+            "-T",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            "-i",
+        ])
+        .arg(&self.key)
+        .args(["-p", &self.port.to_string(), "root@127.0.0.1", remote]);
+        cmd
+    }
+}
+
+#[test]
+fn relay_to_relay_through_a_real_ssh_session() {
+    let sshd = match Sshd::start() {
+        Ok(sshd) => sshd,
+        Err(reason) => {
+            println!("SKIPPED relay_to_relay_through_a_real_ssh_session: {reason}");
+            return;
+        }
+    };
+    let capture = UdpCapture::bind();
+    let collector = free_udp_port();
+    let port = collector.port().to_string();
+    // The article's usage: `relay-agent --ssh-hex | ssh user@analyzer 'relay-sink --ssh-hex -s 127.0.0.1'`.
+    let remote = format!(
+        "{} --ssh-hex -s 127.0.0.1 -p {}",
+        path(&bin("relay-sink")),
+        capture.addr().port()
+    );
+    check(
+        relay("relay-agent", &["-c", "127.0.0.1", "-p", &port]),
+        sshd.ssh(&remote),
+        collector,
+        &capture,
+        65_507,
+    );
+}
