@@ -42,6 +42,9 @@ fn main() -> ExitCode {
         Err(e) => return usage(&e),
     };
     runtime::telemetry::init(args.log_format.unwrap_or_default());
+    if let Err(e) = args.ssh_hex.check() {
+        return usage(&e);
+    }
     if args.ssh_hex.ssh_hex {
         let recv_buffer = args
             .recv_buffer

@@ -152,6 +152,12 @@ impl TryFrom<Args> for Config {
                 "at least one --forward HOST:PORT is required: where to replay datagrams".into(),
             );
         }
+        for target in &args.forward {
+            match target.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+                _ => return Err(format!("--forward {target:?} is not HOST:PORT")),
+            }
+        }
         let max_frame_bytes = args
             .max_frame_bytes
             .unwrap_or(proto::wire::DEFAULT_MAX_FRAME_LEN);

@@ -14,6 +14,9 @@ fn main() -> ExitCode {
         Err(e) => return usage(&e),
     };
     runtime::telemetry::init(args.log_format.unwrap_or_default());
+    if let Err(e) = args.ssh_hex.check() {
+        return usage(&e);
+    }
     if args.ssh_hex.ssh_hex {
         let recv_buffer = args
             .recv_buffer
@@ -31,9 +34,10 @@ fn main() -> ExitCode {
     let rt = tokio::runtime::Runtime::new().expect("start tokio runtime");
     rt.block_on(async {
         // The QUIC socket carries every agent's traffic: give it room for bursts.
+        let size = Some(config.recv_buffer);
         let buffers = Buffers {
-            recv: Some(8 << 20),
-            send: Some(8 << 20),
+            recv: size,
+            send: size,
         };
         let socket = match udp::bind(config.listen, buffers) {
             Ok(socket) => socket,

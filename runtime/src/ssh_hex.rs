@@ -28,6 +28,8 @@ pub const DEFAULT_PORT: u16 = 6343;
 /// Hex waiting for stdout beyond this is dropped (and counted) rather than buffered without
 /// bound: a stalled ssh must not grow the process until the kernel kills it.
 const MAX_PENDING: usize = 16 * 1024 * 1024;
+/// Hex taken from the socket per wake-up of the writer, at most.
+const BURST_BYTES: usize = 1 << 20;
 /// The first malformed lines are each reported; past this many, one report per interval.
 const REPORT_EACH: u64 = 1000;
 
@@ -53,6 +55,31 @@ pub struct SshHexOptions {
     #[arg(short = 'p', long, value_name = "PORT", requires = "ssh_hex")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+}
+
+impl SshHexOptions {
+    /// The script's options make sense only with `--ssh-hex` (clap checks the command line;
+    /// this checks what a config file set).
+    ///
+    /// # Errors
+    ///
+    /// A message naming the stray option.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.ssh_hex {
+            for (set, name) in [
+                (self.collector.is_some(), "collector"),
+                (self.server.is_some(), "server"),
+                (self.port.is_some(), "port"),
+            ] {
+                if set {
+                    return Err(format!(
+                        "`{name}` applies only with ssh-hex = true (--ssh-hex)"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Counters of an ssh-hex run.
@@ -96,6 +123,10 @@ pub fn run(
     counters: &Counters,
 ) -> Result<(), SshHexError> {
     match &opts.server {
+        Some(_) => grow_pipe(&io::stdin()),
+        None => grow_pipe(&io::stdout()),
+    }
+    match &opts.server {
         Some(server) => serve(
             server,
             opts.port.unwrap_or(DEFAULT_PORT),
@@ -111,6 +142,20 @@ pub fn run(
             let addr = resolve(host, opts.port.unwrap_or(DEFAULT_PORT))?;
             collect(addr, recv_buffer, io::stdout(), counters)
         }
+    }
+}
+
+/// Pipe capacity asked for on stdin or stdout when it is a pipe: 1 MiB (Linux's limit for
+/// unprivileged processes, /proc/sys/fs/pipe-max-size) instead of the default 64 KiB, so
+/// writer and reader hand over hundreds of lines per wake-up instead of about twenty.
+const PIPE_SIZE: i32 = 1 << 20;
+
+fn grow_pipe(fd: &impl std::os::fd::AsFd) {
+    use nix::fcntl::{FcntlArg, fcntl};
+    match fcntl(fd, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE)) {
+        Ok(size) => tracing::debug!(size, "pipe capacity set"),
+        // Not a pipe (a file, a terminal, an ssh channel's socket): nothing to do.
+        Err(error) => tracing::debug!(%error, "pipe capacity left as it is"),
     }
 }
 
@@ -178,40 +223,90 @@ pub fn collect<W: Write + Send + 'static>(
             }
         })
     };
+    // The blocking wait wakes at least once a second, so a failed stdout ends the process
+    // even when no datagram arrives.
+    socket
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .map_err(|e| SshHexError::Socket(addr.to_string(), e))?;
     let mut scratch = vec![0u8; 65_536];
+    let mut burst = Vec::with_capacity(BURST_BYTES + 2 * scratch.len());
     let full = RateLimit::new(Duration::from_secs(10));
     loop {
+        // Wait for one datagram, then take whatever else is queued without waiting, and wake
+        // the writer once for the lot: one wake-up per burst, not per datagram.
         let n = match socket.recv_from(&mut scratch) {
             Ok((n, _)) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) =>
+            {
+                if shared
+                    .0
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .failed
+                    .is_some()
+                {
+                    return Err(closed(writer, counters));
+                }
+                continue;
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "receive error");
                 continue;
             }
         };
-        counters.datagrams.fetch_add(1, Ordering::Relaxed);
+        burst.clear();
+        encode_line(&scratch[..n], &mut burst);
+        let mut count = 1u64;
+        if socket.set_nonblocking(true).is_ok() {
+            while burst.len() < BURST_BYTES {
+                let Ok((n, _)) = socket.recv_from(&mut scratch) else {
+                    break;
+                };
+                encode_line(&scratch[..n], &mut burst);
+                count += 1;
+            }
+            let _ = socket.set_nonblocking(false);
+        }
+        counters.datagrams.fetch_add(count, Ordering::Relaxed);
         let (lock, ready) = &*shared;
         let mut pending = lock.lock().unwrap_or_else(|e| e.into_inner());
         if pending.failed.is_some() {
             drop(pending);
-            let error = writer
-                .join()
-                .unwrap_or_else(|_| io::Error::other("writer thread panicked"));
-            return Err(SshHexError::StdoutClosed(error));
+            return Err(closed(writer, counters));
         }
         if pending.hex.len() > MAX_PENDING {
-            counters.dropped.fetch_add(1, Ordering::Relaxed);
+            counters.dropped.fetch_add(count, Ordering::Relaxed);
             if let Some(more) = full.check() {
                 tracing::warn!(
+                    dropped = count,
                     earlier_drops_not_logged = more,
-                    "stdout cannot keep up: datagram dropped"
+                    "stdout cannot keep up: datagrams dropped"
                 );
             }
             continue;
         }
-        encode_line(&scratch[..n], &mut pending.hex);
+        pending.hex.extend_from_slice(&burst);
         ready.notify_one();
     }
+}
+
+/// The error for a failed stdout, after the writer thread has ended.
+fn closed(writer: std::thread::JoinHandle<io::Error>, counters: &Counters) -> SshHexError {
+    let error = writer
+        .join()
+        .unwrap_or_else(|_| io::Error::other("writer thread panicked"));
+    tracing::error!(
+        datagrams = counters.datagrams.load(Ordering::Relaxed),
+        dropped = counters.dropped.load(Ordering::Relaxed),
+        "ssh-hex: stdout closed; exiting"
+    );
+    SshHexError::StdoutClosed(error)
 }
 
 // === server side ===
@@ -239,7 +334,7 @@ pub fn serve<R: Read>(
         .map_err(|e| SshHexError::Socket(dest.to_string(), e))?;
     tracing::info!(destination = %dest, "ssh-hex: sending hex lines from stdin as UDP datagrams");
     let mut decoder = LineDecoder::new(proto::MAX_DATAGRAM_LEN);
-    let mut buf = vec![0u8; 256 * 1024];
+    let mut buf = vec![0u8; PIPE_SIZE as usize];
     let reports = RateLimit::new(Duration::from_secs(10));
     let send_errors = RateLimit::new(Duration::from_secs(10));
     let handle = |line: Option<Line<'_>>| match line {

@@ -23,8 +23,12 @@ pub fn init(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        // Colour only for a person at a terminal, never into journald or a log file.
-        .with_ansi(std::io::stderr().is_terminal());
+        // Colour only for a person at a terminal (and not with NO_COLOR set, no-color.org),
+        // never into journald or a log file.
+        .with_ansi(
+            std::io::stderr().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        );
     // A second init (tests running several daemons in one process) keeps the first subscriber.
     let _ = match format {
         LogFormat::Text => builder.try_init(),

@@ -21,11 +21,13 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod quic;
+pub mod sflow;
 
 /// Default deadline for a wait.
 pub const WAIT: Duration = Duration::from_secs(20);
 
-/// The path of a workspace binary, built (once per process) in the profile the tests run in.
+/// The path of a workspace binary, built (once per process) in the profile of the running
+/// executable: a test (`target/<profile>/deps/…`) or the benchmark (`target/<profile>/…`).
 ///
 /// # Panics
 ///
@@ -33,26 +35,28 @@ pub const WAIT: Duration = Duration::from_secs(20);
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
-        let exe = std::env::current_exe().expect("test executable path");
-        // target/<profile>/deps/<test>-<hash>
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>")
-            .to_path_buf();
-        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let exe = std::env::current_exe().expect("executable path");
+        let mut dir = exe.parent().expect("target/<profile>").to_path_buf();
+        let test = dir.file_name().is_some_and(|n| n == "deps");
+        if test {
+            dir.pop();
+        }
+        let release = dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
-        // The same targets and features as `cargo test --workspace` (the test command), so
-        // this build is a no-op after it; a narrower selection would unify dependency features
-        // differently and relink the binaries on every run.
-        cmd.args(["build", "--workspace", "--bins", "--tests"]);
+        cmd.args(["build", "--workspace", "--bins"]);
+        if test {
+            // The same targets and features as `cargo test --workspace` (the test command), so
+            // this build is a no-op after it; a narrower selection would unify dependency
+            // features differently and relink the binaries on every run.
+            cmd.arg("--tests");
+        }
         if release {
             cmd.arg("--release");
         }
         let status = cmd.status().expect("run cargo build");
         assert!(status.success(), "building the binaries failed");
-        profile_dir
+        dir
     });
     dir.join(name)
 }
@@ -275,6 +279,11 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Whether the process is still running.
@@ -578,6 +587,19 @@ pub fn send_all(to: SocketAddr, datagrams: &[Vec<u8>]) {
     for d in datagrams {
         socket.send_to(d, to).expect("send datagram");
     }
+}
+
+/// Starts `left | right`: `left`'s stdout feeds `right`'s stdin; `right`'s stdout is
+/// collected, and both stderrs.
+pub fn pipe(mut left: Command, mut right: Command) -> (Daemon, Daemon) {
+    left.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = left.spawn().expect("start the left side of the pipe");
+    let stdout = child.stdout.take().expect("left stdout");
+    let left = Daemon::adopt("left", child);
+    right.stdin(Stdio::from(stdout)).stdout(Stdio::piped());
+    (left, Daemon::start("right", right))
 }
 
 /// Waits until some process has a UDP socket bound to `addr`'s port (read from

@@ -6,7 +6,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use relay_tests::{
-    Daemon, UdpCapture, WAIT, bin, datagrams_up_to, free_udp_port, path, send_paced, wait_udp_bound,
+    Daemon, UdpCapture, WAIT, bin, datagrams_up_to, free_udp_port, path, pipe, send_paced,
+    wait_udp_bound,
 };
 
 const N: usize = 5_000;
@@ -25,20 +26,6 @@ fn python(args: &[&str]) -> Command {
     let mut cmd = Command::new("python3");
     cmd.arg(python_script()).args(args);
     cmd
-}
-
-/// Starts `left | right`; `right`'s stdout is collected, stderr of both always.
-fn pipe(mut left: Command, mut right: Command) -> (Daemon, Daemon) {
-    left.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut left_child = left.spawn().expect("start left side");
-    let stdout = left_child.stdout.take().expect("left stdout");
-    // Re-wrap as a Daemon for log collection and cleanup.
-    let left = Daemon::adopt("left", left_child);
-    right.stdin(Stdio::from(stdout)).stdout(Stdio::piped());
-    let right = Daemon::start("right", right);
-    (left, right)
 }
 
 /// Sends `N` datagrams of up to `max_len` bytes into `left`'s UDP port and checks they come

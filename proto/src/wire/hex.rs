@@ -11,7 +11,17 @@
 
 use std::fmt;
 
-const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+/// The two lowercase hex digits of each byte value.
+const HEX_PAIRS: [[u8; 2]; 256] = {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut table = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        table[i] = [DIGITS[i >> 4], DIGITS[i & 0x0f]];
+        i += 1;
+    }
+    table
+};
 
 /// Value of each byte as a hex digit, or `0xff`.
 const HEX_VALUE: [u8; 256] = {
@@ -32,12 +42,11 @@ const HEX_VALUE: [u8; 256] = {
 
 /// Appends `datagram` to `out` as one line: lowercase hex, then `\n`.
 pub fn encode_line(datagram: &[u8], out: &mut Vec<u8>) {
-    out.reserve(datagram.len() * 2 + 1);
-    for &b in datagram {
-        out.push(HEX_DIGITS[usize::from(b >> 4)]);
-        out.push(HEX_DIGITS[usize::from(b & 0x0f)]);
+    let start = out.len();
+    out.resize(start + datagram.len() * 2 + 1, b'\n');
+    for (pair, &b) in out[start..].chunks_exact_mut(2).zip(datagram) {
+        pair.copy_from_slice(&HEX_PAIRS[usize::from(b)]);
     }
-    out.push(b'\n');
 }
 
 /// Why a line was not a datagram.
@@ -133,10 +142,16 @@ impl LineDecoder {
     /// consumed and, when a line ended there and was not blank, what it held. Call again
     /// with the rest.
     pub fn decode<'s>(&'s mut self, input: &[u8]) -> (usize, Option<Line<'s>>) {
-        match input.iter().position(|&b| b == b'\n') {
+        match memchr::memchr(b'\n', input) {
             None => {
                 self.push(input);
                 (input.len(), None)
+            }
+            // The common case, a whole line inside `input`: decode it in place, no copy.
+            Some(end) if self.raw.is_empty() && !self.overflow => {
+                self.line += 1;
+                let result = self.decode_line(&input[..end]);
+                (end + 1, self.outcome(result))
             }
             Some(end) => {
                 self.push(&input[..end]);
@@ -182,6 +197,10 @@ impl LineDecoder {
         let result = self.decode_line(&raw);
         self.raw = raw;
         self.raw.clear();
+        self.outcome(result)
+    }
+
+    fn outcome(&self, result: Result<bool, LineError>) -> Option<Line<'_>> {
         match result {
             Ok(true) => Some(Line::Datagram(&self.out)),
             Ok(false) => None,
@@ -222,18 +241,24 @@ impl LineDecoder {
             return Err(LineError::TooLong { max: self.max_len });
         }
         self.out.clear();
-        self.out.reserve(digits.len() / 2);
-        for (i, pair) in digits.chunks_exact(2).enumerate() {
+        self.out.resize(digits.len() / 2, 0);
+        // Decode without branching per byte; any non-digit sets a high bit in `bad`.
+        let mut bad = 0u8;
+        for (byte, pair) in self.out.iter_mut().zip(digits.chunks_exact(2)) {
             let hi = HEX_VALUE[usize::from(pair[0])];
             let lo = HEX_VALUE[usize::from(pair[1])];
-            if hi > 15 || lo > 15 {
-                let (byte, offset) = if hi > 15 { (pair[0], 0) } else { (pair[1], 1) };
-                return Err(LineError::InvalidCharacter {
-                    byte,
-                    column: start + 2 * i + offset + 1,
-                });
-            }
-            self.out.push(hi << 4 | lo);
+            bad |= hi | lo;
+            *byte = hi << 4 | lo;
+        }
+        if bad > 15 {
+            let i = digits
+                .iter()
+                .position(|&b| HEX_VALUE[usize::from(b)] == 0xff)
+                .expect("a non-digit is there");
+            return Err(LineError::InvalidCharacter {
+                byte: digits[i],
+                column: start + i + 1,
+            });
         }
         Ok(true)
     }
