@@ -49,8 +49,9 @@ pub(crate) struct Shared {
     config: Config,
     replay: Replay,
     metrics: Arc<Metrics>,
-    /// At most ten refusal log lines a second: a flood of bad handshakes must not flood logs.
-    refusals: runtime::ratelimit::RateLimit,
+    /// Refusal logging, limited per kind of refusal (so a flood of one kind cannot hide
+    /// another).
+    refusals: ingress::Refusals,
 }
 
 /// Runs the sink on `socket` until `shutdown` resolves, then stops accepting, closes agent
@@ -93,7 +94,7 @@ pub async fn run(
         config,
         replay,
         metrics: metrics.clone(),
-        refusals: runtime::ratelimit::RateLimit::new(std::time::Duration::from_millis(100)),
+        refusals: ingress::Refusals::default(),
     });
     tracing::info!(
         listen = %local,

@@ -14,7 +14,6 @@
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use proto::wire::hex::{Line, LineDecoder, encode_line};
@@ -25,10 +24,9 @@ use crate::udp::{self, Buffers};
 
 /// The script's default port, for both sides.
 pub const DEFAULT_PORT: u16 = 6343;
-/// Hex waiting for stdout beyond this is dropped (and counted) rather than buffered without
-/// bound: a stalled ssh must not grow the process until the kernel kills it.
-const MAX_PENDING: usize = 16 * 1024 * 1024;
-/// Hex taken from the socket per wake-up of the writer, at most.
+/// How often the kernel's drop count for the receive socket is read.
+const DROP_CHECK: Duration = Duration::from_secs(5);
+/// Hex written per call, at most (then the socket is read again).
 const BURST_BYTES: usize = 1 << 20;
 /// The first malformed lines are each reported; past this many, one report per interval.
 const REPORT_EACH: u64 = 1000;
@@ -87,7 +85,7 @@ impl SshHexOptions {
 pub struct Counters {
     /// Datagrams received (collector side) or lines decoded (server side).
     pub datagrams: AtomicU64,
-    /// Datagrams dropped because stdout could not keep up.
+    /// Datagrams the kernel dropped on the collector's full socket buffer (stdout too slow).
     pub dropped: AtomicU64,
     /// Malformed lines skipped.
     pub malformed: AtomicU64,
@@ -124,7 +122,10 @@ pub fn run(
 ) -> Result<(), SshHexError> {
     match &opts.server {
         Some(_) => grow_pipe(&io::stdin()),
-        None => grow_pipe(&io::stdout()),
+        None => {
+            grow_pipe(&io::stdout());
+            watch_stdout();
+        }
     }
     match &opts.server {
         Some(server) => serve(
@@ -159,6 +160,40 @@ fn grow_pipe(fd: &impl std::os::fd::AsFd) {
     }
 }
 
+/// Ends the process as soon as the reader of stdout goes away (ssh exited), even when no
+/// datagram arrives to find out by writing: the service manager then restarts the tunnel.
+fn watch_stdout() {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    std::thread::spawn(|| {
+        let stdout = io::stdout();
+        loop {
+            // No events asked for: poll reports only POLLERR and POLLHUP, which a pipe's write
+            // end gets when its read end is closed.
+            let mut fds = [PollFd::new(
+                std::os::fd::AsFd::as_fd(&stdout),
+                PollFlags::empty(),
+            )];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(n) if n > 0 => {
+                    let revents = fds[0].revents().unwrap_or(PollFlags::empty());
+                    if revents.intersects(PollFlags::POLLERR | PollFlags::POLLHUP) {
+                        tracing::error!(
+                            "ssh-hex: stdout closed (the ssh session ended or the reader exited); exiting"
+                        );
+                        std::process::exit(1);
+                    }
+                    if revents.contains(PollFlags::POLLNVAL) {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(_) => return,
+            }
+        }
+    });
+}
+
 fn resolve(host: &str, port: u16) -> Result<SocketAddr, SshHexError> {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     (host, port)
@@ -170,22 +205,20 @@ fn resolve(host: &str, port: u16) -> Result<SocketAddr, SshHexError> {
 
 // === collector side ===
 
-#[derive(Debug, Default)]
-struct Pending {
-    hex: Vec<u8>,
-    failed: Option<String>,
-}
-
 /// Receives datagrams on `addr` and writes them to `out` as hex lines until writing fails.
 ///
-/// A writer thread takes whatever accumulated while it wrote the last chunk, so a lone
-/// datagram leaves at once, and at high rates many lines share one write.
+/// One thread: wait for a datagram, take every other one already queued without waiting,
+/// and write the lot in one call. A lone datagram leaves at once; under load, datagrams that
+/// arrive during a write share the next one, so the cost per datagram falls as the rate
+/// rises. While a write waits on a slow reader (ssh), the socket's kernel buffer holds the
+/// arrivals; what overflows it the kernel drops, and this loop reports those drops (from
+/// `/proc/net/udp`) as they grow.
 ///
 /// # Errors
 ///
 /// [`SshHexError::Socket`] when `addr` cannot be bound, [`SshHexError::StdoutClosed`] when
 /// `out` fails.
-pub fn collect<W: Write + Send + 'static>(
+pub fn collect<W: Write>(
     addr: SocketAddr,
     recv_buffer: usize,
     mut out: W,
@@ -200,61 +233,16 @@ pub fn collect<W: Write + Send + 'static>(
     )
     .and_then(|s| s.set_nonblocking(false).map(|()| s))
     .map_err(|e| SshHexError::Socket(addr.to_string(), e))?;
-    tracing::info!(listen = %socket.local_addr().map_or(addr, |a| a), "ssh-hex: writing received datagrams to stdout as hex lines");
-    let shared = Arc::new((Mutex::new(Pending::default()), Condvar::new()));
-    let writer = {
-        let shared = shared.clone();
-        std::thread::spawn(move || -> io::Error {
-            let mut chunk = Vec::with_capacity(1 << 20);
-            loop {
-                {
-                    let (lock, ready) = &*shared;
-                    let mut pending = lock.lock().unwrap_or_else(|e| e.into_inner());
-                    while pending.hex.is_empty() {
-                        pending = ready.wait(pending).unwrap_or_else(|e| e.into_inner());
-                    }
-                    std::mem::swap(&mut pending.hex, &mut chunk);
-                }
-                if let Err(e) = out.write_all(&chunk).and_then(|()| out.flush()) {
-                    shared.0.lock().unwrap_or_else(|e| e.into_inner()).failed = Some(e.to_string());
-                    return e;
-                }
-                chunk.clear();
-            }
-        })
-    };
-    // The blocking wait wakes at least once a second, so a failed stdout ends the process
-    // even when no datagram arrives.
-    socket
-        .set_read_timeout(Some(Duration::from_secs(1)))
-        .map_err(|e| SshHexError::Socket(addr.to_string(), e))?;
+    let local = socket.local_addr().unwrap_or(addr);
+    tracing::info!(listen = %local, "ssh-hex: writing received datagrams to stdout as hex lines");
     let mut scratch = vec![0u8; 65_536];
     let mut burst = Vec::with_capacity(BURST_BYTES + 2 * scratch.len());
-    let full = RateLimit::new(Duration::from_secs(10));
+    let mut kernel_drops = udp::kernel_drops(local).unwrap_or(0);
+    let mut checked = std::time::Instant::now();
     loop {
-        // Wait for one datagram, then take whatever else is queued without waiting, and wake
-        // the writer once for the lot: one wake-up per burst, not per datagram.
         let n = match socket.recv_from(&mut scratch) {
             Ok((n, _)) => n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) =>
-            {
-                if shared
-                    .0
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .failed
-                    .is_some()
-                {
-                    return Err(closed(writer, counters));
-                }
-                continue;
-            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 tracing::debug!(error = %e, "receive error");
                 continue;
@@ -274,39 +262,30 @@ pub fn collect<W: Write + Send + 'static>(
             let _ = socket.set_nonblocking(false);
         }
         counters.datagrams.fetch_add(count, Ordering::Relaxed);
-        let (lock, ready) = &*shared;
-        let mut pending = lock.lock().unwrap_or_else(|e| e.into_inner());
-        if pending.failed.is_some() {
-            drop(pending);
-            return Err(closed(writer, counters));
+        if let Err(error) = out.write_all(&burst).and_then(|()| out.flush()) {
+            tracing::error!(
+                datagrams = counters.datagrams.load(Ordering::Relaxed),
+                "ssh-hex: stdout closed; exiting"
+            );
+            return Err(SshHexError::StdoutClosed(error));
         }
-        if pending.hex.len() > MAX_PENDING {
-            counters.dropped.fetch_add(count, Ordering::Relaxed);
-            if let Some(more) = full.check() {
-                tracing::warn!(
-                    dropped = count,
-                    earlier_drops_not_logged = more,
-                    "stdout cannot keep up: datagrams dropped"
-                );
+        if checked.elapsed() >= DROP_CHECK {
+            checked = std::time::Instant::now();
+            if let Some(now) = udp::kernel_drops(local) {
+                if now > kernel_drops {
+                    counters
+                        .dropped
+                        .fetch_add(now - kernel_drops, Ordering::Relaxed);
+                    tracing::warn!(
+                        dropped = now - kernel_drops,
+                        total = now,
+                        "socket receive buffer overflowed (stdout too slow, or the process starved): datagrams dropped by the kernel"
+                    );
+                }
+                kernel_drops = now;
             }
-            continue;
         }
-        pending.hex.extend_from_slice(&burst);
-        ready.notify_one();
     }
-}
-
-/// The error for a failed stdout, after the writer thread has ended.
-fn closed(writer: std::thread::JoinHandle<io::Error>, counters: &Counters) -> SshHexError {
-    let error = writer
-        .join()
-        .unwrap_or_else(|_| io::Error::other("writer thread panicked"));
-    tracing::error!(
-        datagrams = counters.datagrams.load(Ordering::Relaxed),
-        dropped = counters.dropped.load(Ordering::Relaxed),
-        "ssh-hex: stdout closed; exiting"
-    );
-    SshHexError::StdoutClosed(error)
 }
 
 // === server side ===
@@ -422,7 +401,7 @@ mod tests {
         let addr = probe.local_addr().unwrap();
         drop(probe);
         let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let feeder = {
             let stop = stop.clone();
             std::thread::spawn(move || {

@@ -77,7 +77,7 @@ impl SflowGen {
         let mut samples: Vec<Vec<u8>> = Vec::new();
         let mut len = 28;
         // One counter sample in four datagrams, as counters are polled far less often.
-        if sequence % 4 == 0 {
+        if sequence.is_multiple_of(4) {
             let c = self.counter_sample(i);
             len += c.len();
             samples.push(c);
@@ -180,7 +180,7 @@ impl SflowGen {
         h.extend_from_slice(&[0x02, 0x00, 0x00, 0x00, (r & 0x0f) as u8, 0x01]);
         h.extend_from_slice(&[0x02, 0x00, 0x00, 0x00, ((r >> 4) & 0x0f) as u8, 0x02]);
         h.extend_from_slice(&[0x08, 0x00]);
-        let tcp = r % 5 != 0;
+        let tcp = !r.is_multiple_of(5);
         let total: u16 = 40 + (r >> 20) as u16 % 1400;
         h.extend_from_slice(&[0x45, 0x00]);
         h.extend_from_slice(&total.to_be_bytes());

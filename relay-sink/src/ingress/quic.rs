@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::RefusalKind;
 use crate::Shared;
 use crate::metrics::Metrics;
 
@@ -50,15 +51,17 @@ async fn handle(incoming: Incoming, shared: Arc<Shared>, token: CancellationToke
         Ok(Ok(connection)) => connection,
         Ok(Err(error)) => {
             Metrics::add(&shared.metrics.handshakes_refused, 1);
-            if let Some(more) = shared.refusals.check() {
-                tracing::warn!(%remote, reason = %error, earlier_refusals_not_logged = more, "agent refused: TLS handshake failed");
+            let reason = error.to_string();
+            let kind = RefusalKind::of(&reason);
+            if let Some(more) = shared.refusals.check(kind) {
+                tracing::warn!(%remote, %reason, kind = kind.as_str(), earlier_refusals_not_logged = more, "agent refused: TLS handshake failed");
             }
             return;
         }
         Err(_) => {
             Metrics::add(&shared.metrics.handshakes_refused, 1);
-            if let Some(more) = shared.refusals.check() {
-                tracing::warn!(%remote, reason = "handshake timeout", earlier_refusals_not_logged = more, "agent refused: TLS handshake did not complete in time");
+            if let Some(more) = shared.refusals.check(RefusalKind::Timeout) {
+                tracing::warn!(%remote, reason = "handshake timeout", kind = RefusalKind::Timeout.as_str(), earlier_refusals_not_logged = more, "agent refused: TLS handshake did not complete in time");
             }
             return;
         }

@@ -223,8 +223,8 @@ impl Drop for Receiver {
     }
 }
 
-/// Sends from `pool` (cycling) to `to` at `rate` per second for `length`, paced per
-/// millisecond. Returns how many were sent.
+/// Sends from `pool` (cycling) to `to` at `rate` per second for `length`. Returns how many
+/// were sent.
 fn send_at(pool: &[Vec<u8>], to: SocketAddr, rate: u64, length: Duration) -> u64 {
     let socket = UdpSocket::bind("127.0.0.1:0").expect("bind generator");
     let _ = socket2::SockRef::from(&socket).set_send_buffer_size(8 << 20);
@@ -240,7 +240,9 @@ fn send_at(pool: &[Vec<u8>], to: SocketAddr, rate: u64, length: Duration) -> u64
                 sent += 1;
             }
         }
-        std::thread::sleep(Duration::from_micros(200));
+        // Short sleeps keep bursts small (about 50 µs of traffic, the timer slack), as traffic
+        // from many switches is smooth rather than lumped into millisecond bursts.
+        std::thread::sleep(Duration::from_micros(20));
     }
     sent
 }
