@@ -307,6 +307,12 @@ fn agent_reconnects_after_the_sink_restarts() {
     assert!(capture.wait_until(WAIT, |r| r.len() >= before.len()));
 
     assert!(sink.terminate().success(), "sink exits cleanly on SIGTERM");
+    let lost = agent.wait_for("connection to sink lost");
+    assert_eq!(
+        lost["unacknowledged_datagrams"].as_u64(),
+        Some(0),
+        "everything sent was acknowledged: {lost}"
+    );
     let (_sink, again) = start_sink(&pki, &sink_cert, &[capture.addr()], Some(sink_addr), &[]);
     assert_eq!(again, sink_addr);
     agent.wait_for_nth("connected to sink", 2, WAIT);
@@ -469,4 +475,27 @@ fn a_sink_restarted_after_a_crash_resets_old_connections_at_once() {
             >= after.len())
     );
     assert_eq!(tagged(&capture, 0x78), after);
+}
+
+#[test]
+fn an_agent_whose_sink_never_answers_stops_promptly() {
+    let dir = tmp();
+    let pki = Pki::new(dir.path());
+    let nowhere = relay_tests::free_udp_port();
+    let (mut agent, _) = start_agent(
+        &pki.ca(),
+        &pki.agent_cert("site-a"),
+        nowhere,
+        "localhost",
+        &["--connect-timeout", "30s"],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    assert!(agent.terminate().success());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?} to stop",
+        started.elapsed()
+    );
+    agent.wait_for("nothing left to send to this sink");
 }

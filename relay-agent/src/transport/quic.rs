@@ -46,7 +46,31 @@ impl Link {
     pub(crate) async fn run(mut self) {
         let mut carry: Option<Frame> = None;
         loop {
-            let connection = match self.connect().await {
+            // While connecting, also watch the queue: a closed, empty queue means the agent is
+            // shutting down with nothing for this sink, and a handshake that may never
+            // complete (an unreachable sink) must not hold the shutdown up.
+            let attempt = {
+                let connecting = connect(
+                    &self.endpoint,
+                    &self.client,
+                    &self.sink,
+                    self.connect_timeout,
+                );
+                tokio::pin!(connecting);
+                loop {
+                    tokio::select! {
+                        result = &mut connecting => break result,
+                        frame = self.queue.recv(), if carry.is_none() => match frame {
+                            Some(frame) => carry = Some(frame),
+                            None => {
+                                tracing::info!(sink = %self.sink.addr, "shutting down: nothing left to send to this sink");
+                                return;
+                            }
+                        },
+                    }
+                }
+            };
+            let connection = match attempt {
                 Ok(connection) => connection,
                 Err(reason) => {
                     metrics::add(&self.metrics.connect_failures, 1);
@@ -62,7 +86,10 @@ impl Link {
             tracing::info!(sink = %self.sink.addr, remote = %connection.remote_address(), "connected to sink");
             let result = self.stream(&connection, &mut carry).await;
             // Batches written but not acknowledged may or may not have been replayed; without
-            // resending (planned) they count as lost.
+            // resending (planned) they count as lost. Acks that arrived after the last write
+            // are taken into account first.
+            let acked = metrics::get(&self.metrics.acked_sequence);
+            self.in_flight.retain(|&(sequence, _)| sequence > acked);
             let unacknowledged: u64 = self
                 .in_flight
                 .drain(..)
@@ -109,45 +136,6 @@ impl Link {
         true
     }
 
-    async fn connect(&self) -> Result<Connection, String> {
-        let addr = tokio::net::lookup_host(self.sink.addr.as_str())
-            .await
-            .map_err(|e| format!("cannot resolve {}: {e}", self.sink.addr))?
-            .next()
-            .ok_or_else(|| format!("{} resolves to no address", self.sink.addr))?;
-        let connecting = self
-            .endpoint
-            .connect_with(self.client.clone(), addr, &self.sink.server_name)
-            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-        match tokio::time::timeout(self.connect_timeout, connecting).await {
-            Ok(Ok(connection)) => Ok(connection),
-            Ok(Err(error)) => Err(self.explain(&error.to_string())),
-            Err(_) => Err(format!(
-                "no QUIC handshake with {addr} within {:?}",
-                self.connect_timeout
-            )),
-        }
-    }
-
-    /// Turns the usual TLS refusals into advice.
-    fn explain(&self, error: &str) -> String {
-        if error.contains("NotValidForName") || error.contains("not valid for name") {
-            format!(
-                "the sink's certificate is not valid for the name {:?}: set --server-name to a name in its certificate ({error})",
-                self.sink.server_name
-            )
-        } else if error.contains("UnknownIssuer") {
-            format!(
-                "the sink's certificate is not signed by the CA in {} ({error})",
-                self.sink.ca.display()
-            )
-        } else if error.contains("certificate") {
-            format!("the sink refused this agent's certificate or the handshake failed: {error}")
-        } else {
-            error.to_owned()
-        }
-    }
-
     /// Streams frames on one connection. `Ok` when the queue closed and the end was handled;
     /// `Err` with a reason when the connection broke.
     async fn stream(
@@ -183,7 +171,7 @@ impl Link {
                 Some(frame) => Some(frame),
                 None => tokio::select! {
                     frame = self.queue.recv() => frame,
-                    error = connection.closed() => return Err(self.explain(&error.to_string())),
+                    error = connection.closed() => return Err(explain(&self.sink, &error.to_string())),
                     () = tokio::time::sleep_until(healthy_after), if !proven => continue,
                 },
             };
@@ -224,5 +212,48 @@ impl Link {
         }
         connection.close(VarInt::from_u32(0), b"agent shutting down");
         Ok(())
+    }
+}
+
+async fn connect(
+    endpoint: &Endpoint,
+    client: &quinn::ClientConfig,
+    sink: &SinkConfig,
+    timeout: Duration,
+) -> Result<Connection, String> {
+    let addr = tokio::net::lookup_host(sink.addr.as_str())
+        .await
+        .map_err(|e| format!("cannot resolve {}: {e}", sink.addr))?
+        .next()
+        .ok_or_else(|| format!("{} resolves to no address", sink.addr))?;
+    let connecting = endpoint
+        .connect_with(client.clone(), addr, &sink.server_name)
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    match tokio::time::timeout(timeout, connecting).await {
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(error)) => Err(explain(sink, &error.to_string())),
+        Err(_) => Err(format!(
+            "no QUIC handshake with {addr} within {:?}",
+            timeout
+        )),
+    }
+}
+
+/// Turns the usual TLS refusals into advice.
+fn explain(sink: &SinkConfig, error: &str) -> String {
+    if error.contains("NotValidForName") || error.contains("not valid for name") {
+        format!(
+            "the sink's certificate is not valid for the name {:?}: set --server-name to a name in its certificate ({error})",
+            sink.server_name
+        )
+    } else if error.contains("UnknownIssuer") {
+        format!(
+            "the sink's certificate is not signed by the CA in {} ({error})",
+            sink.ca.display()
+        )
+    } else if error.contains("certificate") {
+        format!("the sink refused this agent's certificate or the handshake failed: {error}")
+    } else {
+        error.to_owned()
     }
 }
