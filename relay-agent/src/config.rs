@@ -339,6 +339,24 @@ impl TryFrom<Args> for Config {
     }
 }
 
+impl runtime::cli::DaemonArgs for Args {
+    fn config_file(&self) -> Option<&std::path::Path> {
+        self.config.as_deref()
+    }
+
+    fn log_format(&self) -> LogFormat {
+        self.log_format.unwrap_or_default()
+    }
+
+    fn ssh_hex(&self) -> &SshHexOptions {
+        &self.ssh_hex
+    }
+
+    fn recv_buffer(&self) -> usize {
+        self.recv_buffer.unwrap_or(DEFAULT_RECV_BUFFER)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,6 +6,9 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use relay_agent::demo::DemoArgs;
 use relay_agent::{Args, Config, Metrics};
+use runtime::cli;
+
+const PROGRAM: &str = "relay-agent";
 
 /// relay-agent: receive sFlow over UDP and stream it to one or more relay sinks over mutually
 /// authenticated QUIC. `relay-agent demo` runs a whole relay on this host.
@@ -28,33 +31,19 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let rt = tokio::runtime::Runtime::new().expect("start tokio runtime");
-    if let Some(Command::Demo(demo)) = cli.command {
+    let parsed = Cli::parse();
+    if let Some(Command::Demo(demo)) = parsed.command {
         runtime::telemetry::init(Default::default());
+        let rt = tokio::runtime::Runtime::new().expect("start tokio runtime");
         return match rt.block_on(relay_agent::demo::run(demo)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
         };
     }
-    let args = match runtime::config::load(&cli.args, cli.args.config.as_deref()) {
+    let args = match cli::prepare(PROGRAM, &parsed.args) {
         Ok(args) => args,
-        Err(e) => return usage(&e),
+        Err(status) => return status,
     };
-    runtime::telemetry::init(args.log_format.unwrap_or_default());
-    if let Err(e) = args.ssh_hex.check() {
-        return usage(&e);
-    }
-    if args.ssh_hex.ssh_hex {
-        let recv_buffer = args
-            .recv_buffer
-            .unwrap_or(relay_agent::config::DEFAULT_RECV_BUFFER);
-        let counters = runtime::ssh_hex::Counters::default();
-        return match runtime::ssh_hex::run(&args.ssh_hex, recv_buffer, &counters) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(&e),
-        };
-    }
     let config = match Config::try_from(args) {
         Ok(config) => config,
         Err(e) => return usage(&e),
@@ -63,6 +52,7 @@ fn main() -> ExitCode {
         Ok(sockets) => sockets,
         Err(e) => return fail(&e),
     };
+    let rt = tokio::runtime::Runtime::new().expect("start tokio runtime");
     let mut links = Vec::new();
     let metrics = Arc::new(Metrics::default());
     let run = relay_agent::run(
@@ -79,13 +69,9 @@ fn main() -> ExitCode {
 }
 
 fn fail(e: &dyn std::fmt::Display) -> ExitCode {
-    eprintln!("relay-agent: error: {e}");
-    ExitCode::FAILURE
+    cli::fail(PROGRAM, e)
 }
 
-/// A configuration mistake: exit status 64 (EX_USAGE), which a service manager should not
-/// retry (see `RestartPreventExitStatus` in the systemd units).
 fn usage(e: &dyn std::fmt::Display) -> ExitCode {
-    eprintln!("relay-agent: configuration error: {e}");
-    ExitCode::from(64)
+    cli::usage(PROGRAM, e)
 }

@@ -5,28 +5,16 @@ use std::sync::Arc;
 
 use clap::Parser;
 use relay_sink::{Args, Config, Metrics};
+use runtime::cli;
 use runtime::udp::{self, Buffers};
 
+const PROGRAM: &str = "relay-sink";
+
 fn main() -> ExitCode {
-    let cli = Args::parse();
-    let args = match runtime::config::load(&cli, cli.config.as_deref()) {
+    let args = match cli::prepare(PROGRAM, &Args::parse()) {
         Ok(args) => args,
-        Err(e) => return usage(&e),
+        Err(status) => return status,
     };
-    runtime::telemetry::init(args.log_format.unwrap_or_default());
-    if let Err(e) = args.ssh_hex.check() {
-        return usage(&e);
-    }
-    if args.ssh_hex.ssh_hex {
-        let recv_buffer = args
-            .recv_buffer
-            .unwrap_or(relay_sink::config::DEFAULT_RECV_BUFFER);
-        let counters = runtime::ssh_hex::Counters::default();
-        return match runtime::ssh_hex::run(&args.ssh_hex, recv_buffer, &counters) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(&e),
-        };
-    }
     let config = match Config::try_from(args) {
         Ok(config) => config,
         Err(e) => return usage(&e),
@@ -58,13 +46,9 @@ fn main() -> ExitCode {
 }
 
 fn fail(e: &dyn std::fmt::Display) -> ExitCode {
-    eprintln!("relay-sink: error: {e}");
-    ExitCode::FAILURE
+    cli::fail(PROGRAM, e)
 }
 
-/// A configuration mistake: exit status 64 (EX_USAGE), which a service manager should not
-/// retry (see `RestartPreventExitStatus` in the systemd units).
 fn usage(e: &dyn std::fmt::Display) -> ExitCode {
-    eprintln!("relay-sink: configuration error: {e}");
-    ExitCode::from(64)
+    cli::usage(PROGRAM, e)
 }

@@ -5,6 +5,8 @@
 //! - [`telemetry`] — tracing subscriber (`RUST_LOG`, `--log-format text|json`), logs on stderr.
 //! - [`shutdown`] — waiting for SIGINT or SIGTERM.
 //! - [`udp`] — binding UDP sockets with large kernel buffers, and saying when the kernel clamps them.
+//! - [`cli`] — the start-up steps both binaries share (config file, logging, `--ssh-hex`,
+//!   exit statuses).
 //! - [`config`] — one set of option names for the command line and the TOML file.
 //! - [`quic`] — QUIC transport tuning (keep-alive, idle timeout, flow-control windows, congestion
 //!   control, GSO) and the stateless-reset key.
@@ -13,6 +15,7 @@
 //!
 //! The wire format lives in `relay-proto` and the TLS policy in `relay-certs`, not here.
 
+pub mod cli;
 pub mod config;
 pub mod quic;
 pub mod ratelimit;

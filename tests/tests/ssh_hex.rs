@@ -190,7 +190,7 @@ fn malformed_lines_are_reported_with_their_numbers_and_skipped() {
 }
 
 #[test]
-fn collector_exits_non_zero_when_stdout_closes() {
+fn collector_exits_non_zero_as_soon_as_stdout_closes() {
     let collector = free_udp_port();
     let port = collector.port().to_string();
     let mut cmd = relay("relay-agent", &["-c", "127.0.0.1", "-p", &port]);
@@ -198,20 +198,9 @@ fn collector_exits_non_zero_when_stdout_closes() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap();
-    drop(child.stdout.take()); // the reader (ssh) is gone
+    drop(child.stdout.take()); // the reader (ssh) is gone, and no sFlow arrives
     let mut agent = Daemon::adopt("relay-agent", child);
-    wait_udp_bound(collector);
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let deadline = std::time::Instant::now() + WAIT;
-    while agent.is_running() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still running with stdout closed"
-        );
-        socket.send_to(b"sflow", collector).unwrap();
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let status = agent.wait_exit(WAIT);
+    let status = agent.wait_exit(Duration::from_secs(5));
     assert_eq!(status.code(), Some(1), "non-zero, so systemd restarts it");
     let output = agent.lines().join("\n");
     assert!(

@@ -1,0 +1,64 @@
+//! What both binaries do between parsing the command line and starting their real work: read
+//! the config file, start logging, run the `--ssh-hex` mode when asked, and exit with the
+//! right status on failure.
+
+use std::fmt::Display;
+use std::path::Path;
+use std::process::ExitCode;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::ssh_hex::{self, SshHexOptions};
+use crate::telemetry::{self, LogFormat};
+
+/// Exit status of a configuration mistake: EX_USAGE, which a service manager should not
+/// retry (`RestartPreventExitStatus=64` in the systemd units).
+pub const EXIT_USAGE: u8 = 64;
+
+/// The options every daemon has, for the steps shared here.
+pub trait DaemonArgs: Serialize + DeserializeOwned + clap::CommandFactory {
+    /// `--config`.
+    fn config_file(&self) -> Option<&Path>;
+    /// `--log-format`.
+    fn log_format(&self) -> LogFormat;
+    /// The `--ssh-hex` options.
+    fn ssh_hex(&self) -> &SshHexOptions;
+    /// `--recv-buffer`, or the daemon's default.
+    fn recv_buffer(&self) -> usize;
+}
+
+/// Loads the config file under `cli`, starts logging and, with `--ssh-hex`, runs that mode
+/// to its end. `Ok(args)` to go on with the daemon's own work; `Err(status)` to exit.
+///
+/// # Errors
+///
+/// The exit status when the configuration is wrong (64, said on stderr) or the ssh-hex mode
+/// ran (0, or 1 with its error).
+pub fn prepare<A: DaemonArgs>(program: &str, cli: &A) -> Result<A, ExitCode> {
+    let args = crate::config::load(cli, cli.config_file()).map_err(|e| usage(program, &e))?;
+    telemetry::init(args.log_format());
+    args.ssh_hex().check().map_err(|e| usage(program, &e))?;
+    if args.ssh_hex().ssh_hex {
+        let counters = ssh_hex::Counters::default();
+        return Err(
+            match ssh_hex::run(args.ssh_hex(), args.recv_buffer(), &counters) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(program, &e),
+            },
+        );
+    }
+    Ok(args)
+}
+
+/// Says `PROGRAM: error: …` on stderr; exit status 1.
+pub fn fail(program: &str, e: &dyn Display) -> ExitCode {
+    eprintln!("{program}: error: {e}");
+    ExitCode::FAILURE
+}
+
+/// Says `PROGRAM: configuration error: …` on stderr; exit status 64.
+pub fn usage(program: &str, e: &dyn Display) -> ExitCode {
+    eprintln!("{program}: configuration error: {e}");
+    ExitCode::from(EXIT_USAGE)
+}
