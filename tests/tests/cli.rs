@@ -151,3 +151,25 @@ fn configuration_mistakes_are_clear_errors() {
     );
     assert!(!ok && err.contains("cannot read nope.pem"), "{err}");
 }
+
+#[test]
+fn the_example_configs_parse_with_the_real_loader() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    for (program, file) in [
+        ("relay-agent", "agent.example.toml"),
+        ("relay-sink", "sink.example.toml"),
+    ] {
+        let config = root.join("deploy/config").join(file);
+        let out = Command::new(bin(program))
+            .args(["--config", &path(&config), "--listen", "127.0.0.1:0"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        // The files name certificates under /etc/sflow-relay, absent here: the run must get
+        // past the configuration (status 64 would be a configuration error) to fail on those.
+        assert_ne!(out.status.code(), Some(64), "{file}: {err}");
+        assert!(err.contains("/etc/sflow-relay/"), "{file}: {err}");
+    }
+}
