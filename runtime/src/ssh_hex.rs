@@ -24,6 +24,8 @@ use crate::udp::{self, Buffers};
 
 /// The script's default port, for both sides.
 pub const DEFAULT_PORT: u16 = 6343;
+/// Datagrams sent per system call (sendmmsg), at most.
+const SEND_BATCH: usize = 64;
 /// How often the kernel's drop count for the receive socket is read.
 const DROP_CHECK: Duration = Duration::from_secs(5);
 /// Hex written per call, at most (then the socket is read again).
@@ -235,31 +237,37 @@ pub fn collect<W: Write>(
     .map_err(|e| SshHexError::Socket(addr.to_string(), e))?;
     let local = socket.local_addr().unwrap_or(addr);
     tracing::info!(listen = %local, "ssh-hex: writing received datagrams to stdout as hex lines");
-    let mut scratch = vec![0u8; 65_536];
-    let mut burst = Vec::with_capacity(BURST_BYTES + 2 * scratch.len());
+    let mut slots = udp::RecvBatch::default();
+    let mut burst = Vec::with_capacity(BURST_BYTES);
     let mut kernel_drops = udp::kernel_drops(local).unwrap_or(0);
     let mut checked = std::time::Instant::now();
     loop {
-        let n = match socket.recv_from(&mut scratch) {
-            Ok((n, _)) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                tracing::debug!(error = %e, "receive error");
-                continue;
-            }
-        };
+        // Wait for a datagram and take the others already queued (recvmmsg), as long as a
+        // full batch keeps coming, then write the lot in one call.
         burst.clear();
-        encode_line(&scratch[..n], &mut burst);
-        let mut count = 1u64;
-        if socket.set_nonblocking(true).is_ok() {
-            while burst.len() < BURST_BYTES {
-                let Ok((n, _)) = socket.recv_from(&mut scratch) else {
+        let mut count = 0u64;
+        let mut wait = true;
+        loop {
+            let n = match slots.recv(&socket, wait) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "receive error");
                     break;
-                };
-                encode_line(&scratch[..n], &mut burst);
-                count += 1;
+                }
+            };
+            for i in 0..n {
+                encode_line(slots.datagram(i), &mut burst);
             }
-            let _ = socket.set_nonblocking(false);
+            count += n as u64;
+            if n < udp::RECV_BATCH || burst.len() >= BURST_BYTES {
+                break;
+            }
+            wait = false;
+        }
+        if count == 0 {
+            continue;
         }
         counters.datagrams.fetch_add(count, Ordering::Relaxed);
         if let Err(error) = out.write_all(&burst).and_then(|()| out.flush()) {
@@ -316,16 +324,35 @@ pub fn serve<R: Read>(
     let mut buf = vec![0u8; PIPE_SIZE as usize];
     let reports = RateLimit::new(Duration::from_secs(10));
     let send_errors = RateLimit::new(Duration::from_secs(10));
-    let handle = |line: Option<Line<'_>>| match line {
+    // Decoded datagrams wait here (back to back, with their end offsets) and leave together,
+    // many per system call, after each read: nothing waits for more input.
+    let mut batch = Vec::with_capacity(buf.len());
+    let mut ends: Vec<usize> = Vec::with_capacity(SEND_BATCH);
+    let flush = |batch: &mut Vec<u8>, ends: &mut Vec<usize>| {
+        let mut start = 0;
+        let datagrams: Vec<&[u8]> = ends
+            .iter()
+            .map(|&end| {
+                let d = &batch[start..end];
+                start = end;
+                d
+            })
+            .collect();
+        udp::send_batch(&socket, &datagrams, |datagram, error| {
+            counters.send_errors.fetch_add(1, Ordering::Relaxed);
+            if let Some(more) = send_errors.check() {
+                tracing::warn!(destination = %dest, %error, len = datagram.len(), earlier_errors_not_logged = more, "send failed; datagram dropped");
+            }
+        });
+        batch.clear();
+        ends.clear();
+    };
+    let handle = |line: Option<Line<'_>>, batch: &mut Vec<u8>, ends: &mut Vec<usize>| match line {
         None => {}
         Some(Line::Datagram(datagram)) => {
             counters.datagrams.fetch_add(1, Ordering::Relaxed);
-            if let Err(error) = socket.send(datagram) {
-                counters.send_errors.fetch_add(1, Ordering::Relaxed);
-                if let Some(more) = send_errors.check() {
-                    tracing::warn!(destination = %dest, %error, earlier_errors_not_logged = more, "send failed; datagram dropped");
-                }
-            }
+            batch.extend_from_slice(datagram);
+            ends.push(batch.len());
         }
         Some(Line::Malformed { line, error }) => {
             let seen = counters.malformed.fetch_add(1, Ordering::Relaxed) + 1;
@@ -346,11 +373,16 @@ pub fn serve<R: Read>(
         let mut rest = &buf[..n];
         while !rest.is_empty() {
             let (used, line) = decoder.decode(rest);
-            handle(line);
+            handle(line, &mut batch, &mut ends);
+            if ends.len() == SEND_BATCH {
+                flush(&mut batch, &mut ends);
+            }
             rest = &rest[used..];
         }
+        flush(&mut batch, &mut ends);
     }
-    handle(decoder.finish());
+    handle(decoder.finish(), &mut batch, &mut ends);
+    flush(&mut batch, &mut ends);
     tracing::info!(
         lines = decoder.lines(),
         datagrams = counters.datagrams.load(Ordering::Relaxed),
