@@ -31,28 +31,7 @@ pub fn bind(addr: SocketAddr, buffers: Buffers) -> io::Result<UdpSocket> {
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
-    if let Some(want) = buffers.recv {
-        // Failure to set is not fatal: the read-back below reports what we got.
-        let _ = socket.set_recv_buffer_size(want);
-        check_granted(
-            addr,
-            "receive",
-            want,
-            socket.recv_buffer_size()?,
-            "net.core.rmem_max",
-        );
-    }
-    if let Some(want) = buffers.send {
-        let _ = socket.set_send_buffer_size(want);
-        check_granted(
-            addr,
-            "send",
-            want,
-            socket.send_buffer_size()?,
-            "net.core.wmem_max",
-        );
-    }
-    socket.set_nonblocking(true)?;
+    apply(&socket, addr, buffers)?;
     socket.bind(&addr.into())?;
     Ok(socket.into())
 }
@@ -77,6 +56,13 @@ pub fn bind_client(buffers: Buffers) -> io::Result<UdpSocket> {
         .local_addr()?
         .as_socket()
         .unwrap_or_else(|| SocketAddr::from(([0u16; 8], 0)));
+    apply(&socket, addr, buffers)?;
+    Ok(socket.into())
+}
+
+/// Asks for `buffers` on `socket` (reporting clamps) and makes it non-blocking.
+fn apply(socket: &Socket, addr: SocketAddr, buffers: Buffers) -> io::Result<()> {
+    // Failure to set is not fatal: the read-back reports what we got.
     if let Some(want) = buffers.recv {
         let _ = socket.set_recv_buffer_size(want);
         check_granted(
@@ -97,8 +83,7 @@ pub fn bind_client(buffers: Buffers) -> io::Result<UdpSocket> {
             "net.core.wmem_max",
         );
     }
-    socket.set_nonblocking(true)?;
-    Ok(socket.into())
+    socket.set_nonblocking(true)
 }
 
 /// Linux reports twice the size it grants (the doubling covers its bookkeeping), so the
