@@ -37,7 +37,7 @@ fn main() -> ExitCode {
         let rt = tokio::runtime::Runtime::new().expect("start tokio runtime");
         return match rt.block_on(relay_agent::demo::run(demo)) {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(&e),
+            Err(e) => cli::fail(PROGRAM, &e),
         };
     }
     let args = match cli::prepare(PROGRAM, &parsed.args) {
@@ -46,11 +46,11 @@ fn main() -> ExitCode {
     };
     let config = match Config::try_from(args) {
         Ok(config) => config,
-        Err(e) => return usage(&e),
+        Err(e) => return cli::usage(PROGRAM, &e),
     };
     let sockets = match relay_agent::bind_listeners(&config) {
         Ok(sockets) => sockets,
-        Err(e) => return fail(&e),
+        Err(e) => return cli::fail(PROGRAM, &e),
     };
     let rt = tokio::runtime::Runtime::new().expect("start tokio runtime");
     let mut links = Vec::new();
@@ -64,14 +64,6 @@ fn main() -> ExitCode {
     );
     match rt.block_on(run) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(&e),
+        Err(e) => cli::fail(PROGRAM, &e),
     }
-}
-
-fn fail(e: &dyn std::fmt::Display) -> ExitCode {
-    cli::fail(PROGRAM, e)
-}
-
-fn usage(e: &dyn std::fmt::Display) -> ExitCode {
-    cli::usage(PROGRAM, e)
 }

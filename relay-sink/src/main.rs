@@ -17,7 +17,7 @@ fn main() -> ExitCode {
     };
     let config = match Config::try_from(args) {
         Ok(config) => config,
-        Err(e) => return usage(&e),
+        Err(e) => return cli::usage(PROGRAM, &e),
     };
     let rt = tokio::runtime::Runtime::new().expect("start tokio runtime");
     rt.block_on(async {
@@ -29,7 +29,9 @@ fn main() -> ExitCode {
         };
         let socket = match udp::bind(config.listen, buffers) {
             Ok(socket) => socket,
-            Err(e) => return fail(&format!("cannot listen on {}: {e}", config.listen)),
+            Err(e) => {
+                return cli::fail(PROGRAM, &format!("cannot listen on {}: {e}", config.listen));
+            }
         };
         match relay_sink::run(
             config,
@@ -40,15 +42,7 @@ fn main() -> ExitCode {
         .await
         {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(&e),
+            Err(e) => cli::fail(PROGRAM, &e),
         }
     })
-}
-
-fn fail(e: &dyn std::fmt::Display) -> ExitCode {
-    cli::fail(PROGRAM, e)
-}
-
-fn usage(e: &dyn std::fmt::Display) -> ExitCode {
-    cli::usage(PROGRAM, e)
 }

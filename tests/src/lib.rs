@@ -134,7 +134,7 @@ impl Pki {
 pub struct Daemon {
     name: String,
     child: Child,
-    lines: Arc<(Mutex<Vec<String>>, Condvar)>,
+    lines: Collected<String>,
 }
 
 impl Daemon {
@@ -210,29 +210,20 @@ impl Daemon {
     ///
     /// After `timeout`, with the output so far.
     pub fn wait_for_nth(&self, text: &str, nth: usize, timeout: Duration) -> Value {
-        let deadline = Instant::now() + timeout;
-        let (store, ready) = &*self.lines;
-        let mut guard = store.lock().unwrap();
-        loop {
-            let found: Vec<Value> = guard
+        let found = wait_on(&self.lines, timeout, |lines| {
+            lines
                 .iter()
                 .filter_map(|l| serde_json::from_str::<Value>(l).ok())
                 .filter(|e| message(e).contains(text))
-                .collect();
-            if found.len() >= nth {
-                return found[nth - 1].clone();
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                drop(guard);
-                panic!(
-                    "{}: no log event #{nth} containing {text:?} within {timeout:?}; output:\n{}",
-                    self.name,
-                    self.lines().join("\n")
-                );
-            }
-            guard = ready.wait_timeout(guard, deadline - now).unwrap().0;
-        }
+                .nth(nth - 1)
+        });
+        found.unwrap_or_else(|| {
+            panic!(
+                "{}: no log event #{nth} containing {text:?} within {timeout:?}; output:\n{}",
+                self.name,
+                self.lines().join("\n")
+            )
+        })
     }
 
     /// Waits for the first log event whose message contains `text`.
@@ -242,22 +233,16 @@ impl Daemon {
 
     /// Waits for an output line (plain text, e.g. the demo's) containing `text`.
     pub fn wait_for_line(&self, text: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        let (store, ready) = &*self.lines;
-        let mut guard = store.lock().unwrap();
-        loop {
-            if let Some(line) = guard.iter().find(|l| l.contains(text)) {
-                return line.clone();
-            }
-            let now = Instant::now();
-            assert!(
-                now < deadline,
+        let found = wait_on(&self.lines, timeout, |lines| {
+            lines.iter().find(|l| l.contains(text)).cloned()
+        });
+        found.unwrap_or_else(|| {
+            panic!(
                 "{}: no line containing {text:?}; output:\n{}",
                 self.name,
-                guard.join("\n")
-            );
-            guard = ready.wait_timeout(guard, deadline - now).unwrap().0;
-        }
+                self.lines().join("\n")
+            )
+        })
     }
 
     /// Waits (bounded) for the process to exit by itself.
@@ -300,19 +285,7 @@ impl Daemon {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not exit after SIGTERM; output:\n{}",
-                self.name,
-                self.lines().join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_exit(WAIT)
     }
 
     /// Kills the process at once (SIGKILL) and reaps it.
@@ -325,6 +298,31 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A list that a thread fills, with a condition variable signalled on each addition.
+type Collected<T> = Arc<(Mutex<Vec<T>>, Condvar)>;
+
+/// Calls `check` on the list now and after each addition until it returns `Some`, or
+/// `timeout` passes (then `None`).
+fn wait_on<T, R>(
+    collected: &Collected<T>,
+    timeout: Duration,
+    mut check: impl FnMut(&[T]) -> Option<R>,
+) -> Option<R> {
+    let deadline = Instant::now() + timeout;
+    let (list, ready) = &**collected;
+    let mut guard = list.lock().unwrap();
+    loop {
+        if let Some(found) = check(&guard) {
+            return Some(found);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return None;
+        }
+        guard = ready.wait_timeout(guard, deadline - now).unwrap().0;
     }
 }
 
@@ -426,7 +424,7 @@ pub fn path(p: &Path) -> String {
 #[derive(Debug)]
 pub struct UdpCapture {
     addr: SocketAddr,
-    received: Arc<(Mutex<Vec<Vec<u8>>>, Condvar)>,
+    received: Collected<Vec<u8>>,
 }
 
 impl UdpCapture {
@@ -482,18 +480,36 @@ impl UdpCapture {
 
     /// Waits until `pred(received)` holds, or `timeout` passes; returns whether it held.
     pub fn wait_until(&self, timeout: Duration, pred: impl Fn(&[Vec<u8>]) -> bool) -> bool {
-        let deadline = Instant::now() + timeout;
-        let (list, ready) = &*self.received;
-        let mut guard = list.lock().unwrap();
-        loop {
-            if pred(&guard) {
-                return true;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            guard = ready.wait_timeout(guard, deadline - now).unwrap().0;
+        wait_on(&self.received, timeout, |r| pred(r).then_some(())).is_some()
+    }
+
+    /// Asserts that exactly `sent` arrived, in order: waits for as many datagrams as were sent,
+    /// gives a duplicate time to show up, then compares count and bytes.
+    ///
+    /// # Panics
+    ///
+    /// When datagrams are missing, extra, different or out of order.
+    pub fn assert_exactly(&self, sent: &[Vec<u8>]) {
+        assert!(
+            self.wait_until(WAIT, |r| r.len() >= sent.len()),
+            "only {} of {} arrived",
+            self.len(),
+            sent.len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        let received = self.received();
+        assert_eq!(
+            received.len(),
+            sent.len(),
+            "count differs: duplicates or extras"
+        );
+        for (i, (got, want)) in received.iter().zip(sent).enumerate() {
+            assert!(
+                got == want,
+                "datagram {i} differs (len {} vs {})",
+                got.len(),
+                want.len()
+            );
         }
     }
 }

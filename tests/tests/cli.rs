@@ -15,22 +15,21 @@ fn run(name: &str, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// A sink certificate's extra names and validity, as an operator would give them.
+const SINK_NAMES: &[&str] = &[
+    "--dns",
+    "relay.example.net",
+    "--ip",
+    "192.0.2.7",
+    "--days",
+    "30",
+];
+
 #[test]
 fn relay_certs_writes_private_keys_0600_and_never_overwrites_without_force() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path());
-    let (cert, key) = pki.issue(
-        "sink",
-        "sink.example.com",
-        &[
-            "--dns",
-            "relay.example.net",
-            "--ip",
-            "192.0.2.7",
-            "--days",
-            "30",
-        ],
-    );
+    let (cert, key) = pki.issue("sink", "sink.example.com", SINK_NAMES);
     for (file, mode) in [
         (&key, 0o600),
         (&dir.path().join("ca.key"), 0o600),
@@ -82,18 +81,7 @@ fn relay_certs_writes_private_keys_0600_and_never_overwrites_without_force() {
 fn relay_certs_show_prints_subject_names_usage_and_expiry() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path());
-    let (sink, _) = pki.issue(
-        "sink",
-        "sink.example.com",
-        &[
-            "--dns",
-            "relay.example.net",
-            "--ip",
-            "192.0.2.7",
-            "--days",
-            "30",
-        ],
-    );
+    let (sink, _) = pki.issue("sink", "sink.example.com", SINK_NAMES);
     let (agent, _) = pki.agent_cert("site-a");
     let (ok, out, err) = run("relay-certs", &["show", &path(&sink), &path(&agent)]);
     assert!(ok, "{err}");

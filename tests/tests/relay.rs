@@ -62,28 +62,7 @@ fn delivers_20000_mixed_datagrams_byte_exact_in_order() {
     );
 
     send_paced(listen, &sent, 64, || capture.len());
-    assert!(
-        capture.wait_until(WAIT, |r| r.len() >= sent.len()),
-        "only {} of {} arrived",
-        capture.len(),
-        sent.len()
-    );
-    // Give a duplicate time to show up before comparing.
-    std::thread::sleep(Duration::from_millis(200));
-    let received = capture.received();
-    assert_eq!(
-        received.len(),
-        sent.len(),
-        "count differs: duplicates or extras"
-    );
-    for (i, (got, want)) in received.iter().zip(&sent).enumerate() {
-        assert!(
-            got == want,
-            "datagram {i} differs (len {} vs {})",
-            got.len(),
-            want.len()
-        );
-    }
+    capture.assert_exactly(&sent);
 }
 
 #[test]

@@ -42,22 +42,7 @@ fn check(
     let sent = datagrams_up_to(N, 0x5A, max_len as u64, max_len);
     assert_eq!(sent.iter().map(Vec::len).max(), Some(max_len));
     send_paced(collector, &sent, 32, || capture.len());
-    assert!(
-        capture.wait_until(WAIT, |r| r.len() >= N),
-        "only {} of {N} arrived",
-        capture.len()
-    );
-    std::thread::sleep(Duration::from_millis(100));
-    let received = capture.received();
-    assert_eq!(received.len(), N, "duplicates or extras");
-    for (i, (got, want)) in received.iter().zip(&sent).enumerate() {
-        assert!(
-            got == want,
-            "datagram {i} differs (len {} vs {})",
-            got.len(),
-            want.len()
-        );
-    }
+    capture.assert_exactly(&sent);
 }
 
 #[test]

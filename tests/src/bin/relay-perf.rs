@@ -313,6 +313,30 @@ fn cpu_and_rss(pid: u32) -> (f64, u64) {
     (ticks / 100.0, rss_kib * 1024)
 }
 
+/// What one path measured.
+struct PathResult {
+    kind: PathKind,
+    /// Median of `rates`.
+    median: u64,
+    /// Zero-loss rate of each search.
+    rates: Vec<u64>,
+    /// (CPU µs per datagram, peak RSS bytes) of each process of the path.
+    per_process: Vec<(f64, u64)>,
+    /// Datagrams sent and delivered in the CPU run.
+    sent: u64,
+    delivered: u64,
+}
+
+impl PathResult {
+    fn cpu_us(&self) -> f64 {
+        self.per_process.iter().map(|p| p.0).sum()
+    }
+
+    fn peak_rss(&self) -> u64 {
+        self.per_process.iter().map(|p| p.1).max().unwrap_or(0)
+    }
+}
+
 fn median(mut v: Vec<u64>) -> u64 {
     v.sort_unstable();
     v[v.len() / 2]
@@ -366,22 +390,18 @@ fn main() {
             .zip(&after)
             .map(|(b, a)| ((a.0 - b.0) * 1e6 / sent.max(1) as f64, a.1))
             .collect();
-        let cpu_us: f64 = per_process.iter().map(|p| p.0).sum();
-        let rss: u64 = per_process.iter().map(|p| p.1).max().unwrap_or(0);
-        results.push((
+        results.push(PathResult {
             kind,
-            median(rates.clone()),
+            median: median(rates.clone()),
             rates,
-            cpu_us,
             per_process,
-            rss,
             sent,
             delivered,
-        ));
+        });
         drop(path);
     }
 
-    let rate_of = |k: PathKind| results.iter().find(|r| r.0 == k).map(|r| r.1);
+    let rate_of = |k: PathKind| results.iter().find(|r| r.kind == k).map(|r| r.median);
     let direct = rate_of(PathKind::Direct);
     let python = rate_of(PathKind::PythonHex);
     let ratio = |rate: u64, base: Option<u64>| {
@@ -396,7 +416,16 @@ fn main() {
     );
     println!("|---|---|---|---|---|---|---|");
     let mut json_paths = Vec::new();
-    for (kind, rate, rates, cpu_us, per_process, rss, sent, delivered) in &results {
+    for result in &results {
+        let PathResult {
+            kind,
+            median: rate,
+            rates,
+            per_process,
+            sent,
+            delivered,
+        } = result;
+        let (cpu_us, rss) = (result.cpu_us(), result.peak_rss());
         let per = per_process
             .iter()
             .map(|p| format!("{:.1}", p.0))
@@ -407,10 +436,10 @@ fn main() {
         } else {
             format!("{cpu_us:.1} ({per})")
         };
-        let mem = if *rss == 0 {
+        let mem = if rss == 0 {
             "–".to_string()
         } else {
-            format!("{:.1} MiB", *rss as f64 / (1 << 20) as f64)
+            format!("{:.1} MiB", rss as f64 / (1 << 20) as f64)
         };
         println!(
             "| {} ({}) | {rate} | {} | {} | {} | {cpu} | {mem} |",
