@@ -20,7 +20,8 @@
 //!
 //! Agent → sink frames hold a [`pb::Batch`], sink → agent frames hold a [`pb::Ack`]. A reader
 //! refuses a frame whose `len` exceeds its limit before allocating for it. Over gRPC the same
-//! messages travel as the `sflow_relay.v1.Relay/Stream` call, with gRPC's own framing.
+//! messages travel as the `sflow_relay.v1.Relay/Stream` call ([`GRPC_STREAM_PATH`]), with
+//! gRPC's own framing, over HTTP/2 and TLS on TCP (ALPN [`GRPC_ALPN`]).
 //!
 //! # Layout
 //!
@@ -41,7 +42,26 @@ pub mod pb {
 /// version fails the TLS handshake instead of misreading frames.
 pub const ALPN: &[u8] = b"sflow-relay/1";
 
+/// ALPN protocol name on the gRPC (TCP) port: HTTP/2, as gRPC requires.
+pub const GRPC_ALPN: &[u8] = b"h2";
+
+/// HTTP/2 path of the `Relay.Stream` call. The agent sends batches it has already encoded
+/// (once, for all its sinks) through a codec of its own, so it names the path itself rather
+/// than through the generated client; a test checks this against the generated server.
+pub const GRPC_STREAM_PATH: &str = "/sflow_relay.v1.Relay/Stream";
+
 /// The largest UDP payload over IPv4 (65,535 − 8 − 20), and the largest datagram the relay
 /// promises to carry. IPv6 allows 20 bytes more, which no sFlow agent sends; such a datagram is
 /// relayed, but replaying it to an IPv4 destination fails and is counted as a replay error.
 pub const MAX_DATAGRAM_LEN: usize = 65_507;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn grpc_path_is_the_generated_services() {
+        assert_eq!(
+            super::GRPC_STREAM_PATH,
+            format!("/{}/Stream", super::pb::relay_server::SERVICE_NAME)
+        );
+    }
+}

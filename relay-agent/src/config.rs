@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use runtime::grpc::GrpcOptions;
 use runtime::quic::QuicOptions;
 use runtime::ssh_hex::SshHexOptions;
 use runtime::telemetry::LogFormat;
@@ -30,8 +31,40 @@ pub const DEFAULT_BATCH_DELAY: Duration = Duration::from_millis(5);
 /// holds several seconds of traffic while a connection is re-established.
 pub const DEFAULT_QUEUE_BATCHES: usize = 1024;
 
+/// Default time `auto` waits for a QUIC handshake before carrying on over gRPC: many round
+/// trips on any real path, short enough that a site behind a UDP-blocking firewall loses
+/// little time at each (re)connection.
+pub const DEFAULT_QUIC_FALLBACK_AFTER: Duration = Duration::from_secs(3);
+/// Default interval between QUIC attempts while `auto` runs over gRPC.
+pub const DEFAULT_QUIC_RETRY_INTERVAL: Duration = Duration::from_secs(60);
+
+/// How a link reaches its sink.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportMode {
+    /// QUIC only (UDP).
+    Quic,
+    /// gRPC only (HTTP/2 over TLS on TCP), for sites that let no UDP out.
+    Grpc,
+    /// QUIC, falling back to gRPC when no QUIC handshake completes, and back to QUIC when it
+    /// works again.
+    #[default]
+    Auto,
+}
+
+impl TransportMode {
+    /// The name, as on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Quic => "quic",
+            Self::Grpc => "grpc",
+            Self::Auto => "auto",
+        }
+    }
+}
+
 /// relay-agent: receive sFlow over UDP and stream it to one or more relay sinks over mutually
-/// authenticated QUIC.
+/// authenticated QUIC, or gRPC over TLS where UDP cannot get out.
 ///
 /// Every option can also be set in a TOML file (--config) under the same name; several sinks
 /// are a `[[sink]]` list there.
@@ -54,7 +87,8 @@ pub struct Args {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recv_buffer: Option<usize>,
 
-    /// The sink, HOST:PORT (its QUIC port, UDP). In a config file, `[[sink]]` entries instead.
+    /// The sink, HOST:PORT (its QUIC port on UDP and its gRPC port on TCP: the same number). In a
+    /// config file, `[[sink]]` entries instead.
     #[arg(long, value_name = "HOST:PORT", value_parser = parse_sink)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sink: Option<Sinks>,
@@ -79,6 +113,30 @@ pub struct Args {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<PathBuf>,
 
+    /// How to reach the sinks: quic, grpc (TCP, for sites that let no UDP out), or auto (QUIC,
+    /// falling back to gRPC and moving back when QUIC works again). [default: auto]
+    #[arg(long, value_enum, value_name = "MODE")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<TransportMode>,
+
+    /// With --transport auto: time to wait for a QUIC handshake before carrying on over gRPC. [default: 3s]
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub quic_fallback_after: Option<Duration>,
+
+    /// With --transport auto, while on gRPC: how often to try QUIC again. [default: 60s]
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub quic_retry_interval: Option<Duration>,
+
     /// Flush a batch when it reaches this many bytes. [default: 65536]
     #[arg(long, value_name = "BYTES")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -98,7 +156,7 @@ pub struct Args {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_batches: Option<usize>,
 
-    /// Time allowed for connecting to a sink (QUIC and TLS handshake). [default: 10s]
+    /// Time allowed for connecting to a sink (QUIC or TCP, and the TLS handshake). [default: 10s]
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
     #[serde(
         default,
@@ -142,6 +200,10 @@ pub struct Args {
     #[command(flatten)]
     #[serde(flatten)]
     pub quic: QuicOptions,
+
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub grpc: GrpcOptions,
 
     #[command(flatten)]
     #[serde(flatten)]
@@ -201,6 +263,9 @@ pub struct SinkEntry {
     /// Queue for this sink, in batches [default: the top-level `queue-batches`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_batches: Option<usize>,
+    /// Transport to this sink [default: the top-level `transport`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<TransportMode>,
 }
 
 fn parse_sink(s: &str) -> Result<Sinks, String> {
@@ -238,6 +303,8 @@ pub struct SinkConfig {
     pub key: PathBuf,
     /// Queue capacity in batches.
     pub queue_batches: usize,
+    /// Transport.
+    pub transport: TransportMode,
 }
 
 /// The agent's checked configuration.
@@ -255,6 +322,10 @@ pub struct Config {
     pub batch_delay: Duration,
     /// Connection attempt time limit.
     pub connect_timeout: Duration,
+    /// With `auto`: QUIC handshake time limit before falling back to gRPC.
+    pub quic_fallback_after: Duration,
+    /// With `auto`, on gRPC: interval between QUIC attempts.
+    pub quic_retry_interval: Duration,
     /// Reconnect backoff floor.
     pub reconnect_min: Duration,
     /// Reconnect backoff ceiling.
@@ -263,6 +334,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// QUIC tuning.
     pub quic: QuicOptions,
+    /// gRPC tuning.
+    pub grpc: GrpcOptions,
 }
 
 impl TryFrom<Args> for Config {
@@ -283,6 +356,7 @@ impl TryFrom<Args> for Config {
                 cert: None,
                 key: None,
                 queue_batches: None,
+                transport: None,
             }],
             Some(Sinks::Many(entries)) if entries.is_empty() => {
                 return Err("no [[sink]] entries".into());
@@ -309,6 +383,7 @@ impl TryFrom<Args> for Config {
                 cert: pick(entry.cert.clone(), &args.cert, "cert")?,
                 key: pick(entry.key.clone(), &args.key, "key")?,
                 queue_batches: entry.queue_batches.unwrap_or(queue).max(1),
+                transport: entry.transport.or(args.transport).unwrap_or_default(),
                 addr: entry.addr,
             });
         }
@@ -318,6 +393,7 @@ impl TryFrom<Args> for Config {
             args.listen
         };
         let reconnect_min = args.reconnect_min.unwrap_or(Duration::from_millis(200));
+        let connect_timeout = args.connect_timeout.unwrap_or(Duration::from_secs(10));
         Ok(Self {
             listen,
             recv_buffer: args.recv_buffer.unwrap_or(DEFAULT_RECV_BUFFER),
@@ -327,7 +403,15 @@ impl TryFrom<Args> for Config {
                 .unwrap_or(DEFAULT_BATCH_BYTES)
                 .clamp(1, proto::wire::DEFAULT_MAX_FRAME_LEN / 4),
             batch_delay: args.batch_delay.unwrap_or(DEFAULT_BATCH_DELAY),
-            connect_timeout: args.connect_timeout.unwrap_or(Duration::from_secs(10)),
+            connect_timeout,
+            quic_fallback_after: args
+                .quic_fallback_after
+                .unwrap_or(DEFAULT_QUIC_FALLBACK_AFTER)
+                .min(connect_timeout),
+            quic_retry_interval: args
+                .quic_retry_interval
+                .unwrap_or(DEFAULT_QUIC_RETRY_INTERVAL)
+                .max(Duration::from_millis(100)),
             reconnect_min,
             reconnect_max: args
                 .reconnect_max
@@ -335,6 +419,7 @@ impl TryFrom<Args> for Config {
                 .max(reconnect_min),
             shutdown_grace: args.shutdown_grace.unwrap_or(Duration::from_secs(5)),
             quic: args.quic,
+            grpc: args.grpc,
         })
     }
 }

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use certs::store::{self, Secrecy};
 use certs::{Ca, Leaf, Role};
-use runtime::udp::{self, Buffers};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics;
@@ -27,7 +26,7 @@ pub struct DemoArgs {
     /// Where to receive sFlow (point your switches or hsflowd here).
     #[arg(long, default_value = "0.0.0.0:6343")]
     pub listen: SocketAddr,
-    /// The demo sink's QUIC address (loopback).
+    /// The demo sink's address (loopback): QUIC on UDP, gRPC on TCP.
     #[arg(long, default_value = "127.0.0.1:4433")]
     pub sink_listen: SocketAddr,
     /// Where the sink replays datagrams (e.g. sFlow-RT or sflowtool).
@@ -48,23 +47,19 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     ensure_pki(&pki)
         .map_err(|e| format!("cannot make demo certificates in {}: {e}", pki.display()))?;
 
-    let sink_socket = udp::bind(
-        args.sink_listen,
-        Buffers {
-            recv: Some(8 << 20),
-            send: Some(8 << 20),
-        },
-    )
-    .map_err(|e| format!("cannot listen on {} (sink): {e}", args.sink_listen))?;
-    let sink_addr = sink_socket.local_addr().map_err(|e| e.to_string())?;
     let sink_config = sink::Config::try_from(sink::Args {
-        listen: Some(sink_addr),
+        listen: Some(args.sink_listen),
         ca: Some(pki.join("ca.pem")),
         cert: Some(pki.join("localhost.pem")),
         key: Some(pki.join("localhost.key")),
         forward: vec![args.forward.clone()],
         ..Default::default()
     })?;
+    let sink_listeners = sink::bind(&sink_config).map_err(|e| format!("sink: {e}"))?;
+    let sink_addr = sink_listeners
+        .quic
+        .local_addr()
+        .map_err(|e| e.to_string())?;
     let agent_config = crate::Config::try_from(crate::Args {
         listen: vec![args.listen],
         sink: Some(crate::config::Sinks::One(sink_addr.to_string())),
@@ -80,7 +75,9 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     println!("sflow-relay demo: sink and agent on this host, mutual TLS over QUIC");
     println!("  certificates:  {}", pki.display());
     println!("  send sFlow to: udp {listen}  (the agent)");
-    println!("  relayed over:  quic {sink_addr}  (the sink)");
+    println!(
+        "  relayed over:  quic {sink_addr}, or gRPC on tcp {sink_addr} if UDP fails  (the sink)"
+    );
     println!("  replayed to:   udp {}", args.forward);
     println!("  stop with Ctrl-C");
 
@@ -90,7 +87,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     let sink_metrics = Arc::new(sink::Metrics::default());
     let sink_task = tokio::spawn(sink::run(
         sink_config,
-        sink_socket,
+        sink_listeners,
         sink_metrics.clone(),
         stop_sink.clone().cancelled_owned(),
     ));

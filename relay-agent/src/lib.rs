@@ -1,12 +1,13 @@
 //! relay-agent: the site end of sflow-relay.
 //!
 //! Receives sFlow datagrams on UDP, batches them, and streams the batches to each configured
-//! sink over QUIC with mutual TLS. The receive path never waits on the network: bounded queues
+//! sink over QUIC with mutual TLS, or over gRPC (HTTP/2 over TLS on TCP) where UDP cannot get
+//! out. The receive path never waits on the network: bounded queues
 //! sit between receiving, batching and each sink, and every drop is counted and logged.
 //!
 //! ```text
-//! UDP sockets ─► receive ─► (queue) ─► batch ─┬─► (queue) ─► QUIC link ─► sink A
-//!                                             └─► (queue) ─► QUIC link ─► sink B
+//! UDP sockets ─► receive ─► (queue) ─► batch ─┬─► (queue) ─► link (QUIC | gRPC) ─► sink A
+//!                                             └─► (queue) ─► link (QUIC | gRPC) ─► sink B
 //! ```
 //!
 //! # Layout
@@ -14,7 +15,8 @@
 //! - [`config`] — command-line and file options, and the checked [`Config`].
 //! - `receive`: the UDP receive loops.
 //! - `batch`: batching and fan-out to the sinks' queues.
-//! - `transport`: one link per sink (QUIC), with reconnect backoff.
+//! - `transport`: one link per sink (QUIC, gRPC, or QUIC with fallback to gRPC), with
+//!   reconnect backoff.
 //! - [`metrics`] — counters.
 //! - [`demo`] — the one-command quick start (sink and agent on loopback, throwaway certificates).
 //!
@@ -50,6 +52,9 @@ pub enum Error {
     /// Certificates or keys could not be loaded, or do not fit together.
     #[error("sink {0}: {1}")]
     Certs(String, certs::Error),
+    /// A sink's settings cannot work (say, a server name that is no DNS name or address).
+    #[error("sink {0}: {1}")]
+    Config(String, String),
     /// The QUIC endpoint could not be set up.
     #[error("cannot start QUIC: {0}")]
     Quic(String),
@@ -90,12 +95,15 @@ pub async fn run(
         let ca = certs::TrustAnchors::load(&sink.ca).map_err(certs_error)?;
         let identity = certs::Identity::load(&sink.cert, &sink.key).map_err(certs_error)?;
         let tls = certs::client_config(&ca, &identity, proto::ALPN).map_err(certs_error)?;
+        let grpc_tls =
+            certs::client_config(&ca, &identity, proto::GRPC_ALPN).map_err(certs_error)?;
         let tls = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
             .map_err(|e| Error::Quic(e.to_string()))?;
         let mut client = quinn::ClientConfig::new(Arc::new(tls));
         client.transport_config(transport.clone());
         tracing::info!(
             sink = %sink.addr,
+            transport = sink.transport.as_str(),
             server_name = %sink.server_name,
             identity = identity.name(),
             expires_in_days = identity.info().seconds_to_expiry() / 86_400,
@@ -110,14 +118,33 @@ pub async fn run(
             metrics: link_metrics.clone(),
             full: RateLimit::new(Duration::from_secs(10)),
         });
+        let quic = transport::quic::Connector {
+            endpoint: endpoint.clone(),
+            client,
+            sink: sink.clone(),
+            metrics: link_metrics.clone(),
+        };
+        let grpc = transport::grpc::Connector::new(
+            sink.clone(),
+            grpc_tls,
+            config.grpc.clone(),
+            link_metrics.clone(),
+        )
+        .map_err(|e| Error::Config(sink.addr.clone(), e))?;
         links.spawn(
-            transport::quic::Link {
+            transport::Link {
                 sink: sink.clone(),
-                client,
-                endpoint: endpoint.clone(),
+                dialer: transport::Dialer {
+                    sink: sink.clone(),
+                    quic: Arc::new(quic),
+                    grpc: Arc::new(grpc),
+                    metrics: link_metrics.clone(),
+                    connect_timeout: config.connect_timeout,
+                    quic_fallback_after: config.quic_fallback_after,
+                    quic_retry_interval: config.quic_retry_interval,
+                },
                 queue: rx,
                 metrics: link_metrics,
-                connect_timeout: config.connect_timeout,
                 backoff: transport::Backoff::new(config.reconnect_min, config.reconnect_max),
                 in_flight: Default::default(),
             }
@@ -177,6 +204,8 @@ pub async fn run(
             dropped_connection_lost = metrics::get(&m.dropped_connection_lost),
             connects = metrics::get(&m.connects),
             connect_failures = metrics::get(&m.connect_failures),
+            fallbacks_to_grpc = metrics::get(&m.fallbacks_to_grpc),
+            returns_to_quic = metrics::get(&m.returns_to_quic),
             "sink link summary"
         );
     }

@@ -32,6 +32,18 @@ pub struct SinkMetrics {
     pub connects: AtomicU64,
     /// Failed connection attempts.
     pub connect_failures: AtomicU64,
+    /// The transport in use: 0 none (connecting), 1 QUIC, 2 gRPC.
+    pub transport: AtomicU64,
+    /// Times `auto` fell back to gRPC because no QUIC handshake completed.
+    pub fallbacks_to_grpc: AtomicU64,
+    /// Times `auto` moved back from gRPC to QUIC.
+    pub returns_to_quic: AtomicU64,
+}
+
+/// Sets a gauge.
+#[inline]
+pub fn set(gauge: &AtomicU64, value: u64) {
+    gauge.store(value, Ordering::Relaxed);
 }
 
 /// Adds `n` to `counter`.

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use runtime::grpc::GrpcOptions;
 use runtime::quic::QuicOptions;
 use runtime::ssh_hex::SshHexOptions;
 use runtime::telemetry::LogFormat;
@@ -37,6 +38,12 @@ pub struct Args {
     #[arg(long, value_name = "ADDR")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listen: Option<SocketAddr>,
+
+    /// gRPC listen address (TCP), or `off`. [default: the address and port of --listen, so one
+    /// port number serves both transports]
+    #[arg(long, value_name = "ADDR|off", value_parser = parse_grpc_listen)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_listen: Option<GrpcListen>,
 
     /// Receive (and send) buffer to ask the kernel for on the QUIC socket, bytes. [default: 8 MiB]
     #[arg(long, value_name = "BYTES")]
@@ -108,7 +115,47 @@ pub struct Args {
 
     #[command(flatten)]
     #[serde(flatten)]
+    pub grpc: GrpcOptions,
+
+    #[command(flatten)]
+    #[serde(flatten)]
     pub ssh_hex: SshHexOptions,
+}
+
+/// Where the gRPC port listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum GrpcListen {
+    /// No gRPC port.
+    Off,
+    /// This TCP address.
+    At(SocketAddr),
+}
+
+fn parse_grpc_listen(s: &str) -> Result<GrpcListen, String> {
+    if s == "off" {
+        Ok(GrpcListen::Off)
+    } else {
+        s.parse()
+            .map(GrpcListen::At)
+            .map_err(|_| format!("{s:?} is neither an address (IP:PORT) nor `off`"))
+    }
+}
+
+impl TryFrom<String> for GrpcListen {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        parse_grpc_listen(&s)
+    }
+}
+
+impl From<GrpcListen> for String {
+    fn from(g: GrpcListen) -> Self {
+        match g {
+            GrpcListen::Off => "off".into(),
+            GrpcListen::At(addr) => addr.to_string(),
+        }
+    }
 }
 
 /// The sink's checked configuration.
@@ -116,6 +163,8 @@ pub struct Args {
 pub struct Config {
     /// QUIC listen address.
     pub listen: SocketAddr,
+    /// gRPC listen address; `None` for no gRPC port. The same as `listen` by default.
+    pub grpc_listen: Option<SocketAddr>,
     /// Kernel buffer size for the QUIC socket.
     pub recv_buffer: usize,
     /// CA certificate file.
@@ -138,6 +187,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// QUIC tuning.
     pub quic: QuicOptions,
+    /// gRPC tuning.
+    pub grpc: GrpcOptions,
 }
 
 impl TryFrom<Args> for Config {
@@ -167,10 +218,16 @@ impl TryFrom<Args> for Config {
                 proto::MAX_DATAGRAM_LEN
             ));
         }
+        let listen = args
+            .listen
+            .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default"));
         Ok(Self {
-            listen: args
-                .listen
-                .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
+            listen,
+            grpc_listen: match args.grpc_listen {
+                None => Some(listen),
+                Some(GrpcListen::Off) => None,
+                Some(GrpcListen::At(addr)) => Some(addr),
+            },
             recv_buffer: args.recv_buffer.unwrap_or(DEFAULT_RECV_BUFFER),
             ca: need(args.ca, "ca")?,
             cert: need(args.cert, "cert")?,
@@ -182,6 +239,7 @@ impl TryFrom<Args> for Config {
             handshake_timeout: args.handshake_timeout.unwrap_or(Duration::from_secs(10)),
             shutdown_grace: args.shutdown_grace.unwrap_or(Duration::from_secs(5)),
             quic: args.quic,
+            grpc: args.grpc,
         })
     }
 }

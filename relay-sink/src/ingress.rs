@@ -1,11 +1,96 @@
 //! Where batches come in. Each transport turns authenticated agent connections into calls of
-//! [`Replay::submit`](crate::replay::Replay::submit) plus acknowledgements.
+//! [`deliver`] (which hands the batch to [`Replay`](crate::replay::Replay)) plus
+//! acknowledgements. What the transports share (refusal logging, delivery) lives here, so QUIC
+//! and gRPC agents are treated alike.
 
+pub(crate) mod grpc;
 pub(crate) mod quic;
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use proto::pb;
 use runtime::ratelimit::RateLimit;
+
+use crate::Shared;
+use crate::metrics::Metrics;
+
+/// The transport an agent came in on, as a log field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Transport {
+    Quic,
+    Grpc,
+}
+
+impl Transport {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Quic => "quic",
+            Self::Grpc => "grpc",
+        }
+    }
+}
+
+/// Counts and logs (rate-limited per kind) a refused or failed handshake.
+pub(crate) fn refused(shared: &Shared, transport: Transport, remote: SocketAddr, reason: &str) {
+    Metrics::add(&shared.metrics.handshakes_refused, 1);
+    let kind = RefusalKind::of(reason);
+    if let Some(more) = shared.refusals.check(kind) {
+        tracing::warn!(
+            %remote,
+            transport = transport.as_str(),
+            %reason,
+            kind = kind.as_str(),
+            earlier_refusals_not_logged = more,
+            "agent refused: TLS handshake failed"
+        );
+    }
+}
+
+/// Counts and logs (rate-limited) a handshake that did not complete in time.
+pub(crate) fn timed_out(shared: &Shared, transport: Transport, remote: SocketAddr) {
+    Metrics::add(&shared.metrics.handshakes_refused, 1);
+    if let Some(more) = shared.refusals.check(RefusalKind::Timeout) {
+        tracing::warn!(
+            %remote,
+            transport = transport.as_str(),
+            reason = "handshake timeout",
+            kind = RefusalKind::Timeout.as_str(),
+            earlier_refusals_not_logged = more,
+            "agent refused: TLS handshake did not complete in time"
+        );
+    }
+}
+
+/// Counts a protocol violation and logs it (not rate-limited: it ends an authenticated
+/// agent's connection, which is rare and always worth knowing).
+pub(crate) fn violation(
+    shared: &Shared,
+    transport: Transport,
+    agent: &str,
+    remote: SocketAddr,
+    error: &str,
+) {
+    Metrics::add(&shared.metrics.protocol_errors, 1);
+    tracing::warn!(%agent, %remote, transport = transport.as_str(), %error, "closing connection: protocol violation");
+}
+
+/// Hands a batch from `agent` to replay and returns its acknowledgement.
+pub(crate) fn deliver(shared: &Shared, agent: &str, batch: pb::Batch) -> pb::Ack {
+    let ack = pb::Ack {
+        session: batch.session,
+        sequence: batch.sequence,
+    };
+    Metrics::add(&shared.metrics.batches_received, 1);
+    Metrics::add(
+        &shared.metrics.datagrams_received,
+        batch.datagrams.len() as u64,
+    );
+    tracing::trace!(%agent, sequence = ack.sequence, datagrams = batch.datagrams.len(), "batch");
+    shared.replay.submit(Arc::new(batch));
+    ack
+}
 
 /// Why a handshake was refused, in a few stable words (a log field, later a metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

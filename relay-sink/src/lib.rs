@@ -1,18 +1,19 @@
 //! relay-sink: the cloud end of sflow-relay.
 //!
-//! Accepts relay agents over QUIC with mutual TLS (only certificates signed by the configured
-//! CA, with the clientAuth usage), reads their batches, replays every datagram byte for byte as
-//! UDP to each destination, and acknowledges each batch to its agent.
+//! Accepts relay agents over QUIC, and over gRPC (HTTP/2 over TLS on TCP) on the same port
+//! number, both with mutual TLS (only certificates signed by the configured CA, with the
+//! clientAuth usage); reads their batches, replays every datagram byte for byte as UDP to each
+//! destination, and acknowledges each batch to its agent.
 //!
 //! # Layout
 //!
 //! - [`config`] — command-line and file options, and the checked [`Config`].
-//! - `ingress`: transports that bring batches in (QUIC).
+//! - `ingress`: transports that bring batches in (QUIC, gRPC), and what they share.
 //! - [`replay`] — per-destination UDP senders with bounded queues.
 //! - [`metrics`] — counters.
 //!
-//! [`run`] takes the bound UDP socket and a shutdown future, so tests and the demo can drive
-//! it without a process of its own.
+//! [`run`] takes sockets bound by [`bind`] and a shutdown future, so tests and the demo can
+//! drive it without a process of its own.
 
 pub mod config;
 mod ingress;
@@ -20,6 +21,7 @@ pub mod metrics;
 pub mod replay;
 
 use std::future::Future;
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::sync::Arc;
 
 pub use config::{Args, Config};
@@ -37,7 +39,10 @@ pub enum Error {
     Certs(#[from] certs::Error),
     /// The QUIC endpoint could not be set up.
     #[error("cannot start QUIC on {0}: {1}")]
-    Quic(std::net::SocketAddr, String),
+    Quic(SocketAddr, String),
+    /// The gRPC listener could not be set up.
+    #[error("cannot start gRPC on {0}: {1}")]
+    Grpc(SocketAddr, String),
     /// A replay destination could not be set up.
     #[error("replay destination {0}: {1}")]
     Destination(String, String),
@@ -54,7 +59,64 @@ pub(crate) struct Shared {
     refusals: ingress::Refusals,
 }
 
-/// Runs the sink on `socket` until `shutdown` resolves, then stops accepting, closes agent
+/// The sink's bound sockets.
+#[derive(Debug)]
+pub struct Listeners {
+    /// QUIC (UDP).
+    pub quic: UdpSocket,
+    /// gRPC (TCP), unless turned off.
+    pub grpc: Option<TcpListener>,
+}
+
+/// Binds the QUIC socket (with the configured buffers) and the gRPC listener.
+///
+/// When both ask for the same address with port 0, they get the same port number: the UDP
+/// port is picked first, and picked again should that number be taken on TCP.
+///
+/// # Errors
+///
+/// When an address cannot be bound; the error names it.
+pub fn bind(config: &Config) -> Result<Listeners, String> {
+    let buffers = runtime::udp::Buffers {
+        recv: Some(config.recv_buffer),
+        send: Some(config.recv_buffer),
+    };
+    let quic = |addr: SocketAddr| {
+        runtime::udp::bind(addr, buffers).map_err(|e| format!("cannot listen on {addr} (UDP): {e}"))
+    };
+    let grpc = |addr: SocketAddr| {
+        TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr} (TCP): {e}"))
+    };
+    match config.grpc_listen {
+        None => Ok(Listeners {
+            quic: quic(config.listen)?,
+            grpc: None,
+        }),
+        Some(tcp) if tcp == config.listen && tcp.port() == 0 => {
+            let mut last = String::new();
+            for _ in 0..32 {
+                let udp = quic(config.listen)?;
+                let port = udp.local_addr().map_err(|e| e.to_string())?.port();
+                match grpc(SocketAddr::new(tcp.ip(), port)) {
+                    Ok(listener) => {
+                        return Ok(Listeners {
+                            quic: udp,
+                            grpc: Some(listener),
+                        });
+                    }
+                    Err(e) => last = e,
+                }
+            }
+            Err(last)
+        }
+        Some(tcp) => Ok(Listeners {
+            quic: quic(config.listen)?,
+            grpc: Some(grpc(tcp)?),
+        }),
+    }
+}
+
+/// Runs the sink on `listeners` until `shutdown` resolves, then stops accepting, closes agent
 /// connections and finishes replaying what was received (within `shutdown_grace`).
 ///
 /// # Errors
@@ -62,16 +124,31 @@ pub(crate) struct Shared {
 /// When certificates cannot be loaded or a destination cannot be set up.
 pub async fn run(
     config: Config,
-    socket: std::net::UdpSocket,
+    listeners: Listeners,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     let ca = certs::TrustAnchors::load(&config.ca)?;
     let identity = certs::Identity::load(&config.cert, &config.key)?;
     let tls = certs::server_config(&ca, &identity, proto::ALPN)?;
+    let grpc_tls = Arc::new(certs::server_config(&ca, &identity, proto::GRPC_ALPN)?);
+    let socket = listeners.quic;
     let local = socket
         .local_addr()
         .map_err(|e| Error::Quic(config.listen, e.to_string()))?;
+    let grpc_listener = match listeners.grpc {
+        Some(listener) => {
+            let addr = listener
+                .local_addr()
+                .map_err(|e| Error::Grpc(local, e.to_string()))?;
+            listener
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::TcpListener::from_std(listener))
+                .map(|l| Some((l, addr)))
+                .map_err(|e| Error::Grpc(addr, e.to_string()))?
+        }
+        None => None,
+    };
     let quic_tls = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| Error::Quic(local, e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic_tls));
@@ -98,9 +175,10 @@ pub async fn run(
     });
     tracing::info!(
         listen = %local,
+        grpc_listen = grpc_listener.as_ref().map(|(_, addr)| addr.to_string()).unwrap_or_else(|| "off".into()),
         identity = identity.name(),
         expires_in_days = identity.info().seconds_to_expiry() / 86_400,
-        "sink listening for agents (QUIC, mutual TLS)"
+        "sink listening for agents (QUIC and gRPC, mutual TLS)"
     );
 
     let token = CancellationToken::new();
@@ -111,9 +189,18 @@ pub async fn run(
         token.clone(),
         tracker.clone(),
     ));
+    let grpc = grpc_listener.map(|(listener, _)| {
+        tracker.spawn(ingress::grpc::serve(
+            listener,
+            grpc_tls,
+            shared.clone(),
+            token.clone(),
+        ))
+    });
     shutdown.await;
     token.cancel();
     let _ = accept.await;
+    drop(grpc);
     tracker.close();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!("connections did not finish within the shutdown grace period");

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use clap::Parser;
 use relay_sink::{Args, Config, Metrics};
 use runtime::cli;
-use runtime::udp::{self, Buffers};
 
 const PROGRAM: &str = "relay-sink";
 
@@ -21,21 +20,13 @@ fn main() -> ExitCode {
     };
     let rt = tokio::runtime::Runtime::new().expect("start tokio runtime");
     rt.block_on(async {
-        // The QUIC socket carries every agent's traffic: give it room for bursts.
-        let size = Some(config.recv_buffer);
-        let buffers = Buffers {
-            recv: size,
-            send: size,
-        };
-        let socket = match udp::bind(config.listen, buffers) {
-            Ok(socket) => socket,
-            Err(e) => {
-                return cli::fail(PROGRAM, &format!("cannot listen on {}: {e}", config.listen));
-            }
+        let listeners = match relay_sink::bind(&config) {
+            Ok(listeners) => listeners,
+            Err(e) => return cli::fail(PROGRAM, &e),
         };
         match relay_sink::run(
             config,
-            socket,
+            listeners,
             Arc::new(Metrics::default()),
             runtime::shutdown::signal(),
         )

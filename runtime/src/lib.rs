@@ -8,6 +8,7 @@
 //! - [`cli`] — the start-up steps both binaries share (config file, logging, `--ssh-hex`,
 //!   exit statuses).
 //! - [`config`] — one set of option names for the command line and the TOML file.
+//! - [`grpc`] — gRPC (HTTP/2) keep-alive settings, and error chains made readable.
 //! - [`quic`] — QUIC transport tuning (keep-alive, idle timeout, flow-control windows, congestion
 //!   control, GSO) and the stateless-reset key.
 //! - [`ssh_hex`] — the `--ssh-hex` mode, compatible with the `sflow_fwd.py | ssh` pipe.
@@ -17,6 +18,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod grpc;
 pub mod quic;
 pub mod ratelimit;
 pub mod shutdown;

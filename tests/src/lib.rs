@@ -20,8 +20,28 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub mod quic;
+pub mod bare;
+pub mod netns;
 pub mod sflow;
+
+/// The transports between agent and sink; the end-to-end suite runs over each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// QUIC (UDP).
+    Quic,
+    /// gRPC (HTTP/2 over TLS on TCP).
+    Grpc,
+}
+
+impl Transport {
+    /// The agent's `--transport` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Quic => "quic",
+            Self::Grpc => "grpc",
+        }
+    }
+}
 
 /// Default deadline for a wait.
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -372,6 +392,20 @@ pub fn start_sink(
     (sink, addr)
 }
 
+/// Starts `relay-agent` on an ephemeral loopback port, sending to `sink` as `server_name` over
+/// `transport` only. Returns the daemon and its UDP receive address.
+pub fn start_agent_over(
+    transport: Transport,
+    ca: &Path,
+    cert: &(PathBuf, PathBuf),
+    sink: SocketAddr,
+    server_name: &str,
+    extra: &[&str],
+) -> (Daemon, SocketAddr) {
+    let extra = [&["--transport", transport.name()], extra].concat();
+    start_agent(ca, cert, sink, server_name, &extra)
+}
+
 /// Starts `relay-agent` on an ephemeral loopback port, sending to `sink` as `server_name`.
 /// Returns the daemon and its UDP receive address.
 pub fn start_agent(
@@ -568,7 +602,7 @@ pub fn send_paced(
     delivered: impl Fn() -> usize,
 ) {
     const WINDOW_BYTES: usize = 128 * 1024;
-    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind sender");
+    let socket = sender_for(to);
     let mut prefix = Vec::with_capacity(datagrams.len() + 1);
     prefix.push(0usize);
     for d in datagrams {
@@ -597,9 +631,23 @@ pub fn send_paced(
     }
 }
 
+/// A UDP socket to send to `to` from: on loopback for loopback, else on any address (a
+/// network namespace's veth).
+fn sender_for(to: SocketAddr) -> UdpSocket {
+    let from: SocketAddr = match (to.ip().is_loopback(), to.is_ipv4()) {
+        (true, true) => "127.0.0.1:0",
+        (true, false) => "[::1]:0",
+        (false, true) => "0.0.0.0:0",
+        (false, false) => "[::]:0",
+    }
+    .parse()
+    .expect("address");
+    UdpSocket::bind(from).expect("bind sender")
+}
+
 /// Sends `datagrams` to `to` without pacing (for traffic whose delivery is not asserted).
 pub fn send_all(to: SocketAddr, datagrams: &[Vec<u8>]) {
-    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind sender");
+    let socket = sender_for(to);
     for d in datagrams {
         socket.send_to(d, to).expect("send datagram");
     }

@@ -18,9 +18,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::RefusalKind;
 use crate::Shared;
-use crate::metrics::Metrics;
+use crate::ingress::{self, Transport};
+
+const QUIC: Transport = Transport::Quic;
 
 /// Application error codes sent in CONNECTION_CLOSE.
 const CLOSE_SHUTDOWN: u32 = 0;
@@ -49,26 +50,12 @@ async fn handle(incoming: Incoming, shared: Arc<Shared>, token: CancellationToke
     let remote = incoming.remote_address();
     let connection = match tokio::time::timeout(shared.config.handshake_timeout, incoming).await {
         Ok(Ok(connection)) => connection,
-        Ok(Err(error)) => {
-            Metrics::add(&shared.metrics.handshakes_refused, 1);
-            let reason = error.to_string();
-            let kind = RefusalKind::of(&reason);
-            if let Some(more) = shared.refusals.check(kind) {
-                tracing::warn!(%remote, %reason, kind = kind.as_str(), earlier_refusals_not_logged = more, "agent refused: TLS handshake failed");
-            }
-            return;
-        }
-        Err(_) => {
-            Metrics::add(&shared.metrics.handshakes_refused, 1);
-            if let Some(more) = shared.refusals.check(RefusalKind::Timeout) {
-                tracing::warn!(%remote, reason = "handshake timeout", kind = RefusalKind::Timeout.as_str(), earlier_refusals_not_logged = more, "agent refused: TLS handshake did not complete in time");
-            }
-            return;
-        }
+        Ok(Err(error)) => return ingress::refused(&shared, QUIC, remote, &error.to_string()),
+        Err(_) => return ingress::timed_out(&shared, QUIC, remote),
     };
     let agent = agent_name(&connection);
-    Metrics::add(&shared.metrics.connections_accepted, 1);
-    tracing::info!(%agent, %remote, "agent connected");
+    crate::Metrics::add(&shared.metrics.connections_accepted, 1);
+    tracing::info!(%agent, %remote, transport = "quic", "agent connected");
     let streams = TaskTracker::new();
     let reason = loop {
         let accepted = tokio::select! {
@@ -95,7 +82,7 @@ async fn handle(incoming: Incoming, shared: Arc<Shared>, token: CancellationToke
     };
     streams.close();
     streams.wait().await;
-    tracing::info!(%agent, %remote, %reason, "agent disconnected");
+    tracing::info!(%agent, %remote, transport = "quic", %reason, "agent disconnected");
 }
 
 /// The agent's name from its certificate (already verified by rustls).
@@ -134,8 +121,7 @@ async fn stream(
                 return;
             }
             Err(error) => {
-                Metrics::add(&shared.metrics.protocol_errors, 1);
-                tracing::warn!(%agent, %remote, %error, "closing connection: protocol violation");
+                ingress::violation(&shared, QUIC, &agent, remote, &error.to_string());
                 connection.close(
                     VarInt::from_u32(CLOSE_PROTOCOL),
                     error.to_string().as_bytes(),
@@ -143,16 +129,9 @@ async fn stream(
                 return;
             }
         };
-        let (session, sequence) = (batch.session, batch.sequence);
-        Metrics::add(&shared.metrics.batches_received, 1);
-        Metrics::add(
-            &shared.metrics.datagrams_received,
-            batch.datagrams.len() as u64,
-        );
-        tracing::trace!(%agent, sequence, datagrams = batch.datagrams.len(), "batch");
-        shared.replay.submit(Arc::new(batch));
+        let acknowledgement = ingress::deliver(&shared, &agent, batch);
         ack.clear();
-        encode_frame(&pb::Ack { session, sequence }, &mut ack);
+        encode_frame(&acknowledgement, &mut ack);
         let write = tokio::time::timeout(Duration::from_secs(30), send.write_all(&ack));
         if !matches!(write.await, Ok(Ok(()))) {
             tracing::debug!(%agent, "could not acknowledge; stream closed");

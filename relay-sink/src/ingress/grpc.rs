@@ -1,0 +1,309 @@
+//! gRPC ingress: the `Relay.Stream` call over HTTP/2 over TLS on TCP, for agents whose site
+//! lets no UDP out.
+//!
+//! TLS is ours, not tonic's: each TCP connection is handshaken here with the same rustls
+//! configuration the QUIC side uses (from `relay-certs`, ALPN `h2` instead of the relay's), so
+//! the mutual-TLS policy exists once. A refused handshake is counted and logged exactly as on
+//! QUIC. Only connections that pass reach tonic, each carrying the agent's name from its
+//! certificate, which the call handler reads from the request.
+//!
+//! Every batch goes through [`ingress::deliver`], the QUIC side's path to replay, and is
+//! acknowledged on the response stream.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use proto::pb;
+use proto::pb::relay_server::{Relay, RelayServer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::server::Connected;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::Shared;
+use crate::ingress::{self, Transport};
+
+const GRPC: Transport = Transport::Grpc;
+
+/// Acknowledgements are tiny; the response stream needs little room.
+const ACK_QUEUE: usize = 64;
+
+/// Serves gRPC on `listener` until `token` is cancelled; then ends every call (so agents see
+/// the stream close and reconnect elsewhere) and returns once connections are closed.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    shared: Arc<Shared>,
+    token: CancellationToken,
+) {
+    let (connections, incoming) = mpsc::channel::<AgentIo>(64);
+    let handshakes = TaskTracker::new();
+    let accept = tokio::spawn(accept(
+        listener,
+        TlsAcceptor::from(tls),
+        shared.clone(),
+        connections,
+        token.clone(),
+        handshakes.clone(),
+    ));
+    let grpc = &shared.config.grpc;
+    let service = RelayServer::new(RelayService {
+        shared: shared.clone(),
+        token: token.clone(),
+    })
+    // The limit is enforced on receipt, before the message is decoded.
+    .max_decoding_message_size(shared.config.max_frame_bytes);
+    let served = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(grpc.keep_alive()))
+        .http2_keepalive_timeout(Some(grpc.keep_alive_timeout()))
+        .initial_stream_window_size(runtime::grpc::DEFAULT_STREAM_WINDOW)
+        .initial_connection_window_size(runtime::grpc::DEFAULT_CONN_WINDOW)
+        // One call per connection is the protocol; a few more let a reconnecting agent's
+        // new call in while an old one drains.
+        .max_concurrent_streams(4)
+        .serve_with_incoming_shutdown(
+            service,
+            ReceiverStream::new(incoming).map(Ok::<_, std::io::Error>),
+            token.cancelled(),
+        )
+        .await;
+    if let Err(error) = served {
+        tracing::error!(error = %runtime::grpc::error_chain(&error), "gRPC server failed");
+    }
+    let _ = accept.await;
+    handshakes.close();
+    handshakes.wait().await;
+}
+
+/// Accepts TCP connections and handshakes each in its own task (a slow or silent client holds
+/// up no one), passing those that pass to the server.
+async fn accept(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+    connections: mpsc::Sender<AgentIo>,
+    token: CancellationToken,
+    handshakes: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = token.cancelled() => return,
+        };
+        let (tcp, remote) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of file descriptors, usually: wait a little rather than spin.
+                tracing::warn!(%error, "cannot accept a TCP connection");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let span = tracing::info_span!("agent", %remote);
+        handshakes.spawn(
+            handshake(
+                tcp,
+                remote,
+                acceptor.clone(),
+                shared.clone(),
+                connections.clone(),
+                token.clone(),
+            )
+            .instrument(span),
+        );
+    }
+}
+
+async fn handshake(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+    connections: mpsc::Sender<AgentIo>,
+    token: CancellationToken,
+) {
+    let _ = tcp.set_nodelay(true);
+    let handshake = tokio::time::timeout(shared.config.handshake_timeout, acceptor.accept(tcp));
+    let tls = tokio::select! {
+        result = handshake => match result {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(error)) => return ingress::refused(&shared, GRPC, remote, &error.to_string()),
+            Err(_) => return ingress::timed_out(&shared, GRPC, remote),
+        },
+        () = token.cancelled() => return,
+    };
+    let agent: Arc<str> = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(certs::load::peer_name)
+        .unwrap_or_else(|| "unnamed".into())
+        .into();
+    crate::Metrics::add(&shared.metrics.connections_accepted, 1);
+    tracing::info!(%agent, %remote, transport = "grpc", "agent connected");
+    let io = AgentIo {
+        tls,
+        peer: Peer { agent, remote },
+    };
+    // Fails only when the server has stopped: the connection is then dropped (and logged).
+    let _ = connections.send(io).await;
+}
+
+/// Who is at the other end of a gRPC connection, as the call handler sees it.
+#[derive(Debug, Clone)]
+struct Peer {
+    agent: Arc<str>,
+    remote: SocketAddr,
+}
+
+/// An authenticated agent connection: the TLS stream plus who it is. Dropped when the
+/// connection ends, which is logged.
+struct AgentIo {
+    tls: TlsStream<TcpStream>,
+    peer: Peer,
+}
+
+impl Drop for AgentIo {
+    fn drop(&mut self) {
+        tracing::info!(agent = %self.peer.agent, remote = %self.peer.remote, transport = "grpc", "agent disconnected");
+    }
+}
+
+impl Connected for AgentIo {
+    type ConnectInfo = Peer;
+
+    fn connect_info(&self) -> Peer {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for AgentIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().tls).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for AgentIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tls).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tls).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tls.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().tls).poll_shutdown(cx)
+    }
+}
+
+struct RelayService {
+    shared: Arc<Shared>,
+    token: CancellationToken,
+}
+
+#[tonic::async_trait]
+impl Relay for RelayService {
+    type StreamStream = ReceiverStream<Result<pb::Ack, Status>>;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<pb::Batch>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let peer = request
+            .extensions()
+            .get::<Peer>()
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("no authenticated peer"))?;
+        let (acks, response) = mpsc::channel(ACK_QUEUE);
+        let span = tracing::info_span!("agent", remote = %peer.remote);
+        tokio::spawn(
+            relay(
+                request.into_inner(),
+                acks,
+                peer,
+                self.shared.clone(),
+                self.token.clone(),
+            )
+            .instrument(span),
+        );
+        Ok(Response::new(ReceiverStream::new(response)))
+    }
+}
+
+/// Reads one call's batches, delivers each, acknowledges each. Ends when the agent finishes
+/// its side, the connection fails, a message breaks the protocol, or the sink shuts down;
+/// dropping `acks` then ends the response stream.
+async fn relay(
+    mut batches: Streaming<pb::Batch>,
+    acks: mpsc::Sender<Result<pb::Ack, Status>>,
+    peer: Peer,
+    shared: Arc<Shared>,
+    token: CancellationToken,
+) {
+    loop {
+        let next = tokio::select! {
+            next = batches.message() => next,
+            () = token.cancelled() => return,
+        };
+        match next {
+            Ok(Some(batch)) => {
+                let ack = ingress::deliver(&shared, &peer.agent, batch);
+                if acks.send(Ok(ack)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Err(status) if is_violation(&status) => {
+                ingress::violation(&shared, GRPC, &peer.agent, peer.remote, status.message());
+                let _ = acks.send(Err(status)).await;
+                return;
+            }
+            Err(status) => {
+                tracing::debug!(agent = %peer.agent, error = %status, "call ended");
+                return;
+            }
+        }
+    }
+}
+
+/// A message over the size limit, or one that does not decode: the agent's fault, not the
+/// network's.
+fn is_violation(status: &Status) -> bool {
+    use tonic::Code;
+    match status.code() {
+        Code::OutOfRange | Code::ResourceExhausted => true,
+        Code::Internal => status.message().contains("decode"),
+        _ => false,
+    }
+}

@@ -1,0 +1,128 @@
+//! Bare clients for the cases the real agent cannot produce, such as connecting with no client
+//! certificate at all. They speak the real protocol (ALPN, frames or gRPC) to the real sink.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use proto::pb;
+use rustls::RootCertStore;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+
+use crate::Transport;
+
+/// Connects to `sink` over `transport` with TLS that presents no client certificate, sends
+/// one batch of `datagrams`, and waits up to 3 s for its acknowledgement. `Ok` means the sink
+/// accepted and acknowledged the batch; `Err` says how it was refused.
+pub fn relay_without_client_cert(
+    transport: Transport,
+    sink: SocketAddr,
+    ca: &Path,
+    datagrams: &[Vec<u8>],
+) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let batch = pb::Batch {
+        session: 1,
+        sequence: 1,
+        datagrams: datagrams
+            .iter()
+            .map(|d| pb::Datagram {
+                payload: d.clone().into(),
+                ..Default::default()
+            })
+            .collect(),
+    };
+    rt.block_on(async {
+        let attempt = async {
+            match transport {
+                Transport::Quic => over_quic(sink, ca, batch).await,
+                Transport::Grpc => over_grpc(sink, ca, batch).await,
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(3), attempt).await {
+            Ok(result) => result,
+            Err(_) => Err("no acknowledgement within 3 s".into()),
+        }
+    })
+}
+
+/// TLS 1.3 trusting `ca`, with no client certificate.
+fn tls_without_client_cert(ca: &Path, alpn: &[u8]) -> Result<rustls::ClientConfig, String> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
+        roots
+            .add(cert.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    Ok(tls)
+}
+
+async fn over_quic(sink: SocketAddr, ca: &Path, batch: pb::Batch) -> Result<(), String> {
+    let tls = tls_without_client_cert(ca, proto::ALPN)?;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+    let mut endpoint =
+        quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).map_err(|e| e.to_string())?;
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    let attempt = async {
+        let connection = endpoint
+            .connect(sink, "localhost")
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut send, recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+        let mut frame = bytes::BytesMut::new();
+        proto::wire::encode_frame(&batch, &mut frame);
+        send.write_all(&frame).await.map_err(|e| e.to_string())?;
+        let mut reader = proto::wire::FrameReader::new(recv, 1024);
+        match reader.next::<pb::Ack>().await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err("stream closed without an acknowledgement".to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    let result = attempt.await;
+    endpoint.close(0u32.into(), b"");
+    result
+}
+
+async fn over_grpc(sink: SocketAddr, ca: &Path, batch: pb::Batch) -> Result<(), String> {
+    let tls =
+        tokio_rustls::TlsConnector::from(Arc::new(tls_without_client_cert(ca, proto::GRPC_ALPN)?));
+    let connector = tower::service_fn(move |_| {
+        let tls = tls.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(sink).await?;
+            let name = ServerName::try_from("localhost").expect("valid name");
+            let stream = tls.connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(TokioIo::new(stream))
+        }
+    });
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| runtime::grpc::error_chain(&e))?;
+    let mut client = pb::relay_client::RelayClient::new(channel);
+    let response = client
+        .stream(tokio_stream::iter([batch]))
+        .await
+        .map_err(|s| runtime::grpc::error_chain(&s))?;
+    match response.into_inner().message().await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err("call ended without an acknowledgement".to_string()),
+        Err(s) => Err(runtime::grpc::error_chain(&s)),
+    }
+}
