@@ -73,7 +73,7 @@ pub(crate) fn violation(
     error: &str,
 ) {
     Metrics::add(&shared.metrics.protocol_errors, 1);
-    tracing::warn!(%agent, %remote, transport = transport.as_str(), %error, "closing connection: protocol violation");
+    tracing::warn!(%agent, %remote, transport = transport.as_str(), %error, "protocol violation: the agent's stream is ended");
 }
 
 /// Hands a batch from `agent` to replay and returns its acknowledgement.

@@ -2,7 +2,7 @@
 //! certificate at all. They speak the real protocol (ALPN, frames or gRPC) to the real sink.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +10,7 @@ use hyper_util::rt::TokioIo;
 use proto::pb;
 use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use crate::Transport;
 
@@ -21,6 +21,19 @@ pub fn relay_without_client_cert(
     transport: Transport,
     sink: SocketAddr,
     ca: &Path,
+    datagrams: &[Vec<u8>],
+) -> Result<(), String> {
+    relay_one_batch(transport, sink, ca, None, datagrams)
+}
+
+/// Connects to `sink` over `transport`, presenting `client` (certificate, key) when given,
+/// sends all of `datagrams` as one batch, however large, and waits up to 3 s for its
+/// acknowledgement. `Ok` means the sink acknowledged it; `Err` says how it was refused.
+pub fn relay_one_batch(
+    transport: Transport,
+    sink: SocketAddr,
+    ca: &Path,
+    client: Option<&(PathBuf, PathBuf)>,
     datagrams: &[Vec<u8>],
 ) -> Result<(), String> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -41,8 +54,8 @@ pub fn relay_without_client_cert(
     rt.block_on(async {
         let attempt = async {
             match transport {
-                Transport::Quic => over_quic(sink, ca, batch).await,
-                Transport::Grpc => over_grpc(sink, ca, batch).await,
+                Transport::Quic => over_quic(sink, ca, client, batch).await,
+                Transport::Grpc => over_grpc(sink, ca, client, batch).await,
             }
         };
         match tokio::time::timeout(Duration::from_secs(3), attempt).await {
@@ -52,27 +65,48 @@ pub fn relay_without_client_cert(
     })
 }
 
-/// TLS 1.3 trusting `ca`, with no client certificate.
-fn tls_without_client_cert(ca: &Path, alpn: &[u8]) -> Result<rustls::ClientConfig, String> {
+/// TLS 1.3 trusting `ca`, presenting `client` when given.
+fn tls(
+    ca: &Path,
+    client: Option<&(PathBuf, PathBuf)>,
+    alpn: &[u8],
+) -> Result<rustls::ClientConfig, String> {
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
         roots
             .add(cert.map_err(|e| e.to_string())?)
             .map_err(|e| e.to_string())?;
     }
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_protocol_versions(&[&rustls::version::TLS13])
     .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_root_certificates(roots);
+    let mut tls = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .map_err(|e| e.to_string())?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string())?;
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| e.to_string())?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| e.to_string())?
+        }
+    };
     tls.alpn_protocols = vec![alpn.to_vec()];
     Ok(tls)
 }
 
-async fn over_quic(sink: SocketAddr, ca: &Path, batch: pb::Batch) -> Result<(), String> {
-    let tls = tls_without_client_cert(ca, proto::ALPN)?;
+async fn over_quic(
+    sink: SocketAddr,
+    ca: &Path,
+    client: Option<&(PathBuf, PathBuf)>,
+    batch: pb::Batch,
+) -> Result<(), String> {
+    let tls = tls(ca, client, proto::ALPN)?;
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
     let mut endpoint =
         quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).map_err(|e| e.to_string())?;
@@ -99,9 +133,13 @@ async fn over_quic(sink: SocketAddr, ca: &Path, batch: pb::Batch) -> Result<(), 
     result
 }
 
-async fn over_grpc(sink: SocketAddr, ca: &Path, batch: pb::Batch) -> Result<(), String> {
-    let tls =
-        tokio_rustls::TlsConnector::from(Arc::new(tls_without_client_cert(ca, proto::GRPC_ALPN)?));
+async fn over_grpc(
+    sink: SocketAddr,
+    ca: &Path,
+    client: Option<&(PathBuf, PathBuf)>,
+    batch: pb::Batch,
+) -> Result<(), String> {
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(tls(ca, client, proto::GRPC_ALPN)?));
     let connector = tower::service_fn(move |_| {
         let tls = tls.clone();
         async move {
@@ -115,7 +153,8 @@ async fn over_grpc(sink: SocketAddr, ca: &Path, batch: pb::Batch) -> Result<(), 
         .connect_with_connector(connector)
         .await
         .map_err(|e| runtime::grpc::error_chain(&e))?;
-    let mut client = pb::relay_client::RelayClient::new(channel);
+    let mut client =
+        pb::relay_client::RelayClient::new(channel).max_encoding_message_size(usize::MAX);
     let response = client
         .stream(tokio_stream::iter([batch]))
         .await

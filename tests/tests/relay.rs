@@ -487,6 +487,60 @@ fn an_agent_whose_sink_never_answers_stops_promptly(t: Transport) {
     agent.wait_for("nothing left to send to this sink");
 }
 
+fn an_oversized_batch_is_refused_and_disturbs_nothing_else(t: Transport) {
+    let dir = tmp();
+    let pki = Pki::new(dir.path());
+    let capture = UdpCapture::bind();
+    // The smallest limit the sink allows: two of the largest datagrams.
+    let limit = 2 * 65_507;
+    let (mut sink, sink_addr) = start_sink(
+        &pki,
+        &pki.sink_cert("sink"),
+        &[capture.addr()],
+        None,
+        &["--max-frame-bytes", &limit.to_string()],
+    );
+    let (_good, listen) = start_agent_over(
+        t,
+        &pki.ca(),
+        &pki.agent_cert("good"),
+        sink_addr,
+        "localhost",
+        &[],
+    );
+    let before = datagrams(500, 0x51, 31);
+    send_paced(listen, &before, 32, || capture.count_tagged(0x51));
+
+    // An authenticated client sends one batch over the limit.
+    let oversized = vec![vec![0x5E; 60_000]; 3];
+    let result = relay_tests::bare::relay_one_batch(
+        t,
+        sink_addr,
+        &pki.ca(),
+        Some(&pki.agent_cert("bloated")),
+        &oversized,
+    );
+    assert!(result.is_err(), "an oversized batch was acknowledged");
+    let violation = sink.wait_for("protocol violation");
+    assert_eq!(field(&violation, "agent"), "bloated", "{violation}");
+    assert_eq!(field(&violation, "transport"), t.name(), "{violation}");
+
+    // The sink carries on, and the good agent's link was never disturbed.
+    let after = datagrams(500, 0x52, 32);
+    send_paced(listen, &after, 32, || capture.count_tagged(0x52));
+    assert!(capture.wait_until(WAIT, |r| r.len() >= before.len() + after.len()));
+    assert_eq!(tagged(&capture, 0x51), before);
+    assert_eq!(tagged(&capture, 0x52), after);
+    assert_eq!(
+        capture.count_tagged(0x5E),
+        0,
+        "nothing of the oversized batch"
+    );
+    assert!(sink.terminate().success());
+    let stopped = sink.wait_for("sink stopped");
+    assert_eq!(stopped["protocol_errors"].as_u64(), Some(1), "{stopped}");
+}
+
 /// One `#[test]` per transport for each scenario above.
 macro_rules! over_each_transport {
     ($($name:ident),* $(,)?) => {
@@ -509,4 +563,5 @@ over_each_transport!(
     one_agent_two_sinks_with_different_cas_survives_one_stopping,
     a_sink_restarted_after_a_crash_resets_old_connections_at_once,
     an_agent_whose_sink_never_answers_stops_promptly,
+    an_oversized_batch_is_refused_and_disturbs_nothing_else,
 );
