@@ -31,8 +31,7 @@ fn connected_over(sink: &Daemon) -> Vec<String> {
 }
 
 #[test]
-fn auto_carries_on_over_grpc_while_udp_is_blocked_and_returns_to_quic_without_loss_or_duplicates()
-{
+fn auto_carries_on_over_grpc_while_udp_is_blocked_and_returns_to_quic_without_loss_or_duplicates() {
     let netns = match Netns::create() {
         Ok(netns) => netns,
         Err(reason) => {
