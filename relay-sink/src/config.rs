@@ -18,6 +18,10 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
 pub const DEFAULT_RECV_BUFFER: usize = 8 * 1024 * 1024;
 /// Default queue per destination, in batches (64 KiB each by the agent's default).
 pub const DEFAULT_REPLAY_QUEUE: usize = 1024;
+/// Default pace per destination: 20,000 datagrams a second, with bursts of at most 80. A
+/// collector reading its socket (default buffer: about 90 datagrams of 1,400 bytes) keeps up
+/// with that easily; a busier site raises it with --replay-max-pps.
+pub const DEFAULT_REPLAY_MAX_PPS: u64 = 20_000;
 /// Default send buffer of each replay socket.
 pub const DEFAULT_SEND_BUFFER: usize = 4 * 1024 * 1024;
 
@@ -75,6 +79,17 @@ pub struct Args {
     #[arg(long, value_name = "BATCHES")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replay_queue: Option<usize>,
+
+    /// Most datagrams a second sent to each destination (0: no limit), so that a backlog an
+    /// agent drains after an outage does not overflow the collector's socket. [default: 20000]
+    #[arg(long, value_name = "DATAGRAMS")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay_max_pps: Option<u64>,
+
+    /// Most bytes (UDP payload) a second sent to each destination (0: no limit). [default: 0]
+    #[arg(long, value_name = "BYTES")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay_max_bps: Option<u64>,
 
     /// Send buffer asked for each replay socket, bytes. [default: 4 MiB]
     #[arg(long, value_name = "BYTES")]
@@ -179,6 +194,10 @@ pub struct Config {
     pub replay_queue: usize,
     /// Send buffer per replay socket.
     pub send_buffer: usize,
+    /// Pace per destination, datagrams a second (0: none).
+    pub replay_max_pps: u64,
+    /// Pace per destination, bytes a second (0: none).
+    pub replay_max_bps: u64,
     /// Largest frame accepted.
     pub max_frame_bytes: usize,
     /// TLS handshake time limit.
@@ -235,6 +254,8 @@ impl TryFrom<Args> for Config {
             forward: args.forward,
             replay_queue: args.replay_queue.unwrap_or(DEFAULT_REPLAY_QUEUE).max(1),
             send_buffer: args.send_buffer.unwrap_or(DEFAULT_SEND_BUFFER),
+            replay_max_pps: args.replay_max_pps.unwrap_or(DEFAULT_REPLAY_MAX_PPS),
+            replay_max_bps: args.replay_max_bps.unwrap_or(0),
             max_frame_bytes,
             handshake_timeout: args.handshake_timeout.unwrap_or(Duration::from_secs(10)),
             shutdown_grace: args.shutdown_grace.unwrap_or(Duration::from_secs(5)),

@@ -6,6 +6,7 @@
 pub(crate) mod grpc;
 pub(crate) mod quic;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use runtime::ratelimit::RateLimit;
 
 use crate::Shared;
 use crate::metrics::Metrics;
+use crate::replay::Replaying;
 
 /// The transport an agent came in on, as a log field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,20 +78,93 @@ pub(crate) fn violation(
     tracing::warn!(%agent, %remote, transport = transport.as_str(), %error, "protocol violation: the agent's stream is ended");
 }
 
-/// Hands a batch from `agent` to replay and returns its acknowledgement.
-pub(crate) fn deliver(shared: &Shared, agent: &str, batch: pb::Batch) -> pb::Ack {
+/// A batch handed to [`deliver`]: its acknowledgement, to send once `replaying` (if any) has
+/// finished.
+pub(crate) struct Delivery {
+    pub(crate) ack: pb::Ack,
+    /// `None` for a duplicate: already replayed, acknowledged at once.
+    pub(crate) replaying: Option<Arc<Replaying>>,
+}
+
+impl Delivery {
+    /// Waits until the batch has been replayed; then it may be acknowledged.
+    pub(crate) async fn replayed(self) -> pb::Ack {
+        if let Some(replaying) = &self.replaying {
+            replaying.finished().await;
+        }
+        self.ack
+    }
+}
+
+/// Hands a batch from `agent` to replay, unless this agent's session has already had it
+/// replayed (a resend after a reconnect), which is counted and not replayed again.
+pub(crate) fn deliver(shared: &Shared, agent: &str, batch: pb::Batch) -> Delivery {
     let ack = pb::Ack {
         session: batch.session,
         sequence: batch.sequence,
     };
+    let datagrams = batch.datagrams.len() as u64;
     Metrics::add(&shared.metrics.batches_received, 1);
-    Metrics::add(
-        &shared.metrics.datagrams_received,
-        batch.datagrams.len() as u64,
-    );
-    tracing::trace!(%agent, sequence = ack.sequence, datagrams = batch.datagrams.len(), "batch");
-    shared.replay.submit(Arc::new(batch));
-    ack
+    Metrics::add(&shared.metrics.datagrams_received, datagrams);
+    if !shared.replayed.first_time(agent, ack.session, ack.sequence) {
+        Metrics::add(&shared.metrics.batches_duplicate, 1);
+        Metrics::add(&shared.metrics.datagrams_duplicate, datagrams);
+        tracing::debug!(%agent, session = ack.session, sequence = ack.sequence, "duplicate batch (already replayed): acknowledged, not replayed");
+        return Delivery {
+            ack,
+            replaying: None,
+        };
+    }
+    tracing::trace!(%agent, sequence = ack.sequence, datagrams, "batch");
+    Delivery {
+        ack,
+        replaying: Some(shared.replay.submit(batch)),
+    }
+}
+
+/// The last batch sequence replayed per agent session, to drop what an agent resends after a
+/// reconnect. Agents send a session's batches in order, so one number per session suffices.
+/// Bounded: beyond `MAX_SESSIONS` the least recently seen session is forgotten.
+#[derive(Debug, Default)]
+pub(crate) struct Replayed {
+    sessions: std::sync::Mutex<Sessions>,
+}
+
+#[derive(Debug, Default)]
+struct Sessions {
+    last: HashMap<(Arc<str>, u64), (u64, u64)>,
+    tick: u64,
+}
+
+const MAX_SESSIONS: usize = 16_384;
+
+impl Replayed {
+    /// True, and remembered, when `sequence` is new for this agent's `session`.
+    pub(crate) fn first_time(&self, agent: &str, session: u64, sequence: u64) -> bool {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions.tick += 1;
+        let tick = sessions.tick;
+        let key: (Arc<str>, u64) = (agent.into(), session);
+        if let Some((last, seen)) = sessions.last.get_mut(&key) {
+            *seen = tick;
+            if sequence <= *last {
+                return false;
+            }
+            *last = sequence;
+            return true;
+        }
+        if sessions.last.len() >= MAX_SESSIONS
+            && let Some(oldest) = sessions
+                .last
+                .iter()
+                .min_by_key(|(_, (_, seen))| *seen)
+                .map(|(k, _)| k.clone())
+        {
+            sessions.last.remove(&oldest);
+        }
+        sessions.last.insert(key, (sequence, tick));
+        true
+    }
 }
 
 /// Why a handshake was refused, in a few stable words (a log field, later a metric label).
@@ -216,6 +291,21 @@ mod tests {
         for (text, kind) in cases {
             assert_eq!(RefusalKind::of(text), kind, "{text}");
         }
+    }
+
+    #[test]
+    fn resent_batches_are_recognised_per_agent_and_session() {
+        let replayed = Replayed::default();
+        assert!(replayed.first_time("a", 1, 1));
+        assert!(replayed.first_time("a", 1, 2));
+        assert!(!replayed.first_time("a", 1, 2), "a resend");
+        assert!(!replayed.first_time("a", 1, 1), "an older resend");
+        assert!(replayed.first_time("b", 1, 2), "another agent");
+        assert!(
+            replayed.first_time("a", 7, 1),
+            "another session of the same agent"
+        );
+        assert!(replayed.first_time("a", 1, 3));
     }
 
     #[test]

@@ -57,6 +57,8 @@ pub(crate) struct Shared {
     /// Refusal logging, limited per kind of refusal (so a flood of one kind cannot hide
     /// another).
     refusals: ingress::Refusals,
+    /// What each agent session has had replayed, to drop resends.
+    replayed: ingress::Replayed,
 }
 
 /// The sink's bound sockets.
@@ -162,6 +164,10 @@ pub async fn run(
         &config.forward,
         config.replay_queue,
         config.send_buffer,
+        replay::Pace {
+            max_pps: config.replay_max_pps,
+            max_bps: config.replay_max_bps,
+        },
         metrics.clone(),
         &mut replay_tasks,
     )
@@ -172,6 +178,7 @@ pub async fn run(
         replay,
         metrics: metrics.clone(),
         refusals: ingress::Refusals::default(),
+        replayed: ingress::Replayed::default(),
     });
     tracing::info!(
         listen = %local,
@@ -222,6 +229,7 @@ pub async fn run(
     tracing::info!(
         datagrams_received = Metrics::get(&metrics.datagrams_received),
         datagrams_replayed = Metrics::get(&metrics.datagrams_replayed),
+        datagrams_duplicate = Metrics::get(&metrics.datagrams_duplicate),
         replay_errors = Metrics::get(&metrics.replay_errors),
         replay_queue_drops = Metrics::get(&metrics.replay_queue_drops),
         connections_accepted = Metrics::get(&metrics.connections_accepted),

@@ -13,6 +13,10 @@ pub struct Metrics {
     pub batches_received: AtomicU64,
     /// Datagrams received from agents.
     pub datagrams_received: AtomicU64,
+    /// Batches an agent sent again that had already been replayed (dropped, acknowledged).
+    pub batches_duplicate: AtomicU64,
+    /// Datagrams in those batches.
+    pub datagrams_duplicate: AtomicU64,
     /// Datagrams sent to a destination (counted once per destination).
     pub datagrams_replayed: AtomicU64,
     /// Datagrams a destination's socket refused (port closed, unreachable, too large).

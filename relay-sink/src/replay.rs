@@ -8,17 +8,28 @@
 //! Each destination socket is *connected*, so the kernel reports ICMP port-unreachable back as
 //! an error on the next send, which is counted and logged (rate-limited). Datagrams leave from
 //! the sink's own address: sFlow collectors identify agents by the address inside the datagram.
+//!
+//! **Pacing.** Each destination sends at most `max_pps` datagrams and `max_bps` bytes a
+//! second (a token bucket with a small burst), so a backlog that an agent drains after an
+//! outage reaches the collector at a rate it can take instead of overflowing its socket
+//! buffer. Live traffic below the pace is not held back: the bucket is full when it arrives.
+//!
+//! **Completion.** [`Replay::submit`] returns a [`Replaying`] that completes once every
+//! destination has sent the batch (or dropped it, counted): the ingress acknowledges a batch
+//! to its agent only then, so an acknowledged batch has left the sink.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use proto::pb;
 use runtime::ratelimit::RateLimit;
 use runtime::udp::{self, Buffers};
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use crate::metrics::Metrics;
 
@@ -32,8 +43,45 @@ pub struct Replay {
 #[derive(Debug)]
 struct Destination {
     addr: SocketAddr,
-    queue: mpsc::Sender<Arc<pb::Batch>>,
+    queue: mpsc::Sender<Arc<Replaying>>,
     full: RateLimit,
+}
+
+/// Pacing per destination; 0 means no limit.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Pace {
+    /// Datagrams a second.
+    pub max_pps: u64,
+    /// Bytes (UDP payload) a second.
+    pub max_bps: u64,
+}
+
+/// A batch being replayed; complete when every destination is done with it.
+#[derive(Debug)]
+pub struct Replaying {
+    /// The batch.
+    pub batch: pb::Batch,
+    remaining: AtomicUsize,
+    done: Notify,
+}
+
+impl Replaying {
+    fn finish_one(&self) {
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.done.notify_waiters();
+        }
+    }
+
+    /// Waits until every destination has sent (or dropped) the batch.
+    pub async fn finished(&self) {
+        let notified = self.done.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.remaining.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        notified.await;
+    }
 }
 
 impl Replay {
@@ -47,6 +95,7 @@ impl Replay {
         forward: &[String],
         queue: usize,
         send_buffer: usize,
+        pace: Pace,
         metrics: Arc<Metrics>,
         tasks: &mut JoinSet<()>,
     ) -> Result<Self, crate::Error> {
@@ -78,8 +127,13 @@ impl Replay {
                 .await
                 .map_err(|e| crate::Error::Destination(target.clone(), e.to_string()))?;
             let (tx, rx) = mpsc::channel(queue);
-            tasks.spawn(send_loop(addr, socket, rx, metrics.clone()));
-            tracing::info!(destination = %addr, "replaying to destination");
+            tasks.spawn(send_loop(addr, socket, rx, pace, metrics.clone()));
+            tracing::info!(
+                destination = %addr,
+                max_pps = pace.max_pps,
+                max_bytes_per_second = pace.max_bps,
+                "replaying to destination"
+            );
             destinations.push(Destination {
                 addr,
                 queue: tx,
@@ -92,12 +146,21 @@ impl Replay {
         })
     }
 
-    /// Queues `batch` for every destination; never waits.
-    pub fn submit(&self, batch: Arc<pb::Batch>) {
+    /// Queues `batch` for every destination; never waits. A destination whose queue is full
+    /// drops the batch (counted, logged): it is done with it at once.
+    pub fn submit(&self, batch: pb::Batch) -> Arc<Replaying> {
+        let replaying = Arc::new(Replaying {
+            batch,
+            remaining: AtomicUsize::new(self.destinations.len()),
+            done: Notify::new(),
+        });
         for dest in &self.destinations {
-            if let Err(mpsc::error::TrySendError::Full(batch)) = dest.queue.try_send(batch.clone())
+            if let Err(
+                mpsc::error::TrySendError::Full(batch) | mpsc::error::TrySendError::Closed(batch),
+            ) = dest.queue.try_send(replaying.clone())
             {
-                let n = batch.datagrams.len() as u64;
+                batch.finish_one();
+                let n = batch.batch.datagrams.len() as u64;
                 Metrics::add(&self.metrics.replay_queue_drops, n);
                 if let Some(more) = dest.full.check() {
                     tracing::warn!(
@@ -109,18 +172,81 @@ impl Replay {
                 }
             }
         }
+        replaying
+    }
+}
+
+/// A token bucket of datagrams and bytes, refilled continuously.
+#[derive(Debug)]
+struct Bucket {
+    pace: Pace,
+    datagrams: f64,
+    bytes: f64,
+    burst_datagrams: f64,
+    burst_bytes: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(pace: Pace) -> Self {
+        // Room for a few milliseconds of the pace (the timer's granularity), no more: a
+        // collector's default socket buffer holds about 90 datagrams of 1,400 bytes.
+        let burst_datagrams = (pace.max_pps as f64 / 250.0).max(64.0);
+        let burst_bytes = (pace.max_bps as f64 / 250.0).max(2.0 * 65_535.0);
+        Self {
+            pace,
+            datagrams: burst_datagrams,
+            bytes: burst_bytes,
+            burst_datagrams,
+            burst_bytes,
+            at: Instant::now(),
+        }
+    }
+
+    /// Waits until one datagram of `len` bytes may go, and takes its tokens.
+    async fn take(&mut self, len: usize) {
+        loop {
+            let now = Instant::now();
+            let elapsed = now.duration_since(self.at).as_secs_f64();
+            self.at = now;
+            self.datagrams =
+                (self.datagrams + elapsed * self.pace.max_pps as f64).min(self.burst_datagrams);
+            self.bytes = (self.bytes + elapsed * self.pace.max_bps as f64).min(self.burst_bytes);
+            let need_datagrams = if self.pace.max_pps == 0 {
+                0.0
+            } else {
+                (1.0 - self.datagrams) / self.pace.max_pps as f64
+            };
+            let need_bytes = if self.pace.max_bps == 0 {
+                0.0
+            } else {
+                (len as f64 - self.bytes) / self.pace.max_bps as f64
+            };
+            let wait = need_datagrams.max(need_bytes);
+            if wait <= 0.0 {
+                self.datagrams -= 1.0;
+                self.bytes -= len as f64;
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+        }
     }
 }
 
 async fn send_loop(
     addr: SocketAddr,
     socket: UdpSocket,
-    mut queue: mpsc::Receiver<Arc<pb::Batch>>,
+    mut queue: mpsc::Receiver<Arc<Replaying>>,
+    pace: Pace,
     metrics: Arc<Metrics>,
 ) {
     let errors = RateLimit::new(Duration::from_secs(10));
-    while let Some(batch) = queue.recv().await {
-        for datagram in &batch.datagrams {
+    let mut bucket = (pace.max_pps > 0 || pace.max_bps > 0).then(|| Bucket::new(pace));
+    while let Some(replaying) = queue.recv().await {
+        for datagram in &replaying.batch.datagrams {
+            if let Some(bucket) = &mut bucket {
+                bucket.take(datagram.payload.len()).await;
+            }
             match socket.send(&datagram.payload).await {
                 Ok(_) => Metrics::add(&metrics.datagrams_replayed, 1),
                 Err(error) => {
@@ -137,6 +263,7 @@ async fn send_loop(
                 }
             }
         }
+        replaying.finish_one();
     }
     tracing::debug!(destination = %addr, "replay task finished");
 }

@@ -38,6 +38,9 @@ const GRPC: Transport = Transport::Grpc;
 /// Acknowledgements are tiny; the response stream needs little room.
 const ACK_QUEUE: usize = 64;
 
+/// Acknowledgements waiting for their batch's replay, per call (as on QUIC).
+const ACKS_PENDING: usize = 1024;
+
 /// Serves gRPC on `listener` until `token` is cancelled; then ends every call (so agents see
 /// the stream close and reconnect elsewhere) and returns once connections are closed.
 pub(crate) async fn serve(
@@ -271,28 +274,48 @@ async fn relay(
     shared: Arc<Shared>,
     token: CancellationToken,
 ) {
-    loop {
+    let (pending, replayed) = mpsc::channel(ACKS_PENDING);
+    let acker = tokio::spawn(acknowledge(replayed, acks.clone()));
+    let refusal = loop {
         let next = tokio::select! {
             next = batches.message() => next,
-            () = token.cancelled() => return,
+            () = token.cancelled() => break None,
         };
         match next {
             Ok(Some(batch)) => {
-                let ack = ingress::deliver(&shared, &peer.agent, batch);
-                if acks.send(Ok(ack)).await.is_err() {
-                    return;
+                let delivery = ingress::deliver(&shared, &peer.agent, batch);
+                if pending.send(delivery).await.is_err() {
+                    break None;
                 }
             }
-            Ok(None) => return,
+            Ok(None) => break None,
             Err(status) if is_violation(&status) => {
                 ingress::violation(&shared, GRPC, &peer.agent, peer.remote, status.message());
-                let _ = acks.send(Err(status)).await;
-                return;
+                break Some(status);
             }
             Err(status) => {
                 tracing::debug!(agent = %peer.agent, error = %status, "call ended");
-                return;
+                break None;
             }
+        }
+    };
+    // What was read is acknowledged once replayed; then the call ends (with the refusal,
+    // if there was one).
+    drop(pending);
+    let _ = acker.await;
+    if let Some(status) = refusal {
+        let _ = acks.send(Err(status)).await;
+    }
+}
+
+/// Acknowledges each batch, in order, once it has been replayed.
+async fn acknowledge(
+    mut pending: mpsc::Receiver<ingress::Delivery>,
+    acks: mpsc::Sender<Result<pb::Ack, Status>>,
+) {
+    while let Some(delivery) = pending.recv().await {
+        if acks.send(Ok(delivery.replayed().await)).await.is_err() {
+            return;
         }
     }
 }

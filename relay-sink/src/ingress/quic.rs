@@ -14,6 +14,7 @@ use proto::pb;
 use proto::wire::{FrameReader, WireError, encode_frame};
 use quinn::{Connection, Incoming, RecvStream, SendStream, VarInt};
 use rustls::pki_types::CertificateDer;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -94,8 +95,12 @@ fn agent_name(connection: &Connection) -> String {
         .unwrap_or_else(|| "unnamed".into())
 }
 
+/// Acknowledgements waiting for their batch's replay, per stream: enough to keep an agent's
+/// window of batches moving, bounded so a stalled destination slows the agent down.
+const ACKS_PENDING: usize = 1024;
+
 async fn stream(
-    mut send: SendStream,
+    send: SendStream,
     recv: RecvStream,
     connection: Connection,
     agent: String,
@@ -104,21 +109,19 @@ async fn stream(
     token: CancellationToken,
 ) {
     let mut reader = FrameReader::new(recv, shared.config.max_frame_bytes);
-    let mut ack = BytesMut::with_capacity(32);
+    let (pending, acks) = mpsc::channel(ACKS_PENDING);
+    let acker = tokio::spawn(acknowledge(send, acks, agent.clone()));
     loop {
         let next = tokio::select! {
             next = reader.next::<pb::Batch>() => next,
-            () = token.cancelled() => return,
+            () = token.cancelled() => break,
         };
         let batch = match next {
             Ok(Some(batch)) => batch,
-            Ok(None) => {
-                let _ = send.finish();
-                return;
-            }
+            Ok(None) => break,
             Err(WireError::Io(error)) => {
                 tracing::debug!(%agent, %error, "stream ended");
-                return;
+                break;
             }
             Err(error) => {
                 ingress::violation(&shared, QUIC, &agent, remote, &error.to_string());
@@ -126,16 +129,38 @@ async fn stream(
                     VarInt::from_u32(CLOSE_PROTOCOL),
                     error.to_string().as_bytes(),
                 );
-                return;
+                break;
             }
         };
-        let acknowledgement = ingress::deliver(&shared, &agent, batch);
-        ack.clear();
-        encode_frame(&acknowledgement, &mut ack);
-        let write = tokio::time::timeout(Duration::from_secs(30), send.write_all(&ack));
+        if pending
+            .send(ingress::deliver(&shared, &agent, batch))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    // What was read is acknowledged once replayed; then the stream is finished.
+    drop(pending);
+    let _ = acker.await;
+}
+
+/// Acknowledges each batch, in order, once it has been replayed.
+async fn acknowledge(
+    mut send: SendStream,
+    mut pending: mpsc::Receiver<ingress::Delivery>,
+    agent: String,
+) {
+    let mut frame = BytesMut::with_capacity(32);
+    while let Some(delivery) = pending.recv().await {
+        let ack = delivery.replayed().await;
+        frame.clear();
+        encode_frame(&ack, &mut frame);
+        let write = tokio::time::timeout(Duration::from_secs(30), send.write_all(&frame));
         if !matches!(write.await, Ok(Ok(()))) {
             tracing::debug!(%agent, "could not acknowledge; stream closed");
             return;
         }
     }
+    let _ = send.finish();
 }
