@@ -20,6 +20,8 @@ use crate::metrics::{self, Metrics, SinkMetrics};
 /// An encoded batch on its way to a sink.
 #[derive(Debug, Clone)]
 pub(crate) struct Frame {
+    /// The agent's session.
+    pub(crate) session: u64,
     /// The batch sequence number.
     pub(crate) sequence: u64,
     /// Datagrams in the batch.
@@ -115,6 +117,7 @@ fn flush(
     pending.clear();
     metrics::add(&metrics.batches, 1);
     let frame = Frame {
+        session,
         sequence,
         datagrams: count,
         bytes: buf.freeze(),
@@ -127,7 +130,7 @@ fn flush(
                     sink = %sink.name,
                     dropped_datagrams = count,
                     earlier_drops_not_logged = more,
-                    "sink queue full (sink unreachable or too slow): batch dropped for this sink"
+                    "sink intake full (its backlog or spool cannot keep up): batch dropped for this sink"
                 );
             }
         }

@@ -63,6 +63,15 @@ impl TransportMode {
     }
 }
 
+/// Default bytes of batches unacknowledged on the wire, per sink: 16 MiB keeps a 1 Gbit/s
+/// link with 100 ms of round trip busy.
+pub const DEFAULT_WINDOW_BYTES: usize = 16 * 1024 * 1024;
+/// Default spool size limit per sink.
+pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 1024 * 1024 * 1024;
+/// Default spool age limit: sFlow analyzers work in real time; data much older than this
+/// distorts the present more than it fills the past.
+pub const DEFAULT_SPOOL_MAX_AGE: Duration = Duration::from_secs(3600);
+
 /// relay-agent: receive sFlow over UDP and stream it to one or more relay sinks over mutually
 /// authenticated QUIC, or gRPC over TLS where UDP cannot get out.
 ///
@@ -151,10 +160,38 @@ pub struct Args {
     )]
     pub batch_delay: Option<Duration>,
 
-    /// Batches queued per sink; when full, new batches for that sink are dropped and counted. [default: 1024]
+    /// Batches not yet acknowledged held in memory per sink; beyond it the oldest are dropped
+    /// (counted), or, with --spool-dir, read back from disk when needed. [default: 1024]
     #[arg(long, value_name = "BATCHES")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_batches: Option<usize>,
+
+    /// Bytes of batches sent and not yet acknowledged, per sink; the sink acknowledges a batch
+    /// once it has replayed it. [default: 16 MiB]
+    #[arg(long, value_name = "BYTES")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_bytes: Option<usize>,
+
+    /// Directory for the disk spool: every batch is written there until its sink acknowledges
+    /// it, so an outage of the sink or a restart (even a crash) of the agent loses nothing.
+    /// One subdirectory per sink. [default: none, memory only]
+    #[arg(long, value_name = "DIR")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spool_dir: Option<PathBuf>,
+
+    /// Spool size limit per sink, bytes; beyond it the oldest batches are dropped (counted). [default: 1 GiB]
+    #[arg(long, value_name = "BYTES")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spool_max_bytes: Option<u64>,
+
+    /// Spooled batches older than this are dropped (counted). [default: 1h]
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub spool_max_age: Option<Duration>,
 
     /// Time allowed for connecting to a sink (QUIC or TCP, and the TLS handshake). [default: 10s]
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
@@ -332,6 +369,14 @@ pub struct Config {
     pub reconnect_max: Duration,
     /// Shutdown grace period.
     pub shutdown_grace: Duration,
+    /// Unacknowledged bytes on the wire per sink.
+    pub window_bytes: usize,
+    /// Spool directory.
+    pub spool_dir: Option<PathBuf>,
+    /// Spool size limit per sink.
+    pub spool_max_bytes: u64,
+    /// Spool age limit.
+    pub spool_max_age: Duration,
     /// QUIC tuning.
     pub quic: QuicOptions,
     /// gRPC tuning.
@@ -418,6 +463,13 @@ impl TryFrom<Args> for Config {
                 .unwrap_or(Duration::from_secs(30))
                 .max(reconnect_min),
             shutdown_grace: args.shutdown_grace.unwrap_or(Duration::from_secs(5)),
+            window_bytes: args
+                .window_bytes
+                .unwrap_or(DEFAULT_WINDOW_BYTES)
+                .max(2 * proto::MAX_DATAGRAM_LEN),
+            spool_dir: args.spool_dir,
+            spool_max_bytes: args.spool_max_bytes.unwrap_or(DEFAULT_SPOOL_MAX_BYTES),
+            spool_max_age: args.spool_max_age.unwrap_or(DEFAULT_SPOOL_MAX_AGE),
             quic: args.quic,
             grpc: args.grpc,
         })

@@ -23,11 +23,13 @@
 //! [`run`] takes bound sockets and a shutdown future, so tests and the demo can drive it
 //! without a process of its own.
 
+mod backlog;
 mod batch;
 pub mod config;
 pub mod demo;
 pub mod metrics;
 mod receive;
+mod spool;
 mod transport;
 
 use std::future::Future;
@@ -46,6 +48,32 @@ use tokio_util::sync::CancellationToken;
 /// Datagrams queued between the receive loops and the batcher.
 const INGEST_QUEUE: usize = 16 * 1024;
 
+/// Batches queued between the batcher and a sink's backlog: the backlog takes them at once
+/// (a disk write at most), so a little room for a slow write is all this needs.
+const INTAKE_QUEUE: usize = 256;
+
+/// Takes a sink's batches from the batcher into its backlog (and spool), so that neither the
+/// batcher nor other sinks ever wait on this sink's disk or network.
+async fn intake(mut queue: mpsc::Receiver<batch::Frame>, backlog: Arc<backlog::Backlog>) {
+    while let Some(frame) = queue.recv().await {
+        backlog.append(frame);
+    }
+    backlog.close();
+}
+
+/// A sink's folder in the spool directory: its address, made safe as a file name.
+fn spool_name(addr: &str) -> String {
+    addr.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
 /// Errors that stop the agent from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -58,6 +86,9 @@ pub enum Error {
     /// The QUIC endpoint could not be set up.
     #[error("cannot start QUIC: {0}")]
     Quic(String),
+    /// A spool directory cannot be used.
+    #[error("spool {0}: {1}")]
+    Spool(String, std::io::Error),
     /// A UDP socket could not be registered.
     #[error("UDP socket: {0}")]
     Socket(std::io::Error),
@@ -89,6 +120,7 @@ pub async fn run(
     let session: u64 = rand::random();
 
     let mut links = JoinSet::new();
+    let mut intakes = JoinSet::new();
     let mut queues = Vec::with_capacity(config.sinks.len());
     for sink in &config.sinks {
         let certs_error = |e| Error::Certs(sink.addr.clone(), e);
@@ -109,9 +141,36 @@ pub async fn run(
             expires_in_days = identity.info().seconds_to_expiry() / 86_400,
             "relaying to sink"
         );
-        let (tx, rx) = mpsc::channel(sink.queue_batches);
+        let (tx, rx) = mpsc::channel(INTAKE_QUEUE);
         let link_metrics = Arc::new(SinkMetrics::default());
         sink_metrics.push(link_metrics.clone());
+        let spool_dir = config
+            .spool_dir
+            .as_ref()
+            .map(|dir| dir.join(spool_name(&sink.addr)));
+        let backlog = Arc::new(
+            backlog::Backlog::open(
+                &sink.addr,
+                spool_dir.as_deref(),
+                backlog::Limits {
+                    memory_batches: sink.queue_batches,
+                    spool_max_bytes: config.spool_max_bytes,
+                    spool_max_age: config.spool_max_age,
+                },
+                link_metrics.clone(),
+            )
+            .map_err(|e| {
+                Error::Spool(
+                    spool_dir
+                        .as_deref()
+                        .unwrap_or(std::path::Path::new(""))
+                        .display()
+                        .to_string(),
+                    e,
+                )
+            })?,
+        );
+        intakes.spawn(intake(rx, backlog.clone()));
         queues.push(batch::SinkQueue {
             name: sink.addr.clone(),
             queue: tx,
@@ -143,10 +202,12 @@ pub async fn run(
                     quic_fallback_after: config.quic_fallback_after,
                     quic_retry_interval: config.quic_retry_interval,
                 },
-                queue: rx,
+                backlog,
                 metrics: link_metrics,
                 backoff: transport::Backoff::new(config.reconnect_min, config.reconnect_max),
-                in_flight: Default::default(),
+                window_bytes: config.window_bytes,
+                released: 0,
+                sent_through: 0,
             }
             .run(),
         );
@@ -180,15 +241,17 @@ pub async fn run(
     token.cancel();
     while receivers.join_next().await.is_some() {}
     // The receive loops held the last ingest senders: the batcher now flushes and ends, which
-    // closes the sinks' queues, and each link drains its queue and waits for its acks.
+    // closes the sinks' queues; each backlog takes the rest and closes, and each link sends
+    // what is left and waits for its acks.
     let _ = batcher.await;
+    while intakes.join_next().await.is_some() {}
     let drained = tokio::time::timeout(config.shutdown_grace, async {
         while links.join_next().await.is_some() {}
     });
     if drained.await.is_err() {
         tracing::warn!(
             grace = ?config.shutdown_grace,
-            "shutdown grace period over: batches still queued or unacknowledged are dropped"
+            "shutdown grace period over: unacknowledged batches stay in the spool, or are lost without one"
         );
         links.abort_all();
     }
@@ -201,7 +264,11 @@ pub async fn run(
             batches_sent = metrics::get(&m.batches_sent),
             acked_sequence = metrics::get(&m.acked_sequence),
             dropped_queue_full = metrics::get(&m.dropped_queue_full),
-            dropped_connection_lost = metrics::get(&m.dropped_connection_lost),
+            dropped_backlog_full = metrics::get(&m.dropped_backlog_full),
+            batches_resent = metrics::get(&m.batches_resent),
+            unacknowledged_batches = metrics::get(&m.backlog_batches),
+            spool_bytes = metrics::get(&m.spool_bytes),
+            spool_write_errors = metrics::get(&m.spool_write_errors),
             connects = metrics::get(&m.connects),
             connect_failures = metrics::get(&m.connect_failures),
             fallbacks_to_grpc = metrics::get(&m.fallbacks_to_grpc),

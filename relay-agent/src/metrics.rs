@@ -24,10 +24,23 @@ pub struct SinkMetrics {
     pub datagrams_sent: AtomicU64,
     /// Highest batch sequence the sink acknowledged.
     pub acked_sequence: AtomicU64,
-    /// Datagrams dropped because this sink's queue was full.
+    /// Datagrams dropped because this sink's intake queue was full (its spool too slow).
     pub dropped_queue_full: AtomicU64,
-    /// Datagrams lost in batches that were being written when a connection broke.
-    pub dropped_connection_lost: AtomicU64,
+    /// Datagrams dropped from the backlog: oldest first, when memory (no spool) or the spool
+    /// (size, age) was full, or unreadable from the spool.
+    pub dropped_backlog_full: AtomicU64,
+    /// Batches sent again after a reconnect (not acknowledged on the connection that broke).
+    pub batches_resent: AtomicU64,
+    /// Batches not yet acknowledged (gauge).
+    pub backlog_batches: AtomicU64,
+    /// Bytes in the spool (gauge).
+    pub spool_bytes: AtomicU64,
+    /// Spool writes that failed (a full disk); those batches were kept in memory only.
+    pub spool_write_errors: AtomicU64,
+    /// Spool segments found with a torn tail at start (cut off).
+    pub spool_torn_tails: AtomicU64,
+    /// Spool segments found corrupt at start (set aside).
+    pub spool_corrupt_segments: AtomicU64,
     /// Successful connections (the first one included).
     pub connects: AtomicU64,
     /// Failed connection attempts.

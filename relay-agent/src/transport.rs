@@ -3,17 +3,20 @@
 //!
 //! A link holds one [`Session`] at a time, over QUIC ([`quic`]) or gRPC ([`grpc`]); both carry
 //! the same frames and bring back the same acknowledgements, so everything above the session
-//! (queueing, in-flight accounting, backoff, shutdown) is written once, here.
+//! (the window, acknowledgements, resending, backoff, shutdown) is written once, here.
 //!
-//! With [`TransportMode::Auto`] a link tries QUIC first and, when no QUIC handshake completes
-//! within `quic_fallback_after`, carries on over gRPC. While on gRPC it tries QUIC again every
-//! `quic_retry_interval`; when that works it stops taking frames from the queue, lets the gRPC
-//! call finish and waits for the sink to acknowledge everything sent on it, then goes on over
-//! QUIC. Frames not yet taken stay queued, so the switch loses and repeats nothing.
+//! **Delivery.** The link reads batches from the sink's [`Backlog`] in order and keeps up to
+//! `window_bytes` of them unacknowledged on the wire. The sink acknowledges a batch once it
+//! has replayed it; the link then releases it from the backlog (and the spool). When a
+//! connection breaks, whatever was not acknowledged is sent again, oldest first, on the next
+//! one; the sink recognises what it had already replayed (by agent, session and sequence) and
+//! does not replay it twice.
 //!
-//! Delivery today: frames written to a connection that breaks before the sink acknowledges
-//! them are counted as lost (`dropped_connection_lost`) and never written twice: the sink
-//! may have replayed them, and a duplicate would distort the analyzer's counters.
+//! **Transports.** With [`TransportMode::Auto`] a link tries QUIC first and, when no QUIC
+//! handshake completes within `quic_fallback_after`, carries on over gRPC. While on gRPC it
+//! tries QUIC again every `quic_retry_interval`; when that works it stops sending on gRPC,
+//! waits (briefly) for the sink to acknowledge what it sent there, then goes on over QUIC from
+//! the oldest unacknowledged batch.
 
 pub(crate) mod grpc;
 pub(crate) mod quic;
@@ -23,10 +26,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::batch::Frame;
+use crate::backlog::{Backlog, Record};
 use crate::config::{SinkConfig, TransportMode};
 use crate::metrics::{self, SinkMetrics};
 
@@ -68,17 +71,16 @@ impl Session {
         }
     }
 
-    /// The highest sequence the sink has acknowledged on this session.
-    fn acked(&self) -> watch::Receiver<u64> {
+    /// The latest acknowledgement on this session.
+    fn acked(&self) -> watch::Receiver<Acked> {
         match self {
             Self::Quic(s) => s.acked(),
             Self::Grpc(s) => s.acked(),
         }
     }
 
-    /// Writes one frame. An error means the frame was not (wholly) written: it cannot have
-    /// been replayed, and may go on the next session.
-    async fn send(&mut self, frame: &Frame) -> Result<(), String> {
+    /// Writes one batch.
+    async fn send(&mut self, frame: &Record) -> Result<(), String> {
         match self {
             Self::Quic(s) => s.send(frame).await,
             Self::Grpc(s) => s.send(frame).await,
@@ -109,16 +111,23 @@ impl Session {
     }
 }
 
+/// The latest acknowledgement of a session: (agent session, batch sequence). Acknowledgements
+/// are cumulative: the sink acknowledges batches in the order it received them.
+pub(crate) type Acked = Option<(u64, u64)>;
+
 /// Records an acknowledgement from the sink (both transports' ack readers call this).
-fn acknowledged(metrics: &SinkMetrics, acked: &watch::Sender<u64>, sequence: u64) {
-    metrics
-        .acked_sequence
-        .fetch_max(sequence, std::sync::atomic::Ordering::Relaxed);
-    acked.send_if_modified(|seen| {
-        let newer = sequence > *seen;
-        *seen = (*seen).max(sequence);
-        newer
-    });
+fn acknowledged(metrics: &SinkMetrics, acked: &watch::Sender<Acked>, ack: &proto::pb::Ack) {
+    metrics::set(&metrics.acked_sequence, ack.sequence);
+    acked.send_replace(Some((ack.session, ack.sequence)));
+}
+
+/// A batch on the wire, not yet acknowledged.
+#[derive(Debug)]
+struct InFlight {
+    id: u64,
+    session: u64,
+    sequence: u64,
+    len: usize,
 }
 
 /// How a session ended.
@@ -175,36 +184,31 @@ impl Dialer {
 pub(crate) struct Link {
     pub(crate) sink: SinkConfig,
     pub(crate) dialer: Dialer,
-    pub(crate) queue: mpsc::Receiver<Frame>,
+    pub(crate) backlog: Arc<Backlog>,
     pub(crate) metrics: Arc<SinkMetrics>,
     pub(crate) backoff: Backoff,
-    /// (sequence, datagrams) of batches written and not yet acknowledged.
-    pub(crate) in_flight: VecDeque<(u64, u64)>,
+    /// Most bytes unacknowledged on the wire.
+    pub(crate) window_bytes: usize,
+    /// Highest backlog id acknowledged (released).
+    pub(crate) released: u64,
+    /// Highest backlog id ever sent (what is sent again at or below it is a resend).
+    pub(crate) sent_through: u64,
 }
 
 impl Link {
-    /// Runs until the queue is closed and drained, everything sent is acknowledged (or the
-    /// connection is lost during that wait), and the connection is closed.
+    /// Runs until the backlog is closed and everything in it is acknowledged, or (when the
+    /// sink cannot be reached) on disk for the next run.
     pub(crate) async fn run(mut self) {
-        let mut carry: Option<Frame> = None;
+        let backlog = self.backlog.clone();
         loop {
-            // While connecting, also watch the queue: a closed, empty queue means the agent is
-            // shutting down with nothing for this sink, and a handshake that may never
-            // complete (an unreachable sink) must not hold the shutdown up.
-            let attempt = {
-                let connecting = self.dialer.connect();
-                tokio::pin!(connecting);
-                loop {
-                    tokio::select! {
-                        result = &mut connecting => break result,
-                        frame = self.queue.recv(), if carry.is_none() => match frame {
-                            Some(frame) => carry = Some(frame),
-                            None => {
-                                tracing::info!(sink = %self.sink.addr, "shutting down: nothing left to send to this sink");
-                                return;
-                            }
-                        },
-                    }
+            // While connecting, also watch for the end: an agent shutting down whose batches
+            // for this sink are all acknowledged or spooled need not wait for a handshake
+            // that may never complete.
+            let attempt = tokio::select! {
+                result = self.dialer.connect() => result,
+                () = backlog.settled() => {
+                    self.stopping("shutting down: nothing left to send to this sink");
+                    return;
                 }
             };
             let mut session = match attempt {
@@ -213,7 +217,7 @@ impl Link {
                     metrics::add(&self.metrics.connect_failures, 1);
                     let wait = self.backoff.next_delay();
                     tracing::warn!(sink = %self.sink.addr, %reason, retry_in = ?wait, "cannot connect to sink");
-                    if !self.pause(wait, &mut carry).await {
+                    if !self.pause(wait).await {
                         return;
                     }
                     continue;
@@ -228,9 +232,9 @@ impl Link {
                     transport = session.transport(),
                     "connected to sink"
                 );
-                let ended = self.stream(&mut session, &mut carry).await;
+                let ended = self.stream(&mut session).await;
                 metrics::set(&self.metrics.transport, 0);
-                let unacknowledged = self.forget_unacknowledged(&session);
+                let (unacknowledged, _, _) = self.backlog.pending();
                 match ended {
                     Ended::Shutdown => {
                         session.close("agent shutting down");
@@ -240,7 +244,7 @@ impl Link {
                         metrics::add(&self.metrics.returns_to_quic, 1);
                         tracing::info!(
                             sink = %self.sink.addr,
-                            unacknowledged_datagrams = unacknowledged,
+                            unacknowledged_batches = unacknowledged,
                             reason = "a QUIC handshake completed again",
                             "transport changed: gRPC to QUIC"
                         );
@@ -252,12 +256,12 @@ impl Link {
                             sink = %self.sink.addr,
                             transport = session.transport(),
                             %reason,
-                            unacknowledged_datagrams = unacknowledged,
+                            unacknowledged_batches = unacknowledged,
                             retry_in = ?wait,
-                            "connection to sink lost; reconnecting"
+                            "connection to sink lost; reconnecting (unacknowledged batches will be sent again)"
                         );
                         session.close("connection lost");
-                        if !self.pause(wait, &mut carry).await {
+                        if !self.pause(wait).await {
                             return;
                         }
                         break;
@@ -267,46 +271,38 @@ impl Link {
         }
     }
 
-    /// Batches written on `session` but not acknowledged may or may not have been replayed;
-    /// without resending (planned) they count as lost. Returns their datagrams.
-    fn forget_unacknowledged(&mut self, session: &Session) -> u64 {
-        let acked = *session.acked().borrow();
-        self.in_flight.retain(|&(sequence, _)| sequence > acked);
-        let lost = self
-            .in_flight
-            .drain(..)
-            .map(|(_, datagrams)| datagrams)
-            .sum();
-        metrics::add(&self.metrics.dropped_connection_lost, lost);
-        lost
+    fn stopping(&self, why: &str) {
+        let (batches, datagrams, memory_only) = self.backlog.pending();
+        tracing::info!(
+            sink = %self.sink.addr,
+            spooled_batches = batches,
+            spooled_datagrams = datagrams - memory_only,
+            "{why}"
+        );
     }
 
-    /// Waits `wait` before the next attempt, taking a frame from the queue meanwhile (so a
-    /// closed queue is noticed). Returns false when the queue has closed with nothing left to
-    /// send: the agent is shutting down and there is no reason to retry.
-    async fn pause(&mut self, wait: Duration, carry: &mut Option<Frame>) -> bool {
-        let until = Instant::now() + wait;
-        if carry.is_none() {
-            tokio::select! {
-                () = tokio::time::sleep_until(until) => return true,
-                frame = self.queue.recv() => match frame {
-                    Some(frame) => *carry = Some(frame),
-                    None => {
-                        tracing::info!(sink = %self.sink.addr, "sink unreachable and nothing left to send");
-                        return false;
-                    }
-                },
+    /// Waits `wait` before the next attempt. Returns false when the agent is shutting down
+    /// and nothing is left that only memory holds: no reason to retry.
+    async fn pause(&mut self, wait: Duration) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep(wait) => true,
+            () = self.backlog.settled() => {
+                self.stopping("sink unreachable and nothing left to send that is not in the spool");
+                false
             }
         }
-        tokio::time::sleep_until(until).await;
-        true
     }
 
-    /// Streams frames on one session until the queue closes, the session breaks, or (`auto` on
-    /// gRPC) QUIC works again.
-    async fn stream(&mut self, session: &mut Session, carry: &mut Option<Frame>) -> Ended {
+    /// Streams batches on one session until the backlog is closed and all acknowledged, the
+    /// session breaks, or (`auto` on gRPC) QUIC works again.
+    async fn stream(&mut self, session: &mut Session) -> Ended {
+        let backlog = self.backlog.clone();
         let mut acked = session.acked();
-        let mut last_sent = 0u64;
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        let mut in_flight_bytes = 0usize;
+        // Everything not acknowledged goes (again), oldest first.
+        let mut cursor = self.released;
+        let mut finishing = false;
         // In TLS 1.3 the sink checks our certificate after our side of the handshake is done,
         // so "connected" is not yet "accepted". The backoff resets only once the sink has
         // acknowledged something or the connection has stayed up a while; a refused agent
@@ -323,72 +319,99 @@ impl Link {
         );
         tokio::pin!(probe);
         loop {
-            if !proven && (*acked.borrow() > 0 || Instant::now() >= healthy_after) {
+            if !proven && Instant::now() >= healthy_after {
                 proven = true;
                 self.backoff.reset();
             }
-            let frame = match carry.take() {
-                Some(frame) => Some(frame),
-                None => tokio::select! {
-                    frame = self.queue.recv() => frame,
-                    reason = session.broken() => return Ended::Broken(reason),
-                    () = tokio::time::sleep_until(healthy_after), if !proven => continue,
-                    next = &mut probe => {
-                        // Nothing more goes on gRPC; what went is acknowledged before QUIC
-                        // takes over, so the sink replays it all, once, in order.
-                        session.finish();
-                        let drained = tokio::time::timeout(
-                            SWITCH_DRAIN,
-                            drain(session, &mut acked, last_sent),
-                        )
-                        .await
-                        .unwrap_or(false);
-                        if !drained {
-                            tracing::warn!(sink = %self.sink.addr, "moving to QUIC before the sink acknowledged everything sent over gRPC");
-                        }
-                        return Ended::Switch(Box::new(next));
+            if finishing && in_flight.is_empty() {
+                tracing::info!(sink = %self.sink.addr, "all batches acknowledged");
+                return Ended::Shutdown;
+            }
+            tokio::select! {
+                biased;
+                changed = acked.changed() => {
+                    if changed.is_err() {
+                        // The ack reader has ended: the session is over, `broken` says why.
+                        return Ended::Broken(session.broken().await);
                     }
-                },
-            };
-            let Some(frame) = frame else { break };
-            if let Err(reason) = session.send(&frame).await {
-                *carry = Some(frame);
-                return Ended::Broken(reason);
+                    let ack = *acked.borrow_and_update();
+                    if let Some(id) = settle(&mut in_flight, &mut in_flight_bytes, ack) {
+                        self.released = self.released.max(id);
+                        backlog.release_through(id);
+                        if !proven {
+                            proven = true;
+                            self.backoff.reset();
+                        }
+                    }
+                }
+                reason = session.broken() => return Ended::Broken(reason),
+                () = tokio::time::sleep_until(healthy_after), if !proven => {}
+                next = &mut probe => {
+                    // Nothing more goes on gRPC; what went is, with luck, acknowledged before
+                    // QUIC takes over (what is not will be sent again, and recognised).
+                    session.finish();
+                    let drained = tokio::time::timeout(SWITCH_DRAIN, async {
+                        while !in_flight.is_empty() {
+                            tokio::select! {
+                                changed = acked.changed() => {
+                                    if changed.is_err() { return; }
+                                    let ack = *acked.borrow_and_update();
+                                    if let Some(id) = settle(&mut in_flight, &mut in_flight_bytes, ack) {
+                                        self.released = self.released.max(id);
+                                        backlog.release_through(id);
+                                    }
+                                }
+                                _ = session.broken() => return,
+                            }
+                        }
+                    })
+                    .await;
+                    if drained.is_err() || !in_flight.is_empty() {
+                        tracing::warn!(sink = %self.sink.addr, "moving to QUIC before the sink acknowledged everything sent over gRPC; the rest is sent again");
+                    }
+                    return Ended::Switch(Box::new(next));
+                }
+                record = backlog.next_after(cursor), if !finishing && in_flight_bytes < self.window_bytes => {
+                    let Some(record) = record else {
+                        // Closed and all sent: finish the stream, wait for the last acks.
+                        finishing = true;
+                        session.finish();
+                        continue;
+                    };
+                    if let Err(reason) = session.send(&record).await {
+                        return Ended::Broken(reason);
+                    }
+                    cursor = record.id;
+                    if record.id <= self.sent_through {
+                        metrics::add(&self.metrics.batches_resent, 1);
+                    }
+                    self.sent_through = self.sent_through.max(record.id);
+                    in_flight_bytes += record.bytes.len();
+                    in_flight.push_back(InFlight {
+                        id: record.id,
+                        session: record.session,
+                        sequence: record.sequence,
+                        len: record.bytes.len(),
+                    });
+                    metrics::add(&self.metrics.batches_sent, 1);
+                    metrics::add(&self.metrics.datagrams_sent, record.datagrams);
+                }
             }
-            last_sent = frame.sequence;
-            self.in_flight.push_back((frame.sequence, frame.datagrams));
-            let acked_now = *acked.borrow();
-            while self
-                .in_flight
-                .front()
-                .is_some_and(|&(sequence, _)| sequence <= acked_now)
-            {
-                self.in_flight.pop_front();
-            }
-            metrics::add(&self.metrics.batches_sent, 1);
-            metrics::add(&self.metrics.datagrams_sent, frame.datagrams);
         }
-        // The queue is closed: the agent is shutting down. Finish the stream and wait for the
-        // sink to acknowledge the last batch (the caller bounds this wait).
-        session.finish();
-        if drain(session, &mut acked, last_sent).await {
-            self.in_flight.clear();
-            tracing::info!(sink = %self.sink.addr, last_sequence = last_sent, "all batches acknowledged");
-        } else {
-            tracing::warn!(sink = %self.sink.addr, "connection closed before all batches were acknowledged");
-        }
-        Ended::Shutdown
     }
 }
 
-/// Waits until the sink has acknowledged `last_sent`; false when the session ends first.
-async fn drain(session: &Session, acked: &mut watch::Receiver<u64>, last_sent: u64) -> bool {
-    tokio::select! {
-        biased;
-        result = acked.wait_for(|&sequence| sequence >= last_sent) => return result.is_ok(),
-        _ = session.broken() => {}
-    }
-    *acked.borrow() >= last_sent
+/// Takes what `ack` acknowledges off the front of `in_flight`; returns the backlog id up to
+/// which everything is acknowledged, if anything was.
+fn settle(in_flight: &mut VecDeque<InFlight>, bytes: &mut usize, ack: Acked) -> Option<u64> {
+    let (session, sequence) = ack?;
+    let last = in_flight
+        .iter()
+        .position(|f| f.session == session && f.sequence == sequence)?;
+    in_flight.drain(..=last).fold(None, |_, f| {
+        *bytes -= f.len;
+        Some(f.id)
+    })
 }
 
 /// With `enabled`, tries a QUIC handshake every `interval` and returns the first session that

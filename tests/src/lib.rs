@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod bare;
+pub mod impair;
 pub mod netns;
 pub mod sflow;
 

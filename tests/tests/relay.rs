@@ -292,7 +292,7 @@ fn agent_reconnects_after_the_sink_restarts(t: Transport) {
     assert!(sink.terminate().success(), "sink exits cleanly on SIGTERM");
     let lost = agent.wait_for("connection to sink lost");
     assert_eq!(
-        lost["unacknowledged_datagrams"].as_u64(),
+        lost["unacknowledged_batches"].as_u64(),
         Some(0),
         "everything sent was acknowledged: {lost}"
     );

@@ -131,7 +131,7 @@ fn auto_carries_on_over_grpc_while_udp_is_blocked_and_returns_to_quic_without_lo
         let change = agent.wait_for("transport changed: gRPC to QUIC");
         switched.store(true, Ordering::Relaxed);
         assert_eq!(
-            change["unacknowledged_datagrams"].as_u64(),
+            change["unacknowledged_batches"].as_u64(),
             Some(0),
             "everything sent over gRPC was acknowledged before the switch: {change}"
         );
@@ -167,7 +167,7 @@ fn auto_carries_on_over_grpc_while_udp_is_blocked_and_returns_to_quic_without_lo
     assert_eq!(summary["fallbacks_to_grpc"].as_u64(), Some(1), "{summary}");
     assert_eq!(summary["returns_to_quic"].as_u64(), Some(1), "{summary}");
     assert_eq!(
-        summary["dropped_connection_lost"].as_u64(),
+        summary["dropped_backlog_full"].as_u64(),
         Some(0),
         "{summary}"
     );

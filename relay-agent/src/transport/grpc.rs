@@ -26,8 +26,8 @@ use tonic::Status;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use super::{MAX_ACK_LEN, acknowledged, explain, resolve};
-use crate::batch::Frame;
+use super::{Acked, MAX_ACK_LEN, acknowledged, explain, resolve};
+use crate::backlog::Record;
 use crate::config::SinkConfig;
 use crate::metrics::SinkMetrics;
 
@@ -130,13 +130,13 @@ impl Connector {
             .await
             .map_err(|status| explain(describe(&status)))?;
         let mut acks = response.into_inner();
-        let (acked_tx, acked) = watch::channel(0u64);
+        let (acked_tx, acked) = watch::channel(Acked::default());
         let (ended_tx, ended) = watch::channel(None);
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
             let reason = loop {
                 match acks.message().await {
-                    Ok(Some(ack)) => acknowledged(&metrics, &acked_tx, ack.sequence),
+                    Ok(Some(ack)) => acknowledged(&metrics, &acked_tx, &ack),
                     Ok(None) => break "the sink ended the call".to_owned(),
                     Err(status) => break describe(&status),
                 }
@@ -169,7 +169,7 @@ fn describe(status: &Status) -> String {
 pub(crate) struct Session {
     /// Frame bodies for the call; `None` once finished.
     frames: Option<mpsc::Sender<Bytes>>,
-    acked: watch::Receiver<u64>,
+    acked: watch::Receiver<Acked>,
     /// Why the call ended, once it has.
     ended: watch::Receiver<Option<String>>,
     remote: SocketAddr,
@@ -182,11 +182,11 @@ impl Session {
         self.remote
     }
 
-    pub(crate) fn acked(&self) -> watch::Receiver<u64> {
+    pub(crate) fn acked(&self) -> watch::Receiver<Acked> {
         self.acked.clone()
     }
 
-    pub(crate) async fn send(&mut self, frame: &Frame) -> Result<(), String> {
+    pub(crate) async fn send(&mut self, frame: &Record) -> Result<(), String> {
         let Some(frames) = &self.frames else {
             return Err("the call is finished".into());
         };

@@ -10,8 +10,8 @@ use proto::wire::FrameReader;
 use quinn::{Connection, Endpoint, SendStream, VarInt};
 use tokio::sync::watch;
 
-use super::{MAX_ACK_LEN, acknowledged, explain, resolve};
-use crate::batch::Frame;
+use super::{Acked, MAX_ACK_LEN, acknowledged, explain, resolve};
+use crate::backlog::Record;
 use crate::config::SinkConfig;
 use crate::metrics::SinkMetrics;
 
@@ -45,12 +45,12 @@ impl Connector {
             .open_bi()
             .await
             .map_err(|e| explain(&self.sink, &e.to_string()))?;
-        let (acked_tx, acked) = watch::channel(0u64);
+        let (acked_tx, acked) = watch::channel(Acked::default());
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
             let mut reader = FrameReader::new(recv, MAX_ACK_LEN);
             while let Ok(Some(ack)) = reader.next::<pb::Ack>().await {
-                acknowledged(&metrics, &acked_tx, ack.sequence);
+                acknowledged(&metrics, &acked_tx, &ack);
             }
         });
         Ok(super::Session::Quic(Session {
@@ -67,7 +67,7 @@ impl Connector {
 pub(crate) struct Session {
     connection: Connection,
     send: SendStream,
-    acked: watch::Receiver<u64>,
+    acked: watch::Receiver<Acked>,
     sink: SinkConfig,
 }
 
@@ -76,11 +76,11 @@ impl Session {
         self.connection.remote_address()
     }
 
-    pub(crate) fn acked(&self) -> watch::Receiver<u64> {
+    pub(crate) fn acked(&self) -> watch::Receiver<Acked> {
         self.acked.clone()
     }
 
-    pub(crate) async fn send(&mut self, frame: &Frame) -> Result<(), String> {
+    pub(crate) async fn send(&mut self, frame: &Record) -> Result<(), String> {
         if let Some(error) = self.connection.close_reason() {
             return Err(explain(&self.sink, &error.to_string()));
         }

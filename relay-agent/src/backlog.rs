@@ -1,0 +1,436 @@
+//! A sink's backlog: every batch made for the sink and not yet acknowledged by it, oldest
+//! first, in memory and (with `--spool-dir`) on disk.
+//!
+//! The batcher's intake task appends; the sink's link reads from any point (after a reconnect
+//! it starts again at the oldest unacknowledged batch) and releases what the sink
+//! acknowledged. Bounds:
+//!
+//! - memory: at most `memory_batches` frames are held in memory. Beyond that, the oldest
+//!   frames already on disk are let go from memory (read back when needed); without a spool,
+//!   the oldest batches are dropped.
+//! - disk: at most `spool_max_bytes`, and nothing older than `spool_max_age`; beyond that the
+//!   oldest segment is dropped.
+//!
+//! Every drop is counted (`dropped_backlog_full`, in datagrams) and logged, rate-limited.
+//! A spool write that fails (a full disk) is counted and logged; the batch is kept in memory
+//! only, so live data keeps flowing.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use runtime::ratelimit::RateLimit;
+use tokio::sync::Notify;
+
+use crate::batch::Frame;
+use crate::metrics::{self, SinkMetrics};
+use crate::spool::{Meta, Spool};
+
+/// A batch as the link sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct Record {
+    pub(crate) id: u64,
+    pub(crate) session: u64,
+    pub(crate) sequence: u64,
+    pub(crate) datagrams: u64,
+    /// Length prefix and protobuf body.
+    pub(crate) bytes: Bytes,
+}
+
+#[derive(Debug)]
+struct Entry {
+    meta: Meta,
+    /// `None` once let go from memory (it is on disk).
+    bytes: Option<Bytes>,
+    on_disk: bool,
+}
+
+/// Limits of a backlog.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) memory_batches: usize,
+    pub(crate) spool_max_bytes: u64,
+    pub(crate) spool_max_age: Duration,
+}
+
+#[derive(Debug)]
+struct Inner {
+    entries: VecDeque<Entry>,
+    /// Entries before this index hold no bytes in memory.
+    first_in_memory: usize,
+    next_id: u64,
+    spool: Option<Spool>,
+    closed: bool,
+}
+
+/// See the module documentation.
+#[derive(Debug)]
+pub(crate) struct Backlog {
+    inner: Mutex<Inner>,
+    grew: Notify,
+    limits: Limits,
+    metrics: Arc<SinkMetrics>,
+    name: String,
+    drops: RateLimit,
+    write_errors: RateLimit,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Backlog {
+    /// A backlog for the sink `name`, with its spool in `spool_dir` (loading what an earlier
+    /// run left there), or in memory only.
+    pub(crate) fn open(
+        name: &str,
+        spool_dir: Option<&Path>,
+        limits: Limits,
+        metrics: Arc<SinkMetrics>,
+    ) -> std::io::Result<Self> {
+        let mut entries = VecDeque::new();
+        let mut next_id = 1;
+        let spool = match spool_dir {
+            None => None,
+            Some(dir) => {
+                let (spool, loaded) = Spool::open(dir)?;
+                metrics::add(&metrics.spool_torn_tails, loaded.torn_tails);
+                metrics::add(&metrics.spool_corrupt_segments, loaded.corrupt_segments);
+                if !loaded.records.is_empty() {
+                    tracing::info!(
+                        sink = name,
+                        spool = %dir.display(),
+                        batches = loaded.records.len(),
+                        datagrams = loaded.records.iter().map(|m| u64::from(m.datagrams)).sum::<u64>(),
+                        bytes = spool.bytes(),
+                        "spool holds batches from an earlier run: they go first"
+                    );
+                }
+                for meta in loaded.records {
+                    next_id = meta.id + 1;
+                    entries.push_back(Entry {
+                        meta,
+                        bytes: None,
+                        on_disk: true,
+                    });
+                }
+                Some(spool)
+            }
+        };
+        let first_in_memory = entries.len();
+        let backlog = Self {
+            inner: Mutex::new(Inner {
+                entries,
+                first_in_memory,
+                next_id,
+                spool,
+                closed: false,
+            }),
+            grew: Notify::new(),
+            limits,
+            metrics,
+            name: name.to_owned(),
+            drops: RateLimit::new(Duration::from_secs(10)),
+            write_errors: RateLimit::new(Duration::from_secs(10)),
+        };
+        backlog.update_gauges(&backlog.lock());
+        Ok(backlog)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends a batch (writing it to the spool first, when there is one), then enforces the
+    /// limits.
+    pub(crate) fn append(&self, frame: Frame) {
+        let mut inner = self.lock();
+        let meta = Meta {
+            id: inner.next_id,
+            session: frame.session,
+            sequence: frame.sequence,
+            datagrams: frame.datagrams as u32,
+            unix_ms: now_ms(),
+        };
+        inner.next_id += 1;
+        let on_disk = match &mut inner.spool {
+            None => false,
+            Some(spool) => match spool.append(meta, &frame.bytes) {
+                Ok(()) => true,
+                Err(error) => {
+                    metrics::add(&self.metrics.spool_write_errors, 1);
+                    if let Some(more) = self.write_errors.check() {
+                        tracing::error!(
+                            sink = %self.name,
+                            %error,
+                            earlier_errors_not_logged = more,
+                            "cannot write to the spool: batch kept in memory only (lost if the agent stops before the sink has it)"
+                        );
+                    }
+                    false
+                }
+            },
+        };
+        inner.entries.push_back(Entry {
+            meta,
+            bytes: Some(frame.bytes),
+            on_disk,
+        });
+        self.enforce_limits(&mut inner);
+        self.update_gauges(&inner);
+        drop(inner);
+        self.grew.notify_waiters();
+    }
+
+    fn enforce_limits(&self, inner: &mut Inner) {
+        // Memory: let go of the oldest frames that are on disk; drop those that are not.
+        while inner.entries.len() - inner.first_in_memory > self.limits.memory_batches {
+            let index = inner.first_in_memory;
+            if inner.entries[index].on_disk {
+                inner.entries[index].bytes = None;
+                inner.first_in_memory += 1;
+            } else {
+                let entry = inner.entries.remove(index).expect("an entry");
+                self.dropped(u64::from(entry.meta.datagrams), "memory backlog full");
+            }
+        }
+        // Disk: size and age, a segment at a time.
+        let oldest_allowed = now_ms().saturating_sub(self.limits.spool_max_age.as_millis() as u64);
+        while let Some(spool) = &mut inner.spool {
+            let too_big = spool.bytes() > self.limits.spool_max_bytes;
+            let too_old = spool
+                .oldest_newest_unix_ms()
+                .is_some_and(|newest| newest < oldest_allowed);
+            if !too_big && !too_old {
+                break;
+            }
+            let Some((last_id, datagrams)) = spool.drop_oldest() else {
+                break;
+            };
+            let mut removed = 0;
+            while inner.entries.front().is_some_and(|e| e.meta.id <= last_id) {
+                inner.entries.pop_front();
+                removed += 1;
+            }
+            inner.first_in_memory = inner.first_in_memory.saturating_sub(removed);
+            self.dropped(
+                datagrams,
+                if too_big {
+                    "spool full (--spool-max-bytes)"
+                } else {
+                    "spooled data too old (--spool-max-age)"
+                },
+            );
+        }
+    }
+
+    fn dropped(&self, datagrams: u64, why: &str) {
+        metrics::add(&self.metrics.dropped_backlog_full, datagrams);
+        if let Some(more) = self.drops.check() {
+            tracing::warn!(
+                sink = %self.name,
+                dropped_datagrams = datagrams,
+                reason = why,
+                earlier_drops_not_logged = more,
+                "backlog full: oldest batches dropped"
+            );
+        }
+    }
+
+    fn update_gauges(&self, inner: &Inner) {
+        metrics::set(&self.metrics.backlog_batches, inner.entries.len() as u64);
+        metrics::set(
+            &self.metrics.spool_bytes,
+            inner.spool.as_ref().map_or(0, Spool::bytes),
+        );
+    }
+
+    /// No more appends: the agent is shutting down.
+    pub(crate) fn close(&self) {
+        self.lock().closed = true;
+        self.grew.notify_waiters();
+    }
+
+    /// The oldest batch after `after` (an id; 0 for the start). Waits for one; `None` once the
+    /// backlog is closed and holds nothing after `after`.
+    pub(crate) async fn next_after(&self, after: u64) -> Option<Record> {
+        loop {
+            let grew = self.grew.notified();
+            tokio::pin!(grew);
+            grew.as_mut().enable();
+            {
+                let inner = self.lock();
+                // Entries are in id order: find the first past `after`.
+                let start = inner.entries.partition_point(|e| e.meta.id <= after);
+                if let Some(entry) = inner.entries.get(start) {
+                    let bytes = match &entry.bytes {
+                        Some(bytes) => Ok(bytes.clone()),
+                        None => inner.spool.as_ref().map_or_else(
+                            || Err(std::io::Error::other("no spool")),
+                            |s| s.read(entry.meta.id),
+                        ),
+                    };
+                    let meta = entry.meta;
+                    match bytes {
+                        Ok(bytes) => {
+                            return Some(Record {
+                                id: meta.id,
+                                session: meta.session,
+                                sequence: meta.sequence,
+                                datagrams: u64::from(meta.datagrams),
+                                bytes,
+                            });
+                        }
+                        Err(error) => {
+                            // Unreadable: skip it rather than stall the link on it.
+                            drop(inner);
+                            tracing::error!(sink = %self.name, id = meta.id, %error, "cannot read a batch back from the spool: skipped");
+                            metrics::add(
+                                &self.metrics.dropped_backlog_full,
+                                u64::from(meta.datagrams),
+                            );
+                            self.release_through(meta.id);
+                            continue;
+                        }
+                    }
+                }
+                if inner.closed {
+                    return None;
+                }
+            }
+            grew.await;
+        }
+    }
+
+    /// Resolves once the backlog is closed and nothing is left that only memory holds
+    /// (everything acknowledged, or on disk for the next run).
+    pub(crate) async fn settled(&self) {
+        loop {
+            let changed = self.grew.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let inner = self.lock();
+                if inner.closed && inner.entries.iter().all(|e| e.on_disk) {
+                    return;
+                }
+            }
+            changed.await;
+        }
+    }
+
+    /// The sink has acknowledged everything up to id `id`.
+    pub(crate) fn release_through(&self, id: u64) {
+        let mut inner = self.lock();
+        let mut removed = 0;
+        while inner.entries.front().is_some_and(|e| e.meta.id <= id) {
+            inner.entries.pop_front();
+            removed += 1;
+        }
+        inner.first_in_memory = inner.first_in_memory.saturating_sub(removed);
+        if let Some(spool) = &mut inner.spool {
+            spool.release_through(id);
+        }
+        self.update_gauges(&inner);
+        drop(inner);
+        self.grew.notify_waiters();
+    }
+
+    /// (batches, datagrams) not yet acknowledged, and how many of them only memory holds.
+    pub(crate) fn pending(&self) -> (u64, u64, u64) {
+        let inner = self.lock();
+        let datagrams = inner
+            .entries
+            .iter()
+            .map(|e| u64::from(e.meta.datagrams))
+            .sum();
+        let memory_only = inner
+            .entries
+            .iter()
+            .filter(|e| !e.on_disk)
+            .map(|e| u64::from(e.meta.datagrams))
+            .sum();
+        (inner.entries.len() as u64, datagrams, memory_only)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(sequence: u64) -> Frame {
+        Frame {
+            session: 5,
+            sequence,
+            datagrams: 3,
+            bytes: Bytes::from(vec![sequence as u8; 1000]),
+        }
+    }
+
+    fn limits(memory_batches: usize) -> Limits {
+        Limits {
+            memory_batches,
+            spool_max_bytes: u64::MAX,
+            spool_max_age: Duration::from_secs(3600),
+        }
+    }
+
+    #[tokio::test]
+    async fn reads_in_order_from_any_point_and_releases() {
+        let backlog = Backlog::open("s", None, limits(100), Arc::default()).unwrap();
+        for s in 1..=5 {
+            backlog.append(frame(s));
+        }
+        let r = backlog.next_after(0).await.unwrap();
+        assert_eq!((r.id, r.sequence), (1, 1));
+        let r = backlog.next_after(3).await.unwrap();
+        assert_eq!(r.sequence, 4);
+        backlog.release_through(4);
+        // After a reconnect the link starts again after what was released.
+        assert_eq!(backlog.next_after(0).await.unwrap().sequence, 5);
+        backlog.close();
+        assert!(backlog.next_after(5).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn without_a_spool_the_oldest_are_dropped_and_counted() {
+        let metrics = Arc::new(SinkMetrics::default());
+        let backlog = Backlog::open("s", None, limits(2), metrics.clone()).unwrap();
+        for s in 1..=5 {
+            backlog.append(frame(s));
+        }
+        assert_eq!(metrics::get(&metrics.dropped_backlog_full), 9);
+        assert_eq!(backlog.next_after(0).await.unwrap().sequence, 4);
+    }
+
+    #[tokio::test]
+    async fn with_a_spool_memory_lets_go_and_reads_back_and_a_restart_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(SinkMetrics::default());
+        let backlog = Backlog::open("s", Some(dir.path()), limits(2), metrics.clone()).unwrap();
+        for s in 1..=5 {
+            backlog.append(frame(s));
+        }
+        assert_eq!(metrics::get(&metrics.dropped_backlog_full), 0);
+        let r = backlog.next_after(0).await.unwrap();
+        assert_eq!(&r.bytes[..], &[1u8; 1000][..], "read back from disk");
+        backlog.release_through(2);
+        drop(backlog);
+        let again = Backlog::open("s", Some(dir.path()), limits(2), metrics).unwrap();
+        let sequences: Vec<u64> = {
+            let mut out = Vec::new();
+            let mut after = 0;
+            again.close();
+            while let Some(r) = again.next_after(after).await {
+                after = r.id;
+                out.push(r.sequence);
+            }
+            out
+        };
+        assert_eq!(sequences, [3, 4, 5], "what was not acknowledged survives");
+    }
+}
