@@ -14,10 +14,16 @@
 //! - `python-hex`: the Python port of sflow_fwd.py piped to itself (no ssh), the practice
 //!   sflow-relay replaces.
 //! - `ssh-hex`: `relay-agent --ssh-hex | relay-sink --ssh-hex -s …` (no ssh).
+//! - `quic`: relay-agent → QUIC with mutual TLS → relay-sink, separate processes.
+//! - `grpc`: the same, over gRPC (HTTP/2 + mutual TLS on TCP, the sink's QUIC port number).
+//!
+//! The agent of `quic` and `grpc` is pinned to its transport (`--transport`), so neither
+//! measures the other through the agent's fallback. Their sink replays unpaced
+//! (`--replay-max-pps 0`): its default pace protects an untuned collector and would be the
+//! ceiling measured here instead of the relay's.
 //!
 //! Every path's input socket asks for the same receive buffer (`--rcvbuf`; the Python script
 //! gets it through tests/python/with_rcvbuf.py, unmodified).
-//! - `quic`: relay-agent → QUIC with mutual TLS → relay-sink, separate processes.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
@@ -28,7 +34,10 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 use relay_tests::sflow::SflowGen;
-use relay_tests::{Daemon, Pki, bin, free_udp_port, path, pipe, wait_udp_bound};
+use relay_tests::{
+    Daemon, Pki, Transport, bin, field, free_udp_port, path, pipe, start_agent_over, start_sink,
+    wait_udp_bound,
+};
 use serde_json::json;
 
 #[derive(Debug, Parser)]
@@ -37,7 +46,7 @@ use serde_json::json;
 )]
 struct Cli {
     /// Paths to measure, in order.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [PathKind::Direct, PathKind::PythonHex, PathKind::SshHex, PathKind::Quic])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [PathKind::Direct, PathKind::PythonHex, PathKind::SshHex, PathKind::Quic, PathKind::Grpc])]
     paths: Vec<PathKind>,
     /// Searches per path; the median is quoted.
     #[arg(long, default_value_t = 3)]
@@ -71,6 +80,7 @@ enum PathKind {
     PythonHex,
     SshHex,
     Quic,
+    Grpc,
 }
 
 impl PathKind {
@@ -80,6 +90,7 @@ impl PathKind {
             Self::PythonHex => "python-hex",
             Self::SshHex => "ssh-hex",
             Self::Quic => "quic",
+            Self::Grpc => "grpc",
         }
     }
 
@@ -89,6 +100,16 @@ impl PathKind {
             Self::PythonHex => "sflow_fwd.py | sflow_fwd.py -s (Python, no ssh)",
             Self::SshHex => "relay-agent --ssh-hex | relay-sink --ssh-hex -s (no ssh)",
             Self::Quic => "relay-agent → QUIC + mTLS → relay-sink",
+            Self::Grpc => "relay-agent → gRPC (HTTP/2 + mTLS, TCP) → relay-sink",
+        }
+    }
+
+    /// The agent-to-sink transport of a relay path over the network.
+    fn transport(self) -> Option<Transport> {
+        match self {
+            Self::Quic => Some(Transport::Quic),
+            Self::Grpc => Some(Transport::Grpc),
+            Self::Direct | Self::PythonHex | Self::SshHex => None,
         }
     }
 }
@@ -147,19 +168,32 @@ fn start(kind: PathKind, output: SocketAddr, rcvbuf: usize) -> Running {
                 _dir: None,
             }
         }
-        PathKind::Quic => {
+        PathKind::Quic | PathKind::Grpc => {
+            let transport = kind.transport().expect("a relay path has a transport");
             let dir = tempfile::tempdir().expect("temp dir");
             let pki = Pki::new(dir.path());
-            let (sink, sink_addr) =
-                relay_tests::start_sink(&pki, &pki.sink_cert("sink"), &[output], None, &[]);
-            let (agent, input) = relay_tests::start_agent(
+            // The sink serves gRPC on TCP at its QUIC port number, so one address serves both.
+            let (sink, sink_addr) = start_sink(
+                &pki,
+                &pki.sink_cert("sink"),
+                &[output],
+                None,
+                &["--replay-max-pps", "0"],
+            );
+            let (agent, input) = start_agent_over(
+                transport,
                 &pki.ca(),
                 &pki.agent_cert("site"),
                 sink_addr,
                 "localhost",
                 &["--recv-buffer", &rcvbuf_arg],
             );
-            agent.wait_for("connected to sink");
+            let connected = agent.wait_for("connected to sink");
+            assert_eq!(
+                field(&connected, "transport"),
+                transport.name(),
+                "the agent connected over another transport than asked"
+            );
             Running {
                 input,
                 processes: vec![agent, sink],
@@ -401,9 +435,11 @@ fn main() {
         drop(path);
     }
 
-    let rate_of = |k: PathKind| results.iter().find(|r| r.kind == k).map(|r| r.median);
+    let result_of = |k: PathKind| results.iter().find(|r| r.kind == k);
+    let rate_of = |k: PathKind| result_of(k).map(|r| r.median);
     let direct = rate_of(PathKind::Direct);
     let python = rate_of(PathKind::PythonHex);
+    let quic = rate_of(PathKind::Quic);
     let ratio = |rate: u64, base: Option<u64>| {
         base.filter(|&b| b > 0).map_or("–".to_string(), |b| {
             format!("{:.2}×", rate as f64 / b as f64)
@@ -411,10 +447,10 @@ fn main() {
     };
 
     println!(
-        "\n| path | zero-loss datagrams/s (median of {}) | searches | vs direct | vs python-hex | CPU µs/datagram at {}/s (per process) | peak RSS |",
+        "\n| path | zero-loss datagrams/s (median of {}) | searches | vs direct | vs python-hex | vs quic | CPU µs/datagram at {}/s (per process) | peak RSS |",
         cli.repeats, cli.cpu_rate
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     let mut json_paths = Vec::new();
     for result in &results {
         let PathResult {
@@ -442,7 +478,7 @@ fn main() {
             format!("{:.1} MiB", rss as f64 / (1 << 20) as f64)
         };
         println!(
-            "| {} ({}) | {rate} | {} | {} | {} | {cpu} | {mem} |",
+            "| {} ({}) | {rate} | {} | {} | {} | {} | {cpu} | {mem} |",
             kind.name(),
             kind.describe(),
             rates
@@ -452,6 +488,7 @@ fn main() {
                 .join(", "),
             ratio(*rate, direct),
             ratio(*rate, python),
+            ratio(*rate, quic),
         );
         json_paths.push(json!({
             "path": kind.name(),
@@ -460,12 +497,30 @@ fn main() {
             "zero_loss_rates": rates,
             "vs_direct": direct.map(|d| *rate as f64 / d as f64),
             "vs_python_hex": python.map(|p| *rate as f64 / p as f64),
+            "vs_quic": quic.map(|q| *rate as f64 / q as f64),
             "cpu_us_per_datagram": cpu_us,
             "cpu_us_per_datagram_per_process": per_process.iter().map(|p| p.0).collect::<Vec<_>>(),
             "peak_rss_bytes": rss,
             "cpu_run": { "rate": cli.cpu_rate, "sent": sent, "delivered": delivered },
         }));
     }
+    // The two transports side by side: the same agent and sink, the same machine, the same run.
+    let grpc_vs_quic = result_of(PathKind::Grpc)
+        .zip(result_of(PathKind::Quic))
+        .map(|(g, q)| {
+            let of = |g: f64, q: f64| (q > 0.0).then(|| g / q);
+            let rate = of(g.median as f64, q.median as f64);
+            let cpu = of(g.cpu_us(), q.cpu_us());
+            let rss = of(g.peak_rss() as f64, q.peak_rss() as f64);
+            let show = |r: Option<f64>| r.map_or("–".to_string(), |r| format!("{r:.2}×"));
+            println!(
+                "\ngrpc / quic: zero-loss rate {}, CPU per datagram {}, peak RSS {}",
+                show(rate),
+                show(cpu),
+                show(rss)
+            );
+            json!({ "zero_loss_rate": rate, "cpu_us_per_datagram": cpu, "peak_rss": rss })
+        });
     let report = json!({
         "machine": {
             "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -475,6 +530,7 @@ fn main() {
         "datagram_mean_bytes": mean_len,
         "trial_seconds": cli.trial.as_secs_f64(),
         "paths": json_paths,
+        "grpc_vs_quic": grpc_vs_quic,
     });
     if let Some(dir) = cli.json.parent() {
         let _ = std::fs::create_dir_all(dir);
