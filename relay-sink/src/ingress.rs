@@ -98,7 +98,7 @@ impl Delivery {
 
 /// Hands a batch from `agent` to replay, unless this agent's session has already had it
 /// replayed (a resend after a reconnect), which is counted and not replayed again.
-pub(crate) fn deliver(shared: &Shared, agent: &str, batch: pb::Batch) -> Delivery {
+pub(crate) async fn deliver(shared: &Shared, agent: &str, batch: pb::Batch) -> Delivery {
     let ack = pb::Ack {
         session: batch.session,
         sequence: batch.sequence,
@@ -118,7 +118,7 @@ pub(crate) fn deliver(shared: &Shared, agent: &str, batch: pb::Batch) -> Deliver
     tracing::trace!(%agent, sequence = ack.sequence, datagrams, "batch");
     Delivery {
         ack,
-        replaying: Some(shared.replay.submit(batch)),
+        replaying: Some(shared.replay.submit(batch).await),
     }
 }
 

@@ -33,6 +33,11 @@ use tokio::time::Instant;
 
 use crate::metrics::Metrics;
 
+/// How long a batch waits for room in a destination's queue before that destination drops
+/// it: far longer than a paced destination needs to make room, far shorter than an agent's
+/// patience.
+pub const SUBMIT_WAIT: Duration = Duration::from_secs(5);
+
 /// The replay side: hand it batches; it fans them out.
 #[derive(Debug)]
 pub struct Replay {
@@ -45,6 +50,7 @@ struct Destination {
     addr: SocketAddr,
     queue: mpsc::Sender<Arc<Replaying>>,
     full: RateLimit,
+    behind: RateLimit,
 }
 
 /// Pacing per destination; 0 means no limit.
@@ -138,6 +144,7 @@ impl Replay {
                 addr,
                 queue: tx,
                 full: RateLimit::new(Duration::from_secs(10)),
+                behind: RateLimit::new(Duration::from_secs(60)),
             });
         }
         Ok(Self {
@@ -146,28 +153,44 @@ impl Replay {
         })
     }
 
-    /// Queues `batch` for every destination; never waits. A destination whose queue is full
-    /// drops the batch (counted, logged): it is done with it at once.
-    pub fn submit(&self, batch: pb::Batch) -> Arc<Replaying> {
+    /// Queues `batch` for every destination. A full queue is waited on (the agents' windows
+    /// make that the backpressure that slows them down), for at most [`SUBMIT_WAIT`]; a
+    /// destination whose queue stays full that long drops the batch (counted, logged).
+    pub async fn submit(&self, batch: pb::Batch) -> Arc<Replaying> {
         let replaying = Arc::new(Replaying {
             batch,
             remaining: AtomicUsize::new(self.destinations.len()),
             done: Notify::new(),
         });
         for dest in &self.destinations {
-            if let Err(
-                mpsc::error::TrySendError::Full(batch) | mpsc::error::TrySendError::Closed(batch),
-            ) = dest.queue.try_send(replaying.clone())
+            if dest.queue.capacity() < dest.queue.max_capacity() / 2
+                && let Some(more) = dest.behind.check()
             {
-                batch.finish_one();
-                let n = batch.batch.datagrams.len() as u64;
+                tracing::warn!(
+                    destination = %dest.addr,
+                    queued_batches = dest.queue.max_capacity() - dest.queue.capacity(),
+                    earlier_warnings_not_logged = more,
+                    "replay to this destination is falling behind (paced, or a slow socket): if this is live traffic, raise --replay-max-pps"
+                );
+            }
+            let queued = match dest.queue.try_send(replaying.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+                Err(mpsc::error::TrySendError::Full(batch)) => matches!(
+                    tokio::time::timeout(SUBMIT_WAIT, dest.queue.send(batch)).await,
+                    Ok(Ok(()))
+                ),
+            };
+            if !queued {
+                replaying.finish_one();
+                let n = replaying.batch.datagrams.len() as u64;
                 Metrics::add(&self.metrics.replay_queue_drops, n);
                 if let Some(more) = dest.full.check() {
                     tracing::warn!(
                         destination = %dest.addr,
                         dropped_datagrams = n,
                         earlier_drops_not_logged = more,
-                        "replay queue full: destination cannot keep up, datagrams dropped"
+                        "replay queue full for too long: destination cannot keep up, datagrams dropped"
                     );
                 }
             }
@@ -191,7 +214,7 @@ impl Bucket {
     fn new(pace: Pace) -> Self {
         // Room for a few milliseconds of the pace (the timer's granularity), no more: a
         // collector's default socket buffer holds about 90 datagrams of 1,400 bytes.
-        let burst_datagrams = (pace.max_pps as f64 / 250.0).max(64.0);
+        let burst_datagrams = (pace.max_pps as f64 / 250.0).max(16.0);
         let burst_bytes = (pace.max_bps as f64 / 250.0).max(2.0 * 65_535.0);
         Self {
             pace,

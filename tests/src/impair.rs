@@ -2,7 +2,9 @@
 //! loss, delay, jitter, reordering, duplication and cuts are made here, in the test process.
 //!
 //! [`UdpProxy`] relays datagrams between clients and one upstream address (both directions),
-//! impairing each datagram on its own: QUIC sees a lossy, jittery, reordering path. [`TcpProxy`]
+//! impairing each datagram on its own: QUIC sees a lossy, jittery, reordering path. Jitter
+//! varies the delay without reordering (as a queue on the path does); reordering is its own
+//! setting. [`TcpProxy`]
 //! relays TCP connections with a delay and can cut the path (a blackhole: nothing passes, the
 //! connections stay open, as when a link goes down), for gRPC.
 //!
@@ -26,7 +28,8 @@ pub struct Impairment {
     pub loss: f64,
     /// Base one-way delay.
     pub delay: Duration,
-    /// Each datagram's delay is `delay ± jitter`, uniformly (UDP; TCP uses `delay`).
+    /// Each datagram's delay is `delay ± jitter`, uniformly, but never so little that it
+    /// would overtake the one before (UDP; TCP uses `delay`).
     pub jitter: Duration,
     /// Probability that a datagram is held back by an extra `delay + jitter`, so that later
     /// ones overtake it (UDP only).
@@ -148,15 +151,15 @@ impl UdpProxy {
 /// Datagrams from clients: each client gets its own upstream socket, whose replies go back
 /// to that client through the front socket.
 async fn udp_front(front: Arc<UdpSocket>, upstream: SocketAddr, state: Arc<State>) {
-    let mut clients: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+    let mut clients: HashMap<SocketAddr, Lane> = HashMap::new();
     let mut buf = vec![0u8; 65_536];
     loop {
         let Ok((n, client)) = front.recv_from(&mut buf).await else {
             return;
         };
-        let back = match clients.get(&client) {
-            Some(socket) => socket.clone(),
-            None => {
+        let lane = match clients.entry(client) {
+            std::collections::hash_map::Entry::Occupied(lane) => lane.into_mut(),
+            std::collections::hash_map::Entry::Vacant(slot) => {
                 let Ok(socket) = UdpSocket::bind(SocketAddr::new(upstream.ip(), 0)).await else {
                     continue;
                 };
@@ -164,32 +167,16 @@ async fn udp_front(front: Arc<UdpSocket>, upstream: SocketAddr, state: Arc<State
                     continue;
                 }
                 let socket = Arc::new(socket);
-                clients.insert(client, socket.clone());
-                tokio::spawn(udp_back(
-                    socket.clone(),
-                    front.clone(),
-                    client,
-                    state.clone(),
-                ));
-                socket
+                let back = Lane::new(state.clone(), Out::To(front.clone(), client));
+                tokio::spawn(udp_back(socket.clone(), back));
+                slot.insert(Lane::new(state.clone(), Out::Connected(socket)))
             }
         };
-        let datagram = buf[..n].to_vec();
-        impair_datagram(&state, datagram, move |d| {
-            let back = back.clone();
-            async move {
-                let _ = back.send(&d).await;
-            }
-        });
+        lane.push(buf[..n].to_vec());
     }
 }
 
-async fn udp_back(
-    upstream: Arc<UdpSocket>,
-    front: Arc<UdpSocket>,
-    client: SocketAddr,
-    state: Arc<State>,
-) {
+async fn udp_back(upstream: Arc<UdpSocket>, mut lane: Lane) {
     let mut buf = vec![0u8; 65_536];
     loop {
         // An ICMP error from the upstream (sink restarting) is not the end.
@@ -197,54 +184,85 @@ async fn udp_back(
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
-        let datagram = buf[..n].to_vec();
-        let front = front.clone();
-        impair_datagram(&state, datagram, move |d| {
-            let front = front.clone();
-            async move {
-                let _ = front.send_to(&d, client).await;
-            }
-        });
+        lane.push(buf[..n].to_vec());
     }
 }
 
-/// Drops, delays, holds back or duplicates one datagram, then sends it with `send`.
-fn impair_datagram<F, Fut>(state: &State, datagram: Vec<u8>, send: F)
-where
-    F: Fn(Vec<u8>) -> Fut + Send + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let impairment = state.impairment.lock().unwrap().clone();
-    let mut rng = rand::rng();
-    if impairment.is_cut() || rng.random_bool(impairment.loss.clamp(0.0, 1.0)) {
-        state.count(|t| t.dropped += 1);
-        return;
+/// Where a lane's datagrams go.
+#[derive(Clone)]
+enum Out {
+    Connected(Arc<UdpSocket>),
+    To(Arc<UdpSocket>, SocketAddr),
+}
+
+impl Out {
+    async fn send(&self, datagram: &[u8]) {
+        let _ = match self {
+            Self::Connected(socket) => socket.send(datagram).await,
+            Self::To(socket, to) => socket.send_to(datagram, *to).await,
+        };
     }
-    let jitter = impairment.jitter.as_secs_f64();
-    let mut delay = (impairment.delay.as_secs_f64() + rng.random_range(-jitter..=jitter)).max(0.0);
-    if rng.random_bool(impairment.reorder.clamp(0.0, 1.0)) {
-        delay += impairment.delay.as_secs_f64() + jitter;
-        state.count(|t| t.reordered += 1);
-    }
-    let copies = if rng.random_bool(impairment.duplicate.clamp(0.0, 1.0)) {
-        state.count(|t| t.duplicated += 1);
-        2
-    } else {
-        1
-    };
-    state.count(|t| t.passed += 1);
-    let delay = Duration::from_secs_f64(delay);
-    if delay.is_zero() && copies == 1 {
-        tokio::spawn(send(datagram));
-        return;
-    }
-    tokio::spawn(async move {
-        tokio::time::sleep(delay).await;
-        for _ in 1..copies {
-            send(datagram.clone()).await;
+}
+
+/// One direction of one UDP flow. Datagrams leave in the order they came, each after its
+/// delay: jitter varies the delay as a queue would, without reordering (a datagram never
+/// leaves before the one ahead of it). Those picked for reordering are held back by an extra
+/// `delay + jitter`, so that later ones overtake them.
+struct Lane {
+    state: Arc<State>,
+    fifo: mpsc::UnboundedSender<(tokio::time::Instant, Vec<u8>)>,
+    last_due: tokio::time::Instant,
+    out: Out,
+}
+
+impl Lane {
+    fn new(state: Arc<State>, out: Out) -> Self {
+        let (fifo, mut queue) = mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+        let sender = out.clone();
+        tokio::spawn(async move {
+            while let Some((due, datagram)) = queue.recv().await {
+                tokio::time::sleep_until(due).await;
+                sender.send(&datagram).await;
+            }
+        });
+        Self {
+            state,
+            fifo,
+            last_due: tokio::time::Instant::now(),
+            out,
         }
-        send(datagram).await;
-    });
+    }
+
+    /// Drops, delays, holds back or duplicates one datagram, then sends it.
+    fn push(&mut self, datagram: Vec<u8>) {
+        let impairment = self.state.impairment.lock().unwrap().clone();
+        let mut rng = rand::rng();
+        if impairment.is_cut() || rng.random_bool(impairment.loss.clamp(0.0, 1.0)) {
+            self.state.count(|t| t.dropped += 1);
+            return;
+        }
+        let jitter = impairment.jitter.as_secs_f64();
+        let delay = (impairment.delay.as_secs_f64() + rng.random_range(-jitter..=jitter)).max(0.0);
+        let now = tokio::time::Instant::now();
+        self.state.count(|t| t.passed += 1);
+        if rng.random_bool(impairment.reorder.clamp(0.0, 1.0)) {
+            self.state.count(|t| t.reordered += 1);
+            let held = Duration::from_secs_f64(delay + impairment.delay.as_secs_f64() + jitter);
+            let out = self.out.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep_until(now + held).await;
+                out.send(&datagram).await;
+            });
+            return;
+        }
+        let due = (now + Duration::from_secs_f64(delay)).max(self.last_due);
+        self.last_due = due;
+        if rng.random_bool(impairment.duplicate.clamp(0.0, 1.0)) {
+            self.state.count(|t| t.duplicated += 1);
+            let _ = self.fifo.send((due, datagram.clone()));
+        }
+        let _ = self.fifo.send((due, datagram));
+    }
 }
 
 /// A TCP proxy in front of `upstream`: `delay` on every chunk, and cuts.

@@ -468,6 +468,21 @@ impl UdpCapture {
         let socket = UdpSocket::bind("127.0.0.1:0").expect("bind capture");
         // As large as the kernel allows (net.core.rmem_max): replay comes in bursts.
         let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(16 << 20);
+        Self::start(socket)
+    }
+
+    /// A plain UDP socket on `addr`, with the kernel's default receive buffer, as a collector
+    /// that was not tuned has. See [`kernel_drops`](Self::kernel_drops).
+    pub fn bind_plain(addr: SocketAddr) -> Self {
+        Self::start(UdpSocket::bind(addr).expect("bind capture"))
+    }
+
+    /// Datagrams the kernel dropped at this socket because its buffer was full.
+    pub fn kernel_drops(&self) -> u64 {
+        runtime::udp::kernel_drops(self.addr).expect("the socket in /proc/net/udp")
+    }
+
+    fn start(socket: UdpSocket) -> Self {
         let addr = socket.local_addr().expect("capture address");
         let received = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
         let store = received.clone();
@@ -627,6 +642,20 @@ pub fn send_paced(
                 datagrams.len()
             );
             std::thread::sleep(Duration::from_micros(200));
+        }
+        socket.send_to(d, to).expect("send datagram");
+    }
+}
+
+/// Sends `datagrams` to `to` at `per_second`, whatever becomes of them (for tests whose path
+/// is down part of the time, where pacing on delivery would stall).
+pub fn send_at_rate(to: SocketAddr, datagrams: &[Vec<u8>], per_second: u32) {
+    let socket = sender_for(to);
+    let start = Instant::now();
+    for (i, d) in datagrams.iter().enumerate() {
+        let due = start + Duration::from_secs_f64(i as f64 / f64::from(per_second));
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
         }
         socket.send_to(d, to).expect("send datagram");
     }

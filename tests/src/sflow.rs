@@ -257,3 +257,94 @@ mod tests {
         assert_eq!(seen.len(), 4);
     }
 }
+
+/// Who sent an sFlow v5 datagram and its place in that sender's stream: (agent address,
+/// sub-agent, sequence number), read from the datagram header.
+pub fn stream_position(datagram: &[u8]) -> Option<(Ipv4Addr, u32, u32)> {
+    let word = |at: usize| -> Option<u32> {
+        Some(u32::from_be_bytes(
+            datagram.get(at..at + 4)?.try_into().ok()?,
+        ))
+    };
+    if word(0)? != 5 || word(4)? != 1 {
+        return None;
+    }
+    let agent = Ipv4Addr::from(word(8)?);
+    Some((agent, word(12)?, word(16)?))
+}
+
+/// What a collector would see of the streams: per (agent, sub-agent), datagrams missing,
+/// received more than once, and received after a later one.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StreamReport {
+    /// Sent, never received.
+    pub missing: usize,
+    /// Received copies beyond the first.
+    pub duplicated: usize,
+    /// Received with a lower sequence number than one received before it (first copies).
+    pub out_of_order: usize,
+    /// Received, not sent (garbage or another test's traffic).
+    pub unexpected: usize,
+}
+
+impl StreamReport {
+    /// Compares what was `sent` with what was `received`, stream by stream.
+    pub fn of(sent: &[Vec<u8>], received: &[Vec<u8>]) -> Self {
+        use std::collections::{HashMap, HashSet};
+        let mut expected: HashSet<(Ipv4Addr, u32, u32)> = HashSet::new();
+        for d in sent {
+            expected.insert(stream_position(d).expect("sent datagrams are sFlow"));
+        }
+        let mut seen: HashSet<(Ipv4Addr, u32, u32)> = HashSet::new();
+        let mut last: HashMap<(Ipv4Addr, u32), u32> = HashMap::new();
+        let mut report = Self::default();
+        for d in received {
+            let Some(key) = stream_position(d) else {
+                report.unexpected += 1;
+                continue;
+            };
+            if !expected.contains(&key) {
+                report.unexpected += 1;
+                continue;
+            }
+            if !seen.insert(key) {
+                report.duplicated += 1;
+                continue;
+            }
+            let stream = (key.0, key.1);
+            if last.get(&stream).is_some_and(|&l| key.2 < l) {
+                report.out_of_order += 1;
+            }
+            last.insert(stream, key.2.max(last.get(&stream).copied().unwrap_or(0)));
+        }
+        report.missing = expected.len() - seen.len();
+        report
+    }
+}
+
+#[cfg(test)]
+mod report_tests {
+    use super::*;
+
+    #[test]
+    fn the_report_finds_missing_duplicated_and_reordered_datagrams() {
+        let mut sflow = SflowGen::new(2, 1, 1);
+        let sent: Vec<Vec<u8>> = (0..10).map(|_| sflow.datagram()).collect();
+        assert_eq!(StreamReport::of(&sent, &sent), StreamReport::default());
+        let mut received = sent.clone();
+        received.remove(3);
+        received.push(sent[0].clone());
+        received.swap(4, 6);
+        received.push(b"garbage".to_vec());
+        let report = StreamReport::of(&sent, &received);
+        assert_eq!(
+            report,
+            StreamReport {
+                missing: 1,
+                duplicated: 1,
+                out_of_order: 1,
+                unexpected: 1
+            }
+        );
+    }
+}

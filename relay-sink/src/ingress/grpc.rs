@@ -283,7 +283,7 @@ async fn relay(
         };
         match next {
             Ok(Some(batch)) => {
-                let delivery = ingress::deliver(&shared, &peer.agent, batch);
+                let delivery = ingress::deliver(&shared, &peer.agent, batch).await;
                 if pending.send(delivery).await.is_err() {
                     break None;
                 }

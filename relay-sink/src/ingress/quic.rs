@@ -133,7 +133,7 @@ async fn stream(
             }
         };
         if pending
-            .send(ingress::deliver(&shared, &agent, batch))
+            .send(ingress::deliver(&shared, &agent, batch).await)
             .await
             .is_err()
         {
