@@ -306,6 +306,12 @@ impl Backlog {
         }
     }
 
+    /// True once the backlog is closed and nothing is left that only memory holds.
+    pub(crate) fn is_settled(&self) -> bool {
+        let inner = self.lock();
+        inner.closed && inner.entries.iter().all(|e| e.on_disk)
+    }
+
     /// Resolves once the backlog is closed and nothing is left that only memory holds
     /// (everything acknowledged, or on disk for the next run).
     pub(crate) async fn settled(&self) {

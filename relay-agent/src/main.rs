@@ -11,7 +11,8 @@ use runtime::cli;
 const PROGRAM: &str = "relay-agent";
 
 /// relay-agent: receive sFlow over UDP and stream it to one or more relay sinks over mutually
-/// authenticated QUIC. `relay-agent demo` runs a whole relay on this host.
+/// authenticated QUIC, or gRPC over TLS where UDP cannot get out. `relay-agent demo` runs a
+/// whole relay on this host.
 ///
 /// Every option can also be set in a TOML file (--config) under the same name; several sinks
 /// are a `[[sink]]` list there.

@@ -40,6 +40,11 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 /// sent over gRPC.
 const SWITCH_DRAIN: Duration = Duration::from_secs(10);
 
+/// Shutting down with everything unacknowledged safe in the spool, a link goes on only while
+/// the sink keeps acknowledging: after this long without an acknowledgement it stops, and the
+/// rest waits in the spool for the next start.
+const SPOOLED_PATIENCE: Duration = Duration::from_secs(1);
+
 /// Acks are tiny; anything larger is a broken peer.
 const MAX_ACK_LEN: usize = 1024;
 
@@ -309,6 +314,7 @@ impl Link {
         // keeps backing off instead of hammering the sink.
         let mut proven = false;
         let healthy_after = Instant::now() + HEALTHY_AFTER;
+        let mut last_progress = Instant::now();
         let probing =
             self.sink.transport == TransportMode::Auto && matches!(session, Session::Grpc(_));
         let probe = probe_quic(
@@ -338,6 +344,7 @@ impl Link {
                     if let Some(id) = settle(&mut in_flight, &mut in_flight_bytes, ack) {
                         self.released = self.released.max(id);
                         backlog.release_through(id);
+                        last_progress = Instant::now();
                         if !proven {
                             proven = true;
                             self.backoff.reset();
@@ -346,6 +353,12 @@ impl Link {
                 }
                 reason = session.broken() => return Ended::Broken(reason),
                 () = tokio::time::sleep_until(healthy_after), if !proven => {}
+                () = tokio::time::sleep_until(last_progress + SPOOLED_PATIENCE), if backlog.is_settled() => {
+                    if Instant::now() >= last_progress + SPOOLED_PATIENCE && backlog.is_settled() {
+                        self.stopping("shutting down: the sink is not acknowledging; the rest stays in the spool");
+                        return Ended::Shutdown;
+                    }
+                }
                 next = &mut probe => {
                     // Nothing more goes on gRPC; what went is, with luck, acknowledged before
                     // QUIC takes over (what is not will be sent again, and recognised).

@@ -26,8 +26,9 @@ pub const DEFAULT_REPLAY_MAX_PPS: u64 = 5_000;
 /// Default send buffer of each replay socket.
 pub const DEFAULT_SEND_BUFFER: usize = 4 * 1024 * 1024;
 
-/// relay-sink: accept relay agents over mutually authenticated QUIC and replay every sFlow
-/// datagram they carry, byte for byte, as UDP to each --forward destination.
+/// relay-sink: accept relay agents over mutually authenticated QUIC and gRPC (TLS on TCP, same
+/// port number) and replay every sFlow datagram they carry, byte for byte, as UDP to each
+/// --forward destination.
 ///
 /// Every option can also be set in a TOML file (--config) under the same name.
 #[derive(Debug, Clone, Default, Parser, Serialize, Deserialize)]
@@ -97,7 +98,7 @@ pub struct Args {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub send_buffer: Option<usize>,
 
-    /// Largest frame accepted from an agent, bytes; a larger one closes that connection. [default: 4 MiB]
+    /// Largest frame accepted from an agent, bytes; a larger one ends that agent's stream (QUIC: its connection). [default: 4 MiB]
     #[arg(long, value_name = "BYTES")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_frame_bytes: Option<usize>,

@@ -185,7 +185,7 @@ pub async fn run(
         grpc_listen = grpc_listener.as_ref().map(|(_, addr)| addr.to_string()).unwrap_or_else(|| "off".into()),
         identity = identity.name(),
         expires_in_days = identity.info().seconds_to_expiry() / 86_400,
-        "sink listening for agents (QUIC and gRPC, mutual TLS)"
+        "sink listening for agents (mutual TLS)"
     );
 
     let token = CancellationToken::new();

@@ -267,6 +267,68 @@ fn agent_killed_with_a_full_spool_restarts_and_drains() {
     assert!(report.missing <= 100, "lost {} at the kill", report.missing);
 }
 
+/// SIGTERM with a spool while the sink is unreachable: the agent exits at once (what is
+/// unacknowledged is already on disk); started again, it sends exactly that: nothing the sink
+/// had acknowledged comes again, nothing unacknowledged is forgotten.
+#[test]
+fn sigterm_with_a_spool_keeps_the_unacknowledged_and_resends_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let capture = UdpCapture::bind();
+    let (mut sink, sink_addr) =
+        start_sink(&pki, &pki.sink_cert("sink"), &[capture.addr()], None, &[]);
+    let path_ = proxy(Transport::Quic, sink_addr, Impairment::default());
+    let spool = dir.path().join("spool");
+    let agent_cert = pki.agent_cert("site-a");
+    let args = ["--spool-dir", &path(&spool)];
+    let (mut agent, listen) = start_agent_over(
+        Transport::Quic,
+        &pki.ca(),
+        &agent_cert,
+        path_.addr(),
+        "localhost",
+        &args,
+    );
+    agent.wait_for("connected to sink");
+    let sent = stream(6_000, 8);
+    let (acknowledged, unacknowledged) = sent.split_at(2_000);
+    send_at_rate(listen, acknowledged, 4_000);
+    assert_eq!(
+        settle(&capture, acknowledged, Duration::from_secs(20)).missing,
+        0
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    path_.cut_for(Duration::from_secs(3600));
+    send_at_rate(listen, unacknowledged, 4_000);
+    std::thread::sleep(Duration::from_millis(300));
+    let asked = Instant::now();
+    assert!(agent.terminate().success());
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "took {:?} to stop",
+        asked.elapsed()
+    );
+    agent.wait_for("in the spool");
+    path_.heal();
+    let (_again, _) = start_agent_over(
+        Transport::Quic,
+        &pki.ca(),
+        &agent_cert,
+        path_.addr(),
+        "localhost",
+        &args,
+    );
+    let report = settle(&capture, &sent, Duration::from_secs(30));
+    assert_eq!(report, StreamReport::default());
+    assert!(sink.terminate().success());
+    let stopped = sink.wait_for("sink stopped");
+    assert_eq!(
+        stopped["datagrams_duplicate"].as_u64(),
+        Some(0),
+        "nothing acknowledged was sent again: {stopped}"
+    );
+}
+
 /// 5. The spool's filesystem is full (a 2 MiB tmpfs): the agent logs a clear error, counts
 ///    what it could not keep, and goes on relaying live data once the sink is back.
 #[test]

@@ -158,7 +158,15 @@ fn auto_carries_on_over_grpc_while_udp_is_blocked_and_returns_to_quic_without_lo
         across,
         "across the switch: nothing lost, nothing twice, in order"
     );
-    assert_eq!(connected_over(&sink), ["grpc", "quic"]);
+    // The sink may also see a QUIC handshake the agent had given up on (started while UDP
+    // was still blocked, completed after): it carries nothing and idles out. What counts is
+    // gRPC first, then QUIC only.
+    let over = connected_over(&sink);
+    assert_eq!(over.first().map(String::as_str), Some("grpc"), "{over:?}");
+    assert!(
+        over.len() >= 2 && over[1..].iter().all(|t| t == "quic"),
+        "{over:?}"
+    );
     let now = agent.wait_for_nth("connected to sink", 2, WAIT);
     assert_eq!(field(&now, "transport"), "quic", "{now}");
 
