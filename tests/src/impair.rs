@@ -114,12 +114,18 @@ impl Drop for Proxy {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
+/// A proxy's runtime and its shared state, set to `impairment`.
+fn prepare(impairment: Impairment) -> (tokio::runtime::Runtime, Arc<State>) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
-        .expect("proxy runtime")
+        .expect("proxy runtime");
+    let state = Arc::new(State {
+        impairment: Mutex::new(impairment),
+        tally: Mutex::default(),
+    });
+    (runtime, state)
 }
 
 /// A UDP impairment proxy in front of `upstream`.
@@ -132,9 +138,7 @@ impl UdpProxy {
     ///
     /// When sockets cannot be bound.
     pub fn start(upstream: SocketAddr, impairment: Impairment) -> Proxy {
-        let runtime = runtime();
-        let state = Arc::new(State::default());
-        state.impairment.lock().unwrap().clone_from(&impairment);
+        let (runtime, state) = prepare(impairment);
         let listen = runtime
             .block_on(UdpSocket::bind(SocketAddr::new(upstream.ip(), 0)))
             .expect("bind proxy");
@@ -275,9 +279,7 @@ impl TcpProxy {
     ///
     /// When the listener cannot be bound.
     pub fn start(upstream: SocketAddr, impairment: Impairment) -> Proxy {
-        let runtime = runtime();
-        let state = Arc::new(State::default());
-        state.impairment.lock().unwrap().clone_from(&impairment);
+        let (runtime, state) = prepare(impairment);
         let listener = runtime
             .block_on(TcpListener::bind(SocketAddr::new(upstream.ip(), 0)))
             .expect("bind proxy");

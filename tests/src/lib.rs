@@ -34,6 +34,20 @@ pub enum Transport {
     Grpc,
 }
 
+/// Defines, for each named scenario `fn name(t: Transport)` in scope, one `#[test]` per
+/// transport: `quic::name` and `grpc::name`.
+#[macro_export]
+macro_rules! over_each_transport {
+    ($($name:ident),* $(,)?) => {
+        mod quic {
+            $(#[test] fn $name() { super::$name($crate::Transport::Quic) })*
+        }
+        mod grpc {
+            $(#[test] fn $name() { super::$name($crate::Transport::Grpc) })*
+        }
+    };
+}
+
 impl Transport {
     /// The agent's `--transport` value.
     pub fn name(self) -> &'static str {
@@ -500,6 +514,18 @@ impl UdpCapture {
     /// Where to send.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The datagrams whose first byte is `tag`, in arrival order.
+    pub fn tagged(&self, tag: u8) -> Vec<Vec<u8>> {
+        self.received
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|d| d.first() == Some(&tag))
+            .cloned()
+            .collect()
     }
 
     /// Datagrams received so far.

@@ -468,19 +468,7 @@ impl Drop for Tmpfs {
     }
 }
 
-/// One `#[test]` per transport for each scenario.
-macro_rules! over_each_transport {
-    ($($name:ident),* $(,)?) => {
-        mod quic {
-            $(#[test] fn $name() { super::$name(super::Transport::Quic) })*
-        }
-        mod grpc {
-            $(#[test] fn $name() { super::$name(super::Transport::Grpc) })*
-        }
-    };
-}
-
-over_each_transport!(
+relay_tests::over_each_transport!(
     sink_killed_mid_stream_and_restarted,
     link_cut_for_30_seconds,
     impaired_path,

@@ -15,15 +15,6 @@ fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().expect("temp dir")
 }
 
-/// The capture's datagrams whose first byte is `tag`, in arrival order.
-fn tagged(capture: &UdpCapture, tag: u8) -> Vec<Vec<u8>> {
-    capture
-        .received()
-        .into_iter()
-        .filter(|d| d.first() == Some(&tag))
-        .collect()
-}
-
 /// Indices (tag, index) of sent datagrams that did not arrive.
 fn missing(capture: &UdpCapture, sent: &[&Vec<Vec<u8>>]) -> Vec<(u8, usize)> {
     let received = capture.received();
@@ -103,16 +94,8 @@ fn two_agents_with_different_certificates_both_arrive(t: Transport) {
         capture.len(),
         missing(&capture, &[&sent_a, &sent_b])
     );
-    assert_eq!(
-        tagged(&capture, 0xA1),
-        sent_a,
-        "site-a's datagrams, in order"
-    );
-    assert_eq!(
-        tagged(&capture, 0xB2),
-        sent_b,
-        "site-b's datagrams, in order"
-    );
+    assert_eq!(capture.tagged(0xA1), sent_a, "site-a's datagrams, in order");
+    assert_eq!(capture.tagged(0xB2), sent_b, "site-b's datagrams, in order");
     let names: Vec<String> = sink
         .events()
         .iter()
@@ -178,7 +161,7 @@ fn refused_agents_relay_nothing_while_a_good_agent_keeps_going(t: Transport) {
             >= good.len())
     );
     assert_eq!(
-        tagged(&capture, 0x60),
+        capture.tagged(0x60),
         good,
         "the good agent's datagrams all arrive, in order"
     );
@@ -307,11 +290,11 @@ fn agent_reconnects_after_the_sink_restarts(t: Transport) {
             >= after.len())
     );
     assert_eq!(
-        tagged(&capture, 0x02),
+        capture.tagged(0x02),
         after,
         "everything sent after the reconnect arrives, in order"
     );
-    assert_eq!(tagged(&capture, 0x01), before);
+    assert_eq!(capture.tagged(0x01), before);
 }
 
 fn fan_out_keeps_going_when_one_destination_is_closed(t: Transport) {
@@ -406,7 +389,7 @@ fn one_agent_two_sinks_with_different_cas_survives_one_stopping(t: Transport) {
     send_paced(listen, &second, 32, || capture_1.count_tagged(0x0B));
     assert!(capture_1.wait_until(WAIT, |r| r.len() >= first.len() + second.len()));
     assert_eq!(
-        tagged(&capture_1, 0x0B),
+        capture_1.tagged(0x0B),
         second,
         "the live sink still gets everything"
     );
@@ -457,7 +440,7 @@ fn a_sink_restarted_after_a_crash_resets_old_connections_at_once(t: Transport) {
         capture.wait_until(WAIT, |r| r.iter().filter(|d| d[0] == 0x78).count()
             >= after.len())
     );
-    assert_eq!(tagged(&capture, 0x78), after);
+    assert_eq!(capture.tagged(0x78), after);
 }
 
 fn an_agent_whose_sink_never_answers_stops_promptly(t: Transport) {
@@ -529,8 +512,8 @@ fn an_oversized_batch_is_refused_and_disturbs_nothing_else(t: Transport) {
     let after = datagrams(500, 0x52, 32);
     send_paced(listen, &after, 32, || capture.count_tagged(0x52));
     assert!(capture.wait_until(WAIT, |r| r.len() >= before.len() + after.len()));
-    assert_eq!(tagged(&capture, 0x51), before);
-    assert_eq!(tagged(&capture, 0x52), after);
+    assert_eq!(capture.tagged(0x51), before);
+    assert_eq!(capture.tagged(0x52), after);
     assert_eq!(
         capture.count_tagged(0x5E),
         0,
@@ -541,19 +524,7 @@ fn an_oversized_batch_is_refused_and_disturbs_nothing_else(t: Transport) {
     assert_eq!(stopped["protocol_errors"].as_u64(), Some(1), "{stopped}");
 }
 
-/// One `#[test]` per transport for each scenario above.
-macro_rules! over_each_transport {
-    ($($name:ident),* $(,)?) => {
-        mod quic {
-            $(#[test] fn $name() { super::$name(super::Transport::Quic) })*
-        }
-        mod grpc {
-            $(#[test] fn $name() { super::$name(super::Transport::Grpc) })*
-        }
-    };
-}
-
-over_each_transport!(
+relay_tests::over_each_transport!(
     delivers_20000_mixed_datagrams_byte_exact_in_order,
     two_agents_with_different_certificates_both_arrive,
     refused_agents_relay_nothing_while_a_good_agent_keeps_going,

@@ -12,15 +12,6 @@ use relay_tests::{
     send_paced, start_sink,
 };
 
-/// The capture's datagrams whose first byte is `tag`, in arrival order.
-fn tagged(capture: &UdpCapture, tag: u8) -> Vec<Vec<u8>> {
-    capture
-        .received()
-        .into_iter()
-        .filter(|d| d.first() == Some(&tag))
-        .collect()
-}
-
 /// The transports of the sink's "agent connected" events, in order.
 fn connected_over(sink: &Daemon) -> Vec<String> {
     sink.events()
@@ -96,7 +87,7 @@ fn auto_carries_on_over_grpc_while_udp_is_blocked_and_returns_to_quic_without_lo
     send_paced(listen, &over_grpc, 32, || capture.count_tagged(0x41));
     assert!(capture.wait_until(WAIT, |r| r.len() >= over_grpc.len()));
     assert_eq!(
-        tagged(&capture, 0x41),
+        capture.tagged(0x41),
         over_grpc,
         "everything arrives over gRPC, in order"
     );
@@ -154,7 +145,7 @@ fn auto_carries_on_over_grpc_while_udp_is_blocked_and_returns_to_quic_without_lo
     );
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
-        tagged(&capture, 0x42),
+        capture.tagged(0x42),
         across,
         "across the switch: nothing lost, nothing twice, in order"
     );
