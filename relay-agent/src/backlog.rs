@@ -137,7 +137,12 @@ impl Backlog {
             drops: RateLimit::new(Duration::from_secs(10)),
             write_errors: RateLimit::new(Duration::from_secs(10)),
         };
-        backlog.update_gauges(&backlog.lock());
+        {
+            // What an earlier run left may already be too old or too much.
+            let mut inner = backlog.lock();
+            backlog.enforce_limits(&mut inner);
+            backlog.update_gauges(&inner);
+        }
         Ok(backlog)
     }
 
@@ -208,12 +213,16 @@ impl Backlog {
             if !too_big && !too_old {
                 break;
             }
-            let Some((last_id, datagrams)) = spool.drop_oldest() else {
+            let Some((last_id, _)) = spool.drop_oldest() else {
                 break;
             };
+            // Count what was not yet acknowledged (the segment may hold acknowledged records).
             let mut removed = 0;
+            let mut datagrams = 0;
             while inner.entries.front().is_some_and(|e| e.meta.id <= last_id) {
-                inner.entries.pop_front();
+                if let Some(entry) = inner.entries.pop_front() {
+                    datagrams += u64::from(entry.meta.datagrams);
+                }
                 removed += 1;
             }
             inner.first_in_memory = inner.first_in_memory.saturating_sub(removed);

@@ -173,7 +173,8 @@ pub struct Args {
     pub window_bytes: Option<usize>,
 
     /// Directory for the disk spool: every batch is written there until its sink acknowledges
-    /// it, so an outage of the sink or a restart (even a crash) of the agent loses nothing.
+    /// it, so an outage of the sink or a restart (even a crash) of the agent loses at most the
+    /// last few milliseconds (the batch being formed).
     /// One subdirectory per sink. [default: none, memory only]
     #[arg(long, value_name = "DIR")]
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -15,6 +15,9 @@
 //! - [`config`] — command-line and file options, and the checked [`Config`].
 //! - `receive`: the UDP receive loops.
 //! - `batch`: batching and fan-out to the sinks' queues.
+//! - `backlog`: per sink, every batch not yet acknowledged (memory, and the spool), read by
+//!   the link from any point, released on acknowledgement.
+//! - `spool`: the backlog's crash-safe copy on disk (checksummed segment files).
 //! - `transport`: one link per sink (QUIC, gRPC, or QUIC with fallback to gRPC), with
 //!   reconnect backoff.
 //! - [`metrics`] — counters.

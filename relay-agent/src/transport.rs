@@ -41,8 +41,8 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 const SWITCH_DRAIN: Duration = Duration::from_secs(10);
 
 /// Shutting down with everything unacknowledged safe in the spool, a link goes on only while
-/// the sink keeps acknowledging: after this long without an acknowledgement it stops, and the
-/// rest waits in the spool for the next start.
+/// it makes progress: after this long with neither a batch sent nor one acknowledged it
+/// stops, and the rest waits in the spool for the next start.
 const SPOOLED_PATIENCE: Duration = Duration::from_secs(1);
 
 /// Acks are tiny; anything larger is a broken peer.
@@ -395,6 +395,7 @@ impl Link {
                         return Ended::Broken(reason);
                     }
                     cursor = record.id;
+                    last_progress = Instant::now();
                     if record.id <= self.sent_through {
                         metrics::add(&self.metrics.batches_resent, 1);
                     }

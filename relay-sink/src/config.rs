@@ -77,7 +77,8 @@ pub struct Args {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub forward: Vec<String>,
 
-    /// Batches queued per destination before that destination's drops begin. [default: 1024]
+    /// Batches queued per destination; when full, a batch waits up to 5 s for room, then is
+    /// dropped for that destination (counted). [default: 1024]
     #[arg(long, value_name = "BATCHES")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replay_queue: Option<usize>,

@@ -106,19 +106,25 @@ pub(crate) async fn deliver(shared: &Shared, agent: &str, batch: pb::Batch) -> D
     let datagrams = batch.datagrams.len() as u64;
     Metrics::add(&shared.metrics.batches_received, 1);
     Metrics::add(&shared.metrics.datagrams_received, datagrams);
-    if !shared.replayed.first_time(agent, ack.session, ack.sequence) {
+    if let Seen::Before(original) = shared.replayed.check(agent, ack.session, ack.sequence) {
         Metrics::add(&shared.metrics.batches_duplicate, 1);
         Metrics::add(&shared.metrics.datagrams_duplicate, datagrams);
         tracing::debug!(%agent, session = ack.session, sequence = ack.sequence, "duplicate batch (already replayed): acknowledged, not replayed");
+        // Acknowledged once the session's latest replay (which includes the original, or
+        // follows it) is done, so an acknowledgement still means "replayed".
         return Delivery {
             ack,
-            replaying: None,
+            replaying: original,
         };
     }
     tracing::trace!(%agent, sequence = ack.sequence, datagrams, "batch");
+    let replaying = shared.replay.submit(batch).await;
+    shared
+        .replayed
+        .replaying(agent, ack.session, ack.sequence, &replaying);
     Delivery {
         ack,
-        replaying: Some(shared.replay.submit(batch).await),
+        replaying: Some(replaying),
     }
 }
 
@@ -132,38 +138,69 @@ pub(crate) struct Replayed {
 
 #[derive(Debug, Default)]
 struct Sessions {
-    last: HashMap<(Arc<str>, u64), (u64, u64)>,
+    /// (agent, session) → (last sequence, when last seen, the replay of that sequence).
+    last: HashMap<SessionKey, (u64, u64, std::sync::Weak<Replaying>)>,
     tick: u64,
+}
+
+/// An agent's session: (certificate name, session).
+type SessionKey = (Arc<str>, u64);
+
+/// What [`Replayed::check`] found.
+pub(crate) enum Seen {
+    /// A batch this session has not had: replay it.
+    New,
+    /// Had before; the session's latest replay, if it is still under way.
+    Before(Option<Arc<Replaying>>),
 }
 
 const MAX_SESSIONS: usize = 16_384;
 
 impl Replayed {
-    /// True, and remembered, when `sequence` is new for this agent's `session`.
-    pub(crate) fn first_time(&self, agent: &str, session: u64, sequence: u64) -> bool {
+    /// Whether `sequence` is new for this agent's `session` (and, if so, remembers it).
+    pub(crate) fn check(&self, agent: &str, session: u64, sequence: u64) -> Seen {
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         sessions.tick += 1;
         let tick = sessions.tick;
         let key: (Arc<str>, u64) = (agent.into(), session);
-        if let Some((last, seen)) = sessions.last.get_mut(&key) {
+        if let Some((last, seen, replaying)) = sessions.last.get_mut(&key) {
             *seen = tick;
             if sequence <= *last {
-                return false;
+                return Seen::Before(replaying.upgrade());
             }
             *last = sequence;
-            return true;
+            *replaying = std::sync::Weak::new();
+            return Seen::New;
         }
         if sessions.last.len() >= MAX_SESSIONS
             && let Some(oldest) = sessions
                 .last
                 .iter()
-                .min_by_key(|(_, (_, seen))| *seen)
+                .min_by_key(|(_, (_, seen, _))| *seen)
                 .map(|(k, _)| k.clone())
         {
             sessions.last.remove(&oldest);
         }
-        sessions.last.insert(key, (sequence, tick));
-        true
+        sessions
+            .last
+            .insert(key, (sequence, tick, std::sync::Weak::new()));
+        Seen::New
+    }
+
+    /// Records the replay of `sequence`, for duplicates of it to wait on.
+    pub(crate) fn replaying(
+        &self,
+        agent: &str,
+        session: u64,
+        sequence: u64,
+        replaying: &Arc<Replaying>,
+    ) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((last, _, latest)) = sessions.last.get_mut(&(Arc::from(agent), session))
+            && *last == sequence
+        {
+            *latest = Arc::downgrade(replaying);
+        }
     }
 }
 
@@ -296,16 +333,16 @@ mod tests {
     #[test]
     fn resent_batches_are_recognised_per_agent_and_session() {
         let replayed = Replayed::default();
-        assert!(replayed.first_time("a", 1, 1));
-        assert!(replayed.first_time("a", 1, 2));
-        assert!(!replayed.first_time("a", 1, 2), "a resend");
-        assert!(!replayed.first_time("a", 1, 1), "an older resend");
-        assert!(replayed.first_time("b", 1, 2), "another agent");
-        assert!(
-            replayed.first_time("a", 7, 1),
-            "another session of the same agent"
-        );
-        assert!(replayed.first_time("a", 1, 3));
+        let new = |agent, session, sequence| {
+            matches!(replayed.check(agent, session, sequence), Seen::New)
+        };
+        assert!(new("a", 1, 1));
+        assert!(new("a", 1, 2));
+        assert!(!new("a", 1, 2), "a resend");
+        assert!(!new("a", 1, 1), "an older resend");
+        assert!(new("b", 1, 2), "another agent");
+        assert!(new("a", 7, 1), "another session of the same agent");
+        assert!(new("a", 1, 3));
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! Replaying datagrams as UDP, byte for byte, to every destination.
 //!
-//! Each destination has its own task, socket and bounded queue, so a destination that is slow
-//! or failing holds back neither the others nor the agents' connections: when its queue is
-//! full, its datagrams are dropped and counted. Within a destination, datagrams leave in the
-//! order batches were submitted, and a connection submits its batches in the agent's order.
+//! Each destination has its own task, socket and bounded queue. A destination whose port is
+//! closed or unreachable fails fast (errors counted) and holds back no one. A slow one (paced,
+//! or a full socket) fills its queue; a batch then waits for room for up to [`SUBMIT_WAIT`],
+//! which slows the agents down through their windows (acknowledgements wait for every
+//! destination), and after that is dropped for that destination alone, counted. Within a
+//! destination, datagrams leave in the order batches were submitted, and a connection submits
+//! its batches in the agent's order.
 //!
 //! Each destination socket is *connected*, so the kernel reports ICMP port-unreachable back as
 //! an error on the next send, which is counted and logged (rate-limited). Datagrams leave from

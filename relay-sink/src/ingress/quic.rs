@@ -61,10 +61,7 @@ async fn handle(incoming: Incoming, shared: Arc<Shared>, token: CancellationToke
     let reason = loop {
         let accepted = tokio::select! {
             accepted = connection.accept_bi() => accepted,
-            () = token.cancelled() => {
-                connection.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"sink shutting down");
-                break "sink shutting down".to_string();
-            }
+            () = token.cancelled() => break "sink shutting down".to_string(),
         };
         match accepted {
             Ok((send, recv)) => {
@@ -81,8 +78,12 @@ async fn handle(incoming: Incoming, shared: Arc<Shared>, token: CancellationToke
             Err(error) => break error.to_string(),
         }
     };
+    // On shutdown the streams stop reading, and acknowledge what they read once it is
+    // replayed: only then is the connection closed, so the agent resends nothing the sink
+    // has already replayed.
     streams.close();
     streams.wait().await;
+    connection.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"sink shutting down");
     tracing::info!(%agent, %remote, transport = "quic", %reason, "agent disconnected");
 }
 
