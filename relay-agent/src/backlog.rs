@@ -358,17 +358,10 @@ impl Backlog {
     /// (batches, datagrams) not yet acknowledged, and how many of them only memory holds.
     pub(crate) fn pending(&self) -> (u64, u64, u64) {
         let inner = self.lock();
-        let datagrams = inner
-            .entries
-            .iter()
-            .map(|e| u64::from(e.meta.datagrams))
-            .sum();
-        let memory_only = inner
-            .entries
-            .iter()
-            .filter(|e| !e.on_disk)
-            .map(|e| u64::from(e.meta.datagrams))
-            .sum();
+        let (datagrams, memory_only) = inner.entries.iter().fold((0, 0), |(all, memory), e| {
+            let n = u64::from(e.meta.datagrams);
+            (all + n, if e.on_disk { memory } else { memory + n })
+        });
         (inner.entries.len() as u64, datagrams, memory_only)
     }
 }

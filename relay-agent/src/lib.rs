@@ -195,7 +195,6 @@ pub async fn run(
         .map_err(|e| Error::Config(sink.addr.clone(), e))?;
         links.spawn(
             transport::Link {
-                sink: sink.clone(),
                 dialer: transport::Dialer {
                     sink: sink.clone(),
                     quic: Arc::new(quic),
@@ -206,7 +205,6 @@ pub async fn run(
                     quic_retry_interval: config.quic_retry_interval,
                 },
                 backlog,
-                metrics: link_metrics,
                 backoff: transport::Backoff::new(config.reconnect_min, config.reconnect_max),
                 window_bytes: config.window_bytes,
                 released: 0,

@@ -135,6 +135,45 @@ struct InFlight {
     len: usize,
 }
 
+/// The batches on the wire of one session, oldest first, and their bytes.
+#[derive(Debug, Default)]
+struct Window {
+    batches: VecDeque<InFlight>,
+    bytes: usize,
+}
+
+impl Window {
+    fn push(&mut self, record: &Record) {
+        self.bytes += record.bytes.len();
+        self.batches.push_back(InFlight {
+            id: record.id,
+            session: record.session,
+            sequence: record.sequence,
+            len: record.bytes.len(),
+        });
+    }
+
+    fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+
+    /// Takes what `ack` acknowledges off the front; returns the backlog id up to which
+    /// everything is acknowledged, if anything was.
+    fn settle(&mut self, ack: Acked) -> Option<u64> {
+        let (session, sequence) = ack?;
+        let last = self
+            .batches
+            .iter()
+            .position(|f| f.session == session && f.sequence == sequence)?;
+        let mut through = None;
+        for f in self.batches.drain(..=last) {
+            self.bytes -= f.len;
+            through = Some(f.id);
+        }
+        through
+    }
+}
+
 /// How a session ended.
 enum Ended {
     /// The queue closed (the agent is shutting down) and the end was handled.
@@ -187,10 +226,9 @@ impl Dialer {
 
 /// Everything a link needs.
 pub(crate) struct Link {
-    pub(crate) sink: SinkConfig,
+    /// The sink, its metrics and how to reach it.
     pub(crate) dialer: Dialer,
     pub(crate) backlog: Arc<Backlog>,
-    pub(crate) metrics: Arc<SinkMetrics>,
     pub(crate) backoff: Backoff,
     /// Most bytes unacknowledged on the wire.
     pub(crate) window_bytes: usize,
@@ -219,9 +257,9 @@ impl Link {
             let mut session = match attempt {
                 Ok(session) => session,
                 Err(reason) => {
-                    metrics::add(&self.metrics.connect_failures, 1);
+                    metrics::add(&self.dialer.metrics.connect_failures, 1);
                     let wait = self.backoff.next_delay();
-                    tracing::warn!(sink = %self.sink.addr, %reason, retry_in = ?wait, "cannot connect to sink");
+                    tracing::warn!(sink = %self.dialer.sink.addr, %reason, retry_in = ?wait, "cannot connect to sink");
                     if !self.pause(wait).await {
                         return;
                     }
@@ -229,27 +267,31 @@ impl Link {
                 }
             };
             loop {
-                metrics::add(&self.metrics.connects, 1);
-                metrics::set(&self.metrics.transport, session.gauge());
+                metrics::add(&self.dialer.metrics.connects, 1);
+                metrics::set(&self.dialer.metrics.transport, session.gauge());
                 tracing::info!(
-                    sink = %self.sink.addr,
+                    sink = %self.dialer.sink.addr,
                     remote = %session.remote(),
                     transport = session.transport(),
                     "connected to sink"
                 );
-                let ended = self.stream(&mut session).await;
-                metrics::set(&self.metrics.transport, 0);
-                let (unacknowledged, _, _) = self.backlog.pending();
+                let mut window = Window::default();
+                let ended = self.stream(&mut session, &mut window).await;
+                metrics::set(&self.dialer.metrics.transport, 0);
+                // Only these can reach the sink twice; the rest of the backlog was never sent.
+                let unacknowledged = window.batches.len();
+                let (backlog_batches, _, _) = self.backlog.pending();
                 match ended {
                     Ended::Shutdown => {
                         session.close("agent shutting down");
                         return;
                     }
                     Ended::Switch(next) => {
-                        metrics::add(&self.metrics.returns_to_quic, 1);
+                        metrics::add(&self.dialer.metrics.returns_to_quic, 1);
                         tracing::info!(
-                            sink = %self.sink.addr,
+                            sink = %self.dialer.sink.addr,
                             unacknowledged_batches = unacknowledged,
+                            backlog_batches,
                             reason = "a QUIC handshake completed again",
                             "transport changed: gRPC to QUIC"
                         );
@@ -258,10 +300,11 @@ impl Link {
                     Ended::Broken(reason) => {
                         let wait = self.backoff.next_delay();
                         tracing::warn!(
-                            sink = %self.sink.addr,
+                            sink = %self.dialer.sink.addr,
                             transport = session.transport(),
                             %reason,
                             unacknowledged_batches = unacknowledged,
+                            backlog_batches,
                             retry_in = ?wait,
                             "connection to sink lost; reconnecting (unacknowledged batches will be sent again)"
                         );
@@ -276,10 +319,16 @@ impl Link {
         }
     }
 
+    /// The sink has acknowledged everything up to backlog id `id`.
+    fn release(&mut self, id: u64) {
+        self.released = self.released.max(id);
+        self.backlog.release_through(id);
+    }
+
     fn stopping(&self, why: &str) {
         let (batches, datagrams, memory_only) = self.backlog.pending();
         tracing::info!(
-            sink = %self.sink.addr,
+            sink = %self.dialer.sink.addr,
             spooled_batches = batches,
             spooled_datagrams = datagrams - memory_only,
             "{why}"
@@ -300,11 +349,10 @@ impl Link {
 
     /// Streams batches on one session until the backlog is closed and all acknowledged, the
     /// session breaks, or (`auto` on gRPC) QUIC works again.
-    async fn stream(&mut self, session: &mut Session) -> Ended {
+    /// `in_flight` ends holding what was sent on this session and never acknowledged.
+    async fn stream(&mut self, session: &mut Session, in_flight: &mut Window) -> Ended {
         let backlog = self.backlog.clone();
         let mut acked = session.acked();
-        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
-        let mut in_flight_bytes = 0usize;
         // Everything not acknowledged goes (again), oldest first.
         let mut cursor = self.released;
         let mut finishing = false;
@@ -315,8 +363,8 @@ impl Link {
         let mut proven = false;
         let healthy_after = Instant::now() + HEALTHY_AFTER;
         let mut last_progress = Instant::now();
-        let probing =
-            self.sink.transport == TransportMode::Auto && matches!(session, Session::Grpc(_));
+        let probing = self.dialer.sink.transport == TransportMode::Auto
+            && matches!(session, Session::Grpc(_));
         let probe = probe_quic(
             self.dialer.quic.clone(),
             probing,
@@ -330,7 +378,7 @@ impl Link {
                 self.backoff.reset();
             }
             if finishing && in_flight.is_empty() {
-                tracing::info!(sink = %self.sink.addr, "all batches acknowledged");
+                tracing::info!(sink = %self.dialer.sink.addr, "all batches acknowledged");
                 return Ended::Shutdown;
             }
             tokio::select! {
@@ -340,10 +388,8 @@ impl Link {
                         // The ack reader has ended: the session is over, `broken` says why.
                         return Ended::Broken(session.broken().await);
                     }
-                    let ack = *acked.borrow_and_update();
-                    if let Some(id) = settle(&mut in_flight, &mut in_flight_bytes, ack) {
-                        self.released = self.released.max(id);
-                        backlog.release_through(id);
+                    if let Some(id) = in_flight.settle(*acked.borrow_and_update()) {
+                        self.release(id);
                         last_progress = Instant::now();
                         if !proven {
                             proven = true;
@@ -368,10 +414,8 @@ impl Link {
                             tokio::select! {
                                 changed = acked.changed() => {
                                     if changed.is_err() { return; }
-                                    let ack = *acked.borrow_and_update();
-                                    if let Some(id) = settle(&mut in_flight, &mut in_flight_bytes, ack) {
-                                        self.released = self.released.max(id);
-                                        backlog.release_through(id);
+                                    if let Some(id) = in_flight.settle(*acked.borrow_and_update()) {
+                                        self.release(id);
                                     }
                                 }
                                 _ = session.broken() => return,
@@ -380,11 +424,11 @@ impl Link {
                     })
                     .await;
                     if drained.is_err() || !in_flight.is_empty() {
-                        tracing::warn!(sink = %self.sink.addr, "moving to QUIC before the sink acknowledged everything sent over gRPC; the rest is sent again");
+                        tracing::warn!(sink = %self.dialer.sink.addr, "moving to QUIC before the sink acknowledged everything sent over gRPC; the rest is sent again");
                     }
                     return Ended::Switch(Box::new(next));
                 }
-                record = backlog.next_after(cursor), if !finishing && in_flight_bytes < self.window_bytes => {
+                record = backlog.next_after(cursor), if !finishing && in_flight.bytes < self.window_bytes => {
                     let Some(record) = record else {
                         // Closed and all sent: finish the stream, wait for the last acks.
                         finishing = true;
@@ -397,35 +441,16 @@ impl Link {
                     cursor = record.id;
                     last_progress = Instant::now();
                     if record.id <= self.sent_through {
-                        metrics::add(&self.metrics.batches_resent, 1);
+                        metrics::add(&self.dialer.metrics.batches_resent, 1);
                     }
                     self.sent_through = self.sent_through.max(record.id);
-                    in_flight_bytes += record.bytes.len();
-                    in_flight.push_back(InFlight {
-                        id: record.id,
-                        session: record.session,
-                        sequence: record.sequence,
-                        len: record.bytes.len(),
-                    });
-                    metrics::add(&self.metrics.batches_sent, 1);
-                    metrics::add(&self.metrics.datagrams_sent, record.datagrams);
+                    in_flight.push(&record);
+                    metrics::add(&self.dialer.metrics.batches_sent, 1);
+                    metrics::add(&self.dialer.metrics.datagrams_sent, record.datagrams);
                 }
             }
         }
     }
-}
-
-/// Takes what `ack` acknowledges off the front of `in_flight`; returns the backlog id up to
-/// which everything is acknowledged, if anything was.
-fn settle(in_flight: &mut VecDeque<InFlight>, bytes: &mut usize, ack: Acked) -> Option<u64> {
-    let (session, sequence) = ack?;
-    let last = in_flight
-        .iter()
-        .position(|f| f.session == session && f.sequence == sequence)?;
-    in_flight.drain(..=last).fold(None, |_, f| {
-        *bytes -= f.len;
-        Some(f.id)
-    })
 }
 
 /// With `enabled`, tries a QUIC handshake every `interval` and returns the first session that
