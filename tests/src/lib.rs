@@ -8,6 +8,8 @@
 //! - [`send_paced`] sends datagrams with a bounded number in flight, so that the kernel
 //!   buffers on the way (whose size the test cannot choose) never overflow: a test asserts
 //!   the relay's behaviour, not the kernel's.
+//! - [`http`] is a minimal blocking HTTP/1.1 GET client for `/metrics` and JSON APIs.
+//! - [`prometheus`] runs a real Prometheus server scraping the binaries, and `promtool`.
 //!
 //! Every wait has a deadline and fails with the daemon's logs attached.
 
@@ -21,8 +23,10 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod bare;
+pub mod http;
 pub mod impair;
 pub mod netns;
+pub mod prometheus;
 pub mod sflow;
 
 /// The transports between agent and sink; the end-to-end suite runs over each.
