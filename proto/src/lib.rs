@@ -28,8 +28,10 @@
 //! - [`pb`] — generated protobuf types and the tonic client and server for the gRPC service.
 //! - [`wire`] — [`wire::Datagram`], frame encoding and decoding, [`wire::FrameReader`].
 //! - [`wire::hex`] — one datagram per line of hex, the protocol of the older ssh pipe.
+//! - [`sflow`] — the sFlow v5 header; per-stream sequence accounting (loss, reordering, restarts).
 #![warn(missing_docs)]
 
+pub mod sflow;
 pub mod wire;
 
 /// Types and gRPC service generated from `relay.proto` (package `sflow_relay.v1`).
