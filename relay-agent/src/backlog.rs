@@ -25,7 +25,7 @@ use runtime::ratelimit::RateLimit;
 use tokio::sync::Notify;
 
 use crate::batch::Frame;
-use crate::metrics::{self, SinkMetrics};
+use crate::metrics::{DropReason, SinkMetrics};
 use crate::spool::{Meta, Spool};
 
 /// A batch as the link sees it.
@@ -98,8 +98,10 @@ impl Backlog {
             None => None,
             Some(dir) => {
                 let (spool, loaded) = Spool::open(dir)?;
-                metrics::add(&metrics.spool_torn_tails, loaded.torn_tails);
-                metrics::add(&metrics.spool_corrupt_segments, loaded.corrupt_segments);
+                metrics.spool_torn_tails.inc_by(loaded.torn_tails);
+                metrics
+                    .spool_corrupt_segments
+                    .inc_by(loaded.corrupt_segments);
                 if !loaded.records.is_empty() {
                     tracing::info!(
                         sink = name,
@@ -167,7 +169,7 @@ impl Backlog {
             Some(spool) => match spool.append(meta, &frame.bytes) {
                 Ok(()) => true,
                 Err(error) => {
-                    metrics::add(&self.metrics.spool_write_errors, 1);
+                    self.metrics.spool_write_errors.inc();
                     if let Some(more) = self.write_errors.check() {
                         tracing::error!(
                             sink = %self.name,
@@ -200,7 +202,7 @@ impl Backlog {
                 inner.first_in_memory += 1;
             } else {
                 let entry = inner.entries.remove(index).expect("an entry");
-                self.dropped(u64::from(entry.meta.datagrams), "memory backlog full");
+                self.dropped(u64::from(entry.meta.datagrams), DropReason::BacklogFull);
             }
         }
         // Disk: size and age, a segment at a time.
@@ -229,16 +231,22 @@ impl Backlog {
             self.dropped(
                 datagrams,
                 if too_big {
-                    "spool full (--spool-max-bytes)"
+                    DropReason::SpoolFull
                 } else {
-                    "spooled data too old (--spool-max-age)"
+                    DropReason::TooOld
                 },
             );
         }
     }
 
-    fn dropped(&self, datagrams: u64, why: &str) {
-        metrics::add(&self.metrics.dropped_backlog_full, datagrams);
+    fn dropped(&self, datagrams: u64, reason: DropReason) {
+        self.metrics.dropped(reason).inc_by(datagrams);
+        let why = match reason {
+            DropReason::BacklogFull => "memory backlog full (--queue-batches)",
+            DropReason::SpoolFull => "spool full (--spool-max-bytes)",
+            DropReason::TooOld => "spooled data too old (--spool-max-age)",
+            _ => reason.as_str(),
+        };
         if let Some(more) = self.drops.check() {
             tracing::warn!(
                 sink = %self.name,
@@ -251,11 +259,12 @@ impl Backlog {
     }
 
     fn update_gauges(&self, inner: &Inner) {
-        metrics::set(&self.metrics.backlog_batches, inner.entries.len() as u64);
-        metrics::set(
-            &self.metrics.spool_bytes,
-            inner.spool.as_ref().map_or(0, Spool::bytes),
-        );
+        self.metrics
+            .backlog_batches
+            .set(i64::try_from(inner.entries.len()).unwrap_or(i64::MAX));
+        self.metrics
+            .spool_bytes
+            .set(i64::try_from(inner.spool.as_ref().map_or(0, Spool::bytes)).unwrap_or(i64::MAX));
     }
 
     /// No more appends: the agent is shutting down.
@@ -298,10 +307,9 @@ impl Backlog {
                             // Unreadable: skip it rather than stall the link on it.
                             drop(inner);
                             tracing::error!(sink = %self.name, id = meta.id, %error, "cannot read a batch back from the spool: skipped");
-                            metrics::add(
-                                &self.metrics.dropped_backlog_full,
-                                u64::from(meta.datagrams),
-                            );
+                            self.metrics
+                                .dropped(DropReason::SpoolUnreadable)
+                                .inc_by(u64::from(meta.datagrams));
                             self.release_through(meta.id);
                             continue;
                         }
@@ -411,7 +419,7 @@ mod tests {
         for s in 1..=5 {
             backlog.append(frame(s));
         }
-        assert_eq!(metrics::get(&metrics.dropped_backlog_full), 9);
+        assert_eq!(metrics.dropped_total(), 9);
         assert_eq!(backlog.next_after(0).await.unwrap().sequence, 4);
     }
 
@@ -423,7 +431,7 @@ mod tests {
         for s in 1..=5 {
             backlog.append(frame(s));
         }
-        assert_eq!(metrics::get(&metrics.dropped_backlog_full), 0);
+        assert_eq!(metrics.dropped_total(), 0);
         let r = backlog.next_after(0).await.unwrap();
         assert_eq!(&r.bytes[..], &[1u8; 1000][..], "read back from disk");
         backlog.release_through(2);

@@ -15,7 +15,7 @@ use runtime::ratelimit::RateLimit;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::metrics::{self, Metrics, SinkMetrics};
+use crate::metrics::{DropReason, Metrics, SinkMetrics};
 
 /// An encoded batch on its way to a sink.
 #[derive(Debug, Clone)]
@@ -115,7 +115,7 @@ fn flush(
     // The datagrams' payloads are now copied into the frame; hand their vector back for reuse.
     *pending = batch.datagrams;
     pending.clear();
-    metrics::add(&metrics.batches, 1);
+    metrics.batches.inc();
     let frame = Frame {
         session,
         sequence,
@@ -124,7 +124,9 @@ fn flush(
     };
     for sink in sinks {
         if sink.queue.try_send(frame.clone()).is_err() {
-            metrics::add(&sink.metrics.dropped_queue_full, count);
+            sink.metrics
+                .dropped(DropReason::SinkQueueFull)
+                .inc_by(count);
             if let Some(more) = sink.full.check() {
                 tracing::warn!(
                     sink = %sink.name,
@@ -230,6 +232,6 @@ mod tests {
         task.await.unwrap();
         assert!(rx.recv().await.is_some());
         assert!(rx.recv().await.is_none());
-        assert_eq!(metrics::get(&metrics.dropped_queue_full), 8);
+        assert_eq!(metrics.dropped(DropReason::SinkQueueFull).get(), 8);
     }
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use runtime::grpc::GrpcOptions;
+use runtime::observe::ObserveOptions;
 use runtime::quic::QuicOptions;
 use runtime::ssh_hex::SshHexOptions;
 use runtime::telemetry::LogFormat;
@@ -245,6 +246,10 @@ pub struct Args {
 
     #[command(flatten)]
     #[serde(flatten)]
+    pub observe: ObserveOptions,
+
+    #[command(flatten)]
+    #[serde(flatten)]
     pub ssh_hex: SshHexOptions,
 }
 
@@ -382,6 +387,8 @@ pub struct Config {
     pub quic: QuicOptions,
     /// gRPC tuning.
     pub grpc: GrpcOptions,
+    /// Metrics endpoint and sFlow accounting.
+    pub observe: ObserveOptions,
 }
 
 impl TryFrom<Args> for Config {
@@ -473,6 +480,7 @@ impl TryFrom<Args> for Config {
             spool_max_age: args.spool_max_age.unwrap_or(DEFAULT_SPOOL_MAX_AGE),
             quic: args.quic,
             grpc: args.grpc,
+            observe: args.observe,
         })
     }
 }

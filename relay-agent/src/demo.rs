@@ -15,8 +15,6 @@ use certs::store::{self, Secrecy};
 use certs::{Ca, Leaf, Role};
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics;
-
 /// Options of `relay-agent demo`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
@@ -114,8 +112,8 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         tokio::select! {
             _ = ticker.tick() => {
                 let now = (
-                    metrics::get(&agent_metrics.datagrams_received),
-                    sink::Metrics::get(&sink_metrics.datagrams_replayed),
+                    agent_metrics.datagrams_received.get(),
+                    sink_metrics.datagrams_replayed(),
                 );
                 if now != last {
                     println!(
@@ -141,8 +139,8 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     println!(
         "demo: stopped after {} datagrams received, {} replayed",
-        metrics::get(&agent_metrics.datagrams_received),
-        sink::Metrics::get(&sink_metrics.datagrams_replayed)
+        agent_metrics.datagrams_received.get(),
+        sink_metrics.datagrams_replayed()
     );
     Ok(())
 }

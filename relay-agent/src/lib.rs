@@ -20,7 +20,8 @@
 //! - `spool`: the backlog's crash-safe copy on disk (checksummed segment files).
 //! - `transport`: one link per sink (QUIC, gRPC, or QUIC with fallback to gRPC), with
 //!   reconnect backoff.
-//! - [`metrics`] — counters.
+//! - [`metrics`] — Prometheus counters and gauges.
+//! - `status`: readiness and the values refreshed at each scrape (`--metrics-listen`).
 //! - [`demo`] — the one-command quick start (sink and agent on loopback, throwaway certificates).
 //!
 //! [`run`] takes bound sockets and a shutdown future, so tests and the demo can drive it
@@ -33,13 +34,16 @@ pub mod demo;
 pub mod metrics;
 mod receive;
 mod spool;
+mod status;
 mod transport;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 pub use config::{Args, Config};
+use metrics::DropReason;
 pub use metrics::{Metrics, SinkMetrics};
 use quinn::VarInt;
 use runtime::ratelimit::RateLimit;
@@ -95,6 +99,9 @@ pub enum Error {
     /// A UDP socket could not be registered.
     #[error("UDP socket: {0}")]
     Socket(std::io::Error),
+    /// The metrics endpoint could not be started.
+    #[error("metrics endpoint: {0}")]
+    Metrics(String),
 }
 
 /// Runs the agent on the bound UDP `sockets` until `shutdown` resolves, then stops receiving,
@@ -112,6 +119,7 @@ pub async fn run(
     sink_metrics: &mut Vec<Arc<SinkMetrics>>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
+    let metrics_listener = runtime::observe::bind(&config.observe).map_err(Error::Metrics)?;
     let transport = Arc::new(config.quic.transport_config());
     let client_socket = udp::bind_client(Buffers {
         recv: Some(4 << 20),
@@ -125,6 +133,7 @@ pub async fn run(
     let mut links = JoinSet::new();
     let mut intakes = JoinSet::new();
     let mut queues = Vec::with_capacity(config.sinks.len());
+    let mut sink_states = Vec::with_capacity(config.sinks.len());
     for sink in &config.sinks {
         let certs_error = |e| Error::Certs(sink.addr.clone(), e);
         let ca = certs::TrustAnchors::load(&sink.ca).map_err(certs_error)?;
@@ -145,8 +154,16 @@ pub async fn run(
             "relaying to sink"
         );
         let (tx, rx) = mpsc::channel(INTAKE_QUEUE);
-        let link_metrics = Arc::new(SinkMetrics::default());
+        let link_metrics = Arc::new(metrics.for_sink(&sink.addr));
         sink_metrics.push(link_metrics.clone());
+        sink_states.push(status::SinkState {
+            addr: sink.addr.clone(),
+            metrics: link_metrics.clone(),
+            spool_max_bytes: config.spool_dir.as_ref().map(|_| config.spool_max_bytes),
+            certificate_not_after: Arc::new(AtomicI64::new(
+                identity.info().not_after.unix_timestamp(),
+            )),
+        });
         let spool_dir = config
             .spool_dir
             .as_ref()
@@ -186,13 +203,8 @@ pub async fn run(
             sink: sink.clone(),
             metrics: link_metrics.clone(),
         };
-        let grpc = transport::grpc::Connector::new(
-            sink.clone(),
-            grpc_tls,
-            config.grpc.clone(),
-            link_metrics.clone(),
-        )
-        .map_err(|e| Error::Config(sink.addr.clone(), e))?;
+        let grpc = transport::grpc::Connector::new(sink.clone(), grpc_tls, config.grpc.clone())
+            .map_err(|e| Error::Config(sink.addr.clone(), e))?;
         links.spawn(
             transport::Link {
                 dialer: transport::Dialer {
@@ -225,10 +237,17 @@ pub async fn run(
     ));
     let token = CancellationToken::new();
     let mut receivers = JoinSet::new();
+    let mut listening = Vec::with_capacity(sockets.len());
     for socket in sockets {
         let socket = tokio::net::UdpSocket::from_std(socket).map_err(Error::Socket)?;
         let listen = socket.local_addr().map_err(Error::Socket)?;
         tracing::info!(%listen, "receiving sFlow");
+        listening.push((
+            listen,
+            metrics
+                .kernel_drops
+                .with_label_values(&[&listen.to_string()]),
+        ));
         receivers.spawn(receive::receive_loop(
             socket,
             ingest_tx.clone(),
@@ -237,8 +256,21 @@ pub async fn run(
         ));
     }
     drop(ingest_tx);
+    let status = Arc::new(status::AgentStatus {
+        metrics: metrics.clone(),
+        sinks: sink_states,
+        listen: listening,
+        receiving: AtomicBool::new(true),
+    });
+    // Served until the very end, so a scrape during the drain still answers.
+    let observing = CancellationToken::new();
+    let _ = metrics_listener
+        .map(|listener| runtime::observe::spawn(listener, status.clone(), observing.clone()))
+        .transpose()
+        .map_err(|e| Error::Metrics(e.to_string()))?;
 
     shutdown.await;
+    status.receiving.store(false, Ordering::Relaxed);
     token.cancel();
     while receivers.join_next().await.is_some() {}
     // The receive loops held the last ingest senders: the batcher now flushes and ends, which
@@ -259,30 +291,32 @@ pub async fn run(
     endpoint.close(VarInt::from_u32(0), b"agent shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     for (sink, m) in config.sinks.iter().zip(sink_metrics.iter()) {
+        let sink_queue_full = m.dropped(DropReason::SinkQueueFull).get();
         tracing::info!(
             sink = %sink.addr,
-            datagrams_sent = metrics::get(&m.datagrams_sent),
-            batches_sent = metrics::get(&m.batches_sent),
-            acked_sequence = metrics::get(&m.acked_sequence),
-            dropped_queue_full = metrics::get(&m.dropped_queue_full),
-            dropped_backlog_full = metrics::get(&m.dropped_backlog_full),
-            batches_resent = metrics::get(&m.batches_resent),
-            unacknowledged_batches = metrics::get(&m.backlog_batches),
-            spool_bytes = metrics::get(&m.spool_bytes),
-            spool_write_errors = metrics::get(&m.spool_write_errors),
-            connects = metrics::get(&m.connects),
-            connect_failures = metrics::get(&m.connect_failures),
-            fallbacks_to_grpc = metrics::get(&m.fallbacks_to_grpc),
-            returns_to_quic = metrics::get(&m.returns_to_quic),
+            datagrams_sent = m.datagrams_sent.get(),
+            batches_sent = m.batches_sent.get(),
+            datagrams_acknowledged = m.datagrams_acknowledged.get(),
+            dropped_queue_full = sink_queue_full,
+            dropped_backlog_full = m.dropped_total() - sink_queue_full,
+            batches_resent = m.batches_resent.get(),
+            unacknowledged_batches = m.backlog_batches.get(),
+            spool_bytes = m.spool_bytes.get(),
+            spool_write_errors = m.spool_write_errors.get(),
+            connects = m.connects.get(),
+            connect_failures = m.connect_failures_total(),
+            fallbacks_to_grpc = m.fallbacks_to_grpc.get(),
+            returns_to_quic = m.returns_to_quic.get(),
             "sink link summary"
         );
     }
     tracing::info!(
-        datagrams_received = metrics::get(&metrics.datagrams_received),
-        dropped_queue_full = metrics::get(&metrics.dropped_queue_full),
-        batches = metrics::get(&metrics.batches),
+        datagrams_received = metrics.datagrams_received.get(),
+        dropped_queue_full = metrics.dropped_queue_full.get(),
+        batches = metrics.batches.get(),
         "agent stopped"
     );
+    observing.cancel();
     Ok(())
 }
 

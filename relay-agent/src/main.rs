@@ -55,7 +55,7 @@ fn main() -> ExitCode {
     };
     let rt = tokio::runtime::Runtime::new().expect("start tokio runtime");
     let mut links = Vec::new();
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::new(config.observe.sflow_max_streams()));
     let run = relay_agent::run(
         config,
         sockets,

@@ -1,71 +1,481 @@
-//! The agent's counters: plain atomics bumped on the hot path, read for logs and by tests.
+//! The agent's metrics: Prometheus families registered once at start, and the handles the hot
+//! path bumps (an atomic add each; no name or label lookup per datagram or batch).
+//!
+//! Names are `relay_agent_*`, units in the names, `_total` on counters; the README's "Metrics"
+//! section lists every one. Per-sink series carry a `sink` label (the configured address):
+//! their number is the number of configured sinks.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry};
+use runtime::accounting::SflowAccounting;
+use runtime::observe::{counter, counter_vec, float_gauge_vec, gauge_vec};
 
-/// Counters of the agent as a whole. Shared as `Arc<Metrics>`.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    /// Datagrams received on the UDP sockets.
-    pub datagrams_received: AtomicU64,
-    /// Bytes (UDP payload) received.
-    pub bytes_received: AtomicU64,
-    /// Datagrams dropped because the batcher's queue was full.
-    pub dropped_queue_full: AtomicU64,
-    /// Batches made.
-    pub batches: AtomicU64,
+/// Why a datagram was dropped, as the `reason` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// The queue between the UDP receive loops and the batcher was full.
+    QueueFull,
+    /// A sink's intake queue was full (its spool writes fell behind).
+    SinkQueueFull,
+    /// No spool and the memory backlog (`--queue-batches`) full: oldest dropped.
+    BacklogFull,
+    /// The spool reached `--spool-max-bytes`: oldest dropped.
+    SpoolFull,
+    /// Spooled longer than `--spool-max-age`.
+    TooOld,
+    /// A spooled batch could not be read back.
+    SpoolUnreadable,
 }
 
-/// Counters of one sink link.
-#[derive(Debug, Default)]
+impl DropReason {
+    /// Every reason, pre-registered so each series exists (at 0) from the start.
+    pub const ALL: [Self; 6] = [
+        Self::QueueFull,
+        Self::SinkQueueFull,
+        Self::BacklogFull,
+        Self::SpoolFull,
+        Self::TooOld,
+        Self::SpoolUnreadable,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::QueueFull => "queue_full",
+            Self::SinkQueueFull => "sink_queue_full",
+            Self::BacklogFull => "backlog_full",
+            Self::SpoolFull => "spool_full",
+            Self::TooOld => "too_old",
+            Self::SpoolUnreadable => "spool_unreadable",
+        }
+    }
+}
+
+/// Why a connection attempt to a sink failed, as the `reason` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectFailure {
+    /// The sink refused this agent's certificate (or the handshake).
+    Refused,
+    /// The sink's certificate failed our checks (wrong CA, wrong name, expired).
+    UntrustedSink,
+    /// No answer in time (UDP blocked, host down, packets dropped).
+    Timeout,
+    /// Unreachable or connection refused (nothing listening).
+    Unreachable,
+    /// Anything else (name resolution, local errors).
+    Other,
+}
+
+impl ConnectFailure {
+    /// Every reason.
+    pub const ALL: [Self; 5] = [
+        Self::Refused,
+        Self::UntrustedSink,
+        Self::Timeout,
+        Self::Unreachable,
+        Self::Other,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Refused => "refused_by_sink",
+            Self::UntrustedSink => "untrusted_sink",
+            Self::Timeout => "timeout",
+            Self::Unreachable => "unreachable",
+            Self::Other => "other",
+        }
+    }
+}
+
+/// The agent's metrics. Shared as `Arc<Metrics>`.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Datagrams received on the UDP sockets.
+    pub datagrams_received: IntCounter,
+    /// Bytes (UDP payload) received.
+    pub bytes_received: IntCounter,
+    /// Datagrams dropped because the batcher's queue was full.
+    pub dropped_queue_full: IntCounter,
+    /// Batches made.
+    pub batches: IntCounter,
+    /// Kernel receive-buffer drops per listen socket (from `/proc/net/udp`), by `listen`.
+    pub kernel_drops: IntCounterVec,
+    /// Sequence-gap accounting of the sFlow received (loss before the relay).
+    pub sflow: SflowAccounting,
+    dropped: IntCounterVec,
+    sink: SinkFamilies,
+}
+
+#[derive(Debug)]
+struct SinkFamilies {
+    batches_sent: IntCounterVec,
+    datagrams_sent: IntCounterVec,
+    bytes_sent: IntCounterVec,
+    batches_acknowledged: IntCounterVec,
+    datagrams_acknowledged: IntCounterVec,
+    batches_resent: IntCounterVec,
+    backlog_batches: IntGaugeVec,
+    spool_bytes: IntGaugeVec,
+    spool_write_errors: IntCounterVec,
+    spool_torn_tails: IntCounterVec,
+    spool_corrupt_segments: IntCounterVec,
+    connects: IntCounterVec,
+    reconnects: IntCounterVec,
+    connect_failures: IntCounterVec,
+    connected: IntGaugeVec,
+    transport: IntGaugeVec,
+    fallbacks_to_grpc: IntCounterVec,
+    returns_to_quic: IntCounterVec,
+    rtt: prometheus::GaugeVec,
+    certificate_expiry: prometheus::GaugeVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new(runtime::observe::DEFAULT_SFLOW_MAX_STREAMS)
+    }
+}
+
+impl Metrics {
+    /// Registers every family in a registry of its own; follows at most `sflow_max_streams`
+    /// sFlow streams one by one.
+    pub fn new(sflow_max_streams: usize) -> Self {
+        let r = Registry::new();
+        let dropped = counter_vec(
+            &r,
+            "relay_agent_datagrams_dropped_total",
+            "Datagrams the agent dropped, by reason (and sink, where one sink's backlog dropped them).",
+            &["reason", "sink"],
+        );
+        let dropped_queue_full = dropped.with_label_values(&[DropReason::QueueFull.as_str(), ""]);
+        let sink = SinkFamilies {
+            batches_sent: counter_vec(
+                &r,
+                "relay_agent_batches_sent_total",
+                "Batches written to the sink's stream (resends included).",
+                &["sink"],
+            ),
+            datagrams_sent: counter_vec(
+                &r,
+                "relay_agent_datagrams_sent_total",
+                "Datagrams in the batches written to the sink's stream (resends included).",
+                &["sink"],
+            ),
+            bytes_sent: counter_vec(
+                &r,
+                "relay_agent_bytes_sent_total",
+                "Encoded batch bytes written to the sink's stream (resends included).",
+                &["sink"],
+            ),
+            batches_acknowledged: counter_vec(
+                &r,
+                "relay_agent_batches_acknowledged_total",
+                "Batches the sink acknowledged (replayed).",
+                &["sink"],
+            ),
+            datagrams_acknowledged: counter_vec(
+                &r,
+                "relay_agent_datagrams_acknowledged_total",
+                "Datagrams in the batches the sink acknowledged (replayed).",
+                &["sink"],
+            ),
+            batches_resent: counter_vec(
+                &r,
+                "relay_agent_batches_resent_total",
+                "Batches sent again after a reconnect (unacknowledged on the connection that broke).",
+                &["sink"],
+            ),
+            backlog_batches: gauge_vec(
+                &r,
+                "relay_agent_backlog_batches",
+                "Batches not yet acknowledged by the sink (memory and spool).",
+                &["sink"],
+            ),
+            spool_bytes: gauge_vec(
+                &r,
+                "relay_agent_spool_bytes",
+                "Bytes in the sink's spool on disk.",
+                &["sink"],
+            ),
+            spool_write_errors: counter_vec(
+                &r,
+                "relay_agent_spool_write_errors_total",
+                "Spool writes that failed (a full disk); those batches were kept in memory only.",
+                &["sink"],
+            ),
+            spool_torn_tails: counter_vec(
+                &r,
+                "relay_agent_spool_torn_tails_total",
+                "Spool segments found with a torn tail at start (cut off).",
+                &["sink"],
+            ),
+            spool_corrupt_segments: counter_vec(
+                &r,
+                "relay_agent_spool_corrupt_segments_total",
+                "Spool segments found corrupt at start (set aside as .corrupt).",
+                &["sink"],
+            ),
+            connects: counter_vec(
+                &r,
+                "relay_agent_connects_total",
+                "Connections to the sink that completed the handshake (the first included).",
+                &["sink"],
+            ),
+            reconnects: counter_vec(
+                &r,
+                "relay_agent_reconnects_total",
+                "Connections to the sink after the first.",
+                &["sink"],
+            ),
+            connect_failures: counter_vec(
+                &r,
+                "relay_agent_connect_failures_total",
+                "Failed connection attempts to the sink, by reason.",
+                &["sink", "reason"],
+            ),
+            connected: gauge_vec(
+                &r,
+                "relay_agent_connected",
+                "1 while a connection to the sink is up.",
+                &["sink"],
+            ),
+            transport: gauge_vec(
+                &r,
+                "relay_agent_transport",
+                "1 for the transport in use to the sink (quic or grpc), 0 for the other.",
+                &["sink", "transport"],
+            ),
+            fallbacks_to_grpc: counter_vec(
+                &r,
+                "relay_agent_fallbacks_to_grpc_total",
+                "Times --transport auto carried on over gRPC because no QUIC handshake completed.",
+                &["sink"],
+            ),
+            returns_to_quic: counter_vec(
+                &r,
+                "relay_agent_returns_to_quic_total",
+                "Times --transport auto moved back from gRPC to QUIC.",
+                &["sink"],
+            ),
+            rtt: float_gauge_vec(
+                &r,
+                "relay_agent_rtt_seconds",
+                "Round-trip time to the sink as QUIC estimates it (latest; QUIC connections only).",
+                &["sink"],
+            ),
+            certificate_expiry: float_gauge_vec(
+                &r,
+                "relay_agent_certificate_expiry_seconds",
+                "Seconds until the agent's certificate for this sink expires (negative once expired).",
+                &["sink"],
+            ),
+        };
+        Self {
+            datagrams_received: counter(
+                &r,
+                "relay_agent_datagrams_received_total",
+                "Datagrams received on the agent's UDP sockets.",
+            ),
+            bytes_received: counter(
+                &r,
+                "relay_agent_bytes_received_total",
+                "UDP payload bytes received on the agent's sockets.",
+            ),
+            dropped_queue_full,
+            batches: counter(&r, "relay_agent_batches_total", "Batches made."),
+            kernel_drops: counter_vec(
+                &r,
+                "relay_agent_kernel_receive_drops_total",
+                "Datagrams the kernel dropped because a listen socket's receive buffer was full (/proc/net/udp).",
+                &["listen"],
+            ),
+            dropped,
+            sink,
+            sflow: SflowAccounting::new(&r, "relay_agent", sflow_max_streams),
+            registry: r,
+        }
+    }
+
+    /// The registry to gather from.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The handles of one sink's series, created (at 0) now.
+    pub fn for_sink(&self, addr: &str) -> SinkMetrics {
+        let f = &self.sink;
+        let one = |family: &IntCounterVec| family.with_label_values(&[addr]);
+        let dropped = DropReason::ALL.map(|r| self.dropped.with_label_values(&[r.as_str(), addr]));
+        let connect_failures =
+            ConnectFailure::ALL.map(|r| f.connect_failures.with_label_values(&[addr, r.as_str()]));
+        SinkMetrics {
+            batches_sent: one(&f.batches_sent),
+            datagrams_sent: one(&f.datagrams_sent),
+            bytes_sent: one(&f.bytes_sent),
+            batches_acknowledged: one(&f.batches_acknowledged),
+            datagrams_acknowledged: one(&f.datagrams_acknowledged),
+            dropped,
+            batches_resent: one(&f.batches_resent),
+            backlog_batches: f.backlog_batches.with_label_values(&[addr]),
+            spool_bytes: f.spool_bytes.with_label_values(&[addr]),
+            spool_write_errors: one(&f.spool_write_errors),
+            spool_torn_tails: one(&f.spool_torn_tails),
+            spool_corrupt_segments: one(&f.spool_corrupt_segments),
+            connects: one(&f.connects),
+            reconnects: one(&f.reconnects),
+            connect_failures,
+            connected: f.connected.with_label_values(&[addr]),
+            quic: f.transport.with_label_values(&[addr, "quic"]),
+            grpc: f.transport.with_label_values(&[addr, "grpc"]),
+            fallbacks_to_grpc: one(&f.fallbacks_to_grpc),
+            returns_to_quic: one(&f.returns_to_quic),
+            rtt: f.rtt.with_label_values(&[addr]),
+            certificate_expiry: f.certificate_expiry.with_label_values(&[addr]),
+        }
+    }
+}
+
+/// The transport a link uses, for [`SinkMetrics::set_transport`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InUse {
+    /// Not connected.
+    None,
+    /// QUIC.
+    Quic,
+    /// gRPC.
+    Grpc,
+}
+
+/// The handles of one sink link's series.
+#[derive(Debug)]
 pub struct SinkMetrics {
     /// Batches written to the sink's stream.
-    pub batches_sent: AtomicU64,
+    pub batches_sent: IntCounter,
     /// Datagrams in those batches.
-    pub datagrams_sent: AtomicU64,
-    /// Highest batch sequence the sink acknowledged.
-    pub acked_sequence: AtomicU64,
-    /// Datagrams dropped because this sink's intake queue was full (its spool too slow).
-    pub dropped_queue_full: AtomicU64,
-    /// Datagrams dropped from the backlog: oldest first, when memory (no spool) or the spool
-    /// (size, age) was full, or unreadable from the spool.
-    pub dropped_backlog_full: AtomicU64,
+    pub datagrams_sent: IntCounter,
+    /// Their encoded bytes.
+    pub bytes_sent: IntCounter,
+    /// Batches the sink acknowledged.
+    pub batches_acknowledged: IntCounter,
+    /// Datagrams in those batches.
+    pub datagrams_acknowledged: IntCounter,
+    dropped: [IntCounter; DropReason::ALL.len()],
     /// Batches sent again after a reconnect (not acknowledged on the connection that broke).
-    pub batches_resent: AtomicU64,
+    pub batches_resent: IntCounter,
     /// Batches not yet acknowledged (gauge).
-    pub backlog_batches: AtomicU64,
+    pub backlog_batches: IntGauge,
     /// Bytes in the spool (gauge).
-    pub spool_bytes: AtomicU64,
+    pub spool_bytes: IntGauge,
     /// Spool writes that failed (a full disk); those batches were kept in memory only.
-    pub spool_write_errors: AtomicU64,
+    pub spool_write_errors: IntCounter,
     /// Spool segments found with a torn tail at start (cut off).
-    pub spool_torn_tails: AtomicU64,
+    pub spool_torn_tails: IntCounter,
     /// Spool segments found corrupt at start (set aside).
-    pub spool_corrupt_segments: AtomicU64,
+    pub spool_corrupt_segments: IntCounter,
     /// Successful connections (the first one included).
-    pub connects: AtomicU64,
-    /// Failed connection attempts.
-    pub connect_failures: AtomicU64,
-    /// The transport in use: 0 none (connecting), 1 QUIC, 2 gRPC.
-    pub transport: AtomicU64,
+    pub connects: IntCounter,
+    /// Successful connections after the first.
+    pub reconnects: IntCounter,
+    connect_failures: [IntCounter; ConnectFailure::ALL.len()],
+    /// 1 while connected.
+    pub connected: IntGauge,
+    quic: IntGauge,
+    grpc: IntGauge,
     /// Times `auto` fell back to gRPC because no QUIC handshake completed.
-    pub fallbacks_to_grpc: AtomicU64,
+    pub fallbacks_to_grpc: IntCounter,
     /// Times `auto` moved back from gRPC to QUIC.
-    pub returns_to_quic: AtomicU64,
+    pub returns_to_quic: IntCounter,
+    /// QUIC's round-trip estimate, seconds.
+    pub rtt: Gauge,
+    /// Seconds until this link's certificate expires.
+    pub certificate_expiry: Gauge,
 }
 
-/// Sets a gauge.
-#[inline]
-pub fn set(gauge: &AtomicU64, value: u64) {
-    gauge.store(value, Ordering::Relaxed);
+impl SinkMetrics {
+    /// The drop counter for `reason`.
+    pub fn dropped(&self, reason: DropReason) -> &IntCounter {
+        let i = DropReason::ALL
+            .iter()
+            .position(|&r| r == reason)
+            .unwrap_or(0);
+        &self.dropped[i]
+    }
+
+    /// Datagrams this sink's backlog dropped, all reasons together.
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped.iter().map(IntCounter::get).sum()
+    }
+
+    /// Counts a failed connection attempt.
+    pub fn connect_failed(&self, reason: ConnectFailure) {
+        let i = ConnectFailure::ALL
+            .iter()
+            .position(|&r| r == reason)
+            .unwrap_or(0);
+        self.connect_failures[i].inc();
+    }
+
+    /// Failed connection attempts, all reasons together.
+    pub fn connect_failures_total(&self) -> u64 {
+        self.connect_failures.iter().map(IntCounter::get).sum()
+    }
+
+    /// Records the transport in use.
+    pub fn set_transport(&self, in_use: InUse) {
+        self.connected.set(i64::from(in_use != InUse::None));
+        self.quic.set(i64::from(in_use == InUse::Quic));
+        self.grpc.set(i64::from(in_use == InUse::Grpc));
+    }
+
+    /// The transport in use.
+    pub fn transport(&self) -> InUse {
+        if self.quic.get() == 1 {
+            InUse::Quic
+        } else if self.grpc.get() == 1 {
+            InUse::Grpc
+        } else {
+            InUse::None
+        }
+    }
 }
 
-/// Adds `n` to `counter`.
-#[inline]
-pub fn add(counter: &AtomicU64, n: u64) {
-    counter.fetch_add(n, Ordering::Relaxed);
+#[cfg(test)]
+impl Default for SinkMetrics {
+    fn default() -> Self {
+        Metrics::default().for_sink("test")
+    }
 }
 
-/// Reads `counter`.
-pub fn get(counter: &AtomicU64) -> u64 {
-    counter.load(Ordering::Relaxed)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_series_exists_from_the_start_and_the_exposition_is_well_formed() {
+        let metrics = Metrics::default();
+        let sink = metrics.for_sink("sink.example:4433");
+        sink.dropped(DropReason::SpoolFull).inc_by(3);
+        sink.set_transport(InUse::Grpc);
+        let mut text = Vec::new();
+        prometheus::Encoder::encode(
+            &prometheus::TextEncoder::new(),
+            &metrics.registry().gather(),
+            &mut text,
+        )
+        .unwrap();
+        let text = String::from_utf8(text).unwrap();
+        assert!(text.contains(
+            "relay_agent_datagrams_dropped_total{reason=\"spool_full\",sink=\"sink.example:4433\"} 3"
+        ));
+        assert!(
+            text.contains("relay_agent_datagrams_dropped_total{reason=\"queue_full\",sink=\"\"} 0")
+        );
+        assert!(
+            text.contains("relay_agent_transport{sink=\"sink.example:4433\",transport=\"grpc\"} 1")
+        );
+        assert!(text.contains("relay_agent_connected{sink=\"sink.example:4433\"} 1"));
+        assert_eq!(sink.transport(), InUse::Grpc);
+        assert_eq!(sink.dropped_total(), 3);
+    }
 }

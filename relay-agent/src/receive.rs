@@ -15,7 +15,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::{self, Metrics};
+use crate::metrics::Metrics;
 
 /// Room for the largest UDP payload (IPv6 allows up to 65,527 bytes), so nothing is truncated.
 const RECV_BUF_LEN: usize = 65_536;
@@ -46,12 +46,13 @@ pub(crate) async fn receive_loop(
             },
             () = token.cancelled() => break,
         };
-        metrics::add(&metrics.datagrams_received, 1);
-        metrics::add(&metrics.bytes_received, len as u64);
+        metrics.datagrams_received.inc();
+        metrics.bytes_received.inc_by(len as u64);
+        metrics.sflow.observe([&scratch[..len]]);
         let payload = copy_out(&mut arena, &scratch[..len]);
         let datagram = to_proto(payload, source);
         if batcher.try_send(datagram).is_err() {
-            metrics::add(&metrics.dropped_queue_full, 1);
+            metrics.dropped_queue_full.inc();
             if let Some(more) = full.check() {
                 tracing::warn!(
                     ?local,

@@ -31,7 +31,7 @@ use tokio::time::Instant;
 
 use crate::backlog::{Backlog, Record};
 use crate::config::{SinkConfig, TransportMode};
-use crate::metrics::{self, SinkMetrics};
+use crate::metrics::{ConnectFailure, InUse, SinkMetrics};
 
 /// A connection that lasts this long counts as accepted, even with nothing to send.
 const HEALTHY_AFTER: Duration = Duration::from_secs(10);
@@ -62,10 +62,10 @@ impl Session {
         }
     }
 
-    fn gauge(&self) -> u64 {
+    fn in_use(&self) -> InUse {
         match self {
-            Self::Quic(_) => 1,
-            Self::Grpc(_) => 2,
+            Self::Quic(_) => InUse::Quic,
+            Self::Grpc(_) => InUse::Grpc,
         }
     }
 
@@ -121,8 +121,7 @@ impl Session {
 pub(crate) type Acked = Option<(u64, u64)>;
 
 /// Records an acknowledgement from the sink (both transports' ack readers call this).
-fn acknowledged(metrics: &SinkMetrics, acked: &watch::Sender<Acked>, ack: &proto::pb::Ack) {
-    metrics::set(&metrics.acked_sequence, ack.sequence);
+fn acknowledged(acked: &watch::Sender<Acked>, ack: &proto::pb::Ack) {
     acked.send_replace(Some((ack.session, ack.sequence)));
 }
 
@@ -132,7 +131,16 @@ struct InFlight {
     id: u64,
     session: u64,
     sequence: u64,
+    datagrams: u64,
     len: usize,
+}
+
+/// What an acknowledgement settled: everything up to backlog id `through`.
+#[derive(Debug, Clone, Copy)]
+struct Settled {
+    through: u64,
+    batches: u64,
+    datagrams: u64,
 }
 
 /// The batches on the wire of one session, oldest first, and their bytes.
@@ -149,6 +157,7 @@ impl Window {
             id: record.id,
             session: record.session,
             sequence: record.sequence,
+            datagrams: record.datagrams,
             len: record.bytes.len(),
         });
     }
@@ -157,20 +166,25 @@ impl Window {
         self.batches.is_empty()
     }
 
-    /// Takes what `ack` acknowledges off the front; returns the backlog id up to which
-    /// everything is acknowledged, if anything was.
-    fn settle(&mut self, ack: Acked) -> Option<u64> {
+    /// Takes what `ack` acknowledges off the front, if anything.
+    fn settle(&mut self, ack: Acked) -> Option<Settled> {
         let (session, sequence) = ack?;
         let last = self
             .batches
             .iter()
             .position(|f| f.session == session && f.sequence == sequence)?;
-        let mut through = None;
+        let mut settled = Settled {
+            through: 0,
+            batches: 0,
+            datagrams: 0,
+        };
         for f in self.batches.drain(..=last) {
             self.bytes -= f.len;
-            through = Some(f.id);
+            settled.through = f.id;
+            settled.batches += 1;
+            settled.datagrams += f.datagrams;
         }
-        through
+        Some(settled)
     }
 }
 
@@ -208,7 +222,7 @@ impl Dialer {
                 };
                 match self.grpc.connect(self.connect_timeout).await {
                     Ok(session) => {
-                        metrics::add(&self.metrics.fallbacks_to_grpc, 1);
+                        self.metrics.fallbacks_to_grpc.inc();
                         tracing::warn!(
                             sink = %self.sink.addr,
                             reason = %quic_reason,
@@ -257,7 +271,7 @@ impl Link {
             let mut session = match attempt {
                 Ok(session) => session,
                 Err(reason) => {
-                    metrics::add(&self.dialer.metrics.connect_failures, 1);
+                    self.dialer.metrics.connect_failed(failure_kind(&reason));
                     let wait = self.backoff.next_delay();
                     tracing::warn!(sink = %self.dialer.sink.addr, %reason, retry_in = ?wait, "cannot connect to sink");
                     if !self.pause(wait).await {
@@ -267,8 +281,11 @@ impl Link {
                 }
             };
             loop {
-                metrics::add(&self.dialer.metrics.connects, 1);
-                metrics::set(&self.dialer.metrics.transport, session.gauge());
+                if self.dialer.metrics.connects.get() > 0 {
+                    self.dialer.metrics.reconnects.inc();
+                }
+                self.dialer.metrics.connects.inc();
+                self.dialer.metrics.set_transport(session.in_use());
                 tracing::info!(
                     sink = %self.dialer.sink.addr,
                     remote = %session.remote(),
@@ -277,7 +294,7 @@ impl Link {
                 );
                 let mut window = Window::default();
                 let ended = self.stream(&mut session, &mut window).await;
-                metrics::set(&self.dialer.metrics.transport, 0);
+                self.dialer.metrics.set_transport(InUse::None);
                 // Only these can reach the sink twice; the rest of the backlog was never sent.
                 let unacknowledged = window.batches.len();
                 let (backlog_batches, _, _) = self.backlog.pending();
@@ -287,7 +304,7 @@ impl Link {
                         return;
                     }
                     Ended::Switch(next) => {
-                        metrics::add(&self.dialer.metrics.returns_to_quic, 1);
+                        self.dialer.metrics.returns_to_quic.inc();
                         tracing::info!(
                             sink = %self.dialer.sink.addr,
                             unacknowledged_batches = unacknowledged,
@@ -319,10 +336,13 @@ impl Link {
         }
     }
 
-    /// The sink has acknowledged everything up to backlog id `id`.
-    fn release(&mut self, id: u64) {
-        self.released = self.released.max(id);
-        self.backlog.release_through(id);
+    /// The sink has acknowledged `settled`.
+    fn release(&mut self, settled: Settled) {
+        self.released = self.released.max(settled.through);
+        self.backlog.release_through(settled.through);
+        let metrics = &self.dialer.metrics;
+        metrics.batches_acknowledged.inc_by(settled.batches);
+        metrics.datagrams_acknowledged.inc_by(settled.datagrams);
     }
 
     fn stopping(&self, why: &str) {
@@ -388,8 +408,8 @@ impl Link {
                         // The ack reader has ended: the session is over, `broken` says why.
                         return Ended::Broken(session.broken().await);
                     }
-                    if let Some(id) = in_flight.settle(*acked.borrow_and_update()) {
-                        self.release(id);
+                    if let Some(settled) = in_flight.settle(*acked.borrow_and_update()) {
+                        self.release(settled);
                         last_progress = Instant::now();
                         if !proven {
                             proven = true;
@@ -414,8 +434,8 @@ impl Link {
                             tokio::select! {
                                 changed = acked.changed() => {
                                     if changed.is_err() { return; }
-                                    if let Some(id) = in_flight.settle(*acked.borrow_and_update()) {
-                                        self.release(id);
+                                    if let Some(settled) = in_flight.settle(*acked.borrow_and_update()) {
+                                        self.release(settled);
                                     }
                                 }
                                 _ = session.broken() => return,
@@ -441,12 +461,13 @@ impl Link {
                     cursor = record.id;
                     last_progress = Instant::now();
                     if record.id <= self.sent_through {
-                        metrics::add(&self.dialer.metrics.batches_resent, 1);
+                        self.dialer.metrics.batches_resent.inc();
                     }
                     self.sent_through = self.sent_through.max(record.id);
                     in_flight.push(&record);
-                    metrics::add(&self.dialer.metrics.batches_sent, 1);
-                    metrics::add(&self.dialer.metrics.datagrams_sent, record.datagrams);
+                    self.dialer.metrics.batches_sent.inc();
+                    self.dialer.metrics.datagrams_sent.inc_by(record.datagrams);
+                    self.dialer.metrics.bytes_sent.inc_by(record.bytes.len() as u64);
                 }
             }
         }
@@ -510,6 +531,28 @@ fn explain(sink: &SinkConfig, error: &str) -> String {
     }
 }
 
+/// The `reason` label of a failed attempt, from its (explained) text. With `auto`, the gRPC
+/// attempt is the one that failed last and decides.
+fn failure_kind(error: &str) -> ConnectFailure {
+    let error = error.rsplit_once("gRPC: ").map_or(error, |(_, grpc)| grpc);
+    if error.starts_with("the sink refused this agent's certificate") {
+        ConnectFailure::Refused
+    } else if error.starts_with("the sink's certificate")
+        || error.starts_with("certificate check failed")
+    {
+        ConnectFailure::UntrustedSink
+    } else if error.contains(" within ") || error.contains("timed out") {
+        ConnectFailure::Timeout
+    } else if error.contains("refused")
+        || error.contains("unreachable")
+        || error.contains("No route")
+    {
+        ConnectFailure::Unreachable
+    } else {
+        ConnectFailure::Other
+    }
+}
+
 #[cfg(test)]
 mod explain_tests {
     use super::*;
@@ -524,6 +567,31 @@ mod explain_tests {
             queue_batches: 1,
             transport: TransportMode::Auto,
         }
+    }
+
+    #[test]
+    fn failures_are_labelled_by_what_went_wrong() {
+        let refused = explain(
+            &sink(),
+            "aborted by peer: the cryptographic handshake failed",
+        );
+        assert_eq!(failure_kind(&refused), ConnectFailure::Refused);
+        let untrusted = explain(&sink(), "invalid peer certificate: UnknownIssuer");
+        assert_eq!(failure_kind(&untrusted), ConnectFailure::UntrustedSink);
+        assert_eq!(
+            failure_kind("no QUIC handshake with 192.0.2.1:4433 within 3s"),
+            ConnectFailure::Timeout
+        );
+        assert_eq!(
+            failure_kind(
+                "QUIC: no QUIC handshake within 3s; gRPC: sink:4433: Connection refused (os error 111)"
+            ),
+            ConnectFailure::Unreachable
+        );
+        assert_eq!(
+            failure_kind("cannot resolve sink:4433: nope"),
+            ConnectFailure::Other
+        );
     }
 
     #[test]

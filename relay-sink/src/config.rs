@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use runtime::grpc::GrpcOptions;
+use runtime::observe::ObserveOptions;
 use runtime::quic::QuicOptions;
 use runtime::ssh_hex::SshHexOptions;
 use runtime::telemetry::LogFormat;
@@ -137,6 +138,10 @@ pub struct Args {
 
     #[command(flatten)]
     #[serde(flatten)]
+    pub observe: ObserveOptions,
+
+    #[command(flatten)]
+    #[serde(flatten)]
     pub ssh_hex: SshHexOptions,
 }
 
@@ -211,6 +216,8 @@ pub struct Config {
     pub quic: QuicOptions,
     /// gRPC tuning.
     pub grpc: GrpcOptions,
+    /// Metrics endpoint and sFlow accounting.
+    pub observe: ObserveOptions,
 }
 
 impl TryFrom<Args> for Config {
@@ -264,6 +271,7 @@ impl TryFrom<Args> for Config {
             shutdown_grace: args.shutdown_grace.unwrap_or(Duration::from_secs(5)),
             quic: args.quic,
             grpc: args.grpc,
+            observe: args.observe,
         })
     }
 }

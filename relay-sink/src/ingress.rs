@@ -15,8 +15,8 @@ use proto::pb;
 use runtime::ratelimit::RateLimit;
 
 use crate::Shared;
-use crate::metrics::Metrics;
 use crate::replay::Replaying;
+use crate::status::Connection;
 
 /// The transport an agent came in on, as a log field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,8 +36,8 @@ impl Transport {
 
 /// Counts and logs (rate-limited per kind) a refused or failed handshake.
 pub(crate) fn refused(shared: &Shared, transport: Transport, remote: SocketAddr, reason: &str) {
-    Metrics::add(&shared.metrics.handshakes_refused, 1);
     let kind = RefusalKind::of(reason);
+    shared.metrics.refused(kind).inc();
     if let Some(more) = shared.refusals.check(kind) {
         tracing::warn!(
             %remote,
@@ -52,7 +52,7 @@ pub(crate) fn refused(shared: &Shared, transport: Transport, remote: SocketAddr,
 
 /// Counts and logs (rate-limited) a handshake that did not complete in time.
 pub(crate) fn timed_out(shared: &Shared, transport: Transport, remote: SocketAddr) {
-    Metrics::add(&shared.metrics.handshakes_refused, 1);
+    shared.metrics.refused(RefusalKind::Timeout).inc();
     if let Some(more) = shared.refusals.check(RefusalKind::Timeout) {
         tracing::warn!(
             %remote,
@@ -74,7 +74,7 @@ pub(crate) fn violation(
     remote: SocketAddr,
     error: &str,
 ) {
-    Metrics::add(&shared.metrics.protocol_errors, 1);
+    shared.metrics.protocol_errors.inc();
     tracing::warn!(%agent, %remote, transport = transport.as_str(), %error, "protocol violation: the agent's stream is ended");
 }
 
@@ -96,19 +96,29 @@ impl Delivery {
     }
 }
 
-/// Hands a batch from `agent` to replay, unless this agent's session has already had it
-/// replayed (a resend after a reconnect), which is counted and not replayed again.
-pub(crate) async fn deliver(shared: &Shared, agent: &str, batch: pb::Batch) -> Delivery {
+/// Hands a batch from an agent's `connection` to replay, unless this agent's session has
+/// already had it replayed (a resend after a reconnect), which is counted and not replayed
+/// again.
+pub(crate) async fn deliver(
+    shared: &Shared,
+    connection: &Connection,
+    batch: pb::Batch,
+) -> Delivery {
+    let agent = &*connection.agent;
     let ack = pb::Ack {
         session: batch.session,
         sequence: batch.sequence,
     };
     let datagrams = batch.datagrams.len() as u64;
-    Metrics::add(&shared.metrics.batches_received, 1);
-    Metrics::add(&shared.metrics.datagrams_received, datagrams);
+    let bytes = batch.datagrams.iter().map(|d| d.payload.len() as u64).sum();
+    let metrics = &shared.metrics;
+    metrics.batches_received.inc();
+    metrics.datagrams_received.inc_by(datagrams);
+    metrics.bytes_received.inc_by(bytes);
+    connection.received(datagrams, bytes);
     if let Seen::Before(original) = shared.replayed.check(agent, ack.session, ack.sequence) {
-        Metrics::add(&shared.metrics.batches_duplicate, 1);
-        Metrics::add(&shared.metrics.datagrams_duplicate, datagrams);
+        metrics.batches_duplicate.inc();
+        metrics.datagrams_duplicate.inc_by(datagrams);
         tracing::debug!(%agent, session = ack.session, sequence = ack.sequence, "duplicate batch (already replayed): acknowledged, not replayed");
         // Acknowledged once the session's latest replay (which includes the original, or
         // follows it) is done, so an acknowledgement still means "replayed".
@@ -118,6 +128,9 @@ pub(crate) async fn deliver(shared: &Shared, agent: &str, batch: pb::Batch) -> D
         };
     }
     tracing::trace!(%agent, sequence = ack.sequence, datagrams, "batch");
+    metrics
+        .sflow
+        .observe(batch.datagrams.iter().map(|d| &d.payload[..]));
     let replaying = shared.replay.submit(batch).await;
     shared
         .replayed
@@ -224,7 +237,7 @@ pub(crate) enum RefusalKind {
 }
 
 impl RefusalKind {
-    const ALL: [Self; 7] = [
+    pub(crate) const ALL: [Self; 7] = [
         Self::NoCertificate,
         Self::UnknownIssuer,
         Self::BadSignature,

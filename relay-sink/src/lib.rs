@@ -10,7 +10,8 @@
 //! - [`config`] — command-line and file options, and the checked [`Config`].
 //! - `ingress`: transports that bring batches in (QUIC, gRPC), and what they share.
 //! - [`replay`] — per-destination UDP senders with bounded queues.
-//! - [`metrics`] — counters.
+//! - [`metrics`] — Prometheus counters and gauges.
+//! - `status`: the connected agents (`/agents`), readiness, values refreshed at each scrape.
 //!
 //! [`run`] takes sockets bound by [`bind`] and a shutdown future, so tests and the demo can
 //! drive it without a process of its own.
@@ -19,10 +20,12 @@ pub mod config;
 mod ingress;
 pub mod metrics;
 pub mod replay;
+mod status;
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 pub use config::{Args, Config};
 pub use metrics::Metrics;
@@ -46,6 +49,9 @@ pub enum Error {
     /// A replay destination could not be set up.
     #[error("replay destination {0}: {1}")]
     Destination(String, String),
+    /// The metrics endpoint could not be started.
+    #[error("metrics endpoint: {0}")]
+    Metrics(String),
 }
 
 /// What the connection tasks share.
@@ -59,6 +65,8 @@ pub(crate) struct Shared {
     refusals: ingress::Refusals,
     /// What each agent session has had replayed, to drop resends.
     replayed: ingress::Replayed,
+    /// The agent connections open now.
+    agents: Arc<status::Agents>,
 }
 
 /// The sink's bound sockets.
@@ -68,6 +76,8 @@ pub struct Listeners {
     pub quic: UdpSocket,
     /// gRPC (TCP), unless turned off.
     pub grpc: Option<TcpListener>,
+    /// The metrics endpoint (TCP), when `--metrics-listen` is set.
+    pub metrics: Option<TcpListener>,
 }
 
 /// Binds the QUIC socket (with the configured buffers) and the gRPC listener.
@@ -79,6 +89,16 @@ pub struct Listeners {
 ///
 /// When an address cannot be bound; the error names it.
 pub fn bind(config: &Config) -> Result<Listeners, String> {
+    let metrics = runtime::observe::bind(&config.observe)?;
+    let (quic, grpc) = bind_relay(config)?;
+    Ok(Listeners {
+        quic,
+        grpc,
+        metrics,
+    })
+}
+
+fn bind_relay(config: &Config) -> Result<(UdpSocket, Option<TcpListener>), String> {
     let buffers = runtime::udp::Buffers {
         recv: Some(config.recv_buffer),
         send: Some(config.recv_buffer),
@@ -90,31 +110,20 @@ pub fn bind(config: &Config) -> Result<Listeners, String> {
         TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr} (TCP): {e}"))
     };
     match config.grpc_listen {
-        None => Ok(Listeners {
-            quic: quic(config.listen)?,
-            grpc: None,
-        }),
+        None => Ok((quic(config.listen)?, None)),
         Some(tcp) if tcp == config.listen && tcp.port() == 0 => {
             let mut last = String::new();
             for _ in 0..32 {
                 let udp = quic(config.listen)?;
                 let port = udp.local_addr().map_err(|e| e.to_string())?.port();
                 match grpc(SocketAddr::new(tcp.ip(), port)) {
-                    Ok(listener) => {
-                        return Ok(Listeners {
-                            quic: udp,
-                            grpc: Some(listener),
-                        });
-                    }
+                    Ok(listener) => return Ok((udp, Some(listener))),
                     Err(e) => last = e,
                 }
             }
             Err(last)
         }
-        Some(tcp) => Ok(Listeners {
-            quic: quic(config.listen)?,
-            grpc: Some(grpc(tcp)?),
-        }),
+        Some(tcp) => Ok((quic(config.listen)?, Some(grpc(tcp)?))),
     }
 }
 
@@ -173,12 +182,20 @@ pub async fn run(
     )
     .await?;
     let grace = config.shutdown_grace;
+    let agents = Arc::new(status::Agents::new(metrics.clone()));
     let shared = Arc::new(Shared {
         config,
         replay,
         metrics: metrics.clone(),
         refusals: ingress::Refusals::default(),
         replayed: ingress::Replayed::default(),
+        agents: agents.clone(),
+    });
+    let status = Arc::new(status::SinkStatus {
+        metrics: metrics.clone(),
+        agents,
+        ready: AtomicBool::new(false),
+        certificate_not_after: AtomicI64::new(identity.info().not_after.unix_timestamp()),
     });
     tracing::info!(
         listen = %local,
@@ -190,6 +207,13 @@ pub async fn run(
 
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
+    // Served until the very end, so a scrape during the drain still answers.
+    let observing = CancellationToken::new();
+    let _ = listeners
+        .metrics
+        .map(|listener| runtime::observe::spawn(listener, status.clone(), observing.clone()))
+        .transpose()
+        .map_err(|e| Error::Metrics(e.to_string()))?;
     let accept = tokio::spawn(ingress::quic::serve(
         endpoint.clone(),
         shared.clone(),
@@ -204,7 +228,9 @@ pub async fn run(
             token.clone(),
         ))
     });
+    status.ready.store(true, Ordering::Relaxed);
     shutdown.await;
+    status.ready.store(false, Ordering::Relaxed);
     token.cancel();
     let _ = accept.await;
     drop(grpc);
@@ -227,15 +253,16 @@ pub async fn run(
     endpoint.close(0u32.into(), b"sink shutting down");
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
     tracing::info!(
-        datagrams_received = Metrics::get(&metrics.datagrams_received),
-        datagrams_replayed = Metrics::get(&metrics.datagrams_replayed),
-        datagrams_duplicate = Metrics::get(&metrics.datagrams_duplicate),
-        replay_errors = Metrics::get(&metrics.replay_errors),
-        replay_queue_drops = Metrics::get(&metrics.replay_queue_drops),
-        connections_accepted = Metrics::get(&metrics.connections_accepted),
-        handshakes_refused = Metrics::get(&metrics.handshakes_refused),
-        protocol_errors = Metrics::get(&metrics.protocol_errors),
+        datagrams_received = metrics.datagrams_received.get(),
+        datagrams_replayed = metrics.datagrams_replayed(),
+        datagrams_duplicate = metrics.datagrams_duplicate.get(),
+        replay_errors = metrics.replay_errors(),
+        replay_queue_drops = metrics.replay_queue_drops(),
+        connections_accepted = metrics.connections_accepted(),
+        handshakes_refused = metrics.handshakes_refused(),
+        protocol_errors = metrics.protocol_errors.get(),
         "sink stopped"
     );
+    observing.cancel();
     Ok(())
 }

@@ -19,19 +19,13 @@ fn main() -> ExitCode {
         Err(e) => return cli::usage(PROGRAM, &e),
     };
     let rt = tokio::runtime::Runtime::new().expect("start tokio runtime");
+    let metrics = Arc::new(Metrics::new(config.observe.sflow_max_streams()));
     rt.block_on(async {
         let listeners = match relay_sink::bind(&config) {
             Ok(listeners) => listeners,
             Err(e) => return cli::fail(PROGRAM, &e),
         };
-        match relay_sink::run(
-            config,
-            listeners,
-            Arc::new(Metrics::default()),
-            runtime::shutdown::signal(),
-        )
-        .await
-        {
+        match relay_sink::run(config, listeners, metrics, runtime::shutdown::signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => cli::fail(PROGRAM, &e),
         }

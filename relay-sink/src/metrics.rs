@@ -1,41 +1,274 @@
-//! The sink's counters: plain atomics bumped on the hot path, read for logs and by tests.
+//! The sink's metrics: Prometheus families registered once at start, and the handles the hot
+//! path bumps (an atomic add each; no name or label lookup per datagram).
+//!
+//! Names are `relay_sink_*`, units in the names, `_total` on counters; the README's "Metrics"
+//! section lists every one. Labels: `transport` (2 values), `reason` (a fixed list),
+//! `destination` (the configured `--forward` addresses) and `agent` (the names in the agents'
+//! certificates, as many as the CA has issued and that connect).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry};
+use runtime::accounting::SflowAccounting;
+use runtime::observe::{counter, counter_vec, float_gauge_vec, gauge, gauge_vec};
 
-/// Counters of one sink process. Shared as `Arc<Metrics>`.
-#[derive(Debug, Default)]
+use crate::ingress::{RefusalKind, Transport};
+
+/// The sink's metrics. Shared as `Arc<Metrics>`.
+#[derive(Debug)]
 pub struct Metrics {
-    /// Agent connections that completed the mutual-TLS handshake.
-    pub connections_accepted: AtomicU64,
-    /// Handshakes refused or failed (wrong CA, no certificate, wrong usage, timeout).
-    pub handshakes_refused: AtomicU64,
+    registry: Registry,
+    accepted: [IntCounter; 2],
+    refused: [IntCounter; RefusalKind::ALL.len()],
+    /// Agent connections open now.
+    pub agents_connected: IntGauge,
     /// Batches received from agents.
-    pub batches_received: AtomicU64,
+    pub batches_received: IntCounter,
     /// Datagrams received from agents.
-    pub datagrams_received: AtomicU64,
+    pub datagrams_received: IntCounter,
+    /// Datagram payload bytes received from agents.
+    pub bytes_received: IntCounter,
     /// Batches an agent sent again that had already been replayed (dropped, acknowledged).
-    pub batches_duplicate: AtomicU64,
+    pub batches_duplicate: IntCounter,
     /// Datagrams in those batches.
-    pub datagrams_duplicate: AtomicU64,
-    /// Datagrams sent to a destination (counted once per destination).
-    pub datagrams_replayed: AtomicU64,
-    /// Datagrams a destination's socket refused (port closed, unreachable, too large).
-    pub replay_errors: AtomicU64,
-    /// Datagrams dropped because a destination's queue was full.
-    pub replay_queue_drops: AtomicU64,
+    pub datagrams_duplicate: IntCounter,
     /// Connections closed for a protocol violation (oversized or malformed frame).
-    pub protocol_errors: AtomicU64,
+    pub protocol_errors: IntCounter,
+    replayed: IntCounterVec,
+    bytes_replayed: IntCounterVec,
+    dropped: IntCounterVec,
+    agent_connections: IntGaugeVec,
+    agent_datagrams: IntCounterVec,
+    agent_bytes: IntCounterVec,
+    /// Seconds until each connected agent's certificate expires, by `agent`.
+    pub agent_certificate_expiry: GaugeVec,
+    /// Seconds until the sink's own certificate expires.
+    pub certificate_expiry: prometheus::Gauge,
+    /// Sequence-gap accounting of the sFlow replayed (loss before and inside the relay).
+    pub sflow: SflowAccounting,
+}
+
+/// The handles of one replay destination's series.
+#[derive(Debug, Clone)]
+pub struct DestinationMetrics {
+    /// Datagrams sent to the destination.
+    pub replayed: IntCounter,
+    /// Their bytes.
+    pub bytes: IntCounter,
+    /// Datagrams the destination's socket refused (port closed, unreachable, too large).
+    pub errors: IntCounter,
+    /// Datagrams dropped because the destination's queue stayed full.
+    pub queue_drops: IntCounter,
+}
+
+/// The handles of one agent identity's series (shared by its connections).
+#[derive(Debug, Clone)]
+pub struct AgentMetrics {
+    /// Connections of this agent open now.
+    pub connections: IntGauge,
+    /// Datagrams received from it.
+    pub datagrams: IntCounter,
+    /// Their payload bytes.
+    pub bytes: IntCounter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new(runtime::observe::DEFAULT_SFLOW_MAX_STREAMS)
+    }
 }
 
 impl Metrics {
-    /// Adds `n` to `counter`.
-    #[inline]
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
+    /// Registers every family in a registry of its own; follows at most `sflow_max_streams`
+    /// sFlow streams one by one.
+    pub fn new(sflow_max_streams: usize) -> Self {
+        let r = Registry::new();
+        let accepted = counter_vec(
+            &r,
+            "relay_sink_connections_accepted_total",
+            "Agent connections that completed the mutual-TLS handshake, by transport.",
+            &["transport"],
+        );
+        let refused = counter_vec(
+            &r,
+            "relay_sink_handshakes_refused_total",
+            "Handshakes refused or failed, by reason (no_certificate, unknown_issuer, bad_signature, wrong_usage, expired, timeout, other).",
+            &["reason"],
+        );
+        Self {
+            accepted: [Transport::Quic, Transport::Grpc]
+                .map(|t| accepted.with_label_values(&[t.as_str()])),
+            refused: RefusalKind::ALL.map(|k| refused.with_label_values(&[k.as_str()])),
+            agents_connected: gauge(
+                &r,
+                "relay_sink_agents_connected",
+                "Agent connections open now.",
+            ),
+            batches_received: counter(
+                &r,
+                "relay_sink_batches_received_total",
+                "Batches received from agents (duplicates included).",
+            ),
+            datagrams_received: counter(
+                &r,
+                "relay_sink_datagrams_received_total",
+                "Datagrams received from agents (duplicates included).",
+            ),
+            bytes_received: counter(
+                &r,
+                "relay_sink_bytes_received_total",
+                "Datagram payload bytes received from agents (duplicates included).",
+            ),
+            batches_duplicate: counter(
+                &r,
+                "relay_sink_batches_duplicate_total",
+                "Batches an agent sent again that had already been replayed: acknowledged, not replayed again.",
+            ),
+            datagrams_duplicate: counter(
+                &r,
+                "relay_sink_datagrams_duplicate_total",
+                "Datagrams in the duplicate batches.",
+            ),
+            protocol_errors: counter(
+                &r,
+                "relay_sink_protocol_errors_total",
+                "Agent streams ended for a protocol violation (oversized or malformed frame).",
+            ),
+            replayed: counter_vec(
+                &r,
+                "relay_sink_datagrams_replayed_total",
+                "Datagrams sent to a destination (each destination counts its own).",
+                &["destination"],
+            ),
+            bytes_replayed: counter_vec(
+                &r,
+                "relay_sink_bytes_replayed_total",
+                "Datagram bytes sent to a destination.",
+                &["destination"],
+            ),
+            dropped: counter_vec(
+                &r,
+                "relay_sink_datagrams_dropped_total",
+                "Datagrams not replayed to a destination, by reason (queue_full, destination_error).",
+                &["destination", "reason"],
+            ),
+            agent_connections: gauge_vec(
+                &r,
+                "relay_sink_agent_connections",
+                "Connections open now, by agent (the name in its certificate).",
+                &["agent"],
+            ),
+            agent_datagrams: counter_vec(
+                &r,
+                "relay_sink_agent_datagrams_received_total",
+                "Datagrams received, by agent (duplicates included).",
+                &["agent"],
+            ),
+            agent_bytes: counter_vec(
+                &r,
+                "relay_sink_agent_bytes_received_total",
+                "Datagram payload bytes received, by agent (duplicates included).",
+                &["agent"],
+            ),
+            agent_certificate_expiry: float_gauge_vec(
+                &r,
+                "relay_sink_agent_certificate_expiry_seconds",
+                "Seconds until the certificate of a connected agent expires (the soonest of its connections).",
+                &["agent"],
+            ),
+            certificate_expiry: runtime::observe::float_gauge(
+                &r,
+                "relay_sink_certificate_expiry_seconds",
+                "Seconds until the sink's own certificate expires (negative once expired).",
+            ),
+            sflow: SflowAccounting::new(&r, "relay_sink", sflow_max_streams),
+            registry: r,
+        }
     }
 
-    /// Reads `counter`.
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
+    /// The registry to gather from.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The counter of connections accepted over `transport`.
+    pub(crate) fn accepted(&self, transport: Transport) -> &IntCounter {
+        &self.accepted[usize::from(transport == Transport::Grpc)]
+    }
+
+    /// The counter of handshakes refused for `kind`.
+    pub(crate) fn refused(&self, kind: RefusalKind) -> &IntCounter {
+        let i = RefusalKind::ALL
+            .iter()
+            .position(|&k| k == kind)
+            .unwrap_or(0);
+        &self.refused[i]
+    }
+
+    /// Connections accepted, both transports.
+    pub fn connections_accepted(&self) -> u64 {
+        self.accepted.iter().map(IntCounter::get).sum()
+    }
+
+    /// Handshakes refused, all reasons.
+    pub fn handshakes_refused(&self) -> u64 {
+        self.refused.iter().map(IntCounter::get).sum()
+    }
+
+    /// The handles of one destination's series, created (at 0) now.
+    pub fn for_destination(&self, destination: &str) -> DestinationMetrics {
+        DestinationMetrics {
+            replayed: self.replayed.with_label_values(&[destination]),
+            bytes: self.bytes_replayed.with_label_values(&[destination]),
+            errors: self
+                .dropped
+                .with_label_values(&[destination, "destination_error"]),
+            queue_drops: self.dropped.with_label_values(&[destination, "queue_full"]),
+        }
+    }
+
+    /// The handles of one agent's series (created at first use, then shared).
+    pub fn for_agent(&self, agent: &str) -> AgentMetrics {
+        AgentMetrics {
+            connections: self.agent_connections.with_label_values(&[agent]),
+            datagrams: self.agent_datagrams.with_label_values(&[agent]),
+            bytes: self.agent_bytes.with_label_values(&[agent]),
+        }
+    }
+
+    /// Datagrams replayed, all destinations together.
+    pub fn datagrams_replayed(&self) -> u64 {
+        runtime::observe::sum(&self.replayed, None)
+    }
+
+    /// Datagrams a destination refused, all destinations together.
+    pub fn replay_errors(&self) -> u64 {
+        runtime::observe::sum(&self.dropped, Some(("reason", "destination_error")))
+    }
+
+    /// Datagrams dropped at full destination queues, all destinations together.
+    pub fn replay_queue_drops(&self) -> u64 {
+        runtime::observe::sum(&self.dropped, Some(("reason", "queue_full")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_add_up_over_destinations() {
+        let metrics = Metrics::default();
+        let a = metrics.for_destination("127.0.0.1:6343");
+        let b = metrics.for_destination("127.0.0.1:6344");
+        a.replayed.inc_by(3);
+        b.replayed.inc_by(4);
+        a.errors.inc();
+        b.queue_drops.inc_by(2);
+        assert_eq!(metrics.datagrams_replayed(), 7);
+        assert_eq!(metrics.replay_errors(), 1);
+        assert_eq!(metrics.replay_queue_drops(), 2);
+        metrics.accepted(Transport::Grpc).inc();
+        metrics.refused(RefusalKind::Timeout).inc();
+        assert_eq!(metrics.connections_accepted(), 1);
+        assert_eq!(metrics.handshakes_refused(), 1);
     }
 }

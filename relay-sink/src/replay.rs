@@ -34,7 +34,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::metrics::Metrics;
+use crate::metrics::{DestinationMetrics, Metrics};
 
 /// How long a batch waits for room in a destination's queue before that destination drops
 /// it: far longer than a paced destination needs to make room, far shorter than an agent's
@@ -45,13 +45,13 @@ pub const SUBMIT_WAIT: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct Replay {
     destinations: Vec<Destination>,
-    metrics: Arc<Metrics>,
 }
 
 #[derive(Debug)]
 struct Destination {
     addr: SocketAddr,
     queue: mpsc::Sender<Arc<Replaying>>,
+    metrics: DestinationMetrics,
     full: RateLimit,
     behind: RateLimit,
 }
@@ -136,7 +136,8 @@ impl Replay {
                 .await
                 .map_err(|e| crate::Error::Destination(target.clone(), e.to_string()))?;
             let (tx, rx) = mpsc::channel(queue);
-            tasks.spawn(send_loop(addr, socket, rx, pace, metrics.clone()));
+            let dest_metrics = metrics.for_destination(target);
+            tasks.spawn(send_loop(addr, socket, rx, pace, dest_metrics.clone()));
             tracing::info!(
                 destination = %addr,
                 max_pps = pace.max_pps,
@@ -146,14 +147,12 @@ impl Replay {
             destinations.push(Destination {
                 addr,
                 queue: tx,
+                metrics: dest_metrics,
                 full: RateLimit::new(Duration::from_secs(10)),
                 behind: RateLimit::new(Duration::from_secs(60)),
             });
         }
-        Ok(Self {
-            destinations,
-            metrics,
-        })
+        Ok(Self { destinations })
     }
 
     /// Queues `batch` for every destination. A full queue is waited on (the agents' windows
@@ -187,7 +186,7 @@ impl Replay {
             if !queued {
                 replaying.finish_one();
                 let n = replaying.batch.datagrams.len() as u64;
-                Metrics::add(&self.metrics.replay_queue_drops, n);
+                dest.metrics.queue_drops.inc_by(n);
                 if let Some(more) = dest.full.check() {
                     tracing::warn!(
                         destination = %dest.addr,
@@ -264,7 +263,7 @@ async fn send_loop(
     socket: UdpSocket,
     mut queue: mpsc::Receiver<Arc<Replaying>>,
     pace: Pace,
-    metrics: Arc<Metrics>,
+    metrics: DestinationMetrics,
 ) {
     let errors = RateLimit::new(Duration::from_secs(10));
     let mut bucket = (pace.max_pps > 0 || pace.max_bps > 0).then(|| Bucket::new(pace));
@@ -274,9 +273,12 @@ async fn send_loop(
                 bucket.take(datagram.payload.len()).await;
             }
             match socket.send(&datagram.payload).await {
-                Ok(_) => Metrics::add(&metrics.datagrams_replayed, 1),
+                Ok(_) => {
+                    metrics.replayed.inc();
+                    metrics.bytes.inc_by(datagram.payload.len() as u64);
+                }
                 Err(error) => {
-                    Metrics::add(&metrics.replay_errors, 1);
+                    metrics.errors.inc();
                     if let Some(more) = errors.check() {
                         tracing::warn!(
                             destination = %addr,

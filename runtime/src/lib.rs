@@ -13,12 +13,16 @@
 //!   control, GSO) and the stateless-reset key.
 //! - [`ssh_hex`] — the `--ssh-hex` mode, compatible with the `sflow_fwd.py | ssh` pipe.
 //! - [`ratelimit`] — logging a recurring event at most once per interval.
+//! - [`accounting`] — sFlow sequence-gap accounting, per sFlow stream, as Prometheus series.
+//! - [`observe`] — the `/metrics`, `/healthz`, `/readyz` endpoint, and metric registration.
 //!
 //! The wire format lives in `relay-proto` and the TLS policy in `relay-certs`, not here.
 
+pub mod accounting;
 pub mod cli;
 pub mod config;
 pub mod grpc;
+pub mod observe;
 pub mod quic;
 pub mod ratelimit;
 pub mod shutdown;

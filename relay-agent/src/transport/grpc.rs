@@ -29,7 +29,6 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use super::{Acked, MAX_ACK_LEN, acknowledged, explain, resolve};
 use crate::backlog::Record;
 use crate::config::SinkConfig;
-use crate::metrics::SinkMetrics;
 
 /// Frames handed to the call and not yet taken by HTTP/2: a little slack, no more (what is
 /// here is "in flight" and lost if the connection breaks).
@@ -41,7 +40,6 @@ pub(crate) struct Connector {
     tls: TlsConnector,
     server_name: ServerName<'static>,
     options: GrpcOptions,
-    metrics: Arc<SinkMetrics>,
 }
 
 impl Connector {
@@ -50,7 +48,6 @@ impl Connector {
         sink: SinkConfig,
         tls: tokio_rustls::rustls::ClientConfig,
         options: GrpcOptions,
-        metrics: Arc<SinkMetrics>,
     ) -> Result<Self, String> {
         let server_name = ServerName::try_from(sink.server_name.clone())
             .map_err(|e| format!("server name {:?}: {e}", sink.server_name))?;
@@ -59,7 +56,6 @@ impl Connector {
             tls: TlsConnector::from(Arc::new(tls)),
             server_name,
             options,
-            metrics,
         })
     }
 
@@ -132,11 +128,10 @@ impl Connector {
         let mut acks = response.into_inner();
         let (acked_tx, acked) = watch::channel(Acked::default());
         let (ended_tx, ended) = watch::channel(None);
-        let metrics = self.metrics.clone();
         tokio::spawn(async move {
             let reason = loop {
                 match acks.message().await {
-                    Ok(Some(ack)) => acknowledged(&metrics, &acked_tx, &ack),
+                    Ok(Some(ack)) => acknowledged(&acked_tx, &ack),
                     Ok(None) => break "the sink ended the call".to_owned(),
                     Err(status) => break describe(&status),
                 }

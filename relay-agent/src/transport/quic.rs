@@ -47,10 +47,12 @@ impl Connector {
             .map_err(|e| explain(&self.sink, &e.to_string()))?;
         let (acked_tx, acked) = watch::channel(Acked::default());
         let metrics = self.metrics.clone();
+        let rtt_of = connection.clone();
         tokio::spawn(async move {
             let mut reader = FrameReader::new(recv, MAX_ACK_LEN);
             while let Ok(Some(ack)) = reader.next::<pb::Ack>().await {
-                acknowledged(&metrics, &acked_tx, &ack);
+                acknowledged(&acked_tx, &ack);
+                metrics.rtt.set(rtt_of.rtt().as_secs_f64());
             }
         });
         Ok(super::Session::Quic(Session {

@@ -32,6 +32,7 @@ use tracing::Instrument;
 
 use crate::Shared;
 use crate::ingress::{self, Transport};
+use crate::status::Registered;
 
 const GRPC: Transport = Transport::Grpc;
 
@@ -145,18 +146,20 @@ async fn handshake(
         },
         () = token.cancelled() => return,
     };
-    let agent: Arc<str> = tls
-        .get_ref()
-        .1
-        .peer_certificates()
+    let chain = tls.get_ref().1.peer_certificates();
+    let agent: Arc<str> = chain
         .and_then(certs::load::peer_name)
         .unwrap_or_else(|| "unnamed".into())
         .into();
-    crate::Metrics::add(&shared.metrics.connections_accepted, 1);
+    let registered = Arc::new(shared.agents.connect(agent.clone(), remote, GRPC, chain));
     tracing::info!(%agent, %remote, transport = "grpc", "agent connected");
     let io = AgentIo {
         tls,
-        peer: Peer { agent, remote },
+        peer: Peer {
+            agent,
+            remote,
+            registered,
+        },
     };
     // Fails only when the server has stopped: the connection is then dropped (and logged).
     let _ = connections.send(io).await;
@@ -167,6 +170,8 @@ async fn handshake(
 struct Peer {
     agent: Arc<str>,
     remote: SocketAddr,
+    /// Its place among the connected agents, while any part of the connection lives.
+    registered: Arc<Registered>,
 }
 
 /// An authenticated agent connection: the TLS stream plus who it is. Dropped when the
@@ -283,7 +288,7 @@ async fn relay(
         };
         match next {
             Ok(Some(batch)) => {
-                let delivery = ingress::deliver(&shared, &peer.agent, batch).await;
+                let delivery = ingress::deliver(&shared, &peer.registered, batch).await;
                 if pending.send(delivery).await.is_err() {
                     break None;
                 }

@@ -21,6 +21,7 @@ use tracing::Instrument;
 
 use crate::Shared;
 use crate::ingress::{self, Transport};
+use crate::status::Registered;
 
 const QUIC: Transport = Transport::Quic;
 
@@ -54,8 +55,20 @@ async fn handle(incoming: Incoming, shared: Arc<Shared>, token: CancellationToke
         Ok(Err(error)) => return ingress::refused(&shared, QUIC, remote, &error.to_string()),
         Err(_) => return ingress::timed_out(&shared, QUIC, remote),
     };
-    let agent = agent_name(&connection);
-    crate::Metrics::add(&shared.metrics.connections_accepted, 1);
+    let chain = connection
+        .peer_identity()
+        .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok());
+    let agent: Arc<str> = chain
+        .as_deref()
+        .and_then(|chain| certs::load::peer_name(chain))
+        .unwrap_or_else(|| "unnamed".into())
+        .into();
+    let registered = Arc::new(shared.agents.connect(
+        agent.clone(),
+        remote,
+        QUIC,
+        chain.as_deref().map(Vec::as_slice),
+    ));
     tracing::info!(%agent, %remote, transport = "quic", "agent connected");
     let streams = TaskTracker::new();
     let reason = loop {
@@ -69,7 +82,7 @@ async fn handle(incoming: Incoming, shared: Arc<Shared>, token: CancellationToke
                     send,
                     recv,
                     connection.clone(),
-                    agent.clone(),
+                    registered.clone(),
                     remote,
                     shared.clone(),
                     token.clone(),
@@ -87,15 +100,6 @@ async fn handle(incoming: Incoming, shared: Arc<Shared>, token: CancellationToke
     tracing::info!(%agent, %remote, transport = "quic", %reason, "agent disconnected");
 }
 
-/// The agent's name from its certificate (already verified by rustls).
-fn agent_name(connection: &Connection) -> String {
-    connection
-        .peer_identity()
-        .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
-        .and_then(|chain| certs::load::peer_name(&chain))
-        .unwrap_or_else(|| "unnamed".into())
-}
-
 /// Acknowledgements waiting for their batch's replay, per stream: enough to keep an agent's
 /// window of batches moving, bounded so a stalled destination slows the agent down.
 const ACKS_PENDING: usize = 1024;
@@ -104,11 +108,12 @@ async fn stream(
     send: SendStream,
     recv: RecvStream,
     connection: Connection,
-    agent: String,
+    registered: Arc<Registered>,
     remote: SocketAddr,
     shared: Arc<Shared>,
     token: CancellationToken,
 ) {
+    let agent = registered.agent.clone();
     let mut reader = FrameReader::new(recv, shared.config.max_frame_bytes);
     let (pending, acks) = mpsc::channel(ACKS_PENDING);
     let acker = tokio::spawn(acknowledge(send, acks, agent.clone()));
@@ -134,7 +139,7 @@ async fn stream(
             }
         };
         if pending
-            .send(ingress::deliver(&shared, &agent, batch).await)
+            .send(ingress::deliver(&shared, &registered, batch).await)
             .await
             .is_err()
         {
@@ -150,7 +155,7 @@ async fn stream(
 async fn acknowledge(
     mut send: SendStream,
     mut pending: mpsc::Receiver<ingress::Delivery>,
-    agent: String,
+    agent: Arc<str>,
 ) {
     let mut frame = BytesMut::with_capacity(32);
     while let Some(delivery) = pending.recv().await {

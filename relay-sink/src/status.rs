@@ -1,0 +1,232 @@
+//! What the sink tells about itself on `--metrics-listen`: which agents are connected
+//! (`/agents`, JSON), whether it is ready, and the values brought up to date at each scrape
+//! (certificate expiry). The counters themselves live in [`crate::metrics`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prometheus::Registry;
+use rustls::pki_types::CertificateDer;
+use serde_json::json;
+
+use crate::ingress::Transport;
+use crate::metrics::{AgentMetrics, Metrics};
+
+/// The agent connections open now, and what each has sent.
+#[derive(Debug)]
+pub(crate) struct Agents {
+    metrics: Arc<Metrics>,
+    next_id: AtomicU64,
+    live: Mutex<BTreeMap<u64, Arc<Connection>>>,
+    handles: Mutex<HashMap<Arc<str>, AgentMetrics>>,
+}
+
+/// One agent connection.
+#[derive(Debug)]
+pub(crate) struct Connection {
+    /// The name in the agent's certificate.
+    pub(crate) agent: Arc<str>,
+    remote: SocketAddr,
+    transport: Transport,
+    since: SystemTime,
+    /// When the agent's certificate expires, Unix seconds.
+    certificate_not_after: Option<i64>,
+    datagrams: AtomicU64,
+    bytes: AtomicU64,
+    last_seen_ms: AtomicU64,
+    handles: AgentMetrics,
+}
+
+impl Connection {
+    /// Counts a batch received on this connection.
+    pub(crate) fn received(&self, datagrams: u64, bytes: u64) {
+        self.datagrams.fetch_add(datagrams, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.last_seen_ms
+            .store(unix_ms(SystemTime::now()), Ordering::Relaxed);
+        self.handles.datagrams.inc_by(datagrams);
+        self.handles.bytes.inc_by(bytes);
+    }
+}
+
+/// An open connection's place in [`Agents`]; dropping it removes the connection.
+#[derive(Debug)]
+pub(crate) struct Registered {
+    id: u64,
+    connection: Arc<Connection>,
+    agents: Arc<Agents>,
+}
+
+impl std::ops::Deref for Registered {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        &self.connection
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.agents.lock().remove(&self.id);
+        self.connection.handles.connections.dec();
+        self.agents.metrics.agents_connected.dec();
+    }
+}
+
+impl Agents {
+    pub(crate) fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            metrics,
+            next_id: AtomicU64::new(1),
+            live: Mutex::default(),
+            handles: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<Connection>>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a connection that completed the handshake; `chain` is the certificate chain
+    /// it presented.
+    pub(crate) fn connect(
+        self: &Arc<Self>,
+        agent: Arc<str>,
+        remote: SocketAddr,
+        transport: Transport,
+        chain: Option<&[CertificateDer<'_>]>,
+    ) -> Registered {
+        let handles = self
+            .handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(agent.clone())
+            .or_insert_with(|| self.metrics.for_agent(&agent))
+            .clone();
+        handles.connections.inc();
+        self.metrics.accepted(transport).inc();
+        self.metrics.agents_connected.inc();
+        let certificate_not_after = chain
+            .and_then(|chain| chain.first())
+            .and_then(|leaf| certs::CertInfo::from_der(leaf).ok())
+            .map(|info| info.not_after.unix_timestamp());
+        let now = SystemTime::now();
+        let connection = Arc::new(Connection {
+            agent,
+            remote,
+            transport,
+            since: now,
+            certificate_not_after,
+            datagrams: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            last_seen_ms: AtomicU64::new(unix_ms(now)),
+            handles,
+        });
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(id, connection.clone());
+        Registered {
+            id,
+            connection,
+            agents: self.clone(),
+        }
+    }
+
+    /// The `/agents` page: one object per open connection, oldest first.
+    pub(crate) fn page(&self) -> serde_json::Value {
+        let live = self.lock();
+        let list: Vec<_> = live
+            .values()
+            .map(|c| {
+                json!({
+                    "agent": &*c.agent,
+                    "remote": c.remote.to_string(),
+                    "transport": c.transport.as_str(),
+                    "connected_since": rfc3339(c.since),
+                    "datagrams": c.datagrams.load(Ordering::Relaxed),
+                    "bytes": c.bytes.load(Ordering::Relaxed),
+                    "last_seen": rfc3339(UNIX_EPOCH + std::time::Duration::from_millis(c.last_seen_ms.load(Ordering::Relaxed))),
+                    "certificate_expires": c.certificate_not_after.and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok()).and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()),
+                })
+            })
+            .collect();
+        serde_json::Value::Array(list)
+    }
+
+    /// Sets each connected agent's certificate expiry series (the soonest of its
+    /// connections), and removes those of agents no longer connected.
+    fn refresh(&self) {
+        let now = unix_ms(SystemTime::now()) as f64 / 1000.0;
+        let mut soonest: HashMap<Arc<str>, i64> = HashMap::new();
+        for c in self.lock().values() {
+            if let Some(t) = c.certificate_not_after {
+                let e = soonest.entry(c.agent.clone()).or_insert(t);
+                *e = (*e).min(t);
+            }
+        }
+        let family = &self.metrics.agent_certificate_expiry;
+        for agent in self
+            .handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+        {
+            match soonest.get(agent) {
+                Some(&t) => family.with_label_values(&[agent]).set(t as f64 - now),
+                None => {
+                    let _ = family.remove_label_values(&[agent]);
+                }
+            }
+        }
+    }
+}
+
+/// The sink as its observability endpoint sees it.
+#[derive(Debug)]
+pub(crate) struct SinkStatus {
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) agents: Arc<Agents>,
+    /// Listening, and the destination sockets open; false again once shutting down.
+    pub(crate) ready: AtomicBool,
+    /// When the certificate in use expires, Unix seconds.
+    pub(crate) certificate_not_after: AtomicI64,
+}
+
+impl runtime::observe::Status for SinkStatus {
+    fn registry(&self) -> &Registry {
+        self.metrics.registry()
+    }
+
+    fn refresh(&self) {
+        let now = unix_ms(SystemTime::now()) as f64 / 1000.0;
+        self.metrics
+            .certificate_expiry
+            .set(self.certificate_not_after.load(Ordering::Relaxed) as f64 - now);
+        self.agents.refresh();
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        if self.ready.load(Ordering::Relaxed) {
+            Ok(())
+        } else {
+            Err("starting or shutting down".into())
+        }
+    }
+
+    fn page(&self, path: &str) -> Option<serde_json::Value> {
+        (path == "/agents").then(|| self.agents.page())
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn rfc3339(t: SystemTime) -> Option<String> {
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .ok()
+}
