@@ -3,13 +3,16 @@
 //! On first run it makes a throwaway CA, a sink certificate for `localhost`/127.0.0.1 and an
 //! agent certificate in `--dir`; then it runs a sink on loopback and an agent that sends to it,
 //! both in this process, over real QUIC with mutual TLS. sFlow sent to the agent's UDP port is
-//! replayed to `--forward`. Every few seconds it reports what it received and replayed.
+//! replayed to `--forward`. On a terminal a status line shows, every second, datagrams per
+//! second in and out, drops and the transport in use; elsewhere (a log file) a line is
+//! printed every `--report-every` when something changed.
 //! Production runs the two binaries apart; see the README.
 
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use certs::store::{self, Secrecy};
 use certs::{Ca, Leaf, Role};
@@ -30,7 +33,8 @@ pub struct DemoArgs {
     /// Where the sink replays datagrams (e.g. sFlow-RT or sflowtool).
     #[arg(long, default_value = "127.0.0.1:6344")]
     pub forward: String,
-    /// Report interval.
+    /// Report interval when standard output is not a terminal (on a terminal the status line
+    /// is redrawn every second).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub report_every: Duration,
 }
@@ -104,27 +108,34 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         })
     };
 
-    let mut ticker = tokio::time::interval(args.report_every);
-    let mut last = (u64::MAX, u64::MAX);
+    let live = std::io::stdout().is_terminal();
+    let mut ticker = tokio::time::interval(if live {
+        Duration::from_secs(1)
+    } else {
+        args.report_every
+    });
+    let mut last = Totals::default();
     let shutdown = runtime::shutdown::signal();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = ticker.tick() => {
-                let now = (
-                    agent_metrics.datagrams_received.get(),
-                    sink_metrics.datagrams_replayed(),
-                );
-                if now != last {
-                    println!(
-                        "demo: {} datagrams received on {}, {} replayed to {}",
-                        now.0, listen, now.1, args.forward
-                    );
-                    last = now;
+                let now = Totals::read(&agent_metrics, &sink_metrics);
+                let line = now.status(&last);
+                if live {
+                    // Redraw one line in place.
+                    print!("\r\x1b[2K{line}");
+                    let _ = std::io::stdout().flush();
+                } else if now.received != last.received || now.replayed != last.replayed {
+                    println!("demo: {line}");
                 }
+                last = now;
             }
             () = &mut shutdown => break,
         }
+    }
+    if live {
+        println!();
     }
     // Agent first, so what it holds reaches the sink; then the sink finishes its replay.
     stop_agent.cancel();
@@ -143,6 +154,82 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         sink_metrics.datagrams_replayed()
     );
     Ok(())
+}
+
+/// What the status line is made of.
+#[derive(Debug, Clone, Copy)]
+struct Totals {
+    at: Instant,
+    received: u64,
+    replayed: u64,
+    dropped: u64,
+    transport: &'static str,
+}
+
+impl Default for Totals {
+    fn default() -> Self {
+        Self {
+            at: Instant::now(),
+            received: 0,
+            replayed: 0,
+            dropped: 0,
+            transport: "down",
+        }
+    }
+}
+
+impl Totals {
+    fn read(agent: &crate::Metrics, sink: &sink::Metrics) -> Self {
+        let agent_side = agent.registry().gather();
+        let sum = |name: &str| -> f64 {
+            agent_side
+                .iter()
+                .filter(|f| f.name() == name)
+                .flat_map(|f| f.get_metric())
+                .map(|m| m.get_counter().get_value())
+                .sum()
+        };
+        let in_use = |transport: &str| {
+            agent_side
+                .iter()
+                .filter(|f| f.name() == "relay_agent_transport")
+                .flat_map(|f| f.get_metric())
+                .any(|m| {
+                    m.get_gauge().get_value() == 1.0
+                        && m.get_label().iter().any(|l| l.value() == transport)
+                })
+        };
+        Self {
+            at: Instant::now(),
+            received: agent.datagrams_received.get(),
+            replayed: sink.datagrams_replayed(),
+            dropped: sum("relay_agent_datagrams_dropped_total") as u64
+                + sink.replay_errors()
+                + sink.replay_queue_drops(),
+            transport: if in_use("quic") {
+                "QUIC"
+            } else if in_use("grpc") {
+                "gRPC"
+            } else {
+                "down"
+            },
+        }
+    }
+
+    /// `in 1200/s  out 1200/s  dropped 0  (total in 36000, out 36000)  link QUIC`
+    fn status(&self, before: &Self) -> String {
+        let seconds = self.at.duration_since(before.at).as_secs_f64().max(0.001);
+        let rate = |now: u64, then: u64| (now.saturating_sub(then) as f64 / seconds).round();
+        format!(
+            "in {:.0}/s  out {:.0}/s  dropped {}  (total in {}, out {})  link {}",
+            rate(self.received, before.received),
+            rate(self.replayed, before.replayed),
+            self.dropped,
+            self.received,
+            self.replayed,
+            self.transport
+        )
+    }
 }
 
 /// Makes the demo PKI unless it is there already.

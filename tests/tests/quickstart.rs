@@ -42,7 +42,11 @@ fn demo_relays_what_is_sent_to_it_and_reuses_its_certificates() {
             capture.len()
         );
         assert_eq!(capture.received(), sent);
-        demo.wait_for_line("demo: 500 datagrams received", WAIT);
+        let status = demo.wait_for_line("(total in 500, out 500)", WAIT);
+        assert!(
+            status.contains("dropped 0") && status.contains("link QUIC"),
+            "the status line tells drops and the transport: {status}"
+        );
         assert!(demo.terminate().success());
         assert!(
             demo.lines()
