@@ -8,6 +8,10 @@
 //!   [`rustls::ClientConfig`] (agent: the sink verified against the CA and the configured name).
 //! - [`inspect`] — read a certificate's subject, names, usage and validity, for `relay-certs
 //!   show` and for naming a peer in logs.
+//! - [`reload`] — re-read the three PEM files of an agent or sink (CA, certificate, key), check
+//!   them as a set and hand back what changed, for certificate rotation without a restart.
+//! - [`refusal`] — the subject of a refused client certificate, carried in the handshake
+//!   error's text so the sink can log who was refused ([`presented_subject`]).
 //! - [`store`] — writing PEM files (keys with mode 0600, no overwriting without `--force`).
 //!
 //! Nothing here opens a socket: the QUIC and gRPC layers take the configs built here.
@@ -16,11 +20,15 @@
 pub mod inspect;
 pub mod issue;
 pub mod load;
+pub mod refusal;
+pub mod reload;
 pub mod store;
 
 pub use inspect::CertInfo;
 pub use issue::{Ca, Issued, Leaf, Role};
 pub use load::{Identity, TrustAnchors, client_config, server_config};
+pub use refusal::presented_subject;
+pub use reload::{Loaded, Reloader, TlsFiles};
 
 use std::path::PathBuf;
 
@@ -44,6 +52,52 @@ pub enum Error {
     /// A certificate could not be parsed as X.509.
     #[error("invalid certificate: {0}")]
     InvalidCertificate(String),
+    /// A certificate file holds a certificate that cannot be used: not X.509, or not
+    /// acceptable as a trust anchor.
+    #[error("{origin}: unusable certificate: {reason}")]
+    UnusableCertificate {
+        /// The file (or other source) it came from.
+        origin: String,
+        /// Why, in the parser's words.
+        reason: String,
+    },
+    /// The private key is not the one the certificate was issued for.
+    #[error("{key} does not match certificate {cert}")]
+    KeyMismatch {
+        /// The key file.
+        key: String,
+        /// The certificate file.
+        cert: String,
+    },
+    /// The certificate's validity period has ended.
+    #[error("{origin}: certificate expired at {not_after}")]
+    Expired {
+        /// The certificate file.
+        origin: String,
+        /// Its end of validity (RFC 3339).
+        not_after: String,
+    },
+    /// The certificate's validity period has not begun (or the clock is wrong).
+    #[error("{origin}: certificate not valid before {not_before}")]
+    NotYetValid {
+        /// The certificate file.
+        origin: String,
+        /// Its start of validity (RFC 3339).
+        not_before: String,
+    },
+    /// The certificate does not chain to the CA, or is not for this role (a sink certificate
+    /// given to an agent, say).
+    #[error("{cert}: not a valid {role} certificate under the CA in {ca}: {reason}")]
+    Untrusted {
+        /// The certificate file.
+        cert: String,
+        /// The CA file.
+        ca: String,
+        /// `"agent"` or `"sink"`.
+        role: &'static str,
+        /// rustls's reason.
+        reason: String,
+    },
     /// rustls refused the configuration (for example a key that does not match the certificate).
     #[error("TLS configuration refused: {0}")]
     Tls(#[from] rustls::Error),

@@ -14,13 +14,15 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
+use rustls::sign::CertifiedKey;
+use rustls::{InconsistentKeys, RootCertStore};
 
-use crate::{CertInfo, Error};
+use crate::{CertInfo, Error, refusal};
 
 /// The crypto provider every config uses (ring).
 pub fn provider() -> Arc<CryptoProvider> {
@@ -50,9 +52,10 @@ impl Identity {
     ///
     /// # Errors
     ///
-    /// When a file cannot be read or holds no certificate or key.
+    /// When a file cannot be read or holds no certificate or key, or the key is not the
+    /// certificate's ([`Error::KeyMismatch`]).
     pub fn load(cert: &Path, key: &Path) -> Result<Self, Error> {
-        Self::from_pem(
+        Self::from_pem_bytes(
             &read(cert)?,
             &read(key)?,
             &cert.display().to_string(),
@@ -64,23 +67,50 @@ impl Identity {
     ///
     /// # Errors
     ///
-    /// When the text holds no certificate or key.
+    /// When the text holds no certificate or key, or the key is not the certificate's
+    /// ([`Error::KeyMismatch`]).
     pub fn from_pem(
         cert_pem: &str,
         key_pem: &str,
         cert_origin: &str,
         key_origin: &str,
     ) -> Result<Self, Error> {
-        let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        Self::from_pem_bytes(
+            cert_pem.as_bytes(),
+            key_pem.as_bytes(),
+            cert_origin,
+            key_origin,
+        )
+    }
+
+    pub(crate) fn from_pem_bytes(
+        cert_pem: &[u8],
+        key_pem: &[u8],
+        cert_origin: &str,
+        key_origin: &str,
+    ) -> Result<Self, Error> {
+        let chain = CertificateDer::pem_slice_iter(cert_pem)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|_| Error::NoCertificate(cert_origin.into()))?;
         let first = chain
             .first()
             .ok_or_else(|| Error::NoCertificate(cert_origin.into()))?;
-        let info = CertInfo::from_der(first)?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-            .map_err(|e| Error::NoPrivateKey(key_origin.into(), e.to_string()))?;
+        let info = CertInfo::from_der(first).map_err(|e| Error::UnusableCertificate {
+            origin: cert_origin.into(),
+            reason: match e {
+                Error::InvalidCertificate(reason) => reason,
+                other => other.to_string(),
+            },
+        })?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem)
+            .map_err(|e| Error::NoPrivateKey(key_origin.into(), pem_reason(&e)))?;
+        check_key(&chain, &key, cert_origin, key_origin)?;
         Ok(Self { chain, key, info })
+    }
+
+    /// The certificate chain, leaf first.
+    pub(crate) fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
     }
 
     /// What the leaf certificate says.
@@ -107,7 +137,7 @@ impl TrustAnchors {
     ///
     /// When the file cannot be read or holds no usable certificate.
     pub fn load(path: &Path) -> Result<Self, Error> {
-        Self::from_pem(&read(path)?, &path.display().to_string())
+        Self::from_pem_bytes(&read(path)?, &path.display().to_string())
     }
 
     /// The same from PEM text; `origin` names the source in errors.
@@ -116,10 +146,17 @@ impl TrustAnchors {
     ///
     /// When the text holds no usable certificate.
     pub fn from_pem(pem: &str, origin: &str) -> Result<Self, Error> {
+        Self::from_pem_bytes(pem.as_bytes(), origin)
+    }
+
+    pub(crate) fn from_pem_bytes(pem: &[u8], origin: &str) -> Result<Self, Error> {
         let mut roots = RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        for cert in CertificateDer::pem_slice_iter(pem) {
             let cert = cert.map_err(|_| Error::NoCertificate(origin.into()))?;
-            roots.add(cert)?;
+            roots.add(cert).map_err(|e| Error::UnusableCertificate {
+                origin: origin.into(),
+                reason: certificate_reason(&e),
+            })?;
         }
         if roots.is_empty() {
             return Err(Error::NoCertificate(origin.into()));
@@ -128,10 +165,18 @@ impl TrustAnchors {
             roots: Arc::new(roots),
         })
     }
+
+    pub(crate) fn roots(&self) -> Arc<RootCertStore> {
+        self.roots.clone()
+    }
 }
 
 /// The sink's TLS configuration: TLS 1.3, client certificates required and verified against
 /// `ca`, no early data, ALPN `alpn`.
+///
+/// A refused client certificate's subject is added to the handshake error's text; see
+/// [`refusal`](crate::refusal) for the format and [`presented_subject`](crate::presented_subject)
+/// to read it back.
 ///
 /// # Errors
 ///
@@ -141,12 +186,9 @@ pub fn server_config(
     identity: &Identity,
     alpn: &[u8],
 ) -> Result<rustls::ServerConfig, Error> {
-    let provider = provider();
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(ca.roots.clone(), provider.clone()).build()?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(client_verifier(ca)?)
         .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
     config.alpn_protocols = vec![alpn.to_vec()];
     config.max_early_data_size = 0;
@@ -179,8 +221,67 @@ pub fn peer_name(chain: &[CertificateDer<'_>]) -> Option<String> {
     info.name().map(str::to_owned)
 }
 
-fn read(path: &Path) -> Result<String, Error> {
-    std::fs::read_to_string(path).map_err(|source| Error::Read {
+/// The sink's client-certificate verifier: webpki against `ca`, a certificate required. The
+/// wrapper only adds the presented subject to a refusal's text ([`refusal`]); every decision is
+/// webpki's.
+pub(crate) fn client_verifier(ca: &TrustAnchors) -> Result<Arc<dyn ClientCertVerifier>, Error> {
+    let webpki =
+        WebPkiClientVerifier::builder_with_provider(ca.roots.clone(), provider()).build()?;
+    Ok(refusal::annotate(webpki))
+}
+
+/// Refuses a key that is not the certificate's. rustls would refuse it too, but later (when a
+/// config is built) and in words that name neither file.
+fn check_key(
+    chain: &[CertificateDer<'static>],
+    key: &PrivateKeyDer<'static>,
+    cert_origin: &str,
+    key_origin: &str,
+) -> Result<(), Error> {
+    let signing_key = provider()
+        .key_provider
+        .load_private_key(key.clone_key())
+        .map_err(|e| Error::NoPrivateKey(key_origin.into(), e.to_string()))?;
+    match CertifiedKey::new(chain.to_vec(), signing_key).keys_match() {
+        // `Unknown`: the key type cannot tell its public key (none of ring's); rustls accepts
+        // that too, and the handshake would still fail on a wrong key.
+        Ok(()) | Err(rustls::Error::InconsistentKeys(InconsistentKeys::Unknown)) => Ok(()),
+        Err(rustls::Error::InconsistentKeys(_)) => Err(Error::KeyMismatch {
+            key: key_origin.into(),
+            cert: cert_origin.into(),
+        }),
+        Err(e) => Err(Error::UnusableCertificate {
+            origin: cert_origin.into(),
+            reason: certificate_reason(&e),
+        }),
+    }
+}
+
+/// rustls's words for a certificate problem, without its "invalid peer certificate: " (the
+/// certificate in question is ours, from a file).
+pub(crate) fn certificate_reason(error: &rustls::Error) -> String {
+    match error {
+        rustls::Error::InvalidCertificate(e) => e.to_string(),
+        e => e.to_string(),
+    }
+}
+
+/// A PEM parse error in words (the parser writes the markers it missed as byte lists).
+fn pem_reason(error: &pem::Error) -> String {
+    match error {
+        pem::Error::MissingSectionEnd { end_marker } => format!(
+            "no \"-----END {}-----\" line (is the file complete?)",
+            String::from_utf8_lossy(end_marker)
+        ),
+        pem::Error::IllegalSectionStart { line } => {
+            format!("malformed line {:?}", String::from_utf8_lossy(line))
+        }
+        e => e.to_string(),
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|source| Error::Read {
         path: path.to_owned(),
         source,
     })
