@@ -155,7 +155,8 @@ impl fmt::Display for CertInfo {
     }
 }
 
-pub(crate) fn rfc3339(t: OffsetDateTime) -> String {
+/// A time as RFC 3339 text (`2026-11-27T00:00:00Z`), for logs.
+pub fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| t.to_string())
 }

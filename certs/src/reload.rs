@@ -107,6 +107,26 @@ impl Reloader {
         }
     }
 
+    /// Loads the set at start-up: checked in full, or, when the certificate does not chain to
+    /// the CA file (agents and sinks with CAs of their own), without the chain check, which
+    /// later reloads then skip too. The `bool` says whether the chain is checked.
+    ///
+    /// # Errors
+    ///
+    /// As [`force`](Self::force), for anything but the chain.
+    pub fn open(files: TlsFiles, role: Role) -> Result<(Self, Loaded, bool), Error> {
+        let mut reloader = Self::new(files.clone(), role);
+        match reloader.force() {
+            Ok(loaded) => Ok((reloader, loaded, true)),
+            Err(Error::Untrusted { .. }) => {
+                let mut reloader = Self::new(files, role).without_chain_check();
+                let loaded = reloader.force()?;
+                Ok((reloader, loaded, false))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Does not check that the certificate chains to the CA file (nor its usage), for
     /// deployments where this end's certificate is issued by another CA than the one it
     /// verifies its peers with. The key, the validity period and the parsing are still checked.

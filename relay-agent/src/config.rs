@@ -13,6 +13,7 @@ use clap::Parser;
 use runtime::grpc::GrpcOptions;
 use runtime::observe::ObserveOptions;
 use runtime::quic::QuicOptions;
+use runtime::reload::ReloadOptions;
 use runtime::ssh_hex::SshHexOptions;
 use runtime::telemetry::LogFormat;
 use serde::{Deserialize, Serialize};
@@ -250,6 +251,10 @@ pub struct Args {
 
     #[command(flatten)]
     #[serde(flatten)]
+    pub reload: ReloadOptions,
+
+    #[command(flatten)]
+    #[serde(flatten)]
     pub ssh_hex: SshHexOptions,
 }
 
@@ -389,6 +394,8 @@ pub struct Config {
     pub grpc: GrpcOptions,
     /// Metrics endpoint and sFlow accounting.
     pub observe: ObserveOptions,
+    /// When to re-read the certificate files.
+    pub reload: ReloadOptions,
 }
 
 impl TryFrom<Args> for Config {
@@ -481,6 +488,7 @@ impl TryFrom<Args> for Config {
             quic: args.quic,
             grpc: args.grpc,
             observe: args.observe,
+            reload: args.reload,
         })
     }
 }

@@ -47,6 +47,7 @@ use metrics::DropReason;
 pub use metrics::{Metrics, SinkMetrics};
 use quinn::VarInt;
 use runtime::ratelimit::RateLimit;
+use runtime::reload::Prompt;
 use runtime::udp::{self, Buffers};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -79,6 +80,47 @@ fn spool_name(addr: &str) -> String {
             }
         })
         .collect()
+}
+
+/// One sink's certificate files, checked again on SIGHUP and every `--cert-reload-interval`.
+struct Reload {
+    sink: String,
+    reloader: certs::Reloader,
+    credentials: Arc<transport::Credentials>,
+    certificate_not_after: Arc<AtomicI64>,
+}
+
+impl Reload {
+    /// Checks the files; a new valid set is used from the link's next connection.
+    fn check(&mut self, prompt: Prompt, transport: &Arc<quinn::TransportConfig>) {
+        let checked = match prompt {
+            Prompt::Signal => self.reloader.force().map(Some),
+            Prompt::Poll => self.reloader.check(),
+        };
+        let loaded = match checked {
+            Ok(Some(loaded)) => loaded,
+            Ok(None) => return,
+            Err(error) => {
+                tracing::error!(sink = %self.sink, prompt = prompt.as_str(), %error, "certificate reload refused: the certificate in use stays");
+                return;
+            }
+        };
+        if let Err(error) = self.credentials.replace(&loaded, transport) {
+            tracing::error!(sink = %self.sink, %error, "certificate reload refused: the certificate in use stays");
+            return;
+        }
+        let info = loaded.identity.info();
+        self.certificate_not_after
+            .store(info.not_after.unix_timestamp(), Ordering::Relaxed);
+        tracing::info!(
+            sink = %self.sink,
+            prompt = prompt.as_str(),
+            identity = loaded.identity.name(),
+            serial = %info.serial,
+            expires = %certs::inspect::rfc3339(info.not_after),
+            "certificates reloaded: the next connection to the sink uses them"
+        );
+    }
 }
 
 /// Errors that stop the agent from starting.
@@ -134,17 +176,23 @@ pub async fn run(
     let mut intakes = JoinSet::new();
     let mut queues = Vec::with_capacity(config.sinks.len());
     let mut sink_states = Vec::with_capacity(config.sinks.len());
+    let mut reloads = Vec::with_capacity(config.sinks.len());
     for sink in &config.sinks {
-        let certs_error = |e| Error::Certs(sink.addr.clone(), e);
-        let ca = certs::TrustAnchors::load(&sink.ca).map_err(certs_error)?;
-        let identity = certs::Identity::load(&sink.cert, &sink.key).map_err(certs_error)?;
-        let tls = certs::client_config(&ca, &identity, proto::ALPN).map_err(certs_error)?;
-        let grpc_tls =
-            certs::client_config(&ca, &identity, proto::GRPC_ALPN).map_err(certs_error)?;
-        let tls = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-            .map_err(|e| Error::Quic(e.to_string()))?;
-        let mut client = quinn::ClientConfig::new(Arc::new(tls));
-        client.transport_config(transport.clone());
+        let files = certs::TlsFiles {
+            ca: sink.ca.clone(),
+            cert: sink.cert.clone(),
+            key: sink.key.clone(),
+        };
+        let (reloader, loaded, chained) = certs::Reloader::open(files, certs::Role::Agent)
+            .map_err(|e| Error::Certs(sink.addr.clone(), e))?;
+        if !chained {
+            tracing::info!(sink = %sink.addr, cert = %sink.cert.display(), ca = %sink.ca.display(), "this agent's certificate is not issued by the CA it checks the sink against; reloads will not check its chain");
+        }
+        let identity = loaded.identity.clone();
+        let credentials = Arc::new(
+            transport::Credentials::new(&loaded, &transport)
+                .map_err(|e| Error::Config(sink.addr.clone(), e))?,
+        );
         tracing::info!(
             sink = %sink.addr,
             transport = sink.transport.as_str(),
@@ -156,13 +204,19 @@ pub async fn run(
         let (tx, rx) = mpsc::channel(INTAKE_QUEUE);
         let link_metrics = Arc::new(metrics.for_sink(&sink.addr));
         sink_metrics.push(link_metrics.clone());
+        let certificate_not_after =
+            Arc::new(AtomicI64::new(identity.info().not_after.unix_timestamp()));
         sink_states.push(status::SinkState {
             addr: sink.addr.clone(),
             metrics: link_metrics.clone(),
             spool_max_bytes: config.spool_dir.as_ref().map(|_| config.spool_max_bytes),
-            certificate_not_after: Arc::new(AtomicI64::new(
-                identity.info().not_after.unix_timestamp(),
-            )),
+            certificate_not_after: certificate_not_after.clone(),
+        });
+        reloads.push(Reload {
+            sink: sink.addr.clone(),
+            reloader,
+            credentials: credentials.clone(),
+            certificate_not_after,
         });
         let spool_dir = config
             .spool_dir
@@ -199,11 +253,11 @@ pub async fn run(
         });
         let quic = transport::quic::Connector {
             endpoint: endpoint.clone(),
-            client,
+            tls: credentials.clone(),
             sink: sink.clone(),
             metrics: link_metrics.clone(),
         };
-        let grpc = transport::grpc::Connector::new(sink.clone(), grpc_tls, config.grpc.clone())
+        let grpc = transport::grpc::Connector::new(sink.clone(), credentials, config.grpc.clone())
             .map_err(|e| Error::Config(sink.addr.clone(), e))?;
         links.spawn(
             transport::Link {
@@ -264,6 +318,15 @@ pub async fn run(
     });
     // Served until the very end, so a scrape during the drain still answers.
     let observing = CancellationToken::new();
+    let reloading = {
+        let transport = transport.clone();
+        runtime::reload::spawn(config.reload.interval(), token.clone(), move |prompt| {
+            for reload in &mut reloads {
+                reload.check(prompt, &transport);
+            }
+        })
+        .map_err(Error::Socket)?
+    };
     let _ = metrics_listener
         .map(|listener| runtime::observe::spawn(listener, status.clone(), observing.clone()))
         .transpose()
@@ -273,6 +336,7 @@ pub async fn run(
     status.receiving.store(false, Ordering::Relaxed);
     token.cancel();
     while receivers.join_next().await.is_some() {}
+    let _ = reloading.await;
     // The receive loops held the last ingest senders: the batcher now flushes and ends, which
     // closes the sinks' queues; each backlog takes the rest and closes, and each link sends
     // what is left and waits for its acks.

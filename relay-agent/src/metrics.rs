@@ -261,7 +261,7 @@ impl Metrics {
             rtt: float_gauge_vec(
                 &r,
                 "relay_agent_rtt_seconds",
-                "Round-trip time to the sink as QUIC estimates it (latest; QUIC connections only).",
+                "Round-trip time to the sink as QUIC estimates it (latest); NaN when not connected over QUIC.",
                 &["sink"],
             ),
             certificate_expiry: float_gauge_vec(
@@ -309,6 +309,8 @@ impl Metrics {
         let dropped = DropReason::ALL.map(|r| self.dropped.with_label_values(&[r.as_str(), addr]));
         let connect_failures =
             ConnectFailure::ALL.map(|r| f.connect_failures.with_label_values(&[addr, r.as_str()]));
+        let rtt = f.rtt.with_label_values(&[addr]);
+        rtt.set(f64::NAN);
         SinkMetrics {
             batches_sent: one(&f.batches_sent),
             datagrams_sent: one(&f.datagrams_sent),
@@ -330,7 +332,7 @@ impl Metrics {
             grpc: f.transport.with_label_values(&[addr, "grpc"]),
             fallbacks_to_grpc: one(&f.fallbacks_to_grpc),
             returns_to_quic: one(&f.returns_to_quic),
-            rtt: f.rtt.with_label_values(&[addr]),
+            rtt,
             certificate_expiry: f.certificate_expiry.with_label_values(&[addr]),
         }
     }
@@ -421,8 +423,12 @@ impl SinkMetrics {
         self.connect_failures.iter().map(IntCounter::get).sum()
     }
 
-    /// Records the transport in use.
+    /// Records the transport in use. The round-trip time is unknown (NaN) until a QUIC
+    /// connection measures it.
     pub fn set_transport(&self, in_use: InUse) {
+        if in_use != InUse::Quic {
+            self.rtt.set(f64::NAN);
+        }
         self.connected.set(i64::from(in_use != InUse::None));
         self.quic.set(i64::from(in_use == InUse::Quic));
         self.grpc.set(i64::from(in_use == InUse::Grpc));

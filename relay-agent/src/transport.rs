@@ -26,6 +26,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use runtime::reload::Swap;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -74,6 +75,22 @@ impl Session {
             Self::Quic(s) => s.remote(),
             Self::Grpc(s) => s.remote(),
         }
+    }
+
+    /// When the certificate the sink presented expires, RFC 3339.
+    fn sink_certificate_expires(&self) -> String {
+        let chain = match self {
+            Self::Quic(s) => s.peer_chain(),
+            Self::Grpc(s) => s.peer_chain(),
+        };
+        chain
+            .as_deref()
+            .and_then(|chain| chain.first())
+            .and_then(|leaf| certs::CertInfo::from_der(leaf).ok())
+            .map_or_else(
+                || "-".into(),
+                |info| certs::inspect::rfc3339(info.not_after),
+            )
     }
 
     /// The latest acknowledgement on this session.
@@ -198,6 +215,55 @@ enum Ended {
     Switch(Box<Session>),
 }
 
+/// The TLS configurations a link connects with, for QUIC and gRPC; replaced whole when the
+/// certificate files are reloaded, and used from the next connection on.
+#[derive(Debug)]
+pub(crate) struct Credentials {
+    pub(crate) quic: Swap<quinn::ClientConfig>,
+    pub(crate) grpc: Swap<tokio_rustls::rustls::ClientConfig>,
+}
+
+impl Credentials {
+    /// Both configurations from a checked set of files.
+    pub(crate) fn new(
+        loaded: &certs::Loaded,
+        transport: &Arc<quinn::TransportConfig>,
+    ) -> Result<Self, String> {
+        let (quic, grpc) = Self::build(loaded, transport)?;
+        Ok(Self {
+            quic: Swap::new(quic),
+            grpc: Swap::new(grpc),
+        })
+    }
+
+    /// Replaces both with those of a newly loaded set.
+    pub(crate) fn replace(
+        &self,
+        loaded: &certs::Loaded,
+        transport: &Arc<quinn::TransportConfig>,
+    ) -> Result<(), String> {
+        let (quic, grpc) = Self::build(loaded, transport)?;
+        self.quic.set(quic);
+        self.grpc.set(grpc);
+        Ok(())
+    }
+
+    fn build(
+        loaded: &certs::Loaded,
+        transport: &Arc<quinn::TransportConfig>,
+    ) -> Result<(quinn::ClientConfig, tokio_rustls::rustls::ClientConfig), String> {
+        let tls = certs::client_config(&loaded.ca, &loaded.identity, proto::ALPN)
+            .map_err(|e| e.to_string())?;
+        let grpc = certs::client_config(&loaded.ca, &loaded.identity, proto::GRPC_ALPN)
+            .map_err(|e| e.to_string())?;
+        let crypto =
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+        let mut quic = quinn::ClientConfig::new(Arc::new(crypto));
+        quic.transport_config(transport.clone());
+        Ok((quic, grpc))
+    }
+}
+
 /// Opens sessions to one sink, by its transport mode.
 pub(crate) struct Dialer {
     pub(crate) sink: SinkConfig,
@@ -290,6 +356,7 @@ impl Link {
                     sink = %self.dialer.sink.addr,
                     remote = %session.remote(),
                     transport = session.transport(),
+                    sink_certificate_expires = %session.sink_certificate_expires(),
                     "connected to sink"
                 );
                 let mut window = Window::default();

@@ -9,6 +9,7 @@ use clap::Parser;
 use runtime::grpc::GrpcOptions;
 use runtime::observe::ObserveOptions;
 use runtime::quic::QuicOptions;
+use runtime::reload::ReloadOptions;
 use runtime::ssh_hex::SshHexOptions;
 use runtime::telemetry::LogFormat;
 use serde::{Deserialize, Serialize};
@@ -142,6 +143,10 @@ pub struct Args {
 
     #[command(flatten)]
     #[serde(flatten)]
+    pub reload: ReloadOptions,
+
+    #[command(flatten)]
+    #[serde(flatten)]
     pub ssh_hex: SshHexOptions,
 }
 
@@ -218,6 +223,8 @@ pub struct Config {
     pub grpc: GrpcOptions,
     /// Metrics endpoint and sFlow accounting.
     pub observe: ObserveOptions,
+    /// When to re-read the certificate files.
+    pub reload: ReloadOptions,
 }
 
 impl TryFrom<Args> for Config {
@@ -272,6 +279,7 @@ impl TryFrom<Args> for Config {
             quic: args.quic,
             grpc: args.grpc,
             observe: args.observe,
+            reload: args.reload,
         })
     }
 }

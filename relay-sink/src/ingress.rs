@@ -34,16 +34,21 @@ impl Transport {
     }
 }
 
-/// Counts and logs (rate-limited per kind) a refused or failed handshake.
+/// Counts and logs a refused or failed handshake: one WARN line with `security_event`, the
+/// peer, the reason and the subject of the certificate it presented, at most ten a second per
+/// kind of refusal, each saying how many were held back before it.
 pub(crate) fn refused(shared: &Shared, transport: Transport, remote: SocketAddr, reason: &str) {
     let kind = RefusalKind::of(reason);
     shared.metrics.refused(kind).inc();
     if let Some(more) = shared.refusals.check(kind) {
+        // The subject is what the peer claimed; nothing vouches for a refused certificate.
         tracing::warn!(
+            security_event = "tls_handshake_refused",
             %remote,
             transport = transport.as_str(),
-            %reason,
             kind = kind.as_str(),
+            presented_subject = certs::presented_subject(reason).unwrap_or("-"),
+            %reason,
             earlier_refusals_not_logged = more,
             "agent refused: TLS handshake failed"
         );
@@ -55,8 +60,10 @@ pub(crate) fn timed_out(shared: &Shared, transport: Transport, remote: SocketAdd
     shared.metrics.refused(RefusalKind::Timeout).inc();
     if let Some(more) = shared.refusals.check(RefusalKind::Timeout) {
         tracing::warn!(
+            security_event = "tls_handshake_refused",
             %remote,
             transport = transport.as_str(),
+            presented_subject = "-",
             reason = "handshake timeout",
             kind = RefusalKind::Timeout.as_str(),
             earlier_refusals_not_logged = more,

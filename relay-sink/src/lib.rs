@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 pub use config::{Args, Config};
 pub use metrics::Metrics;
 use replay::Replay;
+use runtime::reload::{Prompt, Swap};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -127,6 +128,29 @@ fn bind_relay(config: &Config) -> Result<(UdpSocket, Option<TcpListener>), Strin
     }
 }
 
+/// The sink's TLS configurations, from one checked set of files.
+struct Tls {
+    quic: quinn::ServerConfig,
+    grpc: rustls::ServerConfig,
+}
+
+impl Tls {
+    fn build(
+        loaded: &certs::Loaded,
+        transport: &Arc<quinn::TransportConfig>,
+    ) -> Result<Self, String> {
+        let tls = certs::server_config(&loaded.ca, &loaded.identity, proto::ALPN)
+            .map_err(|e| e.to_string())?;
+        let grpc = certs::server_config(&loaded.ca, &loaded.identity, proto::GRPC_ALPN)
+            .map_err(|e| e.to_string())?;
+        let crypto =
+            quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| e.to_string())?;
+        let mut quic = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        quic.transport_config(transport.clone());
+        Ok(Self { quic, grpc })
+    }
+}
+
 /// Runs the sink on `listeners` until `shutdown` resolves, then stops accepting, closes agent
 /// connections and finishes replaying what was received (within `shutdown_grace`).
 ///
@@ -139,10 +163,17 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
-    let ca = certs::TrustAnchors::load(&config.ca)?;
-    let identity = certs::Identity::load(&config.cert, &config.key)?;
-    let tls = certs::server_config(&ca, &identity, proto::ALPN)?;
-    let grpc_tls = Arc::new(certs::server_config(&ca, &identity, proto::GRPC_ALPN)?);
+    let files = certs::TlsFiles {
+        ca: config.ca.clone(),
+        cert: config.cert.clone(),
+        key: config.key.clone(),
+    };
+    let (mut reloader, loaded, chained) = certs::Reloader::open(files, certs::Role::Sink)?;
+    if !chained {
+        tracing::info!(cert = %config.cert.display(), ca = %config.ca.display(), "the sink's certificate is not issued by the CA it checks agents against; reloads will not check its chain");
+    }
+    let identity = loaded.identity.clone();
+    let transport = Arc::new(config.quic.transport_config());
     let socket = listeners.quic;
     let local = socket
         .local_addr()
@@ -160,10 +191,9 @@ pub async fn run(
         }
         None => None,
     };
-    let quic_tls = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-        .map_err(|e| Error::Quic(local, e.to_string()))?;
-    let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic_tls));
-    server.transport_config(Arc::new(config.quic.transport_config()));
+    let tls = Tls::build(&loaded, &transport).map_err(|e| Error::Quic(local, e))?;
+    let grpc_tls = Arc::new(Swap::new(tls.grpc));
+    let server = tls.quic;
     let key_material = std::fs::read(&config.key).unwrap_or_default();
     let endpoint = runtime::quic::endpoint(socket, Some(server), Some(&key_material))
         .map_err(|e| Error::Quic(local, e.to_string()))?;
@@ -182,6 +212,7 @@ pub async fn run(
     )
     .await?;
     let grace = config.shutdown_grace;
+    let config_reload = config.reload.interval();
     let agents = Arc::new(status::Agents::new(metrics.clone()));
     let shared = Arc::new(Shared {
         config,
@@ -223,16 +254,53 @@ pub async fn run(
     let grpc = grpc_listener.map(|(listener, _)| {
         tracker.spawn(ingress::grpc::serve(
             listener,
-            grpc_tls,
+            grpc_tls.clone(),
             shared.clone(),
             token.clone(),
         ))
     });
+    let reloading = {
+        let (endpoint, grpc_tls, status) = (endpoint.clone(), grpc_tls.clone(), status.clone());
+        runtime::reload::spawn(config_reload, token.clone(), move |prompt| {
+            let checked = match prompt {
+                Prompt::Signal => reloader.force().map(Some),
+                Prompt::Poll => reloader.check(),
+            };
+            let loaded = match checked {
+                Ok(Some(loaded)) => loaded,
+                Ok(None) => return,
+                Err(error) => {
+                    tracing::error!(prompt = prompt.as_str(), %error, "certificate reload refused: the certificate in use stays");
+                    return;
+                }
+            };
+            match Tls::build(&loaded, &transport) {
+                Ok(tls) => {
+                    endpoint.set_server_config(Some(tls.quic));
+                    grpc_tls.set(tls.grpc);
+                    let info = loaded.identity.info();
+                    status
+                        .certificate_not_after
+                        .store(info.not_after.unix_timestamp(), Ordering::Relaxed);
+                    tracing::info!(
+                        prompt = prompt.as_str(),
+                        identity = loaded.identity.name(),
+                        serial = %info.serial,
+                        expires = %certs::inspect::rfc3339(info.not_after),
+                        "certificates reloaded: new connections use them"
+                    );
+                }
+                Err(error) => tracing::error!(%error, "certificate reload refused: the certificate in use stays"),
+            }
+        })
+        .map_err(|e| Error::Quic(local, format!("cannot handle SIGHUP: {e}")))?
+    };
     status.ready.store(true, Ordering::Relaxed);
     shutdown.await;
     status.ready.store(false, Ordering::Relaxed);
     token.cancel();
     let _ = accept.await;
+    let _ = reloading.await;
     drop(grpc);
     tracker.close();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {

@@ -12,6 +12,7 @@
 //! - [`quic`] — QUIC transport tuning (keep-alive, idle timeout, flow-control windows, congestion
 //!   control, GSO) and the stateless-reset key.
 //! - [`ssh_hex`] — the `--ssh-hex` mode, compatible with the `sflow_fwd.py | ssh` pipe.
+//! - [`reload`] — when to re-read certificate files (SIGHUP, and a poll interval).
 //! - [`ratelimit`] — logging a recurring event at most once per interval.
 //! - [`accounting`] — sFlow sequence-gap accounting, per sFlow stream, as Prometheus series.
 //! - [`observe`] — the `/metrics`, `/healthz`, `/readyz` endpoint, and metric registration.
@@ -25,6 +26,7 @@ pub mod grpc;
 pub mod observe;
 pub mod quic;
 pub mod ratelimit;
+pub mod reload;
 pub mod shutdown;
 pub mod ssh_hex;
 pub mod telemetry;

@@ -165,3 +165,44 @@ async fn over_grpc(
         Err(s) => Err(runtime::grpc::error_chain(&s)),
     }
 }
+
+/// Makes `n` TLS handshakes with the sink's gRPC (TCP) port presenting no client certificate,
+/// `parallel` at a time, each dropped once the sink has had its say: a flood of refusals.
+/// Returns how long it took.
+pub fn flood_without_client_cert(
+    sink: SocketAddr,
+    ca: &Path,
+    n: usize,
+    parallel: usize,
+) -> Duration {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let config = Arc::new(tls(ca, None, proto::GRPC_ALPN).expect("client TLS"));
+    let started = std::time::Instant::now();
+    rt.block_on(async {
+        let slots = Arc::new(tokio::sync::Semaphore::new(parallel));
+        let mut attempts = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            let permit = slots.clone().acquire_owned().await.expect("semaphore");
+            let connector = tokio_rustls::TlsConnector::from(config.clone());
+            attempts.spawn(async move {
+                let attempt = async {
+                    let tcp = tokio::net::TcpStream::connect(sink).await?;
+                    let name = ServerName::try_from("localhost").expect("valid name");
+                    let mut tls = connector.connect(name, tcp).await?;
+                    // The sink checks the (missing) certificate after our side is done:
+                    // wait for its alert or its close.
+                    let mut byte = [0u8; 1];
+                    tokio::io::AsyncReadExt::read(&mut tls, &mut byte).await
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(5), attempt).await;
+                drop(permit);
+            });
+        }
+        while attempts.join_next().await.is_some() {}
+    });
+    started.elapsed()
+}

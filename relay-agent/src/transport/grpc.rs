@@ -20,13 +20,13 @@ use runtime::grpc::{GrpcOptions, error_chain};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsConnector;
-use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use super::{Acked, MAX_ACK_LEN, acknowledged, explain, resolve};
+use super::{Acked, Credentials, MAX_ACK_LEN, acknowledged, explain, resolve};
 use crate::backlog::Record;
 use crate::config::SinkConfig;
 
@@ -37,23 +37,23 @@ const FRAMES_IN_CALL: usize = 4;
 /// Opens gRPC sessions to one sink.
 pub(crate) struct Connector {
     sink: SinkConfig,
-    tls: TlsConnector,
+    tls: Arc<Credentials>,
     server_name: ServerName<'static>,
     options: GrpcOptions,
 }
 
 impl Connector {
-    /// `tls` must offer ALPN `h2` (see `proto::GRPC_ALPN`).
+    /// `tls.grpc` must offer ALPN `h2` (see `proto::GRPC_ALPN`).
     pub(crate) fn new(
         sink: SinkConfig,
-        tls: tokio_rustls::rustls::ClientConfig,
+        tls: Arc<Credentials>,
         options: GrpcOptions,
     ) -> Result<Self, String> {
         let server_name = ServerName::try_from(sink.server_name.clone())
             .map_err(|e| format!("server name {:?}: {e}", sink.server_name))?;
         Ok(Self {
             sink,
-            tls: TlsConnector::from(Arc::new(tls)),
+            tls,
             server_name,
             options,
         })
@@ -72,20 +72,26 @@ impl Connector {
 
     async fn open(&self) -> Result<Session, String> {
         let remote = resolve(&self.sink.addr).await?;
-        let (tls, name) = (self.tls.clone(), self.server_name.clone());
+        // The configuration current now: a certificate reload applies from the next connection.
+        let tls = TlsConnector::from(self.tls.grpc.get());
+        let name = self.server_name.clone();
         // In TLS 1.3 the client's handshake is over before the server has checked the client's
         // certificate; a sink that refuses it sends an alert and closes, and the alert is often
         // lost to a write that fails first ("broken pipe"). Knowing the handshake completed
         // tells that refusal apart from a network failure.
         let handshaken = Arc::new(AtomicBool::new(false));
         let done = handshaken.clone();
+        let presented = Arc::new(std::sync::Mutex::new(None));
+        let chain = presented.clone();
         let connector = tower::service_fn(move |_: Uri| {
-            let (tls, name, done) = (tls.clone(), name.clone(), done.clone());
+            let (tls, name, done, chain) = (tls.clone(), name.clone(), done.clone(), chain.clone());
             async move {
                 let tcp = TcpStream::connect(remote).await?;
                 tcp.set_nodelay(true)?;
                 let stream = tls.connect(name, tcp).await?;
                 done.store(true, Ordering::Relaxed);
+                *chain.lock().unwrap_or_else(|p| p.into_inner()) =
+                    stream.get_ref().1.peer_certificates().map(<[_]>::to_vec);
                 Ok::<_, std::io::Error>(TokioIo::new(stream))
             }
         });
@@ -143,6 +149,7 @@ impl Connector {
             acked,
             ended,
             remote,
+            peer_chain: presented.lock().unwrap_or_else(|p| p.into_inner()).take(),
             sink: self.sink.clone(),
             _channel: channel,
         })
@@ -168,11 +175,17 @@ pub(crate) struct Session {
     /// Why the call ended, once it has.
     ended: watch::Receiver<Option<String>>,
     remote: SocketAddr,
+    /// The certificate chain the sink presented.
+    peer_chain: Option<Vec<CertificateDer<'static>>>,
     sink: SinkConfig,
     _channel: Channel,
 }
 
 impl Session {
+    pub(crate) fn peer_chain(&self) -> Option<Vec<CertificateDer<'static>>> {
+        self.peer_chain.clone()
+    }
+
     pub(crate) fn remote(&self) -> SocketAddr {
         self.remote
     }

@@ -9,6 +9,7 @@ use proto::pb;
 use proto::wire::FrameReader;
 use quinn::{Connection, Endpoint, SendStream, VarInt};
 use tokio::sync::watch;
+use tokio_rustls::rustls::pki_types::CertificateDer;
 
 use super::{Acked, MAX_ACK_LEN, acknowledged, explain, resolve};
 use crate::backlog::Record;
@@ -19,7 +20,7 @@ use crate::metrics::SinkMetrics;
 #[derive(Debug)]
 pub(crate) struct Connector {
     pub(crate) endpoint: Endpoint,
-    pub(crate) client: quinn::ClientConfig,
+    pub(crate) tls: Arc<super::Credentials>,
     pub(crate) sink: SinkConfig,
     pub(crate) metrics: Arc<SinkMetrics>,
 }
@@ -34,7 +35,7 @@ impl Connector {
         let addr = resolve(&self.sink.addr).await?;
         let connecting = self
             .endpoint
-            .connect_with(self.client.clone(), addr, &self.sink.server_name)
+            .connect_with((*self.tls.quic.get()).clone(), addr, &self.sink.server_name)
             .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
         let connection = match tokio::time::timeout(timeout, connecting).await {
             Ok(Ok(connection)) => connection,
@@ -74,6 +75,14 @@ pub(crate) struct Session {
 }
 
 impl Session {
+    /// The certificate chain the sink presented.
+    pub(crate) fn peer_chain(&self) -> Option<Vec<CertificateDer<'static>>> {
+        self.connection
+            .peer_identity()
+            .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+            .map(|chain| *chain)
+    }
+
     pub(crate) fn remote(&self) -> SocketAddr {
         self.connection.remote_address()
     }

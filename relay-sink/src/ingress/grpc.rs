@@ -17,6 +17,7 @@ use std::task::{Context, Poll};
 
 use proto::pb;
 use proto::pb::relay_server::{Relay, RelayServer};
+use runtime::reload::Swap;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -46,7 +47,7 @@ const ACKS_PENDING: usize = 1024;
 /// the stream close and reconnect elsewhere) and returns once connections are closed.
 pub(crate) async fn serve(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: Arc<Swap<rustls::ServerConfig>>,
     shared: Arc<Shared>,
     token: CancellationToken,
 ) {
@@ -54,7 +55,7 @@ pub(crate) async fn serve(
     let handshakes = TaskTracker::new();
     let accept = tokio::spawn(accept(
         listener,
-        TlsAcceptor::from(tls),
+        tls,
         shared.clone(),
         connections,
         token.clone(),
@@ -93,7 +94,7 @@ pub(crate) async fn serve(
 /// up no one), passing those that pass to the server.
 async fn accept(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    tls: Arc<Swap<rustls::ServerConfig>>,
     shared: Arc<Shared>,
     connections: mpsc::Sender<AgentIo>,
     token: CancellationToken,
@@ -118,7 +119,8 @@ async fn accept(
             handshake(
                 tcp,
                 remote,
-                acceptor.clone(),
+                // The configuration current now: a reload applies to new connections.
+                TlsAcceptor::from(tls.get()),
                 shared.clone(),
                 connections.clone(),
                 token.clone(),
