@@ -466,6 +466,14 @@ pub fn agent_listen_addr(agent: &Daemon) -> SocketAddr {
         .expect("listen address in log")
 }
 
+/// The address of a daemon's metrics endpoint (`--metrics-listen`), from its log.
+pub fn metrics_addr(daemon: &Daemon) -> SocketAddr {
+    let event = daemon.wait_for("serving /metrics");
+    field(&event, "metrics_listen")
+        .parse()
+        .expect("metrics address in log")
+}
+
 /// A path as a string argument.
 pub fn path(p: &Path) -> String {
     p.to_str().expect("UTF-8 path").to_owned()

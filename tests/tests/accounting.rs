@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use relay_tests::impair::{Impairment, UdpProxy};
 use relay_tests::{
-    Daemon, Pki, Transport, UdpCapture, WAIT, field, http, send_paced, start_agent_over, start_sink,
+    Pki, Transport, UdpCapture, WAIT, http, metrics_addr, send_paced, start_agent_over, start_sink,
 };
 
 const A: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
@@ -199,14 +199,6 @@ fn scrape(addr: SocketAddr) -> String {
     let response = http::get(addr, "/metrics").expect("scrape /metrics");
     assert_eq!(response.status, 200, "{}", response.body);
     response.body
-}
-
-/// The metrics address a daemon reported.
-fn metrics_addr(daemon: &Daemon) -> SocketAddr {
-    let event = daemon.wait_for("serving /metrics");
-    field(&event, "metrics_listen")
-        .parse()
-        .expect("metrics address in log")
 }
 
 /// Polls `addr`'s `/metrics` until `name{labels}` is `want`.

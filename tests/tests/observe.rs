@@ -9,18 +9,11 @@ use std::time::{Duration, Instant};
 use relay_tests::prometheus::{self, Prometheus};
 use relay_tests::sflow::SflowGen;
 use relay_tests::{
-    Daemon, Pki, Transport, UdpCapture, WAIT, field, free_udp_port, http, send_paced,
+    Pki, Transport, UdpCapture, WAIT, free_udp_port, http, metrics_addr, send_paced,
     start_agent_over, start_sink,
 };
 
 const METRICS: &[&str] = &["--metrics-listen", "127.0.0.1:0"];
-
-fn metrics_addr(daemon: &Daemon) -> SocketAddr {
-    let event = daemon.wait_for("serving /metrics");
-    field(&event, "metrics_listen")
-        .parse()
-        .expect("metrics address in log")
-}
 
 fn sflow(n: usize) -> Vec<Vec<u8>> {
     let mut generator = SflowGen::new(3, 2, 11);

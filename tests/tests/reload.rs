@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use relay_tests::{
-    Daemon, Pki, Transport, UdpCapture, WAIT, datagrams, field, http, send_at_rate,
+    Daemon, Pki, Transport, UdpCapture, WAIT, datagrams, field, http, metrics_addr, send_at_rate,
     start_agent_over, start_sink,
 };
 
@@ -128,9 +128,7 @@ fn rotated_certificates_serve_new_connections_and_the_stream_loses_nothing() {
         assert_eq!(again, sink_addr);
         sink = restarted;
         agent.wait_for_nth("connected to sink", 2, WAIT);
-        let sink_metrics = field(&sink.wait_for("serving /metrics"), "metrics_listen")
-            .parse()
-            .expect("metrics address");
+        let sink_metrics = metrics_addr(&sink);
         let agents = http::get_json(sink_metrics, "/agents").expect("/agents");
         let site_a = agents
             .as_array()

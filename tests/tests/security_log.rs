@@ -73,9 +73,7 @@ fn a_thousand_refusals_in_a_second_are_a_few_lines_that_count_them_all() {
         None,
         &["--metrics-listen", "127.0.0.1:0"],
     );
-    let metrics = relay_tests::field(&sink.wait_for("serving /metrics"), "metrics_listen")
-        .parse()
-        .expect("metrics address");
+    let metrics = relay_tests::metrics_addr(&sink);
 
     let took = bare::flood_without_client_cert(sink_addr, &pki.ca(), FLOOD, 64);
     eprintln!("{FLOOD} handshakes without a client certificate in {took:?}");
