@@ -397,11 +397,8 @@ pub struct SinkMetrics {
 impl SinkMetrics {
     /// The drop counter for `reason`.
     pub fn dropped(&self, reason: DropReason) -> &IntCounter {
-        let i = DropReason::ALL
-            .iter()
-            .position(|&r| r == reason)
-            .unwrap_or(0);
-        &self.dropped[i]
+        // `ALL` lists the reasons in declaration order, so the discriminant is the index.
+        &self.dropped[reason as usize]
     }
 
     /// Datagrams this sink's backlog dropped, all reasons together.
@@ -411,11 +408,7 @@ impl SinkMetrics {
 
     /// Counts a failed connection attempt.
     pub fn connect_failed(&self, reason: ConnectFailure) {
-        let i = ConnectFailure::ALL
-            .iter()
-            .position(|&r| r == reason)
-            .unwrap_or(0);
-        self.connect_failures[i].inc();
+        self.connect_failures[reason as usize].inc();
     }
 
     /// Failed connection attempts, all reasons together.
@@ -456,6 +449,16 @@ impl Default for SinkMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reasons_are_listed_in_declaration_order() {
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+        for (i, r) in ConnectFailure::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+    }
 
     #[test]
     fn every_series_exists_from_the_start_and_the_exposition_is_well_formed() {
