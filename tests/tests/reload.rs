@@ -128,12 +128,24 @@ fn rotated_certificates_serve_new_connections_and_the_stream_loses_nothing() {
         assert_eq!(again, sink_addr);
         sink = restarted;
         agent.wait_for_nth("connected to sink", 2, WAIT);
+        // The agent logs its connection when the handshake completes; the sink lists it once
+        // its stream is accepted, a moment later.
         let sink_metrics = metrics_addr(&sink);
-        let agents = http::get_json(sink_metrics, "/agents").expect("/agents");
-        let site_a = agents
-            .as_array()
-            .and_then(|list| list.iter().find(|a| a["agent"] == "site-a"))
-            .unwrap_or_else(|| panic!("site-a connected: {agents}"));
+        let deadline = std::time::Instant::now() + WAIT;
+        let (agents, site_a) = loop {
+            let agents = http::get_json(sink_metrics, "/agents").expect("/agents");
+            let found = agents
+                .as_array()
+                .and_then(|list| list.iter().find(|a| a["agent"] == "site-a"))
+                .cloned();
+            match found {
+                Some(site_a) => break (agents, site_a),
+                None if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                None => panic!("site-a connected: {agents}"),
+            }
+        };
         assert_eq!(
             site_a["certificate_expires"], new_agent_expiry,
             "the agent presents its renewed certificate: {agents}"
