@@ -57,6 +57,16 @@ impl SflowGen {
         }
     }
 
+    /// One agent at `agent` with `sub_agents` sub-agents: for benchmarks with more distinct
+    /// agents than [`new`](Self::new) numbers.
+    pub fn for_agent(agent: Ipv4Addr, sub_agents: u32, seed: u64) -> Self {
+        let mut generator = Self::new(1, sub_agents, seed);
+        for stream in &mut generator.streams {
+            stream.agent = agent;
+        }
+        generator
+    }
+
     fn rand(&mut self) -> u64 {
         self.rng ^= self.rng << 13;
         self.rng ^= self.rng >> 7;

@@ -1,0 +1,196 @@
+//! The paths under test, started as the processes they are in practice.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use clap::ValueEnum;
+use relay_tests::{
+    Daemon, Pki, Transport, WAIT, bin, field, free_udp_port, pipe, start_agent_over, start_sink,
+    wait_udp_bound,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum PathKind {
+    Direct,
+    Forwarder,
+    PythonHex,
+    SshHex,
+    Quic,
+    Grpc,
+}
+
+impl PathKind {
+    /// Every path, in the default order: the baselines first.
+    pub(crate) const ALL: [Self; 6] = [
+        Self::Direct,
+        Self::Forwarder,
+        Self::PythonHex,
+        Self::SshHex,
+        Self::Quic,
+        Self::Grpc,
+    ];
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Forwarder => "forwarder",
+            Self::PythonHex => "python-hex",
+            Self::SshHex => "ssh-hex",
+            Self::Quic => "quic",
+            Self::Grpc => "grpc",
+        }
+    }
+
+    pub(crate) fn describe(self) -> &'static str {
+        match self {
+            Self::Direct => "generator straight to receiver",
+            Self::Forwarder => "plain UDP forwarder, recv/send per datagram (samplicator stand-in)",
+            Self::PythonHex => "sflow_fwd.py | sflow_fwd.py -s (Python, no ssh)",
+            Self::SshHex => "relay-agent --ssh-hex | relay-sink --ssh-hex -s (no ssh)",
+            Self::Quic => "relay-agent → QUIC + mTLS → relay-sink",
+            Self::Grpc => "relay-agent → gRPC (HTTP/2 + mTLS, TCP) → relay-sink",
+        }
+    }
+
+    /// The agent-to-sink transport of a relay path over the network.
+    fn transport(self) -> Option<Transport> {
+        match self {
+            Self::Quic => Some(Transport::Quic),
+            Self::Grpc => Some(Transport::Grpc),
+            Self::Direct | Self::Forwarder | Self::PythonHex | Self::SshHex => None,
+        }
+    }
+}
+
+/// A process of a path, by the role it plays.
+pub(crate) struct Process {
+    pub(crate) name: &'static str,
+    pub(crate) daemon: Daemon,
+}
+
+impl Process {
+    pub(crate) fn pid(&self) -> String {
+        self.daemon.pid().to_string()
+    }
+}
+
+/// A path under test: where to send, and the processes to account.
+pub(crate) struct Running {
+    pub(crate) input: SocketAddr,
+    pub(crate) processes: Vec<Process>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// Starts the path `kind` replaying to `output`, each input socket asking for `rcvbuf`.
+pub(crate) fn start(kind: PathKind, output: SocketAddr, rcvbuf: usize) -> Running {
+    let rcvbuf_arg = rcvbuf.to_string();
+    let out_port = output.port().to_string();
+    let process = |name, daemon| Process { name, daemon };
+    match kind {
+        PathKind::Direct => Running {
+            input: output,
+            processes: Vec::new(),
+            _dir: None,
+        },
+        PathKind::Forwarder => {
+            let mut cmd = Command::new(std::env::current_exe().expect("this program"));
+            cmd.args([
+                "forward",
+                "--to",
+                &output.to_string(),
+                "--buffer",
+                &rcvbuf_arg,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped());
+            let daemon = Daemon::start("forwarder", cmd);
+            let line = daemon.wait_for_line("forwarder listening on", WAIT);
+            let input = line
+                .rsplit(' ')
+                .next()
+                .and_then(|a| a.parse().ok())
+                .expect("forwarder address");
+            Running {
+                input,
+                processes: vec![process("forwarder", daemon)],
+                _dir: None,
+            }
+        }
+        PathKind::PythonHex | PathKind::SshHex => {
+            let input = free_udp_port();
+            let in_port = input.port().to_string();
+            let (left, right) = if kind == PathKind::PythonHex {
+                let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python");
+                let script = python.join("sflow_fwd.py");
+                let mut l = Command::new("python3");
+                l.arg(python.join("with_rcvbuf.py"))
+                    .arg(&rcvbuf_arg)
+                    .arg(&script)
+                    .args(["-c", "127.0.0.1", "-p", &in_port]);
+                let mut r = Command::new("python3");
+                r.arg(&script).args(["-s", "127.0.0.1", "-p", &out_port]);
+                (l, r)
+            } else {
+                let mut l = Command::new(bin("relay-agent"));
+                l.args([
+                    "--ssh-hex",
+                    "-c",
+                    "127.0.0.1",
+                    "-p",
+                    &in_port,
+                    "--recv-buffer",
+                    &rcvbuf_arg,
+                ]);
+                l.env("RUST_LOG", "warn");
+                let mut r = Command::new(bin("relay-sink"));
+                r.args(["--ssh-hex", "-s", "127.0.0.1", "-p", &out_port]);
+                (l, r)
+            };
+            let (l, r) = pipe(left, right);
+            wait_udp_bound(input);
+            let names = if kind == PathKind::PythonHex {
+                ("python-left", "python-right")
+            } else {
+                ("agent", "sink")
+            };
+            Running {
+                input,
+                processes: vec![process(names.0, l), process(names.1, r)],
+                _dir: None,
+            }
+        }
+        PathKind::Quic | PathKind::Grpc => {
+            let transport = kind.transport().expect("a relay path has a transport");
+            let dir = tempfile::tempdir().expect("temp dir");
+            let pki = Pki::new(dir.path());
+            // The sink serves gRPC on TCP at its QUIC port number, so one address serves both.
+            let (sink, sink_addr) = start_sink(
+                &pki,
+                &pki.sink_cert("sink"),
+                &[output],
+                None,
+                &["--replay-max-pps", "0"],
+            );
+            let (agent, input) = start_agent_over(
+                transport,
+                &pki.ca(),
+                &pki.agent_cert("site"),
+                sink_addr,
+                "localhost",
+                &["--recv-buffer", &rcvbuf_arg],
+            );
+            let connected = agent.wait_for("connected to sink");
+            assert_eq!(
+                field(&connected, "transport"),
+                transport.name(),
+                "the agent connected over another transport than asked"
+            );
+            Running {
+                input,
+                processes: vec![process("agent", agent), process("sink", sink)],
+                _dir: Some(dir),
+            }
+        }
+    }
+}
