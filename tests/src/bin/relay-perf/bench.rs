@@ -129,6 +129,7 @@ pub(crate) fn run(args: &BenchArgs, json: &Path) {
     // Build (or find) the release binaries before timing anything.
     let _ = bin("relay-agent");
     let started = Instant::now();
+    let load_start = report::loadavg();
 
     let mut results = Vec::new();
     for &kind in &args.paths {
@@ -137,15 +138,26 @@ pub(crate) fn run(args: &BenchArgs, json: &Path) {
         let path = paths::start(kind, rx.addr(), args.rcvbuf);
         let result = measure(kind, &path, &rx, &pool, &mut sflow, args);
         eprintln!(
-            "  {:<10} done in {:.0} s",
+            "  {:<10} done in {:.0} s (a trial at the median: {})",
             kind.name(),
-            path_started.elapsed().as_secs_f64()
+            path_started.elapsed().as_secs_f64(),
+            result.confirm.map_or("none", |t| if t.passed() {
+                "no loss"
+            } else if t.offered() {
+                "loss"
+            } else {
+                "not offered by the generator"
+            })
         );
         results.push(result);
     }
-    let wall = started.elapsed();
-    report::print(args, &results, mean_len, wall);
-    crate::write_json(json, &report::json(args, &results, mean_len, wall));
+    let info = report::RunInfo {
+        mean_len,
+        wall: started.elapsed(),
+        load: [load_start, report::loadavg()],
+    };
+    report::print(args, &results, &info);
+    crate::write_json(json, &report::json(args, &results, &info));
 }
 
 /// The measurements of one running path.

@@ -94,7 +94,8 @@ pub(crate) fn start(kind: PathKind, output: SocketAddr, rcvbuf: usize) -> Runnin
             _dir: None,
         },
         PathKind::Forwarder => {
-            let mut cmd = Command::new(std::env::current_exe().expect("this program"));
+            // This program, as built now (`bin` may have rebuilt it since it started).
+            let mut cmd = Command::new(bin("relay-perf"));
             cmd.args([
                 "forward",
                 "--to",

@@ -62,8 +62,31 @@ fn added(
     direct.map(|d| pick(result) - pick(d))
 }
 
+/// About the run as a whole.
+#[derive(Debug, Clone)]
+pub(crate) struct RunInfo {
+    /// Mean datagram length, bytes.
+    pub(crate) mean_len: usize,
+    /// Wall time of the measurements (not the build before them).
+    pub(crate) wall: Duration,
+    /// /proc/loadavg at the start and at the end: other work on the machine shows there.
+    pub(crate) load: [String; 2],
+}
+
+/// The 1-, 5- and 15-minute load averages.
+pub(crate) fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
 /// Prints the header, the table and the checks on stdout.
-pub(crate) fn print(args: &BenchArgs, results: &[PathResult], mean_len: usize, wall: Duration) {
+pub(crate) fn print(args: &BenchArgs, results: &[PathResult], info: &RunInfo) {
+    let RunInfo {
+        mean_len,
+        wall,
+        load,
+    } = info;
     let machine = procs::machine(args.rcvbuf);
     let direct = find(results, PathKind::Direct);
     let forwarder = find(results, PathKind::Forwarder);
@@ -91,10 +114,11 @@ pub(crate) fn print(args: &BenchArgs, results: &[PathResult], mean_len: usize, w
         thousands(args.latency_rate),
     );
     println!(
-        "- run: {} on {}, {:.0} s; compare within a run: the ratios are the headline\n",
+        "- run: {}, {:.0} s; load average {} at the start, {} at the end (the machine is shared: compare within a run, the ratios are the headline)\n",
         humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
-        std::env::var("HOSTNAME").unwrap_or_else(|_| "this host".into()),
-        wall.as_secs_f64()
+        wall.as_secs_f64(),
+        load[0],
+        load[1],
     );
 
     println!(
@@ -284,12 +308,7 @@ fn trial_json(t: &Trial) -> Value {
 }
 
 /// Everything, as JSON.
-pub(crate) fn json(
-    args: &BenchArgs,
-    results: &[PathResult],
-    mean_len: usize,
-    wall: Duration,
-) -> Value {
+pub(crate) fn json(args: &BenchArgs, results: &[PathResult], info: &RunInfo) -> Value {
     let direct = find(results, PathKind::Direct);
     let forwarder = find(results, PathKind::Forwarder);
     let python = find(results, PathKind::PythonHex);
@@ -364,8 +383,10 @@ pub(crate) fn json(
             "latency_rate": args.latency_rate,
             "latency_seconds": args.latency_duration.as_secs_f64(),
         },
-        "datagram_mean_bytes": mean_len,
-        "wall_seconds": wall.as_secs_f64(),
+        "datagram_mean_bytes": info.mean_len,
+        "wall_seconds": info.wall.as_secs_f64(),
+        "loadavg_start": info.load[0],
+        "loadavg_end": info.load[1],
         "paths": paths,
         "grpc_vs_quic": grpc_vs_quic,
         "checks": checks(args, results),
