@@ -84,6 +84,30 @@ pub fn bin(name: &str) -> PathBuf {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--workspace", "--bins"]);
+        // `cargo run` and `cargo test` hand the program its package's CARGO_MANIFEST_DIR,
+        // CARGO_PKG_* and the like. Some build scripts (ring's) declare these as inputs, so a
+        // build that inherits them differs, to cargo, from one typed at a shell: it rebuilds
+        // ring and all above it (minutes, in release), and the next shell build does it again.
+        for (key, _) in std::env::vars_os() {
+            let Some(key) = key.to_str() else { continue };
+            let set_for_the_program = key.starts_with("CARGO_PKG_")
+                || key.starts_with("CARGO_BIN_EXE_")
+                || matches!(
+                    key,
+                    "CARGO_MANIFEST_DIR"
+                        | "CARGO_MANIFEST_PATH"
+                        | "CARGO_MANIFEST_LINKS"
+                        | "CARGO_CRATE_NAME"
+                        | "CARGO_BIN_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "CARGO_TARGET_TMPDIR"
+                        | "CARGO_RUSTC_CURRENT_DIR"
+                        | "OUT_DIR"
+                );
+            if set_for_the_program {
+                cmd.env_remove(key);
+            }
+        }
         if test {
             // The same targets and features as `cargo test --workspace` (the test command), so
             // this build is a no-op after it; a narrower selection would unify dependency
