@@ -100,6 +100,8 @@ pub(crate) struct PathResult {
     pub(crate) cpu_offered: Offered,
     pub(crate) cpu_delivered: u64,
     pub(crate) processes: Vec<ProcessResult>,
+    /// CPU µs per datagram of this process (generator and receiver) in the CPU run.
+    pub(crate) load_cpu_us: f64,
     pub(crate) latency: Latency,
 }
 
@@ -220,11 +222,14 @@ fn measure(
     };
     let can_reset = reset();
     let before = usages();
+    let load_before = procs::usage("self");
     let start_count = rx.count();
     let cpu_offered = load::send_at(pool, path.input, cpu_rate, args.cpu_duration);
     let cpu_delivered =
         rx.settle(start_count + cpu_offered.sent, QUIET, SETTLE_LIMIT) - start_count;
     let after = usages();
+    let load_cpu_us = (procs::usage("self").cpu_seconds - load_before.cpu_seconds) * 1e6
+        / cpu_offered.sent.max(1) as f64;
     raise_peak(&after);
     let at_cpu_rate = can_reset.then(|| after.iter().map(|u| u.peak_rss).collect::<Vec<_>>());
 
@@ -253,6 +258,7 @@ fn measure(
         cpu_offered,
         cpu_delivered,
         processes,
+        load_cpu_us,
         latency,
     }
 }

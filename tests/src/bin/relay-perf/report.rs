@@ -113,6 +113,13 @@ pub(crate) fn print(args: &BenchArgs, results: &[PathResult], info: &RunInfo) {
         args.latency_duration,
         thousands(args.latency_rate),
     );
+    if let Some(d) = direct.filter(|d| d.cpu_rate == args.cpu_rate) {
+        println!(
+            "- the load itself (generator and receiver, this process) costs {:.2} µs of CPU per datagram at {}/s (direct)",
+            d.load_cpu_us,
+            thousands(d.cpu_rate)
+        );
+    }
     println!(
         "- run: {}, {:.0} s; load average {} at the start, {} at the end (the machine is shared: compare within a run, the ratios are the headline)\n",
         humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
@@ -336,6 +343,7 @@ pub(crate) fn json(args: &BenchArgs, results: &[PathResult], info: &RunInfo) -> 
                     "delivered": r.cpu_delivered,
                 },
                 "cpu_us_per_datagram": r.cpu_us(),
+                "load_cpu_us_per_datagram": r.load_cpu_us,
                 "processes": r.processes.iter().map(|p| json!({
                     "name": p.name,
                     "cpu_us_per_datagram": p.cpu_us,
