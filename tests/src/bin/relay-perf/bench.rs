@@ -102,6 +102,8 @@ pub(crate) struct PathResult {
     pub(crate) processes: Vec<ProcessResult>,
     /// CPU µs per datagram of this process (generator and receiver) in the CPU run.
     pub(crate) load_cpu_us: f64,
+    /// CPU seconds of the path's processes over the whole measurement.
+    pub(crate) cpu_seconds: f64,
     pub(crate) latency: Latency,
 }
 
@@ -132,6 +134,8 @@ pub(crate) fn run(args: &BenchArgs, json: &Path) {
     let _ = bin("relay-agent");
     let started = Instant::now();
     let load_start = report::loadavg();
+    let busy_start = procs::machine_busy_seconds();
+    let self_start = procs::usage("self").cpu_seconds;
 
     let mut results = Vec::new();
     for &kind in &args.paths {
@@ -153,10 +157,18 @@ pub(crate) fn run(args: &BenchArgs, json: &Path) {
         );
         results.push(result);
     }
+    let wall = started.elapsed();
+    // What the machine did besides this run: its busy time less ours.
+    let ours = procs::usage("self").cpu_seconds - self_start
+        + results.iter().map(|r| r.cpu_seconds).sum::<f64>();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let others =
+        (procs::machine_busy_seconds() - busy_start - ours).max(0.0) / (cores * wall.as_secs_f64());
     let info = report::RunInfo {
         mean_len,
-        wall: started.elapsed(),
+        wall,
         load: [load_start, report::loadavg()],
+        others,
     };
     report::print(args, &results, &info);
     crate::write_json(json, &report::json(args, &results, &info));
@@ -174,6 +186,7 @@ fn measure(
     let pids: Vec<String> = path.processes.iter().map(paths::Process::pid).collect();
     let usages = || pids.iter().map(|p| procs::usage(p)).collect::<Vec<Usage>>();
     let reset = || pids.iter().all(|p| procs::reset_peak(p));
+    let first = usages();
 
     let mut searches: Vec<Search> = Vec::new();
     for run in 0..args.repeats {
@@ -234,7 +247,13 @@ fn measure(
     let at_cpu_rate = can_reset.then(|| after.iter().map(|u| u.peak_rss).collect::<Vec<_>>());
 
     let latency = latency(sflow, path, rx, args.latency_rate, args.latency_duration);
-    raise_peak(&usages());
+    let last = usages();
+    raise_peak(&last);
+    let cpu_seconds = first
+        .iter()
+        .zip(&last)
+        .map(|(f, l)| l.cpu_seconds - f.cpu_seconds)
+        .sum();
 
     let processes = path
         .processes
@@ -259,6 +278,7 @@ fn measure(
         cpu_delivered,
         processes,
         load_cpu_us,
+        cpu_seconds,
         latency,
     }
 }

@@ -43,6 +43,22 @@ pub(crate) fn usage(pid: &str) -> Usage {
     }
 }
 
+/// CPU seconds the whole machine spent in user and system mode so far (all cores; the first
+/// line of /proc/stat).
+pub(crate) fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: f64 = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .take(3)
+        .filter_map(|v| v.parse::<f64>().ok())
+        .sum();
+    ticks / TICKS_PER_SECOND
+}
+
 /// Resets the process's peak RSS (VmHWM) to its current RSS (`5` into /proc/PID/clear_refs,
 /// Linux ≥ 4.0; needs the right to write there). Returns whether it worked.
 pub(crate) fn reset_peak(pid: &str) -> bool {

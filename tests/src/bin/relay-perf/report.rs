@@ -71,6 +71,8 @@ pub(crate) struct RunInfo {
     pub(crate) wall: Duration,
     /// /proc/loadavg at the start and at the end: other work on the machine shows there.
     pub(crate) load: [String; 2],
+    /// Share of the machine's CPU (all cores) that other processes used during the run.
+    pub(crate) others: f64,
 }
 
 /// The 1-, 5- and 15-minute load averages.
@@ -86,6 +88,7 @@ pub(crate) fn print(args: &BenchArgs, results: &[PathResult], info: &RunInfo) {
         mean_len,
         wall,
         load,
+        others,
     } = info;
     let machine = procs::machine(args.rcvbuf);
     let direct = find(results, PathKind::Direct);
@@ -121,11 +124,12 @@ pub(crate) fn print(args: &BenchArgs, results: &[PathResult], info: &RunInfo) {
         );
     }
     println!(
-        "- run: {}, {:.0} s; load average {} at the start, {} at the end (the machine is shared: compare within a run, the ratios are the headline)\n",
+        "- run: {}, {:.0} s; load average {} at the start, {} at the end; other processes used {:.0} % of the machine's CPU meanwhile (the machine is shared: compare within a run, the ratios are the headline)\n",
         humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
         wall.as_secs_f64(),
         load[0],
         load[1],
+        others * 100.0,
     );
 
     println!(
@@ -395,6 +399,7 @@ pub(crate) fn json(args: &BenchArgs, results: &[PathResult], info: &RunInfo) -> 
         "wall_seconds": info.wall.as_secs_f64(),
         "loadavg_start": info.load[0],
         "loadavg_end": info.load[1],
+        "other_processes_cpu_share": info.others,
         "paths": paths,
         "grpc_vs_quic": grpc_vs_quic,
         "checks": checks(args, results),
