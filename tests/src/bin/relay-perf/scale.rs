@@ -381,11 +381,16 @@ fn send_round_robin(inputs: &[SocketAddr], rate: u64, length: Duration) -> Vec<u
     sent
 }
 
-/// How many connections the sink's `/agents` lists, if it answers.
+/// How many distinct agents (certificate names) the sink's `/agents` lists as connected, if it
+/// answers.
 fn listed_agents(metrics: SocketAddr) -> Option<usize> {
-    http::get_json(metrics, "/agents")
-        .ok()
-        .and_then(|v| v.as_array().map(Vec::len))
+    let page = http::get_json(metrics, "/agents").ok()?;
+    let names: HashSet<&str> = page
+        .as_array()?
+        .iter()
+        .filter_map(|c| c.get("agent")?.as_str())
+        .collect();
+    Some(names.len())
 }
 
 /// Raises the soft limit of open files to the hard one (each agent holds a few sockets);
