@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::metrics::{DropReason, Metrics, SinkMetrics};
+use crate::receive::Chunk;
 
 /// An encoded batch on its way to a sink.
 #[derive(Debug, Clone)]
@@ -42,7 +43,7 @@ pub(crate) struct SinkQueue {
 /// Batches datagrams from `input` until it closes, then flushes what is left and returns,
 /// dropping the sink queues (which tells the sink links to finish).
 pub(crate) async fn batch_loop(
-    mut input: mpsc::Receiver<pb::Datagram>,
+    mut input: mpsc::Receiver<Chunk>,
     sinks: Vec<SinkQueue>,
     session: u64,
     batch_bytes: usize,
@@ -63,11 +64,11 @@ pub(crate) async fn batch_loop(
         };
         tokio::select! {
             biased;
-            n = input.recv_many(&mut incoming, 256) => {
+            n = input.recv_many(&mut incoming, 64) => {
                 if n == 0 {
                     break;
                 }
-                for datagram in incoming.drain(..) {
+                for datagram in incoming.drain(..).flatten() {
                     if pending.is_empty() {
                         deadline = Some(Instant::now() + batch_delay);
                     }
@@ -164,7 +165,7 @@ mod tests {
     fn setup(
         capacity: usize,
     ) -> (
-        mpsc::Sender<pb::Datagram>,
+        mpsc::Sender<Chunk>,
         mpsc::Receiver<Frame>,
         tokio::task::JoinHandle<()>,
         Arc<SinkMetrics>,
@@ -193,7 +194,7 @@ mod tests {
     async fn lone_datagram_waits_no_longer_than_the_delay() {
         let (tx, mut rx, _task, _) = setup(8);
         let start = Instant::now();
-        tx.send(datagram(1, 100)).await.unwrap();
+        tx.send(vec![datagram(1, 100)]).await.unwrap();
         let frame = rx.recv().await.unwrap();
         assert_eq!(start.elapsed(), Duration::from_millis(5));
         let batch = decode(&frame);
@@ -207,7 +208,7 @@ mod tests {
     async fn full_batches_leave_at_once_in_order() {
         let (tx, mut rx, task, _) = setup(64);
         for i in 0..10u8 {
-            tx.send(datagram(i, 1000)).await.unwrap();
+            tx.send(vec![datagram(i, 1000)]).await.unwrap();
         }
         drop(tx);
         task.await.unwrap();
@@ -226,7 +227,7 @@ mod tests {
     async fn full_sink_queue_drops_and_counts() {
         let (tx, mut rx, task, metrics) = setup(1);
         for i in 0..12u8 {
-            tx.send(datagram(i, 1000)).await.unwrap();
+            tx.send(vec![datagram(i, 1000)]).await.unwrap();
         }
         drop(tx);
         task.await.unwrap();

@@ -53,8 +53,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-/// Datagrams queued between the receive loops and the batcher.
-const INGEST_QUEUE: usize = 16 * 1024;
+/// Chunks (the datagrams of one receive call, at most `udp::RECV_BATCH`) queued between the
+/// receive loops and the batcher.
+const INGEST_QUEUE: usize = 1024;
 
 /// Batches queued between the batcher and a sink's backlog: the backlog takes them at once
 /// (a disk write at most), so a little room for a slow write is all this needs.

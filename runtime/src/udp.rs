@@ -6,6 +6,7 @@
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsFd;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -107,46 +108,27 @@ fn check_granted(addr: SocketAddr, which: &str, want: usize, reported: usize, sy
     }
 }
 
-/// Sends each of `datagrams` as one datagram on the connected `socket`, many per system call
-/// (sendmmsg). A datagram the kernel refuses (port unreachable reported back, too large) is
-/// skipped and reported to `on_error`; the rest still go. Returns how many were sent.
+/// Sends each of `datagrams` as one datagram on the connected, blocking `socket`, many per
+/// system call (sendmmsg). A datagram the kernel refuses (port unreachable reported back, too
+/// large) is skipped and reported to `on_error`; the rest still go. Returns how many were sent.
 pub fn send_batch(
     socket: &UdpSocket,
     datagrams: &[&[u8]],
     mut on_error: impl FnMut(&[u8], io::Error),
 ) -> usize {
-    use std::io::IoSlice;
-    use std::os::fd::AsRawFd;
-
-    use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, sendmmsg};
-
+    let mut batch = SendBatch::new(datagrams.len().clamp(1, SEND_BATCH));
     let mut sent = 0;
     let mut next = 0;
     while next < datagrams.len() {
-        let rest = &datagrams[next..];
-        let slices: Vec<[IoSlice<'_>; 1]> = rest.iter().map(|d| [IoSlice::new(d)]).collect();
-        let addrs: Vec<Option<SockaddrStorage>> = vec![None; rest.len()];
-        let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(rest.len(), None);
-        match sendmmsg(
-            socket.as_raw_fd(),
-            &mut headers,
-            &slices,
-            &addrs,
-            [],
-            MsgFlags::empty(),
-        ) {
-            Ok(results) => {
-                let n = results.count();
+        match batch.send(socket, &datagrams[next..]) {
+            Ok(n) => {
                 sent += n;
-                next += n.max(1);
-                if n == 0 {
-                    on_error(rest[0], io::Error::other("not sent"));
-                }
+                next += n;
             }
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(errno) => {
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => {
                 // The first datagram of the rest failed: skip it, keep the others.
-                on_error(rest[0], io::Error::from(errno));
+                on_error(datagrams[next], error);
                 next += 1;
             }
         }
@@ -154,14 +136,79 @@ pub fn send_batch(
     sent
 }
 
-/// Receive slots per [`recv_batch`] call.
+/// Datagrams per sendmmsg call of [`SendBatch`].
+pub const SEND_BATCH: usize = 64;
+
+/// Sends many datagrams on a connected socket in one system call (sendmmsg), blocking or not.
+///
+/// It holds no system-call headers between calls (they hold pointers, which would keep the
+/// tasks that own a `SendBatch` from moving between threads); each call makes its own.
+pub struct SendBatch {
+    addrs: Vec<Option<nix::sys::socket::SockaddrStorage>>,
+}
+
+impl std::fmt::Debug for SendBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendBatch")
+            .field("slots", &self.addrs.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SendBatch {
+    /// Room for `slots` datagrams per call.
+    pub fn new(slots: usize) -> Self {
+        Self {
+            addrs: vec![None; slots.max(1)],
+        }
+    }
+
+    /// Sends the first of `datagrams` (up to the slots) in one system call on the connected
+    /// `socket`; returns how many the kernel took, at least one.
+    ///
+    /// # Errors
+    ///
+    /// The error of the first datagram: `WouldBlock` on a full non-blocking socket (nothing
+    /// sent, try again when writable), or the kernel's refusal of that datagram (port
+    /// unreachable reported back, too large), which the caller skips.
+    pub fn send(&mut self, socket: &impl AsFd, datagrams: &[&[u8]]) -> io::Result<usize> {
+        use std::io::IoSlice;
+        use std::os::fd::AsRawFd;
+
+        use nix::sys::socket::{MsgFlags, MultiHeaders, sendmmsg};
+
+        let n = datagrams.len().min(self.addrs.len());
+        if n == 0 {
+            return Ok(0);
+        }
+        let slices: Vec<[IoSlice<'_>; 1]> =
+            datagrams[..n].iter().map(|d| [IoSlice::new(d)]).collect();
+        let mut headers = MultiHeaders::preallocate(n, None);
+        let results = sendmmsg(
+            socket.as_fd().as_raw_fd(),
+            &mut headers,
+            &slices,
+            &self.addrs[..n],
+            [],
+            MsgFlags::empty(),
+        )
+        .map_err(io::Error::from)?;
+        match results.count() {
+            0 => Err(io::Error::other("datagram not sent")),
+            sent => Ok(sent),
+        }
+    }
+}
+
+/// Receive slots per [`RecvBatch::recv`] call.
 pub const RECV_BATCH: usize = 32;
 
-/// Reusable space for [`recv_batch`]: one 64 KiB buffer per slot (no datagram is cut).
+/// Reusable space for [`RecvBatch::recv`]: one 64 KiB buffer per slot (no datagram is cut;
+/// the kernel writes only what arrives, so untouched pages cost no memory). Like
+/// [`SendBatch`], it keeps no system-call headers between calls, so it can live in a task.
 pub struct RecvBatch {
     bufs: Vec<Vec<u8>>,
-    headers: nix::sys::socket::MultiHeaders<nix::sys::socket::SockaddrStorage>,
-    lens: Vec<usize>,
+    received: Vec<(usize, Option<SocketAddr>)>,
 }
 
 impl std::fmt::Debug for RecvBatch {
@@ -176,8 +223,7 @@ impl Default for RecvBatch {
     fn default() -> Self {
         Self {
             bufs: (0..RECV_BATCH).map(|_| vec![0u8; 65_536]).collect(),
-            headers: nix::sys::socket::MultiHeaders::preallocate(RECV_BATCH, None),
-            lens: Vec::with_capacity(RECV_BATCH),
+            received: Vec::with_capacity(RECV_BATCH),
         }
     }
 }
@@ -186,16 +232,16 @@ impl RecvBatch {
     /// Receives up to [`RECV_BATCH`] datagrams in one system call (recvmmsg). With `wait`,
     /// blocks until at least one is there and then takes what else is queued
     /// (MSG_WAITFORONE); without, returns at once (MSG_DONTWAIT). Returns how many arrived;
-    /// read them with [`RecvBatch::datagram`].
+    /// read them with [`RecvBatch::datagram`] and [`RecvBatch::source`].
     ///
     /// # Errors
     ///
     /// The system call's error; `WouldBlock` when nothing was queued and `wait` was false.
-    pub fn recv(&mut self, socket: &UdpSocket, wait: bool) -> io::Result<usize> {
+    pub fn recv(&mut self, socket: &impl AsFd, wait: bool) -> io::Result<usize> {
         use std::io::IoSliceMut;
         use std::os::fd::AsRawFd;
 
-        use nix::sys::socket::{MsgFlags, recvmmsg};
+        use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrLike, SockaddrStorage, recvmmsg};
 
         let flags = if wait {
             MsgFlags::MSG_WAITFORONE
@@ -204,22 +250,40 @@ impl RecvBatch {
         };
         let mut slices: Vec<[IoSliceMut<'_>; 1]> =
             self.bufs.iter_mut().map(|b| [IoSliceMut::new(b)]).collect();
-        self.lens.clear();
+        self.received.clear();
+        let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(RECV_BATCH, None);
         let results = recvmmsg(
-            socket.as_raw_fd(),
-            &mut self.headers,
+            socket.as_fd().as_raw_fd(),
+            &mut headers,
             slices.iter_mut(),
             flags,
             None,
         )
         .map_err(io::Error::from)?;
-        self.lens.extend(results.map(|r| r.bytes));
-        Ok(self.lens.len())
+        self.received.extend(results.map(|r| {
+            let source = r.address.and_then(|a: SockaddrStorage| match a.family() {
+                Some(nix::sys::socket::AddressFamily::Inet) => a
+                    .as_sockaddr_in()
+                    .map(|v4| SocketAddr::from(std::net::SocketAddrV4::from(*v4))),
+                Some(nix::sys::socket::AddressFamily::Inet6) => a
+                    .as_sockaddr_in6()
+                    .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6))),
+                _ => None,
+            });
+            (r.bytes, source)
+        }));
+        Ok(self.received.len())
     }
 
     /// The `i`-th datagram of the last [`RecvBatch::recv`].
     pub fn datagram(&self, i: usize) -> &[u8] {
-        &self.bufs[i][..self.lens[i]]
+        &self.bufs[i][..self.received[i].0]
+    }
+
+    /// Where the `i`-th datagram of the last [`RecvBatch::recv`] came from (`None` when the
+    /// kernel gave no IP address).
+    pub fn source(&self, i: usize) -> Option<SocketAddr> {
+        self.received[i].1
     }
 }
 
@@ -284,6 +348,7 @@ mod tests {
         let mut batch = RecvBatch::default();
         let mut got = Vec::new();
         let n = batch.recv(&receiver, true).unwrap();
+        assert_eq!(batch.source(0), Some(sender.local_addr().unwrap()));
         got.extend((0..n).map(|i| batch.datagram(i).to_vec()));
         while let Ok(n) = batch.recv(&receiver, false) {
             got.extend((0..n).map(|i| batch.datagram(i).to_vec()));
