@@ -66,6 +66,7 @@ fn batch() -> pb::Batch {
                 .to_proto()
             })
             .collect(),
+        zstd_datagrams: Bytes::new(),
     }
 }
 

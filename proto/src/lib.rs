@@ -28,9 +28,11 @@
 //! - [`pb`] — generated protobuf types and the tonic client and server for the gRPC service.
 //! - [`wire`] — [`wire::Datagram`], frame encoding and decoding, [`wire::FrameReader`].
 //! - [`wire::hex`] — one datagram per line of hex, the protocol of the older ssh pipe.
+//! - [`compression`] — zstd over a batch's datagrams, negotiated per connection.
 //! - [`sflow`] — the sFlow v5 header; per-stream sequence accounting (loss, reordering, restarts).
 #![warn(missing_docs)]
 
+pub mod compression;
 pub mod sflow;
 pub mod wire;
 
@@ -43,6 +45,15 @@ pub mod pb {
 /// ALPN protocol name: the relay protocol and its major version. A peer that speaks another
 /// version fails the TLS handshake instead of misreading frames.
 pub const ALPN: &[u8] = b"sflow-relay/1";
+
+/// ALPN protocol name of the same protocol with compressed batches accepted
+/// ([`compression`]). An agent that compresses offers it first, then [`ALPN`]; a sink that
+/// can decompress prefers it; an older sink picks [`ALPN`] and gets plain batches.
+pub const ALPN_ZSTD: &[u8] = b"sflow-relay/1+zstd";
+
+/// gRPC response header by which a sink accepts compressed batches (value `zstd`): the gRPC
+/// twin of [`ALPN_ZSTD`].
+pub const GRPC_COMPRESSION_HEADER: &str = "sflow-relay-compression";
 
 /// ALPN protocol name on the gRPC (TCP) port: HTTP/2, as gRPC requires.
 pub const GRPC_ALPN: &[u8] = b"h2";

@@ -197,6 +197,7 @@ mod tests {
                     .to_proto()
                 })
                 .collect(),
+            zstd_datagrams: Bytes::new(),
         }
     }
 

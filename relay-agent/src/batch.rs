@@ -48,8 +48,17 @@ pub(crate) async fn batch_loop(
     session: u64,
     batch_bytes: usize,
     batch_delay: Duration,
+    compression: Option<i32>,
     metrics: Arc<Metrics>,
 ) {
+    // The level was checked at start-up; should zstd still refuse it, batches go plain.
+    let mut compressor = compression.and_then(|level| {
+        proto::compression::Compressor::new(level)
+            .inspect_err(
+                |error| tracing::error!(%error, "zstd unavailable: batches go uncompressed"),
+            )
+            .ok()
+    });
     let mut pending: Vec<pb::Datagram> = Vec::with_capacity(256);
     let mut pending_bytes = 0usize;
     let mut deadline: Option<Instant> = None;
@@ -76,7 +85,7 @@ pub(crate) async fn batch_loop(
                     pending.push(datagram);
                     if pending_bytes >= batch_bytes {
                         sequence += 1;
-                        flush(&mut pending, session, sequence, &sinks, &metrics);
+                        flush(&mut pending, session, sequence, &sinks, compressor.as_mut(), &metrics);
                         pending_bytes = 0;
                         deadline = None;
                     }
@@ -84,7 +93,7 @@ pub(crate) async fn batch_loop(
             }
             () = sleep => {
                 sequence += 1;
-                flush(&mut pending, session, sequence, &sinks, &metrics);
+                flush(&mut pending, session, sequence, &sinks, compressor.as_mut(), &metrics);
                 pending_bytes = 0;
                 deadline = None;
             }
@@ -92,7 +101,14 @@ pub(crate) async fn batch_loop(
     }
     if !pending.is_empty() {
         sequence += 1;
-        flush(&mut pending, session, sequence, &sinks, &metrics);
+        flush(
+            &mut pending,
+            session,
+            sequence,
+            &sinks,
+            compressor.as_mut(),
+            &metrics,
+        );
     }
     tracing::debug!(batches = sequence, "batcher finished");
 }
@@ -102,6 +118,7 @@ fn flush(
     session: u64,
     sequence: u64,
     sinks: &[SinkQueue],
+    compressor: Option<&mut proto::compression::Compressor>,
     metrics: &Metrics,
 ) {
     let datagrams = std::mem::take(pending);
@@ -110,9 +127,25 @@ fn flush(
         session,
         sequence,
         datagrams,
+        zstd_datagrams: Bytes::new(),
     };
-    let mut buf = BytesMut::with_capacity(batch.encoded_len() + proto::wire::FRAME_HEADER_LEN);
-    proto::wire::encode_frame(&batch, &mut buf);
+    let mut batch = batch;
+    let mut buf;
+    match compressor {
+        Some(compressor) => {
+            buf = BytesMut::new();
+            if let Err(error) = compressor.encode_frame(&mut batch, &mut buf) {
+                tracing::warn!(%error, "batch compression failed: sent uncompressed");
+                buf.clear();
+                proto::wire::encode_frame(&batch, &mut buf);
+            }
+        }
+        None => {
+            buf = BytesMut::with_capacity(batch.encoded_len() + proto::wire::FRAME_HEADER_LEN);
+            proto::wire::encode_frame(&batch, &mut buf);
+        }
+    }
+    metrics.frame_bytes.inc_by(buf.len() as u64);
     // The datagrams' payloads are now copied into the frame; hand their vector back for reuse.
     *pending = batch.datagrams;
     pending.clear();
@@ -185,6 +218,7 @@ mod tests {
             9,
             4000,
             Duration::from_millis(5),
+            None,
             Arc::default(),
         ));
         (in_tx, out_rx, task, sink_metrics)

@@ -40,6 +40,17 @@ pub const DEFAULT_QUIC_FALLBACK_AFTER: Duration = Duration::from_secs(3);
 /// Default interval between QUIC attempts while `auto` runs over gRPC.
 pub const DEFAULT_QUIC_RETRY_INTERVAL: Duration = Duration::from_secs(60);
 
+/// Batch compression.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// zstd over each batch's datagrams, for sinks that accept it.
+    #[default]
+    Zstd,
+    /// Batches go as they are.
+    None,
+}
+
 /// How a link reaches its sink.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -161,6 +172,18 @@ pub struct Args {
         skip_serializing_if = "Option::is_none"
     )]
     pub batch_delay: Option<Duration>,
+
+    /// Compress batches: `zstd` or `none`. Compressed batches go only to sinks that accept them
+    /// (negotiated on each connection); older sinks get them plain. [default: zstd]
+    #[arg(long, value_enum, value_name = "ALGORITHM")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<Compression>,
+
+    /// zstd level: 1 is the fastest regular level, up to 19 smaller and slower; negative
+    /// levels (down to -7 is useful) faster still and larger. [default: 1]
+    #[arg(long, value_name = "LEVEL", allow_negative_numbers = true)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression_level: Option<i32>,
 
     /// Batches not yet acknowledged held in memory per sink; beyond it the oldest are dropped
     /// (counted), or, with --spool-dir, read back from disk when needed. [default: 1024]
@@ -368,6 +391,8 @@ pub struct Config {
     pub batch_bytes: usize,
     /// Batch flush delay.
     pub batch_delay: Duration,
+    /// zstd level of batch compression; `None`: off.
+    pub compression: Option<i32>,
     /// Connection attempt time limit.
     pub connect_timeout: Duration,
     /// With `auto`: QUIC handshake time limit before falling back to gRPC.
@@ -403,6 +428,23 @@ impl TryFrom<Args> for Config {
 
     fn try_from(args: Args) -> Result<Self, String> {
         let queue = args.queue_batches.unwrap_or(DEFAULT_QUEUE_BATCHES).max(1);
+        let compression = match args.compression.unwrap_or_default() {
+            Compression::None => None,
+            Compression::Zstd => {
+                let level = args
+                    .compression_level
+                    .unwrap_or(proto::compression::DEFAULT_LEVEL);
+                let levels = proto::compression::levels();
+                if !levels.contains(&level) {
+                    return Err(format!(
+                        "--compression-level {level}: zstd levels run from {} to {}",
+                        levels.start(),
+                        levels.end()
+                    ));
+                }
+                Some(level)
+            }
+        };
         let entries = match args.sink {
             None => {
                 return Err(
@@ -463,6 +505,7 @@ impl TryFrom<Args> for Config {
                 .unwrap_or(DEFAULT_BATCH_BYTES)
                 .clamp(1, proto::wire::DEFAULT_MAX_FRAME_LEN / 4),
             batch_delay: args.batch_delay.unwrap_or(DEFAULT_BATCH_DELAY),
+            compression,
             connect_timeout,
             quic_fallback_after: args
                 .quic_fallback_after

@@ -288,6 +288,7 @@ pub async fn run(
         session,
         config.batch_bytes,
         config.batch_delay,
+        config.compression,
         metrics.clone(),
     ));
     let token = CancellationToken::new();

@@ -99,6 +99,8 @@ pub struct Metrics {
     pub dropped_queue_full: IntCounter,
     /// Batches made.
     pub batches: IntCounter,
+    /// Bytes of the batch frames made, after compression.
+    pub frame_bytes: IntCounter,
     /// Kernel receive-buffer drops per listen socket (from `/proc/net/udp`), by `listen`.
     pub kernel_drops: IntCounterVec,
     /// Sequence-gap accounting of the sFlow received (loss before the relay).
@@ -284,6 +286,11 @@ impl Metrics {
             ),
             dropped_queue_full,
             batches: counter(&r, "relay_agent_batches_total", "Batches made."),
+            frame_bytes: counter(
+                &r,
+                "relay_agent_frame_bytes_total",
+                "Bytes of the batch frames made (after compression, before TLS): over relay_agent_bytes_received_total, what compression leaves.",
+            ),
             kernel_drops: counter_vec(
                 &r,
                 "relay_agent_kernel_receive_drops_total",

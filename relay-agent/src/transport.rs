@@ -101,6 +101,14 @@ impl Session {
         }
     }
 
+    /// Whether the sink takes compressed batches.
+    fn accepts_zstd(&self) -> bool {
+        match self {
+            Self::Quic(s) => s.accepts_zstd,
+            Self::Grpc(s) => s.accepts_zstd,
+        }
+    }
+
     /// Writes one batch.
     async fn send(&mut self, frame: &Record) -> Result<(), String> {
         match self {
@@ -136,6 +144,17 @@ impl Session {
 /// The latest acknowledgement of a session: (agent session, batch sequence). Acknowledgements
 /// are cumulative: the sink acknowledges batches in the order it received them.
 pub(crate) type Acked = Option<(u64, u64)>;
+
+/// The frame to send a sink: as it is when the sink takes compressed batches, else with its
+/// datagrams expanded (a sink older than compression; or batches compressed, and spooled,
+/// before this agent's compression was turned off).
+fn frame_for(record: &Record, accepts_zstd: bool) -> Result<bytes::Bytes, String> {
+    if accepts_zstd {
+        return Ok(record.bytes.clone());
+    }
+    proto::compression::plain_frame(&record.bytes, proto::wire::DEFAULT_MAX_FRAME_LEN)
+        .map_err(|e| format!("batch {} cannot be sent uncompressed: {e}", record.sequence))
+}
 
 /// Records an acknowledgement from the sink (both transports' ack readers call this).
 fn acknowledged(acked: &watch::Sender<Acked>, ack: &proto::pb::Ack) {
@@ -252,8 +271,10 @@ impl Credentials {
         loaded: &certs::Loaded,
         transport: &Arc<quinn::TransportConfig>,
     ) -> Result<(quinn::ClientConfig, tokio_rustls::rustls::ClientConfig), String> {
-        let tls = certs::client_config(&loaded.ca, &loaded.identity, proto::ALPN)
+        let mut tls = certs::client_config(&loaded.ca, &loaded.identity, proto::ALPN)
             .map_err(|e| e.to_string())?;
+        // Offered always: a sink that picks it accepts compressed batches (and plain ones).
+        tls.alpn_protocols = vec![proto::ALPN_ZSTD.to_vec(), proto::ALPN.to_vec()];
         let grpc = certs::client_config(&loaded.ca, &loaded.identity, proto::GRPC_ALPN)
             .map_err(|e| e.to_string())?;
         let crypto =
@@ -357,6 +378,7 @@ impl Link {
                     remote = %session.remote(),
                     transport = session.transport(),
                     sink_certificate_expires = %session.sink_certificate_expires(),
+                    sink_accepts_compression = session.accepts_zstd(),
                     "connected to sink"
                 );
                 let mut window = Window::default();

@@ -139,8 +139,11 @@ impl Tls {
         loaded: &certs::Loaded,
         transport: &Arc<quinn::TransportConfig>,
     ) -> Result<Self, String> {
-        let tls = certs::server_config(&loaded.ca, &loaded.identity, proto::ALPN)
+        let mut tls = certs::server_config(&loaded.ca, &loaded.identity, proto::ALPN)
             .map_err(|e| e.to_string())?;
+        // Preferred in this order: an agent that offers compression gets it; an older agent
+        // (plain ALPN only) is served as before.
+        tls.alpn_protocols = vec![proto::ALPN_ZSTD.to_vec(), proto::ALPN.to_vec()];
         let grpc = certs::server_config(&loaded.ca, &loaded.identity, proto::GRPC_ALPN)
             .map_err(|e| e.to_string())?;
         let crypto =

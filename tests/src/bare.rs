@@ -50,6 +50,7 @@ pub fn relay_one_batch(
                 ..Default::default()
             })
             .collect(),
+        ..Default::default()
     };
     rt.block_on(async {
         let attempt = async {

@@ -131,6 +131,10 @@ impl Connector {
             )
             .await
             .map_err(|status| explain(describe(&status)))?;
+        let accepts_zstd = response
+            .metadata()
+            .get(proto::GRPC_COMPRESSION_HEADER)
+            .is_some_and(|v| v == "zstd");
         let mut acks = response.into_inner();
         let (acked_tx, acked) = watch::channel(Acked::default());
         let (ended_tx, ended) = watch::channel(None);
@@ -151,6 +155,7 @@ impl Connector {
             remote,
             peer_chain: presented.lock().unwrap_or_else(|p| p.into_inner()).take(),
             sink: self.sink.clone(),
+            accepts_zstd,
             _channel: channel,
         })
     }
@@ -178,6 +183,8 @@ pub(crate) struct Session {
     /// The certificate chain the sink presented.
     peer_chain: Option<Vec<CertificateDer<'static>>>,
     sink: SinkConfig,
+    /// The sink's response carried `proto::GRPC_COMPRESSION_HEADER: zstd`.
+    pub(crate) accepts_zstd: bool,
     _channel: Channel,
 }
 
@@ -198,7 +205,8 @@ impl Session {
         let Some(frames) = &self.frames else {
             return Err("the call is finished".into());
         };
-        let body = frame.bytes.slice(proto::wire::FRAME_HEADER_LEN..);
+        let body =
+            super::frame_for(frame, self.accepts_zstd)?.slice(proto::wire::FRAME_HEADER_LEN..);
         if frames.send(body).await.is_ok() {
             Ok(())
         } else {

@@ -42,6 +42,11 @@ impl Connector {
             Ok(Err(error)) => return Err(explain(&self.sink, &error.to_string())),
             Err(_) => return Err(format!("no QUIC handshake with {addr} within {timeout:?}")),
         };
+        let accepts_zstd = connection
+            .handshake_data()
+            .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|data| data.protocol)
+            .is_some_and(|alpn| alpn == proto::ALPN_ZSTD);
         let (send, recv) = connection
             .open_bi()
             .await
@@ -61,6 +66,7 @@ impl Connector {
             send,
             acked,
             sink: self.sink.clone(),
+            accepts_zstd,
         }))
     }
 }
@@ -72,6 +78,8 @@ pub(crate) struct Session {
     send: SendStream,
     acked: watch::Receiver<Acked>,
     sink: SinkConfig,
+    /// The sink chose ALPN `proto::ALPN_ZSTD`: it takes compressed batches.
+    pub(crate) accepts_zstd: bool,
 }
 
 impl Session {
@@ -95,9 +103,10 @@ impl Session {
         if let Some(error) = self.connection.close_reason() {
             return Err(explain(&self.sink, &error.to_string()));
         }
+        let bytes = super::frame_for(frame, self.accepts_zstd)?;
         // A chunk is taken whole or not at all.
         self.send
-            .write_chunk(frame.bytes.clone())
+            .write_chunk(bytes)
             .await
             .map_err(|e| e.to_string())
     }

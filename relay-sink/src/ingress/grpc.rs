@@ -15,6 +15,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use proto::compression::Expander;
 use proto::pb;
 use proto::pb::relay_server::{Relay, RelayServer};
 use runtime::reload::Swap;
@@ -267,7 +268,13 @@ impl Relay for RelayService {
             )
             .instrument(span),
         );
-        Ok(Response::new(ReceiverStream::new(response)))
+        let mut response = Response::new(ReceiverStream::new(response));
+        // Compressed batches are welcome (the gRPC twin of ALPN `proto::ALPN_ZSTD`).
+        response.metadata_mut().insert(
+            proto::GRPC_COMPRESSION_HEADER,
+            tonic::metadata::MetadataValue::from_static("zstd"),
+        );
+        Ok(response)
     }
 }
 
@@ -283,13 +290,25 @@ async fn relay(
 ) {
     let (pending, replayed) = mpsc::channel(ACKS_PENDING);
     let acker = tokio::spawn(acknowledge(replayed, acks.clone()));
+    let mut expander = match Expander::new(shared.config.max_frame_bytes) {
+        Ok(expander) => expander,
+        Err(error) => {
+            tracing::error!(agent = %peer.agent, %error, "cannot make a zstd context");
+            return;
+        }
+    };
     let refusal = loop {
         let next = tokio::select! {
             next = batches.message() => next,
             () = token.cancelled() => break None,
         };
         match next {
-            Ok(Some(batch)) => {
+            Ok(Some(mut batch)) => {
+                if let Err(error) = expander.expand(&mut batch) {
+                    let message = error.to_string();
+                    ingress::violation(&shared, GRPC, &peer.agent, peer.remote, &message);
+                    break Some(Status::invalid_argument(message));
+                }
                 let delivery = ingress::deliver(&shared, &peer.registered, batch).await;
                 if pending.send(delivery).await.is_err() {
                     break None;

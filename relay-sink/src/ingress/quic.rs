@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use proto::compression::Expander;
 use proto::pb;
 use proto::wire::{FrameReader, WireError, encode_frame};
 use quinn::{Connection, Incoming, RecvStream, SendStream, VarInt};
@@ -117,12 +118,19 @@ async fn stream(
     let mut reader = FrameReader::new(recv, shared.config.max_frame_bytes);
     let (pending, acks) = mpsc::channel(ACKS_PENDING);
     let acker = tokio::spawn(acknowledge(send, acks, agent.clone()));
+    let mut expander = match Expander::new(shared.config.max_frame_bytes) {
+        Ok(expander) => expander,
+        Err(error) => {
+            tracing::error!(%agent, %error, "cannot make a zstd context");
+            return;
+        }
+    };
     loop {
         let next = tokio::select! {
             next = reader.next::<pb::Batch>() => next,
             () = token.cancelled() => break,
         };
-        let batch = match next {
+        let mut batch = match next {
             Ok(Some(batch)) => batch,
             Ok(None) => break,
             Err(WireError::Io(error)) => {
@@ -138,6 +146,14 @@ async fn stream(
                 break;
             }
         };
+        if let Err(error) = expander.expand(&mut batch) {
+            ingress::violation(&shared, QUIC, &agent, remote, &error.to_string());
+            connection.close(
+                VarInt::from_u32(CLOSE_PROTOCOL),
+                error.to_string().as_bytes(),
+            );
+            break;
+        }
         if pending
             .send(ingress::deliver(&shared, &registered, batch).await)
             .await
