@@ -207,6 +207,11 @@ pub(crate) fn print(args: &BenchArgs, results: &[PathResult], info: &RunInfo) {
         );
     }
 
+    println!(
+        "\nAdded latency: the path's percentile less direct's, each measured over its own {:?}; a stall of a few ms from other work on the machine lands in a p99 of so short a phase, so differences of a few ms either way (negative ones included) are within the noise.",
+        args.latency_duration
+    );
+
     let not_offered: Vec<String> = results
         .iter()
         .filter_map(|r| {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use agent::config::{Args, Sinks, TransportMode};
 use relay_tests::sflow::SflowGen;
-use relay_tests::{Pki, http, metrics_addr, start_sink};
+use relay_tests::{Pki, bin, http, metrics_addr, start_sink};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -51,6 +51,8 @@ pub(crate) struct ScaleArgs {
 
 /// Runs the scale mode and reports.
 pub(crate) fn run(args: &ScaleArgs, json_to: &Path) {
+    // Build (or find) the release binaries before timing anything.
+    let _ = bin("relay-sink");
     let started = Instant::now();
     let n = args.agents.max(1);
     let nofile = raise_nofile();
