@@ -351,7 +351,15 @@ fn a_full_disk_under_the_spool_is_an_error_not_a_crash() {
         &pki.agent_cert("site-a"),
         path_.addr(),
         "localhost",
-        &["--spool-dir", &path(&spool), "--queue-batches", "16"],
+        // Uncompressed, so that the 7 MB below are 7 MB on disk (sFlow compresses to a fifth).
+        &[
+            "--spool-dir",
+            &path(&spool),
+            "--queue-batches",
+            "16",
+            "--compression",
+            "none",
+        ],
     );
     // About 7 MB while the sink is unreachable: far more than the disk holds.
     let during = stream(5_000, 5);
