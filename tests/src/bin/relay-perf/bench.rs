@@ -43,6 +43,19 @@ impl Trial {
         self.offered() && self.received >= self.sent
     }
 
+    /// `Ok` when it passed; else the upper bound its failure sets on the zero-loss rate: the
+    /// target or, when the generator could not offer that, what it did offer (it would not
+    /// offer a higher target either).
+    pub(crate) fn verdict(&self) -> Result<(), u64> {
+        if self.passed() {
+            Ok(())
+        } else if self.offered() {
+            Err(self.target)
+        } else {
+            Err(self.target.min(self.achieved as u64))
+        }
+    }
+
     /// The rate this trial shows the path carries without loss: what was really offered, at
     /// most the target.
     pub(crate) fn rate(&self) -> u64 {
@@ -314,10 +327,7 @@ fn trial(pool: &[Vec<u8>], path: &Running, rx: &Receiver, args: &BenchArgs, rate
     t
 }
 
-/// The highest rate with zero loss. Without a hint: doubling from `--start-rate` up to the
-/// first failure, halving down to the first pass if the start fails; with one (the previous
-/// search's result): from there, up by a quarter while it passes or down by a quarter until
-/// it does. Then bisection to within 5 %.
+/// One search for the highest rate with zero loss on `path` (see [`search_rates`]).
 fn search(
     pool: &[Vec<u8>],
     path: &Running,
@@ -326,20 +336,33 @@ fn search(
     hint: Option<u64>,
 ) -> Search {
     let mut trials = Vec::new();
-    // A failure bounds the zero-loss rate from above: by its target or, when the generator
-    // could not offer that, by what it did offer (it would not offer a higher target either).
-    let run = |rate: u64, trials: &mut Vec<Trial>| -> Result<(), u64> {
+    search_rates(args.start_rate, hint, args.max_rate, |rate| {
         let t = trial(pool, path, rx, args, rate);
         trials.push(t);
-        if t.passed() {
-            Ok(())
-        } else if t.offered() {
-            Err(rate)
-        } else {
-            Err(rate.min(t.achieved as u64))
-        }
-    };
-    let max = args.max_rate.max(MIN_RATE);
+        t.verdict()
+    });
+    let rate = trials
+        .iter()
+        .filter(|t| t.passed())
+        .map(Trial::rate)
+        .max()
+        .unwrap_or(0);
+    Search { rate, trials }
+}
+
+/// The search over rates, given `run`, which tries one rate: `Ok` when it passed, else the
+/// upper bound the failure sets (see [`Trial::verdict`]). Without a hint: doubling from
+/// `start` up to the first failure, or halving down to the first pass if `start` fails; with
+/// one (the previous search's result): from there, up by a quarter while it passes or down by
+/// a quarter until it does. Then bisection to within 5 % (six trials at most). Returns the
+/// highest rate that passed, 0 when none did.
+fn search_rates(
+    start: u64,
+    hint: Option<u64>,
+    max_rate: u64,
+    mut run: impl FnMut(u64) -> Result<(), u64>,
+) -> u64 {
+    let max = max_rate.max(MIN_RATE);
     // Steps: ×2 and ÷2 from scratch, ±25 % around a previous result.
     let (up, down) = if hint.is_some() {
         ((5, 4), (3, 4))
@@ -347,16 +370,16 @@ fn search(
         ((2, 1), (1, 2))
     };
     let step = |r: u64, (num, den): (u64, u64)| r * num / den;
-    let first = hint.unwrap_or(args.start_rate).clamp(MIN_RATE, max);
+    let first = hint.unwrap_or(start).clamp(MIN_RATE, max);
     let mut lo = 0u64;
     let mut hi = None;
-    match run(first, &mut trials) {
+    match run(first) {
         Ok(()) => {
             lo = first;
             let mut rate = first;
             while rate < max {
                 rate = step(rate, up).min(max);
-                match run(rate, &mut trials) {
+                match run(rate) {
                     Ok(()) => lo = rate,
                     Err(bound) => {
                         hi = Some(bound);
@@ -369,7 +392,7 @@ fn search(
             hi = Some(bound);
             let mut rate = step(bound, down);
             while rate >= MIN_RATE {
-                match run(rate, &mut trials) {
+                match run(rate) {
                     Ok(()) => {
                         lo = rate;
                         break;
@@ -388,19 +411,13 @@ fn search(
                 break;
             }
             let mid = (lo + hi) / 2;
-            match run(mid, &mut trials) {
+            match run(mid) {
                 Ok(()) => lo = mid,
                 Err(bound) => hi = bound,
             }
         }
     }
-    let rate = trials
-        .iter()
-        .filter(|t| t.passed())
-        .map(Trial::rate)
-        .max()
-        .unwrap_or(0);
-    Search { rate, trials }
+    lo
 }
 
 /// One-way latency at `rate` for `length`: fresh datagrams from `sflow` (each one unique),
@@ -457,4 +474,79 @@ fn latency(
 fn median(mut v: Vec<u64>) -> u64 {
     v.sort_unstable();
     v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A simulated path that carries `capacity` without loss, fed by a generator that offers
+    /// at most `generator`: the trials `search_rates` asks for.
+    fn simulate(start: u64, hint: Option<u64>, capacity: u64, generator: u64) -> (u64, Vec<Trial>) {
+        let mut trials = Vec::new();
+        let lo = search_rates(start, hint, 640_000, |rate| {
+            let achieved = rate.min(generator);
+            let t = Trial {
+                target: rate,
+                sent: achieved,
+                received: if achieved <= capacity {
+                    achieved
+                } else {
+                    capacity
+                },
+                achieved: achieved as f64,
+            };
+            trials.push(t);
+            t.verdict()
+        });
+        (lo, trials)
+    }
+
+    #[test]
+    fn the_search_ends_within_5_percent_below_the_capacity() {
+        for capacity in [7_000, 34_000, 150_000, 480_000] {
+            let (rate, trials) = simulate(20_000, None, capacity, u64::MAX);
+            assert!(
+                rate <= capacity && rate as f64 >= 0.95 * capacity as f64,
+                "capacity {capacity}: found {rate} in {} trials",
+                trials.len()
+            );
+            assert!(trials.len() <= 14, "{} trials", trials.len());
+        }
+    }
+
+    #[test]
+    fn a_generator_that_cannot_offer_the_target_bounds_the_search_and_passes_nothing_above_it() {
+        let (rate, trials) = simulate(20_000, None, 1_000_000, 300_000);
+        assert!((285_000..=315_000).contains(&rate), "{rate}");
+        assert!(
+            trials
+                .iter()
+                .all(|t| !t.passed() || t.achieved >= 0.95 * t.target as f64),
+            "a trial not offered passed"
+        );
+        // The failure at 320,000 (offered 300,000) bounds the bisection by 300,000, not 320,000.
+        let failed = trials.iter().find(|t| !t.passed()).expect("a failure");
+        assert_eq!((failed.target, failed.verdict()), (320_000, Err(300_000)));
+        assert!(trials.len() <= 11, "{} trials", trials.len());
+    }
+
+    #[test]
+    fn a_search_from_a_previous_result_takes_fewer_trials() {
+        let (cold, cold_trials) = simulate(20_000, None, 150_000, u64::MAX);
+        let (warm, warm_trials) = simulate(20_000, Some(cold), 150_000, u64::MAX);
+        assert!(warm as f64 >= 0.95 * 150_000.0 && warm <= 150_000, "{warm}");
+        assert!(warm_trials.len() < cold_trials.len());
+        // And from a result that no longer holds.
+        let (lower, _) = simulate(20_000, Some(cold), 90_000, u64::MAX);
+        assert!(
+            lower as f64 >= 0.95 * 90_000.0 && lower <= 90_000,
+            "{lower}"
+        );
+    }
+
+    #[test]
+    fn a_path_that_loses_even_at_the_lowest_rate_gets_zero() {
+        assert_eq!(simulate(20_000, None, 500, u64::MAX).0, 0);
+    }
 }

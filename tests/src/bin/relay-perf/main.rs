@@ -3,9 +3,10 @@
 //! within a run; the ratios are the headline, absolute figures move between runs).
 //!
 //! Usage:
-//! - `cargo run --release -p relay-tests --bin relay-perf` (every path, about 4 minutes)
-//! - `cargo run --release -p relay-tests --bin relay-perf -- --scale` (1,000 agents, about
-//!   2 minutes)
+//! - `cargo run --release -p relay-tests --bin relay-perf` (every path: about 3 minutes once
+//!   the release binaries are built)
+//! - `cargo run --release -p relay-tests --bin relay-perf -- --scale` (1,000 agents for a
+//!   minute: about 70 seconds)
 //!
 //! For each path: generator → path → receiver, with realistic sFlow v5 datagrams of about
 //! 1,400 bytes ([`relay_tests::sflow::SflowGen`]).
@@ -27,8 +28,8 @@
 //! Paths:
 //! - `direct`: generator straight to the receiver (the ceiling of this machine).
 //! - `forwarder`: a plain one-hop UDP forwarder, one recv and one send per datagram with
-//!   8 MiB socket buffers (our stand-in for samplicator): this program, run again as a
-//!   separate process (the hidden `forward` subcommand).
+//!   8 MiB socket buffers asked for, like every path's input (our stand-in for samplicator):
+//!   this program, run again as a separate process (the hidden `forward` subcommand).
 //! - `python-hex`: the Python port of sflow_fwd.py piped to itself (no ssh), the practice
 //!   sflow-relay replaces.
 //! - `ssh-hex`: `relay-agent --ssh-hex | relay-sink --ssh-hex -s …` (no ssh).
