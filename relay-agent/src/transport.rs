@@ -532,6 +532,11 @@ impl Link {
                         }
                     })
                     .await;
+                    // The call ends when the sink has acknowledged what it got and finished
+                    // its side: that last acknowledgement may not have been taken above.
+                    if let Some(settled) = in_flight.settle(*acked.borrow_and_update()) {
+                        self.release(settled);
+                    }
                     if drained.is_err() || !in_flight.is_empty() {
                         tracing::warn!(sink = %self.dialer.sink.addr, "moving to QUIC before the sink acknowledged everything sent over gRPC; the rest is sent again");
                     }
