@@ -172,7 +172,7 @@ impl TrustAnchors {
 }
 
 /// The sink's TLS configuration: TLS 1.3, client certificates required and verified against
-/// `ca`, no early data, ALPN `alpn`.
+/// `ca`, no early data, ALPN `alpn` (in order of preference).
 ///
 /// A refused client certificate's subject is added to the handshake error's text; see
 /// [`refusal`](crate::refusal) for the format and [`presented_subject`](crate::presented_subject)
@@ -184,19 +184,19 @@ impl TrustAnchors {
 pub fn server_config(
     ca: &TrustAnchors,
     identity: &Identity,
-    alpn: &[u8],
+    alpn: &[&[u8]],
 ) -> Result<rustls::ServerConfig, Error> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(client_verifier(ca)?)
         .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
-    config.alpn_protocols = vec![alpn.to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     config.max_early_data_size = 0;
     Ok(config)
 }
 
 /// The agent's TLS configuration: TLS 1.3, the server verified against `ca` (not the system
-/// roots), `identity` presented as the client certificate, no early data, ALPN `alpn`.
+/// roots), `identity` presented as the client certificate, no early data, ALPN `alpn` (in order of preference).
 ///
 /// # Errors
 ///
@@ -204,13 +204,13 @@ pub fn server_config(
 pub fn client_config(
     ca: &TrustAnchors,
     identity: &Identity,
-    alpn: &[u8],
+    alpn: &[&[u8]],
 ) -> Result<rustls::ClientConfig, Error> {
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(ca.roots.clone())
         .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())?;
-    config.alpn_protocols = vec![alpn.to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     config.enable_early_data = false;
     Ok(config)
 }

@@ -320,11 +320,11 @@ mod tests {
         let sink = server_config(
             &anchors(&ours),
             &identity(&ours, Role::Sink, "sink"),
-            b"test",
+            &[b"test"],
         )
         .unwrap();
         let handshake = |agent: &Identity| {
-            let agent = client_config(&anchors(&ours), agent, b"test").unwrap();
+            let agent = client_config(&anchors(&ours), agent, &[b"test"]).unwrap();
             let mut client = ClientConnection::new(
                 Arc::new(agent),
                 ServerName::try_from("sink").unwrap().to_owned(),

@@ -155,50 +155,33 @@ impl Expander {
     ///
     /// When the compressed datagrams are corrupt, unsized, or expand beyond the limit.
     pub fn expand(&mut self, batch: &mut pb::Batch) -> Result<(), CompressionError> {
-        expand_with(&mut self.zstd, batch, self.max_len)
-    }
-}
-
-/// [`Expander::expand`] with a context made for the one call.
-///
-/// # Errors
-///
-/// As [`Expander::expand`].
-pub fn expand(batch: &mut pb::Batch, max_len: usize) -> Result<(), CompressionError> {
-    if batch.zstd_datagrams.is_empty() {
-        return Ok(());
-    }
-    let mut zstd = zstd::bulk::Decompressor::new().map_err(CompressionError::Corrupt)?;
-    expand_with(&mut zstd, batch, max_len)
-}
-
-fn expand_with(
-    zstd: &mut zstd::bulk::Decompressor<'static>,
-    batch: &mut pb::Batch,
-    max_len: usize,
-) -> Result<(), CompressionError> {
-    if batch.zstd_datagrams.is_empty() {
-        return Ok(());
-    }
-    let len = match zstd::zstd_safe::get_frame_content_size(&batch.zstd_datagrams) {
-        Ok(Some(len)) => len,
-        Ok(None) => return Err(CompressionError::UnknownSize),
-        Err(_) => {
-            return Err(CompressionError::Corrupt(std::io::Error::other(
-                "not a zstd frame",
-            )));
+        if batch.zstd_datagrams.is_empty() {
+            return Ok(());
         }
-    };
-    if len > max_len as u64 {
-        return Err(CompressionError::TooLarge { len, max: max_len });
+        let len = match zstd::zstd_safe::get_frame_content_size(&batch.zstd_datagrams) {
+            Ok(Some(len)) => len,
+            Ok(None) => return Err(CompressionError::UnknownSize),
+            Err(_) => {
+                return Err(CompressionError::Corrupt(std::io::Error::other(
+                    "not a zstd frame",
+                )));
+            }
+        };
+        if len > self.max_len as u64 {
+            return Err(CompressionError::TooLarge {
+                len,
+                max: self.max_len,
+            });
+        }
+        let mut plain = Vec::with_capacity(len as usize);
+        self.zstd
+            .decompress_to_buffer(&batch.zstd_datagrams[..], &mut plain)
+            .map_err(CompressionError::Corrupt)?;
+        let list = pb::Datagrams::decode(Bytes::from(plain))?;
+        batch.datagrams = list.datagrams;
+        batch.zstd_datagrams = Bytes::new();
+        Ok(())
     }
-    let mut plain = Vec::with_capacity(len as usize);
-    zstd.decompress_to_buffer(&batch.zstd_datagrams[..], &mut plain)
-        .map_err(CompressionError::Corrupt)?;
-    let list = pb::Datagrams::decode(Bytes::from(plain))?;
-    batch.datagrams = list.datagrams;
-    batch.zstd_datagrams = Bytes::new();
-    Ok(())
 }
 
 /// The frame to send a sink that does not accept compression: `frame` itself when plain, else
@@ -212,7 +195,9 @@ pub fn plain_frame(frame: &Bytes, max_len: usize) -> Result<Bytes, CompressionEr
     if batch.zstd_datagrams.is_empty() {
         return Ok(frame.clone());
     }
-    expand(&mut batch, max_len)?;
+    Expander::new(max_len)
+        .map_err(CompressionError::Corrupt)?
+        .expand(&mut batch)?;
     let mut out = BytesMut::with_capacity(FRAME_HEADER_LEN + batch.encoded_len());
     encode_frame(&batch, &mut out);
     Ok(out.freeze())
@@ -246,6 +231,10 @@ mod tests {
             datagrams,
             zstd_datagrams: Bytes::new(),
         }
+    }
+
+    fn expander() -> Expander {
+        Expander::new(DEFAULT_MAX_FRAME_LEN).unwrap()
     }
 
     fn body(frame: &BytesMut) -> Bytes {
@@ -297,7 +286,10 @@ mod tests {
         let mut frame = BytesMut::new();
         compressor.encode_frame(&mut big, &mut frame).unwrap();
         let mut received = pb::Batch::decode(body(&frame)).unwrap();
-        let error = expand(&mut received, 64 * 1024).unwrap_err();
+        let error = Expander::new(64 * 1024)
+            .unwrap()
+            .expand(&mut received)
+            .unwrap_err();
         assert!(
             matches!(error, CompressionError::TooLarge { max: 65_536, .. }),
             "{error}"
@@ -309,7 +301,7 @@ mod tests {
         let mut garbage = batch(0);
         garbage.zstd_datagrams = Bytes::from_static(b"not zstd at all");
         assert!(matches!(
-            expand(&mut garbage, DEFAULT_MAX_FRAME_LEN),
+            expander().expand(&mut garbage),
             Err(CompressionError::Corrupt(_))
         ));
 
@@ -320,7 +312,7 @@ mod tests {
         let mut unsized_batch = batch(0);
         unsized_batch.zstd_datagrams = Bytes::from(encoder.finish().unwrap());
         assert!(matches!(
-            expand(&mut unsized_batch, DEFAULT_MAX_FRAME_LEN),
+            expander().expand(&mut unsized_batch),
             Err(CompressionError::UnknownSize)
         ));
 
@@ -332,6 +324,6 @@ mod tests {
         let mut received = pb::Batch::decode(body(&frame)).unwrap();
         let cut = received.zstd_datagrams.len() / 2;
         received.zstd_datagrams = received.zstd_datagrams.slice(..cut);
-        assert!(expand(&mut received, DEFAULT_MAX_FRAME_LEN).is_err());
+        assert!(expander().expand(&mut received).is_err());
     }
 }

@@ -51,6 +51,10 @@ pub const ALPN: &[u8] = b"sflow-relay/1";
 /// can decompress prefers it; an older sink picks [`ALPN`] and gets plain batches.
 pub const ALPN_ZSTD: &[u8] = b"sflow-relay/1+zstd";
 
+/// The relay protocols a peer of this release speaks, in order of preference: QUIC's ALPN list
+/// on both sides.
+pub const RELAY_ALPNS: &[&[u8]] = &[ALPN_ZSTD, ALPN];
+
 /// gRPC response header by which a sink accepts compressed batches (value `zstd`): the gRPC
 /// twin of [`ALPN_ZSTD`].
 pub const GRPC_COMPRESSION_HEADER: &str = "sflow-relay-compression";

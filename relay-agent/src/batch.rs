@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use prost::Message;
 use proto::pb;
 use runtime::ratelimit::RateLimit;
 use tokio::sync::mpsc;
@@ -123,27 +122,24 @@ fn flush(
 ) {
     let datagrams = std::mem::take(pending);
     let count = datagrams.len() as u64;
-    let batch = pb::Batch {
+    let mut batch = pb::Batch {
         session,
         sequence,
         datagrams,
         zstd_datagrams: Bytes::new(),
     };
-    let mut batch = batch;
-    let mut buf;
-    match compressor {
-        Some(compressor) => {
-            buf = BytesMut::new();
-            if let Err(error) = compressor.encode_frame(&mut batch, &mut buf) {
+    let mut buf = BytesMut::new();
+    let compressed = compressor.is_some_and(|compressor| {
+        compressor
+            .encode_frame(&mut batch, &mut buf)
+            .inspect_err(|error| {
                 tracing::warn!(%error, "batch compression failed: sent uncompressed");
-                buf.clear();
-                proto::wire::encode_frame(&batch, &mut buf);
-            }
-        }
-        None => {
-            buf = BytesMut::with_capacity(batch.encoded_len() + proto::wire::FRAME_HEADER_LEN);
-            proto::wire::encode_frame(&batch, &mut buf);
-        }
+            })
+            .is_ok()
+    });
+    if !compressed {
+        buf.clear();
+        proto::wire::encode_frame(&batch, &mut buf);
     }
     metrics.frame_bytes.inc_by(buf.len() as u64);
     // The datagrams' payloads are now copied into the frame; hand their vector back for reuse.
@@ -175,6 +171,8 @@ fn flush(
 
 #[cfg(test)]
 mod tests {
+    use prost::Message;
+
     use super::*;
     use proto::wire::{DEFAULT_MAX_FRAME_LEN, decode_frame};
 

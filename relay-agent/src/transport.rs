@@ -271,11 +271,11 @@ impl Credentials {
         loaded: &certs::Loaded,
         transport: &Arc<quinn::TransportConfig>,
     ) -> Result<(quinn::ClientConfig, tokio_rustls::rustls::ClientConfig), String> {
-        let mut tls = certs::client_config(&loaded.ca, &loaded.identity, proto::ALPN)
+        // ALPN_ZSTD is offered always: a sink that picks it accepts compressed batches (and
+        // plain ones).
+        let tls = certs::client_config(&loaded.ca, &loaded.identity, proto::RELAY_ALPNS)
             .map_err(|e| e.to_string())?;
-        // Offered always: a sink that picks it accepts compressed batches (and plain ones).
-        tls.alpn_protocols = vec![proto::ALPN_ZSTD.to_vec(), proto::ALPN.to_vec()];
-        let grpc = certs::client_config(&loaded.ca, &loaded.identity, proto::GRPC_ALPN)
+        let grpc = certs::client_config(&loaded.ca, &loaded.identity, &[proto::GRPC_ALPN])
             .map_err(|e| e.to_string())?;
         let crypto =
             quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;

@@ -139,12 +139,11 @@ impl Tls {
         loaded: &certs::Loaded,
         transport: &Arc<quinn::TransportConfig>,
     ) -> Result<Self, String> {
-        let mut tls = certs::server_config(&loaded.ca, &loaded.identity, proto::ALPN)
+        // An agent that offers compression gets it; an older agent (plain ALPN only) is served
+        // as before.
+        let tls = certs::server_config(&loaded.ca, &loaded.identity, proto::RELAY_ALPNS)
             .map_err(|e| e.to_string())?;
-        // Preferred in this order: an agent that offers compression gets it; an older agent
-        // (plain ALPN only) is served as before.
-        tls.alpn_protocols = vec![proto::ALPN_ZSTD.to_vec(), proto::ALPN.to_vec()];
-        let grpc = certs::server_config(&loaded.ca, &loaded.identity, proto::GRPC_ALPN)
+        let grpc = certs::server_config(&loaded.ca, &loaded.identity, &[proto::GRPC_ALPN])
             .map_err(|e| e.to_string())?;
         let crypto =
             quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| e.to_string())?;

@@ -59,7 +59,7 @@ fn unchanged_files_are_not_reloaded() {
     assert!(reloader.check().unwrap().is_none());
     assert!(reloader.check().unwrap().is_none());
     // The set builds a sink config, which is what the caller does with it.
-    crate::server_config(&first.ca, &first.identity, b"test").unwrap();
+    crate::server_config(&first.ca, &first.identity, &[b"test"]).unwrap();
 }
 
 #[test]
