@@ -16,6 +16,7 @@ use runtime::quic::QuicOptions;
 use runtime::reload::ReloadOptions;
 use runtime::ssh_hex::SshHexOptions;
 use runtime::telemetry::LogFormat;
+use runtime::threads::ThreadOptions;
 use serde::{Deserialize, Serialize};
 
 /// Default listen address: the sFlow port on all IPv4 addresses.
@@ -23,6 +24,8 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:6343";
 /// Default socket receive buffer: 8 MiB holds about 6,000 datagrams of 1,400 bytes, several
 /// seconds of a busy site, enough to ride out scheduling hiccups.
 pub const DEFAULT_RECV_BUFFER: usize = 8 * 1024 * 1024;
+/// Default pause after emptying a receive socket.
+pub const DEFAULT_RECV_COALESCE: Duration = Duration::from_millis(1);
 /// Default batch size limit: 64 KiB, large enough that per-frame costs vanish (about 45
 /// datagrams of 1,400 bytes), small enough to stay far below any frame or message limit.
 pub const DEFAULT_BATCH_BYTES: usize = 64 * 1024;
@@ -108,6 +111,17 @@ pub struct Args {
     #[arg(long, value_name = "BYTES")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recv_buffer: Option<usize>,
+
+    /// After emptying a socket, wait this long before reading it again: under load the agent
+    /// then wakes once per interval, not once per datagram. Adds at most this much latency;
+    /// 0s reads each datagram as it comes. [default: 1ms]
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub recv_coalesce: Option<Duration>,
 
     /// The sink, HOST:PORT (its QUIC port on UDP and its gRPC port on TCP: the same number). In a
     /// config file, `[[sink]]` entries instead.
@@ -278,6 +292,10 @@ pub struct Args {
 
     #[command(flatten)]
     #[serde(flatten)]
+    pub threads: ThreadOptions,
+
+    #[command(flatten)]
+    #[serde(flatten)]
     pub ssh_hex: SshHexOptions,
 }
 
@@ -385,6 +403,8 @@ pub struct Config {
     pub listen: Vec<SocketAddr>,
     /// Receive buffer per socket.
     pub recv_buffer: usize,
+    /// Pause after emptying a socket.
+    pub recv_coalesce: Duration,
     /// Sinks.
     pub sinks: Vec<SinkConfig>,
     /// Batch flush size.
@@ -421,6 +441,8 @@ pub struct Config {
     pub observe: ObserveOptions,
     /// When to re-read the certificate files.
     pub reload: ReloadOptions,
+    /// Worker threads.
+    pub threads: ThreadOptions,
 }
 
 impl TryFrom<Args> for Config {
@@ -499,6 +521,7 @@ impl TryFrom<Args> for Config {
         Ok(Self {
             listen,
             recv_buffer: args.recv_buffer.unwrap_or(DEFAULT_RECV_BUFFER),
+            recv_coalesce: args.recv_coalesce.unwrap_or(DEFAULT_RECV_COALESCE),
             sinks,
             batch_bytes: args
                 .batch_bytes
@@ -532,6 +555,7 @@ impl TryFrom<Args> for Config {
             grpc: args.grpc,
             observe: args.observe,
             reload: args.reload,
+            threads: args.threads,
         })
     }
 }

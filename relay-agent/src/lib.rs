@@ -295,7 +295,6 @@ pub async fn run(
     let mut receivers = JoinSet::new();
     let mut listening = Vec::with_capacity(sockets.len());
     for socket in sockets {
-        let socket = tokio::net::UdpSocket::from_std(socket).map_err(Error::Socket)?;
         let listen = socket.local_addr().map_err(Error::Socket)?;
         tracing::info!(%listen, "receiving sFlow");
         listening.push((
@@ -304,12 +303,11 @@ pub async fn run(
                 .kernel_drops
                 .with_label_values(&[&listen.to_string()]),
         ));
-        receivers.spawn(receive::receive_loop(
-            socket,
-            ingest_tx.clone(),
-            metrics.clone(),
-            token.clone(),
-        ));
+        let (batcher, metrics, token) = (ingest_tx.clone(), metrics.clone(), token.clone());
+        let coalesce = config.recv_coalesce;
+        receivers.spawn_blocking(move || {
+            receive::receive_loop(socket, batcher, metrics, token, coalesce);
+        });
     }
     drop(ingest_tx);
     let status = Arc::new(status::AgentStatus {

@@ -53,7 +53,10 @@ fn main() -> ExitCode {
         Ok(sockets) => sockets,
         Err(e) => return cli::fail(PROGRAM, &e),
     };
-    let rt = tokio::runtime::Runtime::new().expect("start tokio runtime");
+    let rt = match config.threads.runtime() {
+        Ok(rt) => rt,
+        Err(e) => return cli::fail(PROGRAM, &format!("cannot start the runtime: {e}")),
+    };
     let mut links = Vec::new();
     let metrics = Arc::new(Metrics::new(config.observe.sflow_max_streams()));
     let run = relay_agent::run(

@@ -130,6 +130,7 @@ struct SinkFamilies {
     fallbacks_to_grpc: IntCounterVec,
     returns_to_quic: IntCounterVec,
     rtt: prometheus::GaugeVec,
+    quic_udp_bytes_sent: IntCounterVec,
     certificate_expiry: prometheus::GaugeVec,
 }
 
@@ -266,6 +267,12 @@ impl Metrics {
                 "Round-trip time to the sink as QUIC estimates it (latest); NaN when not connected over QUIC.",
                 &["sink"],
             ),
+            quic_udp_bytes_sent: counter_vec(
+                &r,
+                "relay_agent_quic_udp_bytes_sent_total",
+                "UDP payload bytes sent on QUIC connections to the sink: the frames with QUIC and TLS overhead, retransmissions, acknowledgements and keep-alives (what the link carries, less IP and UDP headers).",
+                &["sink"],
+            ),
             certificate_expiry: float_gauge_vec(
                 &r,
                 "relay_agent_certificate_expiry_seconds",
@@ -340,6 +347,7 @@ impl Metrics {
             fallbacks_to_grpc: one(&f.fallbacks_to_grpc),
             returns_to_quic: one(&f.returns_to_quic),
             rtt,
+            quic_udp_bytes_sent: one(&f.quic_udp_bytes_sent),
             certificate_expiry: f.certificate_expiry.with_label_values(&[addr]),
         }
     }
@@ -397,6 +405,8 @@ pub struct SinkMetrics {
     pub returns_to_quic: IntCounter,
     /// QUIC's round-trip estimate, seconds.
     pub rtt: Gauge,
+    /// UDP payload bytes sent on QUIC connections.
+    pub quic_udp_bytes_sent: IntCounter,
     /// Seconds until this link's certificate expires.
     pub certificate_expiry: Gauge,
 }

@@ -12,6 +12,7 @@ use runtime::quic::QuicOptions;
 use runtime::reload::ReloadOptions;
 use runtime::ssh_hex::SshHexOptions;
 use runtime::telemetry::LogFormat;
+use runtime::threads::ThreadOptions;
 use serde::{Deserialize, Serialize};
 
 /// Default QUIC listen address (UDP).
@@ -147,6 +148,10 @@ pub struct Args {
 
     #[command(flatten)]
     #[serde(flatten)]
+    pub threads: ThreadOptions,
+
+    #[command(flatten)]
+    #[serde(flatten)]
     pub ssh_hex: SshHexOptions,
 }
 
@@ -225,6 +230,8 @@ pub struct Config {
     pub observe: ObserveOptions,
     /// When to re-read the certificate files.
     pub reload: ReloadOptions,
+    /// Worker threads.
+    pub threads: ThreadOptions,
 }
 
 impl TryFrom<Args> for Config {
@@ -280,6 +287,7 @@ impl TryFrom<Args> for Config {
             grpc: args.grpc,
             observe: args.observe,
             reload: args.reload,
+            threads: args.threads,
         })
     }
 }

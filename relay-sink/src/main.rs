@@ -18,7 +18,10 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(e) => return cli::usage(PROGRAM, &e),
     };
-    let rt = tokio::runtime::Runtime::new().expect("start tokio runtime");
+    let rt = match config.threads.runtime() {
+        Ok(rt) => rt,
+        Err(e) => return cli::fail(PROGRAM, &format!("cannot start the runtime: {e}")),
+    };
     let metrics = Arc::new(Metrics::new(config.observe.sflow_max_streams()));
     rt.block_on(async {
         let listeners = match relay_sink::bind(&config) {

@@ -13,6 +13,7 @@
 //!   control, GSO) and the stateless-reset key.
 //! - [`ssh_hex`] — the `--ssh-hex` mode, compatible with the `sflow_fwd.py | ssh` pipe.
 //! - [`reload`] — when to re-read certificate files (SIGHUP, and a poll interval).
+//! - [`threads`] — how many threads run the tasks (one by default, as measured).
 //! - [`ratelimit`] — logging a recurring event at most once per interval.
 //! - [`accounting`] — sFlow sequence-gap accounting, per sFlow stream, as Prometheus series.
 //! - [`observe`] — the `/metrics`, `/healthz`, `/readyz` endpoint, and metric registration.
@@ -30,4 +31,5 @@ pub mod reload;
 pub mod shutdown;
 pub mod ssh_hex;
 pub mod telemetry;
+pub mod threads;
 pub mod udp;

@@ -53,13 +53,25 @@ impl Connector {
             .map_err(|e| explain(&self.sink, &e.to_string()))?;
         let (acked_tx, acked) = watch::channel(Acked::default());
         let metrics = self.metrics.clone();
-        let rtt_of = connection.clone();
+        let stats_of = connection.clone();
         tokio::spawn(async move {
             let mut reader = FrameReader::new(recv, MAX_ACK_LEN);
+            // The connection's UDP bytes are counted as of each acknowledgement (one per
+            // batch), and once more when the session ends.
+            let mut udp_bytes_counted = 0;
+            let mut count = |connection: &Connection| {
+                let sent = connection.stats().udp_tx.bytes;
+                metrics
+                    .quic_udp_bytes_sent
+                    .inc_by(sent.saturating_sub(udp_bytes_counted));
+                udp_bytes_counted = udp_bytes_counted.max(sent);
+            };
             while let Ok(Some(ack)) = reader.next::<pb::Ack>().await {
                 acknowledged(&acked_tx, &ack);
-                metrics.rtt.set(rtt_of.rtt().as_secs_f64());
+                count(&stats_of);
+                metrics.rtt.set(stats_of.rtt().as_secs_f64());
             }
+            count(&stats_of);
         });
         Ok(super::Session::Quic(Session {
             connection,
