@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use relay_tests::bin;
 use relay_tests::sflow::{SflowGen, stream_position};
+use relay_tests::{bin, http};
 
 use crate::BenchArgs;
 use crate::load::{self, Key, OFFERED_MIN, Offered, Receiver};
@@ -117,7 +117,34 @@ pub(crate) struct PathResult {
     pub(crate) load_cpu_us: f64,
     /// CPU seconds of the path's processes over the whole measurement.
     pub(crate) cpu_seconds: f64,
+    /// What the link carried in the CPU run, on the paths over QUIC.
+    pub(crate) wire: Option<Wire>,
     pub(crate) latency: Latency,
+}
+
+/// Bytes the agent received and the bytes its QUIC connection sent for them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Wire {
+    /// UDP payload bytes received (`relay_agent_bytes_received_total`).
+    pub(crate) payload: f64,
+    /// UDP payload bytes the QUIC connection sent (`relay_agent_quic_udp_bytes_sent_total`):
+    /// frames, QUIC and TLS overhead, acknowledgements, retransmissions.
+    pub(crate) udp: f64,
+}
+
+impl Wire {
+    fn read(agent: std::net::SocketAddr) -> Option<Self> {
+        let body = http::get(agent, "/metrics").ok()?.body;
+        Some(Self {
+            payload: http::metric_sum(&body, "relay_agent_bytes_received_total"),
+            udp: http::metric_sum(&body, "relay_agent_quic_udp_bytes_sent_total"),
+        })
+    }
+
+    /// Wire bytes per payload byte.
+    pub(crate) fn ratio(&self) -> f64 {
+        self.udp / self.payload
+    }
 }
 
 impl PathResult {
@@ -154,7 +181,11 @@ pub(crate) fn run(args: &BenchArgs, json: &Path) {
     for &kind in &args.paths {
         let path_started = Instant::now();
         let rx = Receiver::start();
-        let path = paths::start(kind, rx.addr(), args.rcvbuf);
+        let extra = paths::Extra {
+            agent: args.agent_arg.clone(),
+            sink: args.sink_arg.clone(),
+        };
+        let path = paths::start(kind, rx.addr(), args.rcvbuf, &extra);
         let result = measure(kind, &path, &rx, &pool, &mut sflow, args);
         eprintln!(
             "  {:<10} done in {:.0} s (a trial at the median: {})",
@@ -250,10 +281,20 @@ fn measure(
     let before = usages();
     let load_before = procs::usage("self");
     let start_count = rx.count();
+    let wire_before = path.agent_metrics.and_then(Wire::read);
     let cpu_offered = load::send_at(pool, path.input, cpu_rate, args.cpu_duration);
     let cpu_delivered =
         rx.settle(start_count + cpu_offered.sent, QUIET, SETTLE_LIMIT) - start_count;
     let after = usages();
+    let wire = path
+        .agent_metrics
+        .and_then(Wire::read)
+        .zip(wire_before)
+        .map(|(a, b)| Wire {
+            payload: a.payload - b.payload,
+            udp: a.udp - b.udp,
+        })
+        .filter(|w| w.payload > 0.0);
     let load_cpu_us = (procs::usage("self").cpu_seconds - load_before.cpu_seconds) * 1e6
         / cpu_offered.sent.max(1) as f64;
     raise_peak(&after);
@@ -292,6 +333,7 @@ fn measure(
         processes,
         load_cpu_us,
         cpu_seconds,
+        wire,
         latency,
     }
 }

@@ -123,6 +123,13 @@ struct BenchArgs {
     /// forwarder. The kernel caps it at net.core.rmem_max.
     #[arg(long, default_value_t = 8 << 20)]
     rcvbuf: usize,
+    /// An extra argument for relay-agent on the quic, quic-plain and grpc paths (repeat for
+    /// more, e.g. `--agent-arg=--worker-threads=2`).
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    agent_arg: Vec<String>,
+    /// An extra argument for relay-sink on the quic, quic-plain and grpc paths.
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    sink_arg: Vec<String>,
     /// Print every trial (target and achieved rate, sent, received, kernel drops at the
     /// path's input and at the receiver).
     #[arg(long)]

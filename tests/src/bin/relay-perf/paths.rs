@@ -6,8 +6,8 @@ use std::process::{Command, Stdio};
 
 use clap::ValueEnum;
 use relay_tests::{
-    Daemon, Pki, Transport, WAIT, bin, field, free_udp_port, pipe, start_agent_over, start_sink,
-    wait_udp_bound,
+    Daemon, Pki, Transport, WAIT, bin, field, free_udp_port, metrics_addr, pipe, start_agent_over,
+    start_sink, wait_udp_bound,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -17,17 +17,19 @@ pub(crate) enum PathKind {
     PythonHex,
     SshHex,
     Quic,
+    QuicPlain,
     Grpc,
 }
 
 impl PathKind {
     /// Every path, in the default order: the baselines first.
-    pub(crate) const ALL: [Self; 6] = [
+    pub(crate) const ALL: [Self; 7] = [
         Self::Direct,
         Self::Forwarder,
         Self::PythonHex,
         Self::SshHex,
         Self::Quic,
+        Self::QuicPlain,
         Self::Grpc,
     ];
 
@@ -38,6 +40,7 @@ impl PathKind {
             Self::PythonHex => "python-hex",
             Self::SshHex => "ssh-hex",
             Self::Quic => "quic",
+            Self::QuicPlain => "quic-plain",
             Self::Grpc => "grpc",
         }
     }
@@ -49,6 +52,7 @@ impl PathKind {
             Self::PythonHex => "sflow_fwd.py | sflow_fwd.py -s (Python, no ssh)",
             Self::SshHex => "relay-agent --ssh-hex | relay-sink --ssh-hex -s (no ssh)",
             Self::Quic => "relay-agent → QUIC + mTLS → relay-sink",
+            Self::QuicPlain => "the same, relay-agent --compression none",
             Self::Grpc => "relay-agent → gRPC (HTTP/2 + mTLS, TCP) → relay-sink",
         }
     }
@@ -56,7 +60,7 @@ impl PathKind {
     /// The agent-to-sink transport of a relay path over the network.
     fn transport(self) -> Option<Transport> {
         match self {
-            Self::Quic => Some(Transport::Quic),
+            Self::Quic | Self::QuicPlain => Some(Transport::Quic),
             Self::Grpc => Some(Transport::Grpc),
             Self::Direct | Self::Forwarder | Self::PythonHex | Self::SshHex => None,
         }
@@ -79,11 +83,20 @@ impl Process {
 pub(crate) struct Running {
     pub(crate) input: SocketAddr,
     pub(crate) processes: Vec<Process>,
+    /// The agent's metrics endpoint, on the paths over QUIC.
+    pub(crate) agent_metrics: Option<SocketAddr>,
     _dir: Option<tempfile::TempDir>,
 }
 
+/// Extra arguments for the relay's daemons.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Extra {
+    pub(crate) agent: Vec<String>,
+    pub(crate) sink: Vec<String>,
+}
+
 /// Starts the path `kind` replaying to `output`, each input socket asking for `rcvbuf`.
-pub(crate) fn start(kind: PathKind, output: SocketAddr, rcvbuf: usize) -> Running {
+pub(crate) fn start(kind: PathKind, output: SocketAddr, rcvbuf: usize, extra: &Extra) -> Running {
     let rcvbuf_arg = rcvbuf.to_string();
     let out_port = output.port().to_string();
     let process = |name, daemon| Process { name, daemon };
@@ -91,6 +104,7 @@ pub(crate) fn start(kind: PathKind, output: SocketAddr, rcvbuf: usize) -> Runnin
         PathKind::Direct => Running {
             input: output,
             processes: Vec::new(),
+            agent_metrics: None,
             _dir: None,
         },
         PathKind::Forwarder => {
@@ -115,6 +129,7 @@ pub(crate) fn start(kind: PathKind, output: SocketAddr, rcvbuf: usize) -> Runnin
             Running {
                 input,
                 processes: vec![process("forwarder", daemon)],
+                agent_metrics: None,
                 _dir: None,
             }
         }
@@ -158,10 +173,11 @@ pub(crate) fn start(kind: PathKind, output: SocketAddr, rcvbuf: usize) -> Runnin
             Running {
                 input,
                 processes: vec![process(names.0, l), process(names.1, r)],
+                agent_metrics: None,
                 _dir: None,
             }
         }
-        PathKind::Quic | PathKind::Grpc => {
+        PathKind::Quic | PathKind::QuicPlain | PathKind::Grpc => {
             let transport = kind.transport().expect("a relay path has a transport");
             let dir = tempfile::tempdir().expect("temp dir");
             let pki = Pki::new(dir.path());
@@ -171,15 +187,23 @@ pub(crate) fn start(kind: PathKind, output: SocketAddr, rcvbuf: usize) -> Runnin
                 &pki.sink_cert("sink"),
                 &[output],
                 None,
-                &["--replay-max-pps", "0"],
+                &[&["--replay-max-pps", "0"], &as_strs(&extra.sink)[..]].concat(),
             );
+            let mut agent_args = vec!["--recv-buffer", &rcvbuf_arg];
+            if kind == PathKind::QuicPlain {
+                agent_args.extend(["--compression", "none"]);
+            }
+            if kind != PathKind::Grpc {
+                agent_args.extend(["--metrics-listen", "127.0.0.1:0"]);
+            }
+            agent_args.extend(as_strs(&extra.agent));
             let (agent, input) = start_agent_over(
                 transport,
                 &pki.ca(),
                 &pki.agent_cert("site"),
                 sink_addr,
                 "localhost",
-                &["--recv-buffer", &rcvbuf_arg],
+                &agent_args,
             );
             let connected = agent.wait_for("connected to sink");
             assert_eq!(
@@ -187,11 +211,17 @@ pub(crate) fn start(kind: PathKind, output: SocketAddr, rcvbuf: usize) -> Runnin
                 transport.name(),
                 "the agent connected over another transport than asked"
             );
+            let agent_metrics = (kind != PathKind::Grpc).then(|| metrics_addr(&agent));
             Running {
                 input,
                 processes: vec![process("agent", agent), process("sink", sink)],
+                agent_metrics,
                 _dir: Some(dir),
             }
         }
     }
+}
+
+fn as_strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
 }

@@ -15,6 +15,11 @@ use crate::procs::{self, mib};
 const SSH_HEX_PYTHON_RATE: u64 = 14_000;
 /// The issue's CPU budget per datagram, for the agent and for the sink, at 50,000/s.
 const CPU_BUDGET_US: f64 = 3.0;
+/// The samplicator figure the issue sets that budget against (µs per datagram), so that the
+/// budget can also be read relative to the forwarder measured in the same run.
+const SAMPLICATOR_US: f64 = 3.5;
+/// The issue's bound on QUIC wire bytes per payload byte with compression on.
+const WIRE_BUDGET: f64 = 0.6;
 /// The issue's latency budget on top of the batch delay, for QUIC at 10,000/s.
 const ADDED_P99_BUDGET: Duration = Duration::from_millis(5);
 
@@ -240,6 +245,16 @@ pub(crate) fn print(args: &BenchArgs, results: &[PathResult], info: &RunInfo) {
         );
     }
 
+    for r in results {
+        if let Some(w) = r.wire {
+            println!(
+                "\n{}: the QUIC link carried {:.3} bytes (UDP payload: frames, QUIC and TLS overhead, acknowledgements) per byte of sFlow received, in the CPU run",
+                r.kind.name(),
+                w.ratio()
+            );
+        }
+    }
+
     if let (Some(g), Some(q)) = (find(results, PathKind::Grpc), find(results, PathKind::Quic)) {
         let of = |g: f64, q: f64| (q > 0.0).then(|| g / q);
         println!(
@@ -287,13 +302,35 @@ fn checks(args: &BenchArgs, results: &[PathResult]) -> Vec<Value> {
         if r.cpu_rate != args.cpu_rate {
             continue;
         }
+        let forwarder = find(results, PathKind::Forwarder)
+            .filter(|f| f.cpu_rate == r.cpu_rate)
+            .map(PathResult::cpu_us);
         for p in &r.processes {
             out.push(json!({
                 "check": format!("{} {} ≤ {CPU_BUDGET_US} µs CPU per datagram at {}/s", r.kind.name(), p.name, thousands(r.cpu_rate)),
                 "pass": p.cpu_us <= CPU_BUDGET_US,
                 "measured": format!("{:.2} µs", p.cpu_us),
             }));
+            if let Some(f) = forwarder {
+                let share = CPU_BUDGET_US / SAMPLICATOR_US;
+                out.push(json!({
+                    "check": format!(
+                        "{} {} CPU per datagram ≤ {share:.2} × the forwarder's in this run (the same budget read as a ratio: {CPU_BUDGET_US} µs against samplicator's {SAMPLICATOR_US})",
+                        r.kind.name(),
+                        p.name
+                    ),
+                    "pass": p.cpu_us <= share * f,
+                    "measured": format!("{:.2} µs against {f:.2} µs = {:.2} ×", p.cpu_us, p.cpu_us / f),
+                }));
+            }
         }
+    }
+    if let Some(w) = quic.wire {
+        out.push(json!({
+            "check": format!("QUIC wire bytes per payload byte, compression on, ≤ {WIRE_BUDGET}"),
+            "pass": w.ratio() <= WIRE_BUDGET,
+            "measured": format!("{:.3}", w.ratio()),
+        }));
     }
     let direct = find(results, PathKind::Direct);
     if let Some(a) = added(quic, direct, |r| r.latency.p99) {
@@ -352,6 +389,11 @@ pub(crate) fn json(args: &BenchArgs, results: &[PathResult], info: &RunInfo) -> 
                     "delivered": r.cpu_delivered,
                 },
                 "cpu_us_per_datagram": r.cpu_us(),
+                "quic_wire": r.wire.map(|w| json!({
+                    "payload_bytes": w.payload,
+                    "udp_bytes": w.udp,
+                    "udp_bytes_per_payload_byte": w.ratio(),
+                })),
                 "load_cpu_us_per_datagram": r.load_cpu_us,
                 "processes": r.processes.iter().map(|p| json!({
                     "name": p.name,
