@@ -697,6 +697,38 @@ fn the_dockerfile_builds_as_ci_does_and_runs_its_binaries_as_a_non_root_user() {
         "rust {rust} < rust-version {wanted}"
     );
 
+    // The runtime image is distroless `cc`: glibc and libgcc_s, nothing else. The binaries
+    // (as built here, with the same dependencies as the image's build) need no more.
+    let runtime = image.stages.last().unwrap()[0]["value"][0]
+        .as_str()
+        .unwrap();
+    assert!(runtime.contains("/distroless/cc"), "{runtime}");
+    if let Some(ldd) = require(system_tool("ldd", "libc-bin")) {
+        for name in ["relay-agent", "relay-sink", "relay-certs"] {
+            let out = run_with_input(Command::new(&ldd).arg(bin(name)), b"");
+            assert!(out.status.success(), "ldd {name}: {}", output_text(&out));
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                let lib = line.split_whitespace().next().unwrap_or_default();
+                let lib = lib.rsplit('/').next().unwrap();
+                assert!(
+                    [
+                        "linux-vdso.so.1",
+                        "libgcc_s.so.1",
+                        "libc.so.6",
+                        "libm.so.6",
+                        "libpthread.so.0",
+                        "libdl.so.2",
+                        "librt.so.1",
+                        "ld-linux-x86-64.so.2",
+                        "ld-linux-aarch64.so.1",
+                    ]
+                    .contains(&lib),
+                    "{name} needs {lib}, which the distroless cc image lacks"
+                );
+            }
+        }
+    }
+
     // The build context leaves out target/ (gigabytes) and the history.
     let ignore = read(&deploy("container/Dockerfile.dockerignore"));
     for excluded in ["target/", ".git/"] {
