@@ -292,7 +292,9 @@ pub async fn run(
         metrics.clone(),
     ));
     let token = CancellationToken::new();
-    let mut receivers = JoinSet::new();
+    // Should start-up fail below, the receive threads already started stop too.
+    let _stop_receiving = token.clone().drop_guard();
+    let mut receivers = Vec::with_capacity(sockets.len());
     let mut listening = Vec::with_capacity(sockets.len());
     for socket in sockets {
         let listen = socket.local_addr().map_err(Error::Socket)?;
@@ -305,9 +307,11 @@ pub async fn run(
         ));
         let (batcher, metrics, token) = (ingest_tx.clone(), metrics.clone(), token.clone());
         let coalesce = config.recv_coalesce;
-        receivers.spawn_blocking(move || {
-            receive::receive_loop(socket, batcher, metrics, token, coalesce);
-        });
+        let thread = std::thread::Builder::new()
+            .name("relay-recv".into())
+            .spawn(move || receive::receive_loop(socket, batcher, metrics, token, coalesce))
+            .map_err(Error::Socket)?;
+        receivers.push(thread);
     }
     drop(ingest_tx);
     let status = Arc::new(status::AgentStatus {
@@ -335,7 +339,10 @@ pub async fn run(
     shutdown.await;
     status.receiving.store(false, Ordering::Relaxed);
     token.cancel();
-    while receivers.join_next().await.is_some() {}
+    for thread in receivers {
+        // Each notices the cancellation within receive::CANCEL_CHECK.
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
     let _ = reloading.await;
     // The receive loops held the last ingest senders: the batcher now flushes and ends, which
     // closes the sinks' queues; each backlog takes the rest and closes, and each link sends

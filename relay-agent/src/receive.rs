@@ -40,7 +40,7 @@ pub(crate) type Chunk = Vec<pb::Datagram>;
 
 /// How long a blocked receive waits before it looks at the cancellation token again: the
 /// most a shutdown waits for an idle receive thread.
-const CANCEL_CHECK: Duration = Duration::from_millis(100);
+pub(crate) const CANCEL_CHECK: Duration = Duration::from_millis(100);
 
 /// Receives until `token` is cancelled, sending the datagrams to `batcher` in chunks, pausing
 /// `coalesce` each time the socket is empty. Blocks: run it on a thread of its own.

@@ -84,10 +84,7 @@ pub(crate) fn run(args: &ScaleArgs, json_to: &Path) {
     let sink_before = procs::usage(&sink_pid);
     let self_before = procs::usage("self");
 
-    // Each agent receives on a blocking thread of its own (one per listen socket): room for
-    // all of them, past tokio's default of 512, and for the spool's file work besides.
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .max_blocking_threads(n + 64)
         .enable_all()
         .build()
         .expect("tokio runtime");
