@@ -5,7 +5,8 @@
 //! bytes), then the stream.
 //!
 //! Checks: a frame comes out exactly as the stream holds it and only when whole; "need more"
-//! consumes nothing; a length over the limit is refused before anything is allocated for it;
+//! consumes nothing; a length over the limit is refused, and nothing allocated follows a length
+//! past the limit;
 //! reading the stream in pieces gives the same frames as reading it whole, and so does
 //! [`FrameReader`]; a frame body that decodes as a batch or an ack re-encodes into a frame
 //! that decodes to the same message.
