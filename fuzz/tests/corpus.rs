@@ -1,0 +1,449 @@
+//! The seeds of the checked-in corpus (`fuzz/corpus/<target>/seed-*`): real frames, batches,
+//! hex lines, sFlow datagrams and compressed batches, made here from `relay_tests::sflow::SflowGen`
+//! and the codecs themselves, plus the malformed cases each decoder must refuse.
+//!
+//! `seeds_are_up_to_date` fails when the files differ from what this file makes;
+//! `RELAY_FUZZ_WRITE_SEEDS=1 cargo test -p relay-fuzz --test corpus` writes them again.
+//! Other files in the corpus folders (inputs a libFuzzer run found, minimised, and regression
+//! inputs) are left alone.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::net::Ipv4Addr;
+
+use bytes::{Bytes, BytesMut};
+use prost::Message;
+use proto::compression::{Compressor, DEFAULT_LEVEL};
+use proto::pb;
+use proto::wire::{Datagram, encode_frame, hex::encode_line};
+use relay_fuzz::{TARGETS, corpus_dir};
+use relay_tests::sflow::SflowGen;
+
+/// Selector bytes (see each target's docs): limit index in the low bits, read size above.
+const DEFAULT_LIMIT: u8 = 0;
+const LIMIT_64K: u8 = 2;
+const LIMIT_256: u8 = 4;
+const LIMIT_16: u8 = 5;
+
+fn datagrams(n: usize, seed: u64, cut: usize) -> Vec<Vec<u8>> {
+    let mut generator = SflowGen::new(2, 2, seed);
+    (0..n)
+        .map(|_| {
+            let mut d = generator.datagram();
+            d.truncate(cut);
+            d
+        })
+        .collect()
+}
+
+fn batch(payloads: &[Vec<u8>], source: &str) -> pb::Batch {
+    pb::Batch {
+        session: 0x5eed_0001,
+        sequence: 42,
+        datagrams: payloads
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                Datagram {
+                    payload: Bytes::copy_from_slice(p),
+                    source: source.parse().expect("a socket address"),
+                    received_unix_nanos: 1_764_000_000_000_000_000 + i as u64,
+                }
+                .to_proto()
+            })
+            .collect(),
+        zstd_datagrams: Bytes::new(),
+    }
+}
+
+fn compressed(b: &pb::Batch) -> pb::Batch {
+    let mut frame = BytesMut::new();
+    Compressor::new(DEFAULT_LEVEL)
+        .unwrap()
+        .encode_frame(&mut b.clone(), &mut frame)
+        .unwrap();
+    pb::Batch::decode(&frame[4..]).unwrap()
+}
+
+fn frame(msg: &impl Message) -> Vec<u8> {
+    let mut buf = BytesMut::new();
+    encode_frame(msg, &mut buf);
+    buf.to_vec()
+}
+
+fn with(selector: u8, rest: &[u8]) -> Vec<u8> {
+    [&[selector][..], rest].concat()
+}
+
+fn zstd_of(plain: &[u8], with_size: bool) -> Vec<u8> {
+    let mut encoder = zstd::stream::Encoder::new(Vec::new(), 1).unwrap();
+    encoder.include_contentsize(with_size).unwrap();
+    if with_size {
+        encoder
+            .set_pledged_src_size(Some(plain.len() as u64))
+            .unwrap();
+    }
+    std::io::Write::write_all(&mut encoder, plain).unwrap();
+    encoder.finish().unwrap()
+}
+
+/// Every seed, by target and name.
+fn seeds() -> BTreeMap<&'static str, Vec<(String, Vec<u8>)>> {
+    let small = batch(&datagrams(4, 1, 96), "192.0.2.1:6343");
+    let full = batch(&datagrams(3, 2, usize::MAX), "192.0.2.7:50000");
+    let v6 = batch(&datagrams(2, 3, 60), "[2001:db8::7]:6343");
+    let ack = pb::Ack {
+        session: 0x5eed_0001,
+        sequence: 42,
+    };
+    let mut odd_source = batch(&datagrams(1, 4, 40), "192.0.2.1:6343");
+    odd_source.datagrams[0].source_ip = Bytes::from_static(&[1, 2, 3]);
+    odd_source.datagrams[0].source_port = 70_000;
+    let packed = compressed(&batch(&datagrams(12, 5, 200), "192.0.2.1:6343"));
+
+    let mut out: BTreeMap<&str, Vec<(String, Vec<u8>)>> = BTreeMap::new();
+    let mut add = |target: &'static str, name: &str, bytes: Vec<u8>| {
+        out.entry(target)
+            .or_default()
+            .push((format!("seed-{name}"), bytes));
+    };
+
+    // frame: selector, then a stream of frames.
+    let read = |n: u8| (n - 1) << 3;
+    add("frame", "batch", with(DEFAULT_LIMIT, &frame(&small)));
+    add(
+        "frame",
+        "full-batch-in-7-byte-reads",
+        with(read(7), &frame(&full)),
+    );
+    add(
+        "frame",
+        "batch-ack-batch",
+        with(read(32), &[frame(&v6), frame(&ack), frame(&small)].concat()),
+    );
+    add("frame", "compressed", with(DEFAULT_LIMIT, &frame(&packed)));
+    add("frame", "empty-frames", with(read(1), &[0; 12]));
+    let whole = frame(&small);
+    add(
+        "frame",
+        "truncated",
+        with(read(3), &whole[..whole.len() - 5]),
+    );
+    add(
+        "frame",
+        "over-the-limit",
+        with(LIMIT_256 | read(2), &[frame(&ack), frame(&small)].concat()),
+    );
+    add(
+        "frame",
+        "announces-4-gib",
+        with(DEFAULT_LIMIT, &[0xff, 0xff, 0xff, 0xff, 1, 2, 3]),
+    );
+    add(
+        "frame",
+        "not-protobuf",
+        with(DEFAULT_LIMIT, &[0, 0, 0, 5, 0xff, 0xff, 0xff, 0xff, 0xff]),
+    );
+
+    // batch: selector, then a frame body.
+    add(
+        "batch",
+        "small",
+        with(DEFAULT_LIMIT, &small.encode_to_vec()),
+    );
+    add("batch", "full", with(DEFAULT_LIMIT, &full.encode_to_vec()));
+    add(
+        "batch",
+        "ipv6-sources",
+        with(DEFAULT_LIMIT, &v6.encode_to_vec()),
+    );
+    add(
+        "batch",
+        "bad-source",
+        with(DEFAULT_LIMIT, &odd_source.encode_to_vec()),
+    );
+    add(
+        "batch",
+        "compressed",
+        with(DEFAULT_LIMIT, &packed.encode_to_vec()),
+    );
+    add(
+        "batch",
+        "compressed-over-limit",
+        with(LIMIT_256, &packed.encode_to_vec()),
+    );
+    add("batch", "ack", with(DEFAULT_LIMIT, &ack.encode_to_vec()));
+    add("batch", "empty", with(DEFAULT_LIMIT, &[]));
+    let mut both = packed.clone();
+    both.datagrams = small.datagrams.clone();
+    add(
+        "batch",
+        "compressed-and-plain",
+        with(LIMIT_64K, &both.encode_to_vec()),
+    );
+
+    // hex_lines: selector (bits 0-2: largest datagram 65,507 / 1,400 / 255 / 64 / 16 / 3 / 1 / 0),
+    // then lines.
+    let lines = |payloads: &[Vec<u8>]| {
+        let mut out = Vec::new();
+        for p in payloads {
+            encode_line(p, &mut out);
+        }
+        out
+    };
+    add(
+        "hex_lines",
+        "datagrams",
+        with(0, &lines(&datagrams(4, 6, 48))),
+    );
+    add(
+        "hex_lines",
+        "full-datagram",
+        with(1 | read(32), &lines(&datagrams(1, 7, 1400))),
+    );
+    add(
+        "hex_lines",
+        "case-crlf-spaces-blank",
+        with(2 | read(5), b"  ABcd01 \r\n\r\n\n\tff\t\nEF"),
+    );
+    add(
+        "hex_lines",
+        "malformed",
+        with(
+            4 | read(3),
+            b"0102\nabc\n01zz\nabababababababababababababababababab\n03\nab cd\n",
+        ),
+    );
+    add("hex_lines", "no-last-newline", with(3, b"00ff\n0a0b0c"));
+    add("hex_lines", "empty-datagrams", with(7, b"\n\n00\n"));
+    add(
+        "hex_lines",
+        "long-line-small-limit",
+        with(6 | read(2), &[b'a'; 600]),
+    );
+    add(
+        "hex_lines",
+        "mixed-in-1-byte-reads",
+        with(5, b"010203\n\r\n0g\n  ab  \n"),
+    );
+
+    // sflow: selector (bit 0: mode, bits 1-3: stream cap), then datagrams or steps.
+    let prefixed = |ds: &[Vec<u8>]| {
+        let mut out = Vec::new();
+        for d in ds {
+            out.extend((d.len() as u16).to_be_bytes());
+            out.extend(d);
+        }
+        out
+    };
+    let cap = |n: u8| n << 1;
+    add(
+        "sflow",
+        "streams",
+        with(cap(7), &prefixed(&datagrams(12, 8, 48))),
+    );
+    add(
+        "sflow",
+        "over-the-cap",
+        with(cap(1), &prefixed(&datagrams(6, 9, 40))),
+    );
+    let mut ipv6 = vec![0, 0, 0, 5, 0, 0, 0, 2];
+    ipv6.extend([0x20, 0x01, 0x0d, 0xb8].iter().chain(&[0; 11]).chain(&[1]));
+    ipv6.extend([0, 0, 0, 3, 0, 0, 0, 9, 0, 1, 0, 0, 0, 0, 0, 1]);
+    add(
+        "sflow",
+        "ipv6-agent",
+        with(cap(2), &prefixed(&[ipv6.clone()])),
+    );
+    let mut not_v5 = datagrams(1, 10, 40).remove(0);
+    not_v5[3] = 4;
+    let mut bad_type = datagrams(1, 10, 40).remove(0);
+    bad_type[7] = 3;
+    add(
+        "sflow",
+        "refused",
+        with(
+            cap(3),
+            &prefixed(&[
+                not_v5,
+                bad_type,
+                vec![0, 0, 0, 5, 0, 0],
+                ipv6[..30].to_vec(),
+            ]),
+        ),
+    );
+    // Steps: [stream | far-jump 0x08 | restart 0x10 | samples << 5, sequence step (i8),
+    // uptime step (i16)].
+    let steps = |records: &[[u8; 4]]| records.concat();
+    add(
+        "sflow",
+        "steps-in-order",
+        with(
+            1 | cap(7),
+            &steps(&[[0, 1, 0, 10], [1, 1, 0, 10], [0, 1, 0, 10], [1, 1, 0, 10]]),
+        ),
+    );
+    add(
+        "sflow",
+        "steps-gap-reorder-duplicate",
+        with(
+            1 | cap(7),
+            &steps(&[
+                [0, 1, 0, 10],
+                [0, 3, 0, 10],
+                [0, 0xff, 0xff, 0xf6],
+                [0, 0, 0, 0],
+                [0, 2, 0, 5],
+            ]),
+        ),
+    );
+    add(
+        "sflow",
+        "steps-restart-and-far-jumps",
+        with(
+            1 | cap(4),
+            &steps(&[
+                [4, 1, 0, 10],
+                [4, 1, 0, 10],
+                [0x14, 0x80, 0, 5],
+                [0x0c, 0x7f, 0, 1],
+                [0x0c, 0x7f, 0, 1],
+                [0x0c, 0x7f, 0, 1],
+            ]),
+        ),
+    );
+    add(
+        "sflow",
+        "steps-eight-streams",
+        with(
+            1 | cap(3),
+            &steps(&(0..16u8).map(|i| [i & 7, 1, 0, 20]).collect::<Vec<_>>()),
+        ),
+    );
+
+    // expand: selector (the limit), then the compressed bytes of a batch.
+    let list = |b: &pb::Batch| {
+        pb::Datagrams {
+            datagrams: b.datagrams.clone(),
+        }
+        .encode_to_vec()
+    };
+    add(
+        "expand",
+        "batch",
+        with(DEFAULT_LIMIT, &packed.zstd_datagrams),
+    );
+    add(
+        "expand",
+        "batch-over-limit",
+        with(LIMIT_256, &packed.zstd_datagrams),
+    );
+    add(
+        "expand",
+        "ipv6-batch",
+        with(LIMIT_64K, &zstd_of(&list(&v6), true)),
+    );
+    add(
+        "expand",
+        "no-datagrams",
+        with(LIMIT_16, &zstd_of(&[], true)),
+    );
+    add(
+        "expand",
+        "unsized",
+        with(DEFAULT_LIMIT, &zstd_of(&list(&small), false)),
+    );
+    // 16 MiB of zeros in a few hundred bytes: refused by its header.
+    add(
+        "expand",
+        "bomb",
+        with(DEFAULT_LIMIT, &zstd_of(&vec![0; 16 << 20], true)),
+    );
+    // A small frame, then a large one: the first header passes the check, the second frame
+    // must not expand past it.
+    add(
+        "expand",
+        "small-then-bomb",
+        with(
+            DEFAULT_LIMIT,
+            &[
+                zstd_of(&list(&small), true),
+                zstd_of(&vec![0; 16 << 20], true),
+            ]
+            .concat(),
+        ),
+    );
+    // A skippable frame (magic 0x184D2A50, 4 bytes of content), then a batch.
+    let mut skippable = vec![0x50, 0x2a, 0x4d, 0x18, 4, 0, 0, 0, 1, 2, 3, 4];
+    skippable.extend(zstd_of(&list(&small), true));
+    add(
+        "expand",
+        "skippable-then-batch",
+        with(DEFAULT_LIMIT, &skippable),
+    );
+    add(
+        "expand",
+        "not-datagrams",
+        with(DEFAULT_LIMIT, &zstd_of(b"\xff\xff\xff\xff", true)),
+    );
+    let cut = &packed.zstd_datagrams[..packed.zstd_datagrams.len() / 2];
+    add("expand", "truncated", with(DEFAULT_LIMIT, cut));
+
+    for (name, _) in TARGETS {
+        assert!(out.contains_key(name), "no seeds for {name}");
+    }
+    out
+}
+
+#[test]
+fn seeds_are_up_to_date() {
+    let write = std::env::var_os("RELAY_FUZZ_WRITE_SEEDS").is_some();
+    let mut stale = Vec::new();
+    for (target, seeds) in seeds() {
+        let dir = corpus_dir(target);
+        if write {
+            fs::create_dir_all(&dir).unwrap();
+            for entry in fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("seed-")
+                {
+                    fs::remove_file(path).unwrap();
+                }
+            }
+        }
+        for (name, bytes) in seeds {
+            let path = dir.join(&name);
+            if write {
+                fs::write(&path, &bytes).unwrap();
+            } else if fs::read(&path).ok().as_deref() != Some(&bytes[..]) {
+                stale.push(path.display().to_string());
+            }
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "corpus seeds differ from tests/corpus.rs (RELAY_FUZZ_WRITE_SEEDS=1 cargo test -p \
+         relay-fuzz --test corpus writes them): {stale:?}"
+    );
+}
+
+#[test]
+fn sflow_seeds_come_from_a_real_generator() {
+    // The generator's datagrams are what the sFlow target's seeds hold: valid v5 headers.
+    for d in datagrams(4, 8, 48) {
+        let header = proto::sflow::parse_header(&d).unwrap();
+        assert_eq!(
+            header
+                .agent
+                .to_string()
+                .parse::<Ipv4Addr>()
+                .unwrap()
+                .octets()[..3],
+            [192, 0, 2]
+        );
+    }
+}
