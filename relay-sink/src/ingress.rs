@@ -252,6 +252,19 @@ impl Default for DropLog {
     }
 }
 
+impl Bucket {
+    /// Refills for the time since the last call (up to one second of `rate`), then takes up
+    /// to `n` tokens; returns how many it took.
+    fn take(&mut self, now: Instant, rate: f64, n: usize) -> usize {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(rate);
+        self.at = now;
+        let allowed = (self.tokens.floor() as usize).min(n);
+        self.tokens -= allowed as f64;
+        allowed
+    }
+}
+
 impl Paces {
     fn limit(&self, shared: &Shared, connection: &Connection, batch: &mut pb::Batch) {
         let config = &shared.config;
@@ -268,11 +281,7 @@ impl Paces {
                 tokens: rate,
                 at: now,
             });
-            let elapsed = now.duration_since(bucket.at).as_secs_f64();
-            bucket.tokens = (bucket.tokens + elapsed * rate).min(rate);
-            bucket.at = now;
-            let allowed = (bucket.tokens.floor() as usize).min(batch.datagrams.len());
-            bucket.tokens -= allowed as f64;
+            let allowed = bucket.take(now, rate, batch.datagrams.len());
             rate_limited = batch.datagrams.len() - allowed;
             batch.datagrams.truncate(allowed);
         }
@@ -509,6 +518,34 @@ mod tests {
         assert!(new("b", 1, 2), "another agent");
         assert!(new("a", 7, 1), "another session of the same agent");
         assert!(new("a", 1, 3));
+    }
+
+    #[test]
+    fn the_agent_bucket_holds_one_second_and_refills_at_the_rate() {
+        let start = Instant::now();
+        let mut bucket = Bucket {
+            tokens: 100.0,
+            at: start,
+        };
+        assert_eq!(bucket.take(start, 100.0, 60), 60);
+        assert_eq!(
+            bucket.take(start, 100.0, 60),
+            40,
+            "the rest of the second's budget"
+        );
+        assert_eq!(bucket.take(start, 100.0, 10), 0, "empty");
+        let later = start + Duration::from_millis(250);
+        assert_eq!(
+            bucket.take(later, 100.0, 60),
+            25,
+            "a quarter second refills 25"
+        );
+        let much_later = later + Duration::from_secs(60);
+        assert_eq!(
+            bucket.take(much_later, 100.0, 1_000),
+            100,
+            "never more than a second"
+        );
     }
 
     #[test]
