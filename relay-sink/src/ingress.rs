@@ -183,7 +183,7 @@ impl Delivery {
 pub(crate) async fn deliver(
     shared: &Shared,
     connection: &Connection,
-    batch: pb::Batch,
+    mut batch: pb::Batch,
 ) -> Delivery {
     let agent = &*connection.agent;
     let ack = pb::Ack {
@@ -197,8 +197,6 @@ pub(crate) async fn deliver(
     metrics.datagrams_received.inc_by(datagrams);
     metrics.bytes_received.inc_by(bytes);
     connection.received(datagrams, bytes);
-    let mut batch = batch;
-    shared.paces.limit(shared, connection, &mut batch);
     if let Seen::Before(original) = shared.replayed.check(agent, ack.session, ack.sequence) {
         metrics.batches_duplicate.inc();
         metrics.datagrams_duplicate.inc_by(datagrams);
@@ -211,6 +209,8 @@ pub(crate) async fn deliver(
         };
     }
     tracing::trace!(%agent, sequence = ack.sequence, datagrams, "batch");
+    // Only a batch that is to be replayed spends the agent's rate (a resend is dropped whole).
+    shared.paces.limit(shared, connection, &mut batch);
     metrics
         .sflow
         .observe(batch.datagrams.iter().map(|d| &d.payload[..]));
