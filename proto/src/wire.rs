@@ -19,6 +19,9 @@ pub const FRAME_HEADER_LEN: usize = 4;
 /// size and the largest datagram, far below what would let a peer exhaust memory.
 pub const DEFAULT_MAX_FRAME_LEN: usize = 4 * 1024 * 1024;
 
+/// Most that [`decode_frame`] reserves ahead of the bytes of an incomplete frame.
+const RESERVE_AHEAD: usize = 256 * 1024;
+
 /// Errors from decoding frames.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -71,7 +74,10 @@ pub fn decode_frame(src: &mut BytesMut, max_len: usize) -> Result<Option<Bytes>,
         return Err(WireError::FrameTooLarge { len, max: max_len });
     }
     if src.len() < FRAME_HEADER_LEN + len {
-        src.reserve(FRAME_HEADER_LEN + len - src.len());
+        // Room for what is missing, but never more than `RESERVE_AHEAD` at a time: memory
+        // follows the bytes that arrive, not what a header announces, so a peer that announces
+        // a large frame and then stalls holds little.
+        src.reserve((FRAME_HEADER_LEN + len - src.len()).min(RESERVE_AHEAD));
         return Ok(None);
     }
     src.advance(FRAME_HEADER_LEN);
@@ -121,6 +127,12 @@ impl<R: tokio::io::AsyncRead + Unpin> FrameReader<R> {
                 };
             }
         }
+    }
+
+    /// Bytes read and not yet returned as a message: more than 0 between [`next`](Self::next)
+    /// calls means a frame has begun and not yet completed.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
     }
 
     /// Gives back the underlying stream.

@@ -28,6 +28,16 @@ pub const DEFAULT_REPLAY_QUEUE: usize = 1024;
 pub const DEFAULT_REPLAY_MAX_PPS: u64 = 5_000;
 /// Default send buffer of each replay socket.
 pub const DEFAULT_SEND_BUFFER: usize = 4 * 1024 * 1024;
+/// Default limit on agent connections, handshakes in progress included: far above any fleet
+/// one sink serves, far below what exhausts its memory (each costs at most its windows).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default time a frame may take to arrive once its first byte has: a frame announcing a
+/// length and then stalling must not hold its buffer and its stream forever (QUIC's idle
+/// timeout does not end a connection whose keep-alives are answered).
+pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default limit on one datagram in a batch: the largest UDP payload over IPv6 (65,535 − 8),
+/// the largest any agent can have received.
+pub const DEFAULT_MAX_DATAGRAM_BYTES: usize = 65_527;
 
 /// relay-sink: accept relay agents over mutually authenticated QUIC and gRPC (TLS on TCP, same
 /// port number) and replay every sFlow datagram they carry, byte for byte, as UDP to each
@@ -115,6 +125,35 @@ pub struct Args {
         skip_serializing_if = "Option::is_none"
     )]
     pub handshake_timeout: Option<Duration>,
+
+    /// Most agent connections at once, handshakes in progress included, over both transports;
+    /// one more is refused at once (counted). [default: 1024]
+    #[arg(long, value_name = "N")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+
+    /// Time a frame may take to arrive once its first byte has; a frame still incomplete after
+    /// it ends that agent's connection (QUIC) as a protocol violation. [default: 30s]
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub frame_timeout: Option<Duration>,
+
+    /// Largest datagram accepted in a batch, bytes; a larger one is dropped (counted per agent)
+    /// and the rest of its batch replayed. [default: 65527]
+    #[arg(long, value_name = "BYTES")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_datagram_bytes: Option<usize>,
+
+    /// Most datagrams a second replayed from each agent identity (the name in its certificate,
+    /// all its connections together); beyond it datagrams are dropped (counted per agent). 0:
+    /// no limit. [default: 0]
+    #[arg(long, value_name = "DATAGRAMS")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_max_pps: Option<u64>,
 
     /// On SIGTERM/SIGINT, time allowed to finish replaying what was received. [default: 5s]
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
@@ -220,6 +259,14 @@ pub struct Config {
     pub max_frame_bytes: usize,
     /// TLS handshake time limit.
     pub handshake_timeout: Duration,
+    /// Most agent connections at once (handshakes included).
+    pub max_connections: usize,
+    /// Time a frame may take once its first byte has arrived.
+    pub frame_timeout: Duration,
+    /// Largest datagram accepted in a batch.
+    pub max_datagram_bytes: usize,
+    /// Datagrams a second replayed per agent identity (0: no limit).
+    pub agent_max_pps: u64,
     /// Time to finish replaying on shutdown.
     pub shutdown_grace: Duration,
     /// QUIC tuning.
@@ -282,6 +329,18 @@ impl TryFrom<Args> for Config {
             replay_max_bps: args.replay_max_bps.unwrap_or(0),
             max_frame_bytes,
             handshake_timeout: args.handshake_timeout.unwrap_or(Duration::from_secs(10)),
+            max_connections: args
+                .max_connections
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS)
+                .max(1),
+            frame_timeout: args
+                .frame_timeout
+                .unwrap_or(DEFAULT_FRAME_TIMEOUT)
+                .max(Duration::from_millis(100)),
+            max_datagram_bytes: args
+                .max_datagram_bytes
+                .unwrap_or(DEFAULT_MAX_DATAGRAM_BYTES),
+            agent_max_pps: args.agent_max_pps.unwrap_or(0),
             shutdown_grace: args.shutdown_grace.unwrap_or(Duration::from_secs(5)),
             quic: args.quic,
             grpc: args.grpc,

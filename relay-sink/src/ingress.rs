@@ -9,9 +9,11 @@ pub(crate) mod quic;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use proto::compression::CompressionError;
 use proto::pb;
+use proto::wire::WireError;
 use runtime::ratelimit::RateLimit;
 
 use crate::Shared;
@@ -79,10 +81,82 @@ pub(crate) fn violation(
     transport: Transport,
     agent: &str,
     remote: SocketAddr,
+    kind: Violation,
     error: &str,
 ) {
-    shared.metrics.protocol_errors.inc();
-    tracing::warn!(%agent, %remote, transport = transport.as_str(), %error, "protocol violation: the agent's stream is ended");
+    shared.metrics.protocol_error(kind).inc();
+    tracing::warn!(%agent, %remote, transport = transport.as_str(), reason = kind.as_str(), %error, "protocol violation: the agent's stream is ended");
+}
+
+/// Counts and logs (at most one line a second, with the count held back) a connection refused
+/// because `--max-connections` are open.
+pub(crate) fn over_limit(shared: &Shared, transport: Transport, remote: SocketAddr) {
+    shared.metrics.connections_refused_max.inc();
+    if let Some(more) = shared.limits_log.check() {
+        tracing::warn!(
+            security_event = "connection_limit",
+            %remote,
+            transport = transport.as_str(),
+            reason = "max_connections",
+            max_connections = shared.config.max_connections,
+            earlier_refusals_not_logged = more,
+            "connection refused: --max-connections reached"
+        );
+    }
+}
+
+/// Why an agent's stream was ended: the `reason` label of `relay_sink_protocol_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Violation {
+    /// A frame or gRPC message over `--max-frame-bytes`.
+    FrameTooLarge,
+    /// A frame that does not decode.
+    Malformed,
+    /// The stream ended inside a frame.
+    Truncated,
+    /// A frame still incomplete `--frame-timeout` after it began.
+    FrameTimeout,
+    /// A compressed batch that states it expands beyond `--max-frame-bytes`.
+    DecompressedTooLarge,
+    /// A compressed batch without its size, corrupt, or not expanding to datagrams.
+    Compression,
+}
+
+impl Violation {
+    pub(crate) const ALL: [Self; 6] = [
+        Self::FrameTooLarge,
+        Self::Malformed,
+        Self::Truncated,
+        Self::FrameTimeout,
+        Self::DecompressedTooLarge,
+        Self::Compression,
+    ];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::FrameTooLarge => "frame_too_large",
+            Self::Malformed => "malformed",
+            Self::Truncated => "truncated",
+            Self::FrameTimeout => "frame_timeout",
+            Self::DecompressedTooLarge => "decompressed_too_large",
+            Self::Compression => "compression",
+        }
+    }
+
+    pub(crate) fn of_wire(error: &WireError) -> Self {
+        match error {
+            WireError::FrameTooLarge { .. } => Self::FrameTooLarge,
+            WireError::TruncatedFrame { .. } => Self::Truncated,
+            WireError::Malformed(_) | WireError::Io(_) => Self::Malformed,
+        }
+    }
+
+    pub(crate) fn of_compression(error: &CompressionError) -> Self {
+        match error {
+            CompressionError::TooLarge { .. } => Self::DecompressedTooLarge,
+            _ => Self::Compression,
+        }
+    }
 }
 
 /// A batch handed to [`deliver`]: its acknowledgement, to send once `replaying` (if any) has
@@ -109,7 +183,7 @@ impl Delivery {
 pub(crate) async fn deliver(
     shared: &Shared,
     connection: &Connection,
-    batch: pb::Batch,
+    mut batch: pb::Batch,
 ) -> Delivery {
     let agent = &*connection.agent;
     let ack = pb::Ack {
@@ -135,6 +209,8 @@ pub(crate) async fn deliver(
         };
     }
     tracing::trace!(%agent, sequence = ack.sequence, datagrams, "batch");
+    // Only a batch that is to be replayed spends the agent's rate (a resend is dropped whole).
+    shared.paces.limit(shared, connection, &mut batch);
     metrics
         .sflow
         .observe(batch.datagrams.iter().map(|d| &d.payload[..]));
@@ -145,6 +221,85 @@ pub(crate) async fn deliver(
     Delivery {
         ack,
         replaying: Some(replaying),
+    }
+}
+
+/// The per-datagram limits on what an agent's batch may carry: `--max-datagram-bytes` for
+/// each datagram and `--agent-max-pps` for each agent identity (the name in its certificate,
+/// all its connections together). Datagrams over a limit are taken out of the batch and
+/// counted per agent; the rest is replayed and the batch acknowledged as usual (an agent that
+/// resent it would only be dropped again).
+#[derive(Debug, Default)]
+pub(crate) struct Paces {
+    buckets: std::sync::Mutex<HashMap<Arc<str>, Bucket>>,
+    log: DropLog,
+}
+
+/// A token bucket holding up to one second of `--agent-max-pps`.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// One WARN line per 10 s at most for the datagrams dropped by [`Paces`].
+#[derive(Debug)]
+struct DropLog(RateLimit);
+
+impl Default for DropLog {
+    fn default() -> Self {
+        Self(RateLimit::new(Duration::from_secs(10)))
+    }
+}
+
+impl Bucket {
+    /// Refills for the time since the last call (up to one second of `rate`), then takes up
+    /// to `n` tokens; returns how many it took.
+    fn take(&mut self, now: Instant, rate: f64, n: usize) -> usize {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(rate);
+        self.at = now;
+        let allowed = (self.tokens.floor() as usize).min(n);
+        self.tokens -= allowed as f64;
+        allowed
+    }
+}
+
+impl Paces {
+    fn limit(&self, shared: &Shared, connection: &Connection, batch: &mut pb::Batch) {
+        let config = &shared.config;
+        let max_len = config.max_datagram_bytes;
+        let before = batch.datagrams.len();
+        batch.datagrams.retain(|d| d.payload.len() <= max_len);
+        let too_large = before - batch.datagrams.len();
+        let mut rate_limited = 0;
+        if config.agent_max_pps > 0 && !batch.datagrams.is_empty() {
+            let rate = config.agent_max_pps as f64;
+            let now = Instant::now();
+            let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+            let bucket = buckets.entry(connection.agent.clone()).or_insert(Bucket {
+                tokens: rate,
+                at: now,
+            });
+            let allowed = bucket.take(now, rate, batch.datagrams.len());
+            rate_limited = batch.datagrams.len() - allowed;
+            batch.datagrams.truncate(allowed);
+        }
+        if too_large + rate_limited == 0 {
+            return;
+        }
+        connection.dropped(too_large as u64, rate_limited as u64);
+        if let Some(more) = self.log.0.check() {
+            tracing::warn!(
+                agent = %connection.agent,
+                too_large,
+                rate_limited,
+                max_datagram_bytes = max_len,
+                agent_max_pps = config.agent_max_pps,
+                earlier_drops_not_logged = more,
+                "datagrams from this agent over a limit: dropped"
+            );
+        }
     }
 }
 
@@ -363,6 +518,34 @@ mod tests {
         assert!(new("b", 1, 2), "another agent");
         assert!(new("a", 7, 1), "another session of the same agent");
         assert!(new("a", 1, 3));
+    }
+
+    #[test]
+    fn the_agent_bucket_holds_one_second_and_refills_at_the_rate() {
+        let start = Instant::now();
+        let mut bucket = Bucket {
+            tokens: 100.0,
+            at: start,
+        };
+        assert_eq!(bucket.take(start, 100.0, 60), 60);
+        assert_eq!(
+            bucket.take(start, 100.0, 60),
+            40,
+            "the rest of the second's budget"
+        );
+        assert_eq!(bucket.take(start, 100.0, 10), 0, "empty");
+        let later = start + Duration::from_millis(250);
+        assert_eq!(
+            bucket.take(later, 100.0, 60),
+            25,
+            "a quarter second refills 25"
+        );
+        let much_later = later + Duration::from_secs(60);
+        assert_eq!(
+            bucket.take(much_later, 100.0, 1_000),
+            100,
+            "never more than a second"
+        );
     }
 
     #[test]

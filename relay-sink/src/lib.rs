@@ -68,6 +68,12 @@ pub(crate) struct Shared {
     replayed: ingress::Replayed,
     /// The agent connections open now.
     agents: Arc<status::Agents>,
+    /// Slots for agent connections (`--max-connections`), handshakes in progress included.
+    slots: Arc<tokio::sync::Semaphore>,
+    /// Logging of connections refused over a limit: at most one line a second.
+    limits_log: runtime::ratelimit::RateLimit,
+    /// `--max-datagram-bytes` and `--agent-max-pps`.
+    paces: ingress::Paces,
 }
 
 /// The sink's bound sockets.
@@ -216,6 +222,7 @@ pub async fn run(
     let grace = config.shutdown_grace;
     let config_reload = config.reload.interval();
     let agents = Arc::new(status::Agents::new(metrics.clone()));
+    let max_connections = config.max_connections;
     let shared = Arc::new(Shared {
         config,
         replay,
@@ -223,6 +230,9 @@ pub async fn run(
         refusals: ingress::Refusals::default(),
         replayed: ingress::Replayed::default(),
         agents: agents.clone(),
+        slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+        limits_log: runtime::ratelimit::RateLimit::new(std::time::Duration::from_secs(1)),
+        paces: ingress::Paces::default(),
     });
     let status = Arc::new(status::SinkStatus {
         metrics: metrics.clone(),
@@ -330,7 +340,8 @@ pub async fn run(
         replay_queue_drops = metrics.replay_queue_drops(),
         connections_accepted = metrics.connections_accepted(),
         handshakes_refused = metrics.handshakes_refused(),
-        protocol_errors = metrics.protocol_errors.get(),
+        protocol_errors = metrics.protocol_errors(),
+        connections_refused = metrics.connections_refused_max.get(),
         "sink stopped"
     );
     observing.cancel();

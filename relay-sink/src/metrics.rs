@@ -10,7 +10,7 @@ use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Reg
 use runtime::accounting::SflowAccounting;
 use runtime::observe::{counter, counter_vec, float_gauge_vec, gauge, gauge_vec};
 
-use crate::ingress::{RefusalKind, Transport};
+use crate::ingress::{RefusalKind, Transport, Violation};
 
 /// The sink's metrics. Shared as `Arc<Metrics>`.
 #[derive(Debug)]
@@ -30,14 +30,16 @@ pub struct Metrics {
     pub batches_duplicate: IntCounter,
     /// Datagrams in those batches.
     pub datagrams_duplicate: IntCounter,
-    /// Connections closed for a protocol violation (oversized or malformed frame).
-    pub protocol_errors: IntCounter,
+    protocol_errors: [IntCounter; Violation::ALL.len()],
+    /// Connections refused because `--max-connections` were open.
+    pub connections_refused_max: IntCounter,
     replayed: IntCounterVec,
     bytes_replayed: IntCounterVec,
     dropped: IntCounterVec,
     agent_connections: IntGaugeVec,
     agent_datagrams: IntCounterVec,
     agent_bytes: IntCounterVec,
+    agent_dropped: IntCounterVec,
     /// Seconds until each connected agent's certificate expires, by `agent`.
     pub agent_certificate_expiry: GaugeVec,
     /// Seconds until the sink's own certificate expires.
@@ -68,6 +70,10 @@ pub struct AgentMetrics {
     pub datagrams: IntCounter,
     /// Their payload bytes.
     pub bytes: IntCounter,
+    /// Datagrams from it dropped for being over `--max-datagram-bytes`.
+    pub dropped_too_large: IntCounter,
+    /// Datagrams from it dropped for being over `--agent-max-pps`.
+    pub dropped_rate_limited: IntCounter,
 }
 
 impl Default for Metrics {
@@ -127,11 +133,22 @@ impl Metrics {
                 "relay_sink_datagrams_duplicate_total",
                 "Datagrams in the duplicate batches.",
             ),
-            protocol_errors: counter(
+            protocol_errors: {
+                let family = counter_vec(
+                    &r,
+                    "relay_sink_protocol_errors_total",
+                    "Agent streams ended for a protocol violation, by reason (frame_too_large, malformed, truncated, frame_timeout, decompressed_too_large, compression).",
+                    &["reason"],
+                );
+                Violation::ALL.map(|v| family.with_label_values(&[v.as_str()]))
+            },
+            connections_refused_max: counter_vec(
                 &r,
-                "relay_sink_protocol_errors_total",
-                "Agent streams ended for a protocol violation (oversized or malformed frame).",
-            ),
+                "relay_sink_connections_refused_total",
+                "Connections refused before their handshake, by reason (max_connections).",
+                &["reason"],
+            )
+            .with_label_values(&["max_connections"]),
             replayed: counter_vec(
                 &r,
                 "relay_sink_datagrams_replayed_total",
@@ -167,6 +184,12 @@ impl Metrics {
                 "relay_sink_agent_bytes_received_total",
                 "Datagram payload bytes received, by agent (duplicates included).",
                 &["agent"],
+            ),
+            agent_dropped: counter_vec(
+                &r,
+                "relay_sink_agent_datagrams_dropped_total",
+                "Datagrams from an agent not replayed, by agent and reason (too_large, rate_limited).",
+                &["agent", "reason"],
             ),
             agent_certificate_expiry: float_gauge_vec(
                 &r,
@@ -213,6 +236,16 @@ impl Metrics {
         self.refused.iter().map(IntCounter::get).sum()
     }
 
+    /// The counter of protocol violations of kind `violation`.
+    pub(crate) fn protocol_error(&self, violation: Violation) -> &IntCounter {
+        &self.protocol_errors[violation as usize]
+    }
+
+    /// Protocol violations, all reasons.
+    pub fn protocol_errors(&self) -> u64 {
+        self.protocol_errors.iter().map(IntCounter::get).sum()
+    }
+
     /// The handles of one destination's series, created (at 0) now.
     pub fn for_destination(&self, destination: &str) -> DestinationMetrics {
         DestinationMetrics {
@@ -231,6 +264,10 @@ impl Metrics {
             connections: self.agent_connections.with_label_values(&[agent]),
             datagrams: self.agent_datagrams.with_label_values(&[agent]),
             bytes: self.agent_bytes.with_label_values(&[agent]),
+            dropped_too_large: self.agent_dropped.with_label_values(&[agent, "too_large"]),
+            dropped_rate_limited: self
+                .agent_dropped
+                .with_label_values(&[agent, "rate_limited"]),
         }
     }
 

@@ -50,6 +50,13 @@ impl Connection {
         self.handles.datagrams.inc_by(datagrams);
         self.handles.bytes.inc_by(bytes);
     }
+
+    /// Counts datagrams of this agent dropped over `--max-datagram-bytes` and over
+    /// `--agent-max-pps`.
+    pub(crate) fn dropped(&self, too_large: u64, rate_limited: u64) {
+        self.handles.dropped_too_large.inc_by(too_large);
+        self.handles.dropped_rate_limited.inc_by(rate_limited);
+    }
 }
 
 /// An open connection's place in [`Agents`]; dropping it removes the connection.

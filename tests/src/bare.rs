@@ -36,10 +36,6 @@ pub fn relay_one_batch(
     client: Option<&(PathBuf, PathBuf)>,
     datagrams: &[Vec<u8>],
 ) -> Result<(), String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
     let batch = pb::Batch {
         session: 1,
         sequence: 1,
@@ -52,6 +48,23 @@ pub fn relay_one_batch(
             .collect(),
         ..Default::default()
     };
+    send_batch(transport, sink, ca, client, batch)
+}
+
+/// Connects to `sink` over `transport`, presenting `client` when given, sends `batch` as it
+/// is (whatever it holds: compressed datagrams included), and waits up to 3 s for its
+/// acknowledgement. `Ok` means the sink acknowledged it; `Err` says how it was refused.
+pub fn send_batch(
+    transport: Transport,
+    sink: SocketAddr,
+    ca: &Path,
+    client: Option<&(PathBuf, PathBuf)>,
+    batch: pb::Batch,
+) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     rt.block_on(async {
         let attempt = async {
             match transport {
@@ -64,6 +77,20 @@ pub fn relay_one_batch(
             Err(_) => Err("no acknowledgement within 3 s".into()),
         }
     })
+}
+
+/// A client TLS configuration for misbehaving on purpose: TLS 1.3 trusting `ca`, presenting
+/// `client` when given, offering the single ALPN protocol `alpn` (which may be wrong).
+///
+/// # Errors
+///
+/// When a file cannot be read or does not fit.
+pub fn client_tls(
+    ca: &Path,
+    client: Option<&(PathBuf, PathBuf)>,
+    alpn: &[u8],
+) -> Result<rustls::ClientConfig, String> {
+    tls(ca, client, alpn)
 }
 
 /// TLS 1.3 trusting `ca`, presenting `client` when given.

@@ -33,7 +33,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::Shared;
-use crate::ingress::{self, Transport};
+use crate::ingress::{self, Transport, Violation};
 use crate::status::Registered;
 
 const GRPC: Transport = Transport::Grpc;
@@ -115,11 +115,18 @@ async fn accept(
                 continue;
             }
         };
+        // A slot for the whole connection, handshake included; none left: closed at once.
+        let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
+            drop(tcp);
+            ingress::over_limit(&shared, GRPC, remote);
+            continue;
+        };
         let span = tracing::info_span!("agent", %remote);
         handshakes.spawn(
             handshake(
                 tcp,
                 remote,
+                slot,
                 // The configuration current now: a reload applies to new connections.
                 TlsAcceptor::from(tls.get()),
                 shared.clone(),
@@ -134,6 +141,7 @@ async fn accept(
 async fn handshake(
     tcp: TcpStream,
     remote: SocketAddr,
+    slot: tokio::sync::OwnedSemaphorePermit,
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
     connections: mpsc::Sender<AgentIo>,
@@ -158,6 +166,7 @@ async fn handshake(
     tracing::info!(%agent, %remote, transport = "grpc", "agent connected");
     let io = AgentIo {
         tls,
+        _slot: slot,
         peer: Peer {
             agent,
             remote,
@@ -181,6 +190,8 @@ struct Peer {
 /// connection ends, which is logged.
 struct AgentIo {
     tls: TlsStream<TcpStream>,
+    /// Its `--max-connections` slot, freed when the connection ends.
+    _slot: tokio::sync::OwnedSemaphorePermit,
     peer: Peer,
 }
 
@@ -306,7 +317,8 @@ async fn relay(
             Ok(Some(mut batch)) => {
                 if let Err(error) = expander.expand(&mut batch) {
                     let message = error.to_string();
-                    ingress::violation(&shared, GRPC, &peer.agent, peer.remote, &message);
+                    let kind = Violation::of_compression(&error);
+                    ingress::violation(&shared, GRPC, &peer.agent, peer.remote, kind, &message);
                     break Some(Status::invalid_argument(message));
                 }
                 let delivery = ingress::deliver(&shared, &peer.registered, batch).await;
@@ -315,13 +327,14 @@ async fn relay(
                 }
             }
             Ok(None) => break None,
-            Err(status) if is_violation(&status) => {
-                ingress::violation(&shared, GRPC, &peer.agent, peer.remote, status.message());
-                break Some(status);
-            }
             Err(status) => {
-                tracing::debug!(agent = %peer.agent, error = %status, "call ended");
-                break None;
+                let Some(kind) = violation(&status) else {
+                    tracing::debug!(agent = %peer.agent, error = %status, "call ended");
+                    break None;
+                };
+                let message = status.message();
+                ingress::violation(&shared, GRPC, &peer.agent, peer.remote, kind, message);
+                break Some(status);
             }
         }
     };
@@ -348,11 +361,11 @@ async fn acknowledge(
 
 /// A message over the size limit, or one that does not decode: the agent's fault, not the
 /// network's.
-fn is_violation(status: &Status) -> bool {
+fn violation(status: &Status) -> Option<Violation> {
     use tonic::Code;
     match status.code() {
-        Code::OutOfRange | Code::ResourceExhausted => true,
-        Code::Internal => status.message().contains("decode"),
-        _ => false,
+        Code::OutOfRange | Code::ResourceExhausted => Some(Violation::FrameTooLarge),
+        Code::Internal if status.message().contains("decode") => Some(Violation::Malformed),
+        _ => None,
     }
 }

@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::Shared;
-use crate::ingress::{self, Transport};
+use crate::ingress::{self, Transport, Violation};
 use crate::status::Registered;
 
 const QUIC: Transport = Transport::Quic;
@@ -44,12 +44,24 @@ pub(crate) async fn serve(
         };
         let Some(incoming) = incoming else { break };
         let remote = incoming.remote_address();
+        // A slot for the whole connection, handshake included; none left: refused before
+        // the handshake costs anything (CONNECTION_REFUSED).
+        let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
+            incoming.refuse();
+            ingress::over_limit(&shared, QUIC, remote);
+            continue;
+        };
         let span = tracing::info_span!("agent", %remote);
-        tracker.spawn(handle(incoming, shared.clone(), token.clone()).instrument(span));
+        tracker.spawn(handle(incoming, shared.clone(), token.clone(), slot).instrument(span));
     }
 }
 
-async fn handle(incoming: Incoming, shared: Arc<Shared>, token: CancellationToken) {
+async fn handle(
+    incoming: Incoming,
+    shared: Arc<Shared>,
+    token: CancellationToken,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+) {
     let remote = incoming.remote_address();
     let connection = match tokio::time::timeout(shared.config.handshake_timeout, incoming).await {
         Ok(Ok(connection)) => connection,
@@ -125,11 +137,40 @@ async fn stream(
             return;
         }
     };
+    // Set when a frame was already incomplete at the previous `--frame-timeout` tick: a
+    // frame gets at least one whole period (at most two) to arrive once it has begun, and
+    // the time between frames is not limited (an idle agent sends none).
+    let mut stalled = false;
     loop {
         let next = tokio::select! {
-            next = reader.next::<pb::Batch>() => next,
+            next = tokio::time::timeout(shared.config.frame_timeout, reader.next::<pb::Batch>()) => next,
             () = token.cancelled() => break,
         };
+        let Ok(next) = next else {
+            if reader.buffered() == 0 {
+                stalled = false;
+                continue;
+            }
+            if !stalled {
+                stalled = true;
+                continue;
+            }
+            let error = format!(
+                "frame incomplete for --frame-timeout ({} bytes of it arrived)",
+                reader.buffered()
+            );
+            ingress::violation(
+                &shared,
+                QUIC,
+                &agent,
+                remote,
+                Violation::FrameTimeout,
+                &error,
+            );
+            connection.close(VarInt::from_u32(CLOSE_PROTOCOL), error.as_bytes());
+            break;
+        };
+        stalled = false;
         let mut batch = match next {
             Ok(Some(batch)) => batch,
             Ok(None) => break,
@@ -138,7 +179,8 @@ async fn stream(
                 break;
             }
             Err(error) => {
-                ingress::violation(&shared, QUIC, &agent, remote, &error.to_string());
+                let kind = Violation::of_wire(&error);
+                ingress::violation(&shared, QUIC, &agent, remote, kind, &error.to_string());
                 connection.close(
                     VarInt::from_u32(CLOSE_PROTOCOL),
                     error.to_string().as_bytes(),
@@ -147,7 +189,8 @@ async fn stream(
             }
         };
         if let Err(error) = expander.expand(&mut batch) {
-            ingress::violation(&shared, QUIC, &agent, remote, &error.to_string());
+            let kind = Violation::of_compression(&error);
+            ingress::violation(&shared, QUIC, &agent, remote, kind, &error.to_string());
             connection.close(
                 VarInt::from_u32(CLOSE_PROTOCOL),
                 error.to_string().as_bytes(),
