@@ -144,6 +144,11 @@ impl Ca {
         self.issuer.key().serialize_pem()
     }
 
+    /// The CA as rcgen's signer (for CRLs).
+    pub(crate) fn issuer(&self) -> &Issuer<'static, KeyPair> {
+        &self.issuer
+    }
+
     /// Signs a new leaf certificate with a fresh key.
     ///
     /// # Errors

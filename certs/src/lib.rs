@@ -12,6 +12,8 @@
 //!   them as a set and hand back what changed, for certificate rotation without a restart.
 //! - [`refusal`] — the subject of a refused client certificate, carried in the handshake
 //!   error's text so the sink can log who was refused ([`presented_subject`]).
+//! - [`revocation`] — certificate revocation lists: signing them (`relay-certs revoke`) and
+//!   reading them for the sink's verifier ([`Revocation`]).
 //! - [`store`] — writing PEM files (keys with mode 0600, no overwriting without `--force`).
 //!
 //! Nothing here opens a socket: the QUIC and gRPC layers take the configs built here.
@@ -22,13 +24,15 @@ pub mod issue;
 pub mod load;
 pub mod refusal;
 pub mod reload;
+pub mod revocation;
 pub mod store;
 
 pub use inspect::CertInfo;
 pub use issue::{Ca, Issued, Leaf, Role};
-pub use load::{Identity, TrustAnchors, client_config, server_config};
+pub use load::{Identity, TrustAnchors, client_config, server_config, server_config_with_crls};
 pub use refusal::presented_subject;
 pub use reload::{Loaded, Reloader, TlsFiles};
+pub use revocation::Revocation;
 
 use std::path::PathBuf;
 
@@ -107,6 +111,15 @@ pub enum Error {
     /// A name given for a DNS subject alternative name is not a valid DNS name.
     #[error("{0:?} is not a valid DNS name")]
     InvalidName(String),
+    /// A certificate revocation list cannot be used: it does not parse, or no CA of the CA
+    /// file signed it.
+    #[error("{origin}: unusable certificate revocation list: {reason}")]
+    Crl {
+        /// The CRL file (or other source).
+        origin: String,
+        /// Why.
+        reason: String,
+    },
     /// rcgen could not make or sign a certificate.
     #[error("cannot make certificate: {0}")]
     Rcgen(#[from] rcgen::Error),

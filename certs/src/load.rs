@@ -22,7 +22,7 @@ use rustls::server::danger::ClientCertVerifier;
 use rustls::sign::CertifiedKey;
 use rustls::{InconsistentKeys, RootCertStore};
 
-use crate::{CertInfo, Error, refusal};
+use crate::{CertInfo, Error, Revocation, refusal};
 
 /// The crypto provider every config uses (ring).
 pub fn provider() -> Arc<CryptoProvider> {
@@ -186,9 +186,27 @@ pub fn server_config(
     identity: &Identity,
     alpn: &[&[u8]],
 ) -> Result<rustls::ServerConfig, Error> {
+    server_config_with_crls(ca, identity, alpn, &Revocation::none())
+}
+
+/// [`server_config`], refusing the client certificates that `revocation`'s CRLs list (TLS
+/// alert `certificate_unknown`, reason `Revoked` in the sink's log).
+///
+/// Only the agent's own certificate is checked (the CA signs leaves only), and a certificate
+/// whose issuer has no CRL here is accepted: a CA file may hold a CA without a CRL.
+///
+/// # Errors
+///
+/// As [`server_config`].
+pub fn server_config_with_crls(
+    ca: &TrustAnchors,
+    identity: &Identity,
+    alpn: &[&[u8]],
+    revocation: &Revocation,
+) -> Result<rustls::ServerConfig, Error> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(client_verifier(ca)?)
+        .with_client_cert_verifier(client_verifier(ca, revocation)?)
         .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     config.max_early_data_size = 0;
@@ -224,9 +242,15 @@ pub fn peer_name(chain: &[CertificateDer<'_>]) -> Option<String> {
 /// The sink's client-certificate verifier: webpki against `ca`, a certificate required. The
 /// wrapper only adds the presented subject to a refusal's text ([`refusal`]); every decision is
 /// webpki's.
-pub(crate) fn client_verifier(ca: &TrustAnchors) -> Result<Arc<dyn ClientCertVerifier>, Error> {
-    let webpki =
-        WebPkiClientVerifier::builder_with_provider(ca.roots.clone(), provider()).build()?;
+pub(crate) fn client_verifier(
+    ca: &TrustAnchors,
+    revocation: &Revocation,
+) -> Result<Arc<dyn ClientCertVerifier>, Error> {
+    let webpki = WebPkiClientVerifier::builder_with_provider(ca.roots.clone(), provider())
+        .with_crls(revocation.crls().iter().cloned())
+        .only_check_end_entity_revocation()
+        .allow_unknown_revocation_status()
+        .build()?;
     Ok(refusal::annotate(webpki))
 }
 

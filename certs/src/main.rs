@@ -1,7 +1,8 @@
 //! `relay-certs`: make the relay's private CA and the agents' and sinks' certificates.
 //!
 //! Usage: `relay-certs init`, then `relay-certs issue --role sink --name sink.example.com` and
-//! `relay-certs issue --role agent --name site-a`; `relay-certs show FILE` to inspect.
+//! `relay-certs issue --role agent --name site-a`; `relay-certs show FILE` to inspect;
+//! `relay-certs revoke --cert FILE` to add a certificate to `crl.pem`.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -9,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use relay_certs::store::{self, Secrecy};
-use relay_certs::{Ca, CertInfo, Leaf, Role};
+use relay_certs::{Ca, CertInfo, Leaf, Role, revocation};
 
 /// Make and inspect the certificates of sflow-relay's private CA.
 #[derive(Debug, Parser)]
@@ -63,6 +64,29 @@ enum Command {
         /// Overwrite existing files.
         #[arg(long)]
         force: bool,
+    },
+    /// Revoke a certificate: add it to DIR/crl.pem (created if missing), re-signed by the CA
+    /// with the next CRL number. Give the file to sinks as --crl; they reload it like their
+    /// certificates.
+    Revoke {
+        /// The certificate to revoke (PEM), e.g. pki/site-a.pem.
+        #[arg(
+            long,
+            value_name = "FILE",
+            required_unless_present = "serial",
+            conflicts_with = "serial"
+        )]
+        cert: Option<PathBuf>,
+        /// Or its serial number in hex, with or without colons, as `relay-certs show` prints it.
+        #[arg(long, value_name = "HEX")]
+        serial: Option<String>,
+        /// Days until the list's nextUpdate (when a fresh list is due). Sinks keep using a list
+        /// past that date: it is advice to other readers, not an expiry.
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+        /// Folder holding ca.pem and ca.key; the list is DIR/crl.pem.
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
     },
     /// Print a certificate's subject, names, usage and expiry.
     Show {
@@ -141,6 +165,59 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 cert.display(),
                 role.as_str(),
                 key.display()
+            );
+        }
+        Command::Revoke {
+            cert,
+            serial,
+            days,
+            dir,
+        } => {
+            let ca = load_ca(&dir)?;
+            let (serial, what) = match (cert, serial) {
+                (Some(cert), _) => {
+                    let pem = std::fs::read_to_string(&cert)
+                        .with_context(|| format!("cannot read {}", cert.display()))?;
+                    let info =
+                        CertInfo::from_pem(&pem).with_context(|| cert.display().to_string())?;
+                    let serial = revocation::serial_of(&pem)?;
+                    (
+                        serial,
+                        format!(
+                            "{} ({}, serial {})",
+                            cert.display(),
+                            info.subject,
+                            info.serial
+                        ),
+                    )
+                }
+                (None, Some(hex)) => (
+                    revocation::parse_serial(&hex).map_err(anyhow::Error::msg)?,
+                    format!("serial {hex}"),
+                ),
+                (None, None) => bail!("give --cert FILE or --serial HEX"),
+            };
+            let path = dir.join("crl.pem");
+            let previous = match std::fs::read_to_string(&path) {
+                Ok(text) => Some(text),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+            };
+            let crl = ca
+                .revoke(previous.as_deref(), &serial, days)
+                .with_context(|| path.display().to_string())?;
+            store::write(&path, crl.pem.as_bytes(), Secrecy::Public)?;
+            println!(
+                "{} {what}: wrote {} (CRL number {}, {} revoked, next update {})",
+                if crl.already_listed {
+                    "already revoked:"
+                } else {
+                    "revoked"
+                },
+                path.display(),
+                crl.number,
+                crl.entries,
+                relay_certs::inspect::rfc3339(crl.next_update),
             );
         }
         Command::Show { files } => {

@@ -221,7 +221,7 @@ mod tests {
     fn a_refusal_names_the_presented_subject_and_keeps_its_reason() {
         let ours = Ca::generate("relay CA A", 1).unwrap();
         let theirs = Ca::generate("relay CA B", 1).unwrap();
-        let verifier = load::client_verifier(&anchors(&ours)).unwrap();
+        let verifier = load::client_verifier(&anchors(&ours), &crate::Revocation::none()).unwrap();
         let evil = theirs
             .issue(&Leaf::new(Role::Agent, "evil-agent", 1))
             .unwrap();
@@ -249,7 +249,7 @@ mod tests {
     #[test]
     fn reasons_the_sink_classifies_by_survive() {
         let ca = Ca::generate("relay CA", 1).unwrap();
-        let verifier = load::client_verifier(&anchors(&ca)).unwrap();
+        let verifier = load::client_verifier(&anchors(&ca), &crate::Revocation::none()).unwrap();
         let refuse = |leaf: Leaf| {
             let issued = ca.issue(&leaf).unwrap();
             verifier
@@ -273,7 +273,7 @@ mod tests {
     #[test]
     fn garbage_is_refused_as_before_without_a_subject() {
         let ca = Ca::generate("relay CA", 1).unwrap();
-        let verifier = load::client_verifier(&anchors(&ca)).unwrap();
+        let verifier = load::client_verifier(&anchors(&ca), &crate::Revocation::none()).unwrap();
         for bytes in [&b""[..], b"\x30\x03\x02\x01", b"not a certificate at all"] {
             let error = verifier
                 .verify_client_cert(&CertificateDer::from(bytes), &[], UnixTime::now())

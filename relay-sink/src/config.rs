@@ -84,6 +84,20 @@ pub struct Args {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<PathBuf>,
 
+    /// Certificate revocation list (PEM, from `relay-certs revoke`): agents it lists are
+    /// refused at the handshake, and closed if connected when a changed list is reloaded.
+    /// Reloaded with the certificates. [default: none]
+    #[arg(long, value_name = "FILE")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl: Option<PathBuf>,
+
+    /// File of the agent names (certificate common names) allowed to connect, one per line,
+    /// `#` comments; others are refused, and connected ones closed when a changed list is
+    /// reloaded. Reloaded with the certificates. [default: none, every agent of the CA]
+    #[arg(long, value_name = "FILE")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_agents: Option<PathBuf>,
+
     /// Replay destination HOST:PORT, e.g. an sFlow-RT collector (repeatable: each gets every
     /// datagram).
     #[arg(long, value_name = "HOST:PORT")]
@@ -154,6 +168,11 @@ pub struct Args {
     #[arg(long, value_name = "DATAGRAMS")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_max_pps: Option<u64>,
+    /// Most connections open at once with one agent identity (certificate name); a connection
+    /// beyond it is refused. 0: no limit. [default: 0]
+    #[arg(long, value_name = "N")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_agent: Option<usize>,
 
     /// On SIGTERM/SIGINT, time allowed to finish replaying what was received. [default: 5s]
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
@@ -245,6 +264,10 @@ pub struct Config {
     pub cert: PathBuf,
     /// Own key file.
     pub key: PathBuf,
+    /// Certificate revocation list file, if any.
+    pub crl: Option<PathBuf>,
+    /// Allow-list file, if any.
+    pub allowed_agents: Option<PathBuf>,
     /// Replay destinations, as given (resolved at start).
     pub forward: Vec<String>,
     /// Batches queued per destination.
@@ -267,6 +290,8 @@ pub struct Config {
     pub max_datagram_bytes: usize,
     /// Datagrams a second replayed per agent identity (0: no limit).
     pub agent_max_pps: u64,
+    /// Connections allowed per agent identity (0: no limit).
+    pub max_connections_per_agent: usize,
     /// Time to finish replaying on shutdown.
     pub shutdown_grace: Duration,
     /// QUIC tuning.
@@ -322,6 +347,8 @@ impl TryFrom<Args> for Config {
             ca: need(args.ca, "ca")?,
             cert: need(args.cert, "cert")?,
             key: need(args.key, "key")?,
+            crl: args.crl,
+            allowed_agents: args.allowed_agents,
             forward: args.forward,
             replay_queue: args.replay_queue.unwrap_or(DEFAULT_REPLAY_QUEUE).max(1),
             send_buffer: args.send_buffer.unwrap_or(DEFAULT_SEND_BUFFER),
@@ -341,6 +368,7 @@ impl TryFrom<Args> for Config {
                 .max_datagram_bytes
                 .unwrap_or(DEFAULT_MAX_DATAGRAM_BYTES),
             agent_max_pps: args.agent_max_pps.unwrap_or(0),
+            max_connections_per_agent: args.max_connections_per_agent.unwrap_or(0),
             shutdown_grace: args.shutdown_grace.unwrap_or(Duration::from_secs(5)),
             quic: args.quic,
             grpc: args.grpc,

@@ -16,9 +16,11 @@ use proto::pb;
 use proto::wire::WireError;
 use runtime::ratelimit::RateLimit;
 
+use rustls::pki_types::CertificateDer;
+
 use crate::Shared;
 use crate::replay::Replaying;
-use crate::status::Connection;
+use crate::status::{Connection, Registered};
 
 /// The transport an agent came in on, as a log field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +57,71 @@ pub(crate) fn refused(shared: &Shared, transport: Transport, remote: SocketAddr,
             "agent refused: TLS handshake failed"
         );
     }
+}
+
+/// Checks an authenticated agent against the authorization in force (revocation, allow-list)
+/// and the per-identity connection limit, and registers its connection if it passes. A
+/// refusal is counted and logged (rate-limited, as handshake refusals are) with the agent's
+/// name, which the CA vouches for.
+pub(crate) fn admit(
+    shared: &Shared,
+    transport: Transport,
+    remote: SocketAddr,
+    chain: Option<&[CertificateDer<'_>]>,
+) -> Result<Registered, RefusalKind> {
+    let agent: Arc<str> = chain
+        .and_then(certs::load::peer_name)
+        .unwrap_or_else(|| "unnamed".into())
+        .into();
+    let cert = chain
+        .and_then(|chain| chain.first())
+        .and_then(|leaf| certs::CertInfo::from_der(leaf).ok());
+    let subject = cert.as_ref().map(|c| c.subject.clone());
+    let admitted = shared
+        .policy
+        .get()
+        .check(&agent, cert.as_ref())
+        .and_then(|()| {
+            shared.agents.connect(
+                agent.clone(),
+                remote,
+                transport,
+                cert,
+                shared.config.max_connections_per_agent,
+            )
+        });
+    if let Err(kind) = admitted {
+        shared.metrics.refused(kind).inc();
+        if let Some(more) = shared.refusals.check(kind) {
+            tracing::warn!(
+                security_event = "tls_handshake_refused",
+                %remote,
+                transport = transport.as_str(),
+                kind = kind.as_str(),
+                %agent,
+                presented_subject = subject.as_deref().unwrap_or("-"),
+                reason = kind.words(),
+                earlier_refusals_not_logged = more,
+                "agent refused: not authorized"
+            );
+        }
+    }
+    admitted
+}
+
+/// Counts and logs the closing of a live connection whose agent a reload has revoked or taken
+/// off the allow-list (not rate-limited: one line per connection an operator's change ends).
+pub(crate) fn closed_by_policy(shared: &Shared, connection: &Connection, kind: RefusalKind) {
+    shared.metrics.closed(kind).inc();
+    tracing::warn!(
+        security_event = "agent_disconnected",
+        agent = %connection.agent,
+        remote = %connection.remote(),
+        transport = connection.transport().as_str(),
+        kind = kind.as_str(),
+        reason = kind.words(),
+        "agent disconnected: no longer authorized"
+    );
 }
 
 /// Counts and logs (rate-limited) a handshake that did not complete in time.
@@ -390,8 +457,16 @@ pub(crate) enum RefusalKind {
     BadSignature,
     /// The certificate is not for client authentication (a sink's certificate, say).
     WrongUsage,
-    /// Expired or not yet valid.
+    /// Past its validity period.
     Expired,
+    /// Before its validity period (or a clock that is wrong, here or where it was issued).
+    NotYetValid,
+    /// Listed in the `--crl` revocation list.
+    Revoked,
+    /// Authenticated, but not on the `--allowed-agents` list.
+    NotAllowed,
+    /// Authenticated, but its identity already holds `--max-connections-per-agent`.
+    TooManyConnections,
     /// The handshake did not complete in time.
     Timeout,
     /// Anything else (protocol mismatch, ALPN, garbage).
@@ -399,18 +474,26 @@ pub(crate) enum RefusalKind {
 }
 
 impl RefusalKind {
-    pub(crate) const ALL: [Self; 7] = [
+    pub(crate) const ALL: [Self; 11] = [
         Self::NoCertificate,
         Self::UnknownIssuer,
         Self::BadSignature,
         Self::WrongUsage,
         Self::Expired,
+        Self::NotYetValid,
+        Self::Revoked,
+        Self::NotAllowed,
+        Self::TooManyConnections,
         Self::Timeout,
         Self::Other,
     ];
 
-    /// Classifies a handshake error's text (rustls's wording, through quinn).
+    /// Classifies a handshake error's text (rustls's wording, through quinn). Only the text
+    /// before the presented subject is read: the subject is the client's to choose.
     pub(crate) fn of(error: &str) -> Self {
+        let error = error
+            .find("; presented subject \"")
+            .map_or(error, |end| &error[..end]);
         if error.contains("no certificates") {
             Self::NoCertificate
         } else if error.contains("UnknownIssuer") {
@@ -419,11 +502,12 @@ impl RefusalKind {
             Self::BadSignature
         } else if error.contains("extended key usage") || error.contains("InvalidPurpose") {
             Self::WrongUsage
-        } else if error.contains("Expired")
-            || error.contains("NotValidYet")
-            || error.contains("expired")
-        {
+        } else if error.contains("NotValidYet") || error.contains("not valid yet") {
+            Self::NotYetValid
+        } else if error.contains("Expired") || error.contains("expired") {
             Self::Expired
+        } else if error.contains("Revoked") {
+            Self::Revoked
         } else {
             Self::Other
         }
@@ -436,8 +520,22 @@ impl RefusalKind {
             Self::BadSignature => "bad_signature",
             Self::WrongUsage => "wrong_usage",
             Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::Revoked => "revoked",
+            Self::NotAllowed => "not_allowed",
+            Self::TooManyConnections => "too_many_connections",
             Self::Timeout => "timeout",
             Self::Other => "other",
+        }
+    }
+
+    /// What an authorization refusal tells the agent (QUIC close reason) and the log.
+    pub(crate) fn words(self) -> &'static str {
+        match self {
+            Self::Revoked => "certificate revoked",
+            Self::NotAllowed => "agent not on the allow-list",
+            Self::TooManyConnections => "too many connections with this agent's identity",
+            _ => "refused",
         }
     }
 }
@@ -494,6 +592,18 @@ mod tests {
             (
                 "invalid peer certificate: certificate expired: verification time 1 (UNIX), but certificate is not valid after 0",
                 RefusalKind::Expired,
+            ),
+            (
+                "invalid peer certificate: Other(OtherError(certificate not valid yet: verification time 1 (UNIX), but certificate is not valid before 2 (1 seconds in future); presented subject \"CN=a\"))",
+                RefusalKind::NotYetValid,
+            ),
+            (
+                "invalid peer certificate: Other(OtherError(Revoked; presented subject \"CN=site-b\"))",
+                RefusalKind::Revoked,
+            ),
+            (
+                "invalid peer certificate: Other(OtherError(UnknownIssuer; presented subject \"CN=Revoked expired\"))",
+                RefusalKind::UnknownIssuer,
             ),
             (
                 "peer doesn't support any known protocol",

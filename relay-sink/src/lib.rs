@@ -8,6 +8,7 @@
 //! # Layout
 //!
 //! - [`config`] — command-line and file options, and the checked [`Config`].
+//! - `authz`: who may connect beyond "signed by our CA" (allow-list, CRL, per-identity limit).
 //! - `ingress`: transports that bring batches in (QUIC, gRPC), and what they share.
 //! - [`replay`] — per-destination UDP senders with bounded queues.
 //! - [`metrics`] — Prometheus counters and gauges.
@@ -16,6 +17,7 @@
 //! [`run`] takes sockets bound by [`bind`] and a shutdown future, so tests and the demo can
 //! drive it without a process of its own.
 
+mod authz;
 pub mod config;
 mod ingress;
 pub mod metrics;
@@ -50,6 +52,9 @@ pub enum Error {
     /// A replay destination could not be set up.
     #[error("replay destination {0}: {1}")]
     Destination(String, String),
+    /// The allow-list or revocation list could not be loaded.
+    #[error("agent authorization: {0}")]
+    Policy(String),
     /// The metrics endpoint could not be started.
     #[error("metrics endpoint: {0}")]
     Metrics(String),
@@ -74,6 +79,8 @@ pub(crate) struct Shared {
     limits_log: runtime::ratelimit::RateLimit,
     /// `--max-datagram-bytes` and `--agent-max-pps`.
     paces: ingress::Paces,
+    /// The allow-list and revocation list in force (swapped on reload).
+    policy: Swap<authz::Policy>,
 }
 
 /// The sink's bound sockets.
@@ -144,13 +151,16 @@ impl Tls {
     fn build(
         loaded: &certs::Loaded,
         transport: &Arc<quinn::TransportConfig>,
+        revocation: &certs::Revocation,
     ) -> Result<Self, String> {
         // An agent that offers compression gets it; an older agent (plain ALPN only) is served
         // as before.
-        let tls = certs::server_config(&loaded.ca, &loaded.identity, proto::RELAY_ALPNS)
-            .map_err(|e| e.to_string())?;
-        let grpc = certs::server_config(&loaded.ca, &loaded.identity, &[proto::GRPC_ALPN])
-            .map_err(|e| e.to_string())?;
+        let server = |alpn: &[&[u8]]| {
+            certs::server_config_with_crls(&loaded.ca, &loaded.identity, alpn, revocation)
+                .map_err(|e| e.to_string())
+        };
+        let tls = server(proto::RELAY_ALPNS)?;
+        let grpc = server(&[proto::GRPC_ALPN])?;
         let crypto =
             quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| e.to_string())?;
         let mut quic = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -181,6 +191,24 @@ pub async fn run(
         tracing::info!(cert = %config.cert.display(), ca = %config.ca.display(), "the sink's certificate is not issued by the CA it checks agents against; reloads will not check its chain");
     }
     let identity = loaded.identity.clone();
+    let mut policy_files = authz::PolicyFiles::new(
+        config.ca.clone(),
+        config.crl.clone(),
+        config.allowed_agents.clone(),
+    );
+    let policy = policy_files
+        .check(true)
+        .map_err(|e| Error::Policy(e.to_string()))?
+        .unwrap_or_default();
+    if policy_files.any() {
+        tracing::info!(
+            revoked = policy.revocation.len(),
+            allowed_agents = policy
+                .allowed_count()
+                .map_or_else(|| "any".into(), |n| n.to_string()),
+            "agent authorization loaded"
+        );
+    }
     let transport = Arc::new(config.quic.transport_config());
     let socket = listeners.quic;
     let local = socket
@@ -199,7 +227,8 @@ pub async fn run(
         }
         None => None,
     };
-    let tls = Tls::build(&loaded, &transport).map_err(|e| Error::Quic(local, e))?;
+    let tls =
+        Tls::build(&loaded, &transport, &policy.revocation).map_err(|e| Error::Quic(local, e))?;
     let grpc_tls = Arc::new(Swap::new(tls.grpc));
     let server = tls.quic;
     let key_material = std::fs::read(&config.key).unwrap_or_default();
@@ -233,6 +262,7 @@ pub async fn run(
         slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
         limits_log: runtime::ratelimit::RateLimit::new(std::time::Duration::from_secs(1)),
         paces: ingress::Paces::default(),
+        policy: Swap::new(policy),
     });
     let status = Arc::new(status::SinkStatus {
         metrics: metrics.clone(),
@@ -273,36 +303,69 @@ pub async fn run(
     });
     let reloading = {
         let (endpoint, grpc_tls, status) = (endpoint.clone(), grpc_tls.clone(), status.clone());
+        let shared = shared.clone();
+        let mut current = loaded;
         runtime::reload::spawn(config_reload, token.clone(), move |prompt| {
             let checked = match prompt {
                 Prompt::Signal => reloader.force().map(Some),
                 Prompt::Poll => reloader.check(),
             };
-            let loaded = match checked {
-                Ok(Some(loaded)) => loaded,
-                Ok(None) => return,
+            let certificates = match checked {
+                Ok(loaded) => loaded,
                 Err(error) => {
                     tracing::error!(prompt = prompt.as_str(), %error, "certificate reload refused: the certificate in use stays");
-                    return;
+                    None
                 }
             };
-            match Tls::build(&loaded, &transport) {
+            let policy = match policy_files.check(prompt == Prompt::Signal) {
+                Ok(policy) => policy,
+                Err(error) => {
+                    tracing::error!(prompt = prompt.as_str(), %error, "authorization reload refused: the allow-list and revocation list in use stay");
+                    None
+                }
+            };
+            if certificates.is_none() && policy.is_none() {
+                return;
+            }
+            let loaded = certificates.as_ref().unwrap_or(&current);
+            let revocation = policy
+                .as_ref()
+                .map_or_else(|| shared.policy.get().revocation.clone(), |p| p.revocation.clone());
+            match Tls::build(loaded, &transport, &revocation) {
                 Ok(tls) => {
                     endpoint.set_server_config(Some(tls.quic));
                     grpc_tls.set(tls.grpc);
-                    let info = loaded.identity.info();
-                    status
-                        .certificate_not_after
-                        .store(info.not_after.unix_timestamp(), Ordering::Relaxed);
-                    tracing::info!(
-                        prompt = prompt.as_str(),
-                        identity = loaded.identity.name(),
-                        serial = %info.serial,
-                        expires = %certs::inspect::rfc3339(info.not_after),
-                        "certificates reloaded: new connections use them"
-                    );
                 }
-                Err(error) => tracing::error!(%error, "certificate reload refused: the certificate in use stays"),
+                Err(error) => {
+                    tracing::error!(%error, "certificate reload refused: the certificate in use stays");
+                    return;
+                }
+            }
+            if let Some(loaded) = certificates {
+                let info = loaded.identity.info();
+                status
+                    .certificate_not_after
+                    .store(info.not_after.unix_timestamp(), Ordering::Relaxed);
+                tracing::info!(
+                    prompt = prompt.as_str(),
+                    identity = loaded.identity.name(),
+                    serial = %info.serial,
+                    expires = %certs::inspect::rfc3339(info.not_after),
+                    "certificates reloaded: new connections use them"
+                );
+                current = loaded;
+            }
+            if let Some(policy) = policy {
+                tracing::info!(
+                    prompt = prompt.as_str(),
+                    revoked = policy.revocation.len(),
+                    allowed_agents = policy.allowed_count().map_or_else(|| "any".into(), |n| n.to_string()),
+                    "agent authorization reloaded: applies to new and open connections"
+                );
+                shared.policy.set(policy);
+                for (connection, kind) in shared.agents.close_unauthorized(&shared.policy.get()) {
+                    ingress::closed_by_policy(&shared, &connection, kind);
+                }
             }
         })
         .map_err(|e| Error::Quic(local, format!("cannot handle SIGHUP: {e}")))?

@@ -18,6 +18,8 @@ pub struct Metrics {
     registry: Registry,
     accepted: [IntCounter; 2],
     refused: [IntCounter; RefusalKind::ALL.len()],
+    /// Open connections closed because a reload revoked their agent or took it off the list.
+    closed: [IntCounter; 2],
     /// Agent connections open now.
     pub agents_connected: IntGauge,
     /// Batches received from agents.
@@ -96,13 +98,21 @@ impl Metrics {
         let refused = counter_vec(
             &r,
             "relay_sink_handshakes_refused_total",
-            "Handshakes refused or failed, by reason (no_certificate, unknown_issuer, bad_signature, wrong_usage, expired, timeout, other).",
+            "Handshakes refused or failed, by reason (no_certificate, unknown_issuer, bad_signature, wrong_usage, expired, not_yet_valid, revoked, not_allowed, too_many_connections, timeout, other).",
+            &["reason"],
+        );
+        let closed = counter_vec(
+            &r,
+            "relay_sink_connections_closed_total",
+            "Open agent connections the sink closed because a reload revoked the agent's certificate or took it off the allow-list, by reason (revoked, not_allowed).",
             &["reason"],
         );
         Self {
             accepted: [Transport::Quic, Transport::Grpc]
                 .map(|t| accepted.with_label_values(&[t.as_str()])),
             refused: RefusalKind::ALL.map(|k| refused.with_label_values(&[k.as_str()])),
+            closed: [RefusalKind::Revoked, RefusalKind::NotAllowed]
+                .map(|k| closed.with_label_values(&[k.as_str()])),
             agents_connected: gauge(
                 &r,
                 "relay_sink_agents_connected",
@@ -224,6 +234,12 @@ impl Metrics {
             .position(|&k| k == kind)
             .unwrap_or(0);
         &self.refused[i]
+    }
+
+    /// The counter of open connections closed for `kind` (revoked; anything else counts as
+    /// not allowed).
+    pub(crate) fn closed(&self, kind: RefusalKind) -> &IntCounter {
+        &self.closed[usize::from(kind != RefusalKind::Revoked)]
     }
 
     /// Connections accepted, both transports.

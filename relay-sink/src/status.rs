@@ -5,14 +5,15 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus::Registry;
-use rustls::pki_types::CertificateDer;
 use serde_json::json;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
-use crate::ingress::Transport;
+use crate::authz::Policy;
+use crate::ingress::{RefusalKind, Transport};
 use crate::metrics::{AgentMetrics, Metrics};
 
 /// The agent connections open now, and what each has sent.
@@ -34,6 +35,12 @@ pub(crate) struct Connection {
     since: SystemTime,
     /// When the agent's certificate expires, Unix seconds.
     certificate_not_after: Option<i64>,
+    /// The agent's certificate, for checking it again when the CRL or allow-list changes.
+    certificate: Option<certs::CertInfo>,
+    /// Cancelled to close the connection (its agent was revoked or taken off the list).
+    closing: CancellationToken,
+    /// Why it was closed, once it is.
+    closed_for: OnceLock<RefusalKind>,
     datagrams: AtomicU64,
     bytes: AtomicU64,
     last_seen_ms: AtomicU64,
@@ -41,6 +48,26 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
+    /// Resolves when this connection is to be closed for its agent's authorization.
+    pub(crate) fn closing(&self) -> WaitForCancellationFuture<'_> {
+        self.closing.cancelled()
+    }
+
+    /// Whether it is to be closed, and why.
+    pub(crate) fn closed_for(&self) -> Option<RefusalKind> {
+        self.closed_for.get().copied()
+    }
+
+    /// The agent's address.
+    pub(crate) fn remote(&self) -> SocketAddr {
+        self.remote
+    }
+
+    /// The transport it came in on.
+    pub(crate) fn transport(&self) -> Transport {
+        self.transport
+    }
+
     /// Counts a batch received on this connection.
     pub(crate) fn received(&self, datagrams: u64, bytes: u64) {
         self.datagrams.fetch_add(datagrams, Ordering::Relaxed);
@@ -97,15 +124,21 @@ impl Agents {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a connection that completed the handshake; `chain` is the certificate chain
-    /// it presented.
+    /// Records a connection that completed the handshake; `certificate` is what it
+    /// presented. Refused ([`RefusalKind::TooManyConnections`]) when `agent` already has
+    /// `limit` connections open (0: no limit); counted under the same lock that adds it.
     pub(crate) fn connect(
         self: &Arc<Self>,
         agent: Arc<str>,
         remote: SocketAddr,
         transport: Transport,
-        chain: Option<&[CertificateDer<'_>]>,
-    ) -> Registered {
+        certificate: Option<certs::CertInfo>,
+        limit: usize,
+    ) -> Result<Registered, RefusalKind> {
+        let mut live = self.lock();
+        if limit > 0 && live.values().filter(|c| c.agent == agent).count() >= limit {
+            return Err(RefusalKind::TooManyConnections);
+        }
         let handles = self
             .handles
             .lock()
@@ -116,9 +149,8 @@ impl Agents {
         handles.connections.inc();
         self.metrics.accepted(transport).inc();
         self.metrics.agents_connected.inc();
-        let certificate_not_after = chain
-            .and_then(|chain| chain.first())
-            .and_then(|leaf| certs::CertInfo::from_der(leaf).ok())
+        let certificate_not_after = certificate
+            .as_ref()
             .map(|info| info.not_after.unix_timestamp());
         let now = SystemTime::now();
         let connection = Arc::new(Connection {
@@ -127,18 +159,39 @@ impl Agents {
             transport,
             since: now,
             certificate_not_after,
+            certificate,
+            closing: CancellationToken::new(),
+            closed_for: OnceLock::new(),
             datagrams: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             last_seen_ms: AtomicU64::new(unix_ms(now)),
             handles,
         });
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.lock().insert(id, connection.clone());
-        Registered {
+        live.insert(id, connection.clone());
+        Ok(Registered {
             id,
             connection,
             agents: self.clone(),
+        })
+    }
+
+    /// Marks for closing every open connection that `policy` no longer admits (each once),
+    /// and returns them with the reason.
+    pub(crate) fn close_unauthorized(
+        &self,
+        policy: &Policy,
+    ) -> Vec<(Arc<Connection>, RefusalKind)> {
+        let mut closed = Vec::new();
+        for c in self.lock().values() {
+            if let Err(kind) = policy.check(&c.agent, c.certificate.as_ref())
+                && c.closed_for.set(kind).is_ok()
+            {
+                c.closing.cancel();
+                closed.push((c.clone(), kind));
+            }
         }
+        closed
     }
 
     /// The `/agents` page: one object per open connection, oldest first.

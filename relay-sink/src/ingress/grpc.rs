@@ -158,11 +158,19 @@ async fn handshake(
         () = token.cancelled() => return,
     };
     let chain = tls.get_ref().1.peer_certificates();
-    let agent: Arc<str> = chain
-        .and_then(certs::load::peer_name)
-        .unwrap_or_else(|| "unnamed".into())
-        .into();
-    let registered = Arc::new(shared.agents.connect(agent.clone(), remote, GRPC, chain));
+    let registered = match ingress::admit(&shared, GRPC, remote, chain) {
+        Ok(registered) => Arc::new(registered),
+        Err(_) => {
+            let mut tls = tls;
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                tokio::io::AsyncWriteExt::shutdown(&mut tls),
+            )
+            .await;
+            return;
+        }
+    };
+    let agent = registered.agent.clone();
     tracing::info!(%agent, %remote, transport = "grpc", "agent connected");
     let io = AgentIo {
         tls,
@@ -201,6 +209,18 @@ impl Drop for AgentIo {
     }
 }
 
+impl AgentIo {
+    /// Once a reload has revoked the agent or taken it off the list, the connection fails its
+    /// reads and writes: the call has ended with `permission_denied`, and the agent must not
+    /// start another on this connection.
+    fn unauthorized(&self) -> Option<std::io::Error> {
+        self.peer
+            .registered
+            .closed_for()
+            .map(|kind| std::io::Error::new(std::io::ErrorKind::PermissionDenied, kind.words()))
+    }
+}
+
 impl Connected for AgentIo {
     type ConnectInfo = Peer;
 
@@ -215,6 +235,9 @@ impl AsyncRead for AgentIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if let Some(refused) = self.unauthorized() {
+            return Poll::Ready(Err(refused));
+        }
         Pin::new(&mut self.get_mut().tls).poll_read(cx, buf)
     }
 }
@@ -225,6 +248,9 @@ impl AsyncWrite for AgentIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        if let Some(refused) = self.unauthorized() {
+            return Poll::Ready(Err(refused));
+        }
         Pin::new(&mut self.get_mut().tls).poll_write(cx, buf)
     }
 
@@ -233,6 +259,9 @@ impl AsyncWrite for AgentIo {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        if let Some(refused) = self.unauthorized() {
+            return Poll::Ready(Err(refused));
+        }
         Pin::new(&mut self.get_mut().tls).poll_write_vectored(cx, bufs)
     }
 
@@ -312,6 +341,10 @@ async fn relay(
         let next = tokio::select! {
             next = batches.message() => next,
             () = token.cancelled() => break None,
+            () = peer.registered.closing() => {
+                let words = peer.registered.closed_for().map_or("not authorized", |k| k.words());
+                break Some(Status::permission_denied(words));
+            }
         };
         match next {
             Ok(Some(mut batch)) => {

@@ -29,6 +29,8 @@ const QUIC: Transport = Transport::Quic;
 /// Application error codes sent in CONNECTION_CLOSE.
 const CLOSE_SHUTDOWN: u32 = 0;
 const CLOSE_PROTOCOL: u32 = 1;
+/// The agent is not authorized: revoked, not on the allow-list, or over its connection limit.
+const CLOSE_UNAUTHORIZED: u32 = 2;
 
 /// Accepts connections until `token` is cancelled or the endpoint closes.
 pub(crate) async fn serve(
@@ -71,23 +73,31 @@ async fn handle(
     let chain = connection
         .peer_identity()
         .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok());
-    let agent: Arc<str> = chain
-        .as_deref()
-        .and_then(|chain| certs::load::peer_name(chain))
-        .unwrap_or_else(|| "unnamed".into())
-        .into();
-    let registered = Arc::new(shared.agents.connect(
-        agent.clone(),
-        remote,
-        QUIC,
-        chain.as_deref().map(Vec::as_slice),
-    ));
+    let registered =
+        match ingress::admit(&shared, QUIC, remote, chain.as_deref().map(Vec::as_slice)) {
+            Ok(registered) => Arc::new(registered),
+            Err(kind) => {
+                connection.close(
+                    VarInt::from_u32(CLOSE_UNAUTHORIZED),
+                    kind.words().as_bytes(),
+                );
+                return;
+            }
+        };
+    let agent = registered.agent.clone();
     tracing::info!(%agent, %remote, transport = "quic", "agent connected");
     let streams = TaskTracker::new();
     let reason = loop {
         let accepted = tokio::select! {
             accepted = connection.accept_bi() => accepted,
             () = token.cancelled() => break "sink shutting down".to_string(),
+            () = registered.closing() => {
+                // Closed now, not after the streams: the agent is no longer trusted, and what
+                // it has in flight is not replayed.
+                let words = registered.closed_for().map_or("not authorized", |k| k.words());
+                connection.close(VarInt::from_u32(CLOSE_UNAUTHORIZED), words.as_bytes());
+                break words.to_string();
+            }
         };
         match accepted {
             Ok((send, recv)) => {

@@ -1,0 +1,188 @@
+//! Authorization beyond "signed by our CA": which agent identities may connect
+//! (`--allowed-agents`), which certificates are revoked (`--crl`), and how many connections
+//! one identity may hold open (`--max-connections-per-agent`).
+//!
+//! - A revoked certificate is refused by webpki during the TLS handshake (the CRLs are in the
+//!   verifier, built in `relay-certs`); [`Policy::check`] repeats the check on the serials so
+//!   that a reload can close the connections of an agent revoked while connected.
+//! - The allow-list is checked once the handshake has authenticated the agent: the name it is
+//!   checked by is the one the CA vouches for, never a claim.
+//! - The per-identity limit is counted where connections are registered (`status::Agents`), in
+//!   the same lock that adds the connection, so two racing connections cannot both be the
+//!   last one allowed.
+//!
+//! The files are re-read with the certificates (SIGHUP, `--cert-reload-interval`) and checked
+//! before use: a CRL must be signed by a CA of the CA file, an allow-list must be readable. A
+//! bad file is refused, logged, and the lists in use stay.
+//!
+//! What this deliberately does not do: authorise per destination or per sFlow source (every
+//! accepted agent's datagrams are replayed alike), or match names by pattern (a list of exact
+//! names is easy to audit).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use crate::ingress::RefusalKind;
+
+/// The authorization in force: replaced whole on reload.
+#[derive(Debug, Default)]
+pub(crate) struct Policy {
+    /// The names allowed; `None` when any agent of the CA is.
+    allowed: Option<HashSet<String>>,
+    /// The CRLs and the serials they list.
+    pub(crate) revocation: certs::Revocation,
+}
+
+impl Policy {
+    /// Whether `agent` (the name in its certificate, described by `cert`) may be connected:
+    /// `Err` with the reason when not.
+    pub(crate) fn check(
+        &self,
+        agent: &str,
+        cert: Option<&certs::CertInfo>,
+    ) -> Result<(), RefusalKind> {
+        if cert.is_some_and(|info| self.revocation.is_revoked(info)) {
+            return Err(RefusalKind::Revoked);
+        }
+        match &self.allowed {
+            Some(allowed) if !allowed.contains(agent) => Err(RefusalKind::NotAllowed),
+            _ => Ok(()),
+        }
+    }
+
+    /// Agents on the allow-list (`None`: no list), for the log.
+    pub(crate) fn allowed_count(&self) -> Option<usize> {
+        self.allowed.as_ref().map(HashSet::len)
+    }
+}
+
+/// The allow-list and CRL files, re-read and checked on demand (with the CA file, which
+/// checks the CRL's signature).
+#[derive(Debug)]
+pub(crate) struct PolicyFiles {
+    ca: PathBuf,
+    crl: Option<PathBuf>,
+    allowed: Option<PathBuf>,
+    /// The contents at the last check.
+    seen: Option<Contents>,
+}
+
+/// What was read of the CA, CRL and allow-list files: `None` for a file not configured, the
+/// bytes, or why they could not be read.
+type Contents = [Option<Result<Vec<u8>, String>>; 3];
+
+impl PolicyFiles {
+    pub(crate) fn new(ca: PathBuf, crl: Option<PathBuf>, allowed: Option<PathBuf>) -> Self {
+        Self {
+            ca,
+            crl,
+            allowed,
+            seen: None,
+        }
+    }
+
+    /// Whether there is anything to read (else the policy is the default: everyone, nothing
+    /// revoked).
+    pub(crate) fn any(&self) -> bool {
+        self.crl.is_some() || self.allowed.is_some()
+    }
+
+    /// Re-reads the files; `Ok(None)` when unchanged since the last check (unless `force`),
+    /// `Ok(Some)` with the new policy, `Err` naming the file and the reason (once per
+    /// change, as the certificate reloader does).
+    pub(crate) fn check(&mut self, force: bool) -> Result<Option<Policy>, String> {
+        if !self.any() {
+            return Ok(None);
+        }
+        let read = |path: Option<&Path>| {
+            path.map(|p| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display())))
+        };
+        let contents = [
+            read(self.crl.is_some().then_some(self.ca.as_path())),
+            read(self.crl.as_deref()),
+            read(self.allowed.as_deref()),
+        ];
+        if !force && self.seen.as_ref() == Some(&contents) {
+            return Ok(None);
+        }
+        let result = self.parse(&contents);
+        self.seen = Some(contents);
+        result.map(Some)
+    }
+
+    fn parse(&self, contents: &Contents) -> Result<Policy, String> {
+        let [ca, crl, allowed] = contents;
+        let revocation = match (ca, crl, &self.crl) {
+            (Some(ca), Some(crl), Some(path)) => {
+                let (ca, crl) = (ca.as_ref()?, crl.as_ref()?);
+                certs::Revocation::from_pem(crl, ca, &path.display().to_string())
+                    .map_err(|e| e.to_string())?
+            }
+            _ => certs::Revocation::none(),
+        };
+        let allowed = match allowed {
+            Some(text) => Some(parse_allow_list(text.as_ref()?)),
+            None => None,
+        };
+        Ok(Policy {
+            allowed,
+            revocation,
+        })
+    }
+}
+
+/// One name per line, as in the agent's certificate (`relay-certs issue --name`); blank lines
+/// and `#` comments ignored, spaces around a name trimmed.
+fn parse_allow_list(text: &[u8]) -> HashSet<String> {
+    String::from_utf8_lossy(text)
+        .lines()
+        .map(|line| line.split('#').next().unwrap_or_default().trim())
+        .filter(|name| !name.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_list_lines() {
+        let list = parse_allow_list(b"# sites\nsite-a\n  site-b  # Paris\n\n#site-c\n");
+        assert_eq!(list.len(), 2);
+        assert!(list.contains("site-a") && list.contains("site-b"));
+    }
+
+    #[test]
+    fn without_files_everyone_is_allowed() {
+        let policy = Policy::default();
+        assert_eq!(policy.check("anyone", None), Ok(()));
+        let listed = Policy {
+            allowed: Some(parse_allow_list(b"site-a")),
+            revocation: certs::Revocation::none(),
+        };
+        assert_eq!(listed.check("site-a", None), Ok(()));
+        assert_eq!(listed.check("site-b", None), Err(RefusalKind::NotAllowed));
+    }
+
+    #[test]
+    fn a_changed_allow_list_is_seen_once() {
+        let dir = std::env::temp_dir().join(format!("relay-authz-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let list = dir.join("allowed");
+        std::fs::write(&list, "site-a\n").unwrap();
+        let mut files = PolicyFiles::new(dir.join("ca.pem"), None, Some(list.clone()));
+        let first = files.check(false).unwrap().expect("first read");
+        assert_eq!(first.allowed_count(), Some(1));
+        assert!(files.check(false).unwrap().is_none());
+        std::fs::write(&list, "site-a\nsite-b\n").unwrap();
+        assert_eq!(
+            files.check(false).unwrap().unwrap().allowed_count(),
+            Some(2)
+        );
+        std::fs::remove_file(&list).unwrap();
+        assert!(files.check(false).unwrap_err().contains("cannot read"));
+        assert!(files.check(false).unwrap().is_none(), "reported once");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
