@@ -237,5 +237,12 @@ async fn acknowledge(
             return;
         }
     }
-    let _ = send.finish();
+    // Closing the connection discards stream data not yet delivered: wait (briefly) until the
+    // agent has the last acknowledgements, or it would send those batches again.
+    if send.finish().is_ok() {
+        let _ = tokio::time::timeout(ACKS_DELIVERY, send.stopped()).await;
+    }
 }
+
+/// How long a finished stream waits for the agent to receive its last acknowledgements.
+const ACKS_DELIVERY: Duration = Duration::from_secs(2);
