@@ -813,28 +813,32 @@ fn a_thousand_bad_handshakes_in_seconds_leave_no_trace_and_lose_nothing() {
     let base_rss = rss_kib(pid);
     let base_cpu = cpu_share(pid, Duration::from_secs(2));
 
-    let started = Instant::now();
     let rt = runtime();
     let ca = bench.pki.ca();
-    rt.block_on(async {
-        let quic = handshake_flood(
-            Transport::Quic,
-            bench.sink_addr,
-            &ca,
-            &intruder,
-            FLOOD / 2,
-            32,
-        );
-        let grpc = handshake_flood(
-            Transport::Grpc,
-            bench.sink_addr,
-            &ca,
-            &intruder,
-            FLOOD / 2,
-            32,
-        );
-        tokio::join!(quic, grpc);
-    });
+    // FLOOD handshakes with the intruder's certificate, half over each transport, 32 at a time.
+    let flood = || {
+        rt.block_on(async {
+            let quic = handshake_flood(
+                Transport::Quic,
+                bench.sink_addr,
+                &ca,
+                &intruder,
+                FLOOD / 2,
+                32,
+            );
+            let grpc = handshake_flood(
+                Transport::Grpc,
+                bench.sink_addr,
+                &ca,
+                &intruder,
+                FLOOD / 2,
+                32,
+            );
+            tokio::join!(quic, grpc);
+        });
+    };
+    let started = Instant::now();
+    flood();
     let took = started.elapsed();
     let peak_rss = rss_kib(pid);
     // Settled: what the handshakes held is given back.
@@ -842,25 +846,7 @@ fn a_thousand_bad_handshakes_in_seconds_leave_no_trace_and_lose_nothing() {
     let after_cpu = cpu_share(pid, Duration::from_secs(2));
     let after_rss = rss_kib(pid);
     // A second flood: what the allocator kept from the first is reused, not added to.
-    rt.block_on(async {
-        let quic = handshake_flood(
-            Transport::Quic,
-            bench.sink_addr,
-            &ca,
-            &intruder,
-            FLOOD / 2,
-            32,
-        );
-        let grpc = handshake_flood(
-            Transport::Grpc,
-            bench.sink_addr,
-            &ca,
-            &intruder,
-            FLOOD / 2,
-            32,
-        );
-        tokio::join!(quic, grpc);
-    });
+    flood();
     std::thread::sleep(Duration::from_secs(1));
     let second_rss = rss_kib(pid);
     eprintln!(
