@@ -26,27 +26,26 @@ use relay_tests::{
 
 // === Watching a daemon ===
 
-/// Resident memory of process `pid`, KiB (`VmRSS` in `/proc/PID/status`).
-fn rss_kib(pid: u32) -> u64 {
+/// A `KEY: N kB` line of `/proc/PID/status`, KiB.
+fn status_kib(pid: u32, key: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .expect("VmRSS")
+        .unwrap_or_else(|| panic!("{key} in /proc/{pid}/status"))
+}
+
+/// Resident memory of process `pid`, KiB (`VmRSS`).
+fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS")
 }
 
 /// Private memory process `pid` has mapped, touched or not, KiB (`VmData`): unlike RSS it
 /// also shows a buffer reserved for a frame whose bytes never came.
 fn vm_data_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmData:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmData")
+    status_kib(pid, "VmData")
 }
 
 /// CPU time process `pid` has used, seconds (user + system, from `/proc/PID/stat`).
