@@ -26,6 +26,19 @@ use relay_tests::{
 
 // === Watching a daemon ===
 
+/// The `i`-th datagram of a garbage stream: random bytes, one in a hundred of any size up to
+/// the largest UDP payload, the rest under 1,500 bytes (empty ones included).
+fn random_datagram(rng: &mut rand::rngs::StdRng, i: u64) -> Vec<u8> {
+    let len = if i.is_multiple_of(100) {
+        rng.random_range(0..=proto::MAX_DATAGRAM_LEN)
+    } else {
+        rng.random_range(0..1500)
+    };
+    let mut d = vec![0u8; len];
+    rng.fill_bytes(&mut d);
+    d
+}
+
 /// A `KEY: N kB` line of `/proc/PID/status`, KiB.
 fn status_kib(pid: u32, key: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
@@ -295,13 +308,7 @@ fn garbage_at_both_ports_and_the_wrong_protocol_leave_the_sink_serving() {
     // QUIC Initial packet, each 10 times.
     let udp = UdpSocket::bind("127.0.0.1:0").expect("bind");
     for i in 0..20_000 {
-        let len = if i % 100 == 0 {
-            rng.random_range(0..=proto::MAX_DATAGRAM_LEN)
-        } else {
-            rng.random_range(0..1500)
-        };
-        let mut d = vec![0u8; len];
-        rng.fill_bytes(&mut d);
+        let d = random_datagram(&mut rng, i);
         let _ = udp.send_to(&d, sink);
         if i % 500 == 0 {
             std::thread::sleep(Duration::from_millis(5));
@@ -926,13 +933,7 @@ fn a_hundred_thousand_random_datagrams_at_the_agent_are_relayed_or_counted() {
     let started = Instant::now();
     let mut peak = base;
     for i in 0..FLOOD {
-        let len = if i % 100 == 0 {
-            rng.random_range(0..=proto::MAX_DATAGRAM_LEN)
-        } else {
-            rng.random_range(0..1500)
-        };
-        let mut d = vec![0u8; len];
-        rng.fill_bytes(&mut d);
+        let mut d = random_datagram(&mut rng, i);
         if let Some(first) = d.first_mut()
             && (0xA0..0xC0).contains(first)
         {
