@@ -132,7 +132,8 @@ impl Drop for Netns {
     }
 }
 
-fn is_root() -> bool {
+/// Whether this process runs as root (effective user 0).
+pub fn is_root() -> bool {
     // The effective user, as /proc tells it: no libc call needed.
     std::fs::read_to_string("/proc/self/status")
         .ok()

