@@ -52,7 +52,7 @@ fn batch(payloads: &[Vec<u8>], source: &str) -> pb::Batch {
                 .to_proto()
             })
             .collect(),
-        zstd_datagrams: Bytes::new(),
+        ..Default::default()
     }
 }
 

@@ -66,7 +66,8 @@ fn batch() -> pb::Batch {
                 .to_proto()
             })
             .collect(),
-        zstd_datagrams: Bytes::new(),
+        timing: pb::Timing::Live.into(),
+        ..Default::default()
     }
 }
 

@@ -113,6 +113,8 @@ impl Compressor {
             sequence: batch.sequence,
             datagrams: Vec::new(),
             zstd_datagrams: Bytes::copy_from_slice(&self.packed),
+            timing: batch.timing,
+            live_datagrams_per_second: batch.live_datagrams_per_second,
         };
         encode_frame(&compressed, dst);
         batch.datagrams.clear();
@@ -229,7 +231,8 @@ mod tests {
             session: 7,
             sequence: 3,
             datagrams,
-            zstd_datagrams: Bytes::new(),
+            timing: pb::Timing::Live.into(),
+            ..Default::default()
         }
     }
 

@@ -61,6 +61,28 @@ pub fn encode_frame<M: Message>(msg: &M, dst: &mut BytesMut) {
         .expect("reserved enough capacity for the message");
 }
 
+/// A batch frame made earlier (by [`encode_frame`], compressed or not) marked as catch-up
+/// traffic: the same frame with `timing = TIMING_CATCH_UP` and the agent's live rate
+/// appended to its body, and its length updated. Protobuf keeps the last value of a scalar
+/// field that occurs twice, so the mark overrides the `TIMING_LIVE` the frame was made with;
+/// a sink older than the field skips both. Copies the frame once (catch-up batches are the
+/// exception: they follow an outage).
+///
+/// `frame` must be one whole frame: header and body.
+pub fn mark_catch_up(frame: &[u8], live_datagrams_per_second: u32) -> Bytes {
+    let body = frame.get(FRAME_HEADER_LEN..).unwrap_or_default();
+    let timing = pb::Timing::CatchUp as i32;
+    let suffix_len = prost::encoding::int32::encoded_len(5, &timing)
+        + prost::encoding::uint32::encoded_len(6, &live_datagrams_per_second);
+    let len = body.len() + suffix_len;
+    let mut out = BytesMut::with_capacity(FRAME_HEADER_LEN + len);
+    out.put_u32(u32::try_from(len).expect("frame larger than 4 GiB"));
+    out.extend_from_slice(body);
+    prost::encoding::int32::encode(5, &timing, &mut out);
+    prost::encoding::uint32::encode(6, &live_datagrams_per_second, &mut out);
+    out.freeze()
+}
+
 /// Splits one complete frame's body off the front of `src`.
 ///
 /// Returns `Ok(None)` when `src` holds no complete frame yet (nothing is consumed), and an
@@ -209,7 +231,8 @@ mod tests {
                     .to_proto()
                 })
                 .collect(),
-            zstd_datagrams: Bytes::new(),
+            timing: pb::Timing::Live.into(),
+            ..Default::default()
         }
     }
 
@@ -226,6 +249,37 @@ mod tests {
             assert_eq!(pb::Batch::decode(body).unwrap(), msg);
         }
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn a_catch_up_mark_overrides_live_and_keeps_the_rest() {
+        let live = batch(3, 200);
+        let mut frame = BytesMut::new();
+        encode_frame(&live, &mut frame);
+        let marked = mark_catch_up(&frame, 2_000);
+        let mut buf = BytesMut::from(&marked[..]);
+        let body = decode_frame(&mut buf, DEFAULT_MAX_FRAME_LEN)
+            .unwrap()
+            .unwrap();
+        assert!(buf.is_empty(), "the length was updated");
+        let got = pb::Batch::decode(body).unwrap();
+        assert_eq!(got.timing(), pb::Timing::CatchUp);
+        assert_eq!(got.live_datagrams_per_second, 2_000);
+        assert_eq!(
+            pb::Batch {
+                timing: live.timing,
+                live_datagrams_per_second: 0,
+                ..got
+            },
+            live
+        );
+        // Marked twice (sent again once more): still one batch, still catch-up.
+        let twice = mark_catch_up(&marked, 7);
+        let got = pb::Batch::decode(&twice[FRAME_HEADER_LEN..]).unwrap();
+        assert_eq!(
+            (got.timing(), got.live_datagrams_per_second),
+            (pb::Timing::CatchUp, 7)
+        );
     }
 
     #[test]

@@ -126,7 +126,10 @@ fn flush(
         session,
         sequence,
         datagrams,
-        zstd_datagrams: Bytes::new(),
+        // Sent once as it is made: live. The link marks it catch-up should it be sent late or
+        // again (`proto::wire::mark_catch_up`).
+        timing: pb::Timing::Live.into(),
+        ..Default::default()
     };
     let mut buf = BytesMut::new();
     let compressed = compressor.is_some_and(|compressor| {

@@ -512,6 +512,7 @@ fn bomb(plain: usize, sized: bool) -> pb::Batch {
         sequence: 1,
         datagrams: Vec::new(),
         zstd_datagrams: packed.into(),
+        ..Default::default()
     }
 }
 

@@ -94,6 +94,7 @@ fn run(expander: &mut Expander, packed: &Bytes) -> Result<pb::Batch, Compression
         sequence: 1,
         datagrams: Vec::new(),
         zstd_datagrams: packed.clone(),
+        ..Default::default()
     };
     expander.expand(&mut batch)?;
     assert!(batch.zstd_datagrams.is_empty());
