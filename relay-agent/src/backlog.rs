@@ -5,9 +5,10 @@
 //! it starts again at the oldest unacknowledged batch) and releases what the sink
 //! acknowledged. Bounds:
 //!
-//! - memory: at most `memory_batches` frames are held in memory. Beyond that, the oldest
-//!   frames already on disk are let go from memory (read back when needed); without a spool,
-//!   the oldest batches are dropped.
+//! - memory: at most `memory_bytes` of frames (plus [`ENTRY_OVERHEAD`] of bookkeeping per
+//!   batch, so many small batches are bounded as well as a few large ones) are held in
+//!   memory. Beyond that, the oldest frames already on disk are let go from memory (read back
+//!   when needed); without a spool, the oldest batches are dropped.
 //! - disk: at most `spool_max_bytes`, and nothing older than `spool_max_age`; beyond that the
 //!   oldest segment is dropped.
 //!
@@ -28,6 +29,10 @@ use crate::batch::Frame;
 use crate::metrics::{DropReason, SinkMetrics};
 use crate::spool::{Meta, Spool};
 
+/// Memory counted per batch held, besides its frame: the entry, the frame's allocation and
+/// the queue's slot, rounded up.
+pub(crate) const ENTRY_OVERHEAD: usize = 128;
+
 /// A batch as the link sees it.
 #[derive(Debug, Clone)]
 pub(crate) struct Record {
@@ -37,6 +42,10 @@ pub(crate) struct Record {
     pub(crate) datagrams: u64,
     /// Length prefix and protobuf body.
     pub(crate) bytes: Bytes,
+    /// When the batch was appended, Unix milliseconds.
+    pub(crate) unix_ms: u64,
+    /// Read back from the spool (let go from memory, or left by an earlier run).
+    pub(crate) from_disk: bool,
 }
 
 #[derive(Debug)]
@@ -47,10 +56,17 @@ struct Entry {
     on_disk: bool,
 }
 
+impl Entry {
+    /// What it counts against the memory limit.
+    fn memory(&self) -> usize {
+        self.bytes.as_ref().map_or(0, |b| b.len() + ENTRY_OVERHEAD)
+    }
+}
+
 /// Limits of a backlog.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
-    pub(crate) memory_batches: usize,
+    pub(crate) memory_bytes: usize,
     pub(crate) spool_max_bytes: u64,
     pub(crate) spool_max_age: Duration,
 }
@@ -60,6 +76,10 @@ struct Inner {
     entries: VecDeque<Entry>,
     /// Entries before this index hold no bytes in memory.
     first_in_memory: usize,
+    /// What the entries from `first_in_memory` on hold in memory, with [`ENTRY_OVERHEAD`].
+    memory_bytes: usize,
+    /// Datagrams appended since the start (the live rate's clock).
+    appended_datagrams: u64,
     next_id: u64,
     spool: Option<Spool>,
     closed: bool,
@@ -128,6 +148,8 @@ impl Backlog {
             inner: Mutex::new(Inner {
                 entries,
                 first_in_memory,
+                memory_bytes: 0,
+                appended_datagrams: 0,
                 next_id,
                 spool,
                 closed: false,
@@ -164,6 +186,8 @@ impl Backlog {
             unix_ms: now_ms(),
         };
         inner.next_id += 1;
+        inner.appended_datagrams += frame.datagrams;
+        inner.memory_bytes += frame.bytes.len() + ENTRY_OVERHEAD;
         let on_disk = match &mut inner.spool {
             None => false,
             Some(spool) => match spool.append(meta, &frame.bytes) {
@@ -194,9 +218,14 @@ impl Backlog {
     }
 
     fn enforce_limits(&self, inner: &mut Inner) {
-        // Memory: let go of the oldest frames that are on disk; drop those that are not.
-        while inner.entries.len() - inner.first_in_memory > self.limits.memory_batches {
+        // Memory: let go of the oldest frames that are on disk; drop those that are not. The
+        // newest batch always stays.
+        while inner.memory_bytes > self.limits.memory_bytes
+            && inner.entries.len() - inner.first_in_memory > 1
+        {
             let index = inner.first_in_memory;
+            let held = inner.entries[index].bytes.as_ref().map_or(0, Bytes::len);
+            inner.memory_bytes -= held + ENTRY_OVERHEAD;
             if inner.entries[index].on_disk {
                 inner.entries[index].bytes = None;
                 inner.first_in_memory += 1;
@@ -224,6 +253,7 @@ impl Backlog {
             while inner.entries.front().is_some_and(|e| e.meta.id <= last_id) {
                 if let Some(entry) = inner.entries.pop_front() {
                     datagrams += u64::from(entry.meta.datagrams);
+                    inner.memory_bytes -= entry.memory();
                 }
                 removed += 1;
             }
@@ -242,7 +272,7 @@ impl Backlog {
     fn dropped(&self, datagrams: u64, reason: DropReason) {
         self.metrics.dropped(reason).inc_by(datagrams);
         let why = match reason {
-            DropReason::BacklogFull => "memory backlog full (--queue-batches)",
+            DropReason::BacklogFull => "memory backlog full (--backlog-bytes)",
             DropReason::SpoolFull => "spool full (--spool-max-bytes)",
             DropReason::TooOld => "spooled data too old (--spool-max-age)",
             _ => reason.as_str(),
@@ -262,6 +292,9 @@ impl Backlog {
         self.metrics
             .backlog_batches
             .set(i64::try_from(inner.entries.len()).unwrap_or(i64::MAX));
+        self.metrics
+            .backlog_memory_bytes
+            .set(i64::try_from(inner.memory_bytes).unwrap_or(i64::MAX));
         self.metrics
             .spool_bytes
             .set(i64::try_from(inner.spool.as_ref().map_or(0, Spool::bytes)).unwrap_or(i64::MAX));
@@ -301,6 +334,8 @@ impl Backlog {
                                 sequence: meta.sequence,
                                 datagrams: u64::from(meta.datagrams),
                                 bytes,
+                                unix_ms: meta.unix_ms,
+                                from_disk: entry.bytes.is_none(),
                             });
                         }
                         Err(error) => {
@@ -351,7 +386,9 @@ impl Backlog {
         let mut inner = self.lock();
         let mut removed = 0;
         while inner.entries.front().is_some_and(|e| e.meta.id <= id) {
-            inner.entries.pop_front();
+            if let Some(entry) = inner.entries.pop_front() {
+                inner.memory_bytes -= entry.memory();
+            }
             removed += 1;
         }
         inner.first_in_memory = inner.first_in_memory.saturating_sub(removed);
@@ -361,6 +398,11 @@ impl Backlog {
         self.update_gauges(&inner);
         drop(inner);
         self.grew.notify_waiters();
+    }
+
+    /// Datagrams appended since the backlog was opened.
+    pub(crate) fn appended_datagrams(&self) -> u64 {
+        self.lock().appended_datagrams
     }
 
     /// (batches, datagrams) not yet acknowledged, and how many of them only memory holds.
@@ -387,9 +429,10 @@ mod tests {
         }
     }
 
-    fn limits(memory_batches: usize) -> Limits {
+    /// Room in memory for `batches` of the test frames (1,000 bytes each).
+    fn limits(batches: usize) -> Limits {
         Limits {
-            memory_batches,
+            memory_bytes: batches * (1000 + ENTRY_OVERHEAD),
             spool_max_bytes: u64::MAX,
             spool_max_age: Duration::from_secs(3600),
         }
@@ -421,6 +464,45 @@ mod tests {
         }
         assert_eq!(metrics.dropped_total(), 9);
         assert_eq!(backlog.next_after(0).await.unwrap().sequence, 4);
+    }
+
+    #[tokio::test]
+    async fn memory_is_bounded_in_bytes_whatever_the_batch_size() {
+        let metrics = Arc::new(SinkMetrics::default());
+        let limit = 250 * (1000 + ENTRY_OVERHEAD);
+        let backlog = Backlog::open(
+            "s",
+            None,
+            Limits {
+                memory_bytes: limit,
+                ..limits(0)
+            },
+            metrics.clone(),
+        )
+        .unwrap();
+        // Small batches: many more fit than large ones would.
+        let small = |sequence| Frame {
+            bytes: Bytes::from(vec![0u8; 100]),
+            ..frame(sequence)
+        };
+        for s in 1..=1_000 {
+            backlog.append(small(s));
+        }
+        assert_eq!(metrics.dropped_total(), 0, "1,000 × 228 bytes fit");
+        for s in 1_001..=1_300 {
+            backlog.append(frame(s));
+        }
+        let held = metrics.backlog_memory_bytes.get() as usize;
+        assert!(held <= limit, "{held} > {limit}");
+        assert!(
+            held > limit - 1000 - ENTRY_OVERHEAD,
+            "{held}: full, not emptied"
+        );
+        // The oldest went first: what is left is the newest, in order.
+        let first = backlog.next_after(0).await.unwrap().sequence;
+        assert_eq!(first, 1_300 - 250 + 1);
+        backlog.release_through(u64::MAX);
+        assert_eq!(metrics.backlog_memory_bytes.get(), 0);
     }
 
     #[tokio::test]

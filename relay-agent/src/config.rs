@@ -32,9 +32,10 @@ pub const DEFAULT_BATCH_BYTES: usize = 64 * 1024;
 /// Default batch delay: a lone datagram waits at most 5 ms. sFlow analyzers work in seconds,
 /// so this costs nothing, and it lets a burst share one frame.
 pub const DEFAULT_BATCH_DELAY: Duration = Duration::from_millis(5);
-/// Default queue per sink, in batches: 1,024 × 64 KiB bounds memory at 64 MiB per sink and
-/// holds several seconds of traffic while a connection is re-established.
-pub const DEFAULT_QUEUE_BATCHES: usize = 1024;
+/// Default memory backlog per sink: 128 MiB of frames. At 1,000 datagrams of 1,400 bytes a
+/// second it holds a sink outage of well over two minutes without a spool (about 5 minutes of
+/// real sFlow, which compresses to about half; 17 minutes of very regular sFlow).
+pub const DEFAULT_BACKLOG_BYTES: usize = 128 * 1024 * 1024;
 
 /// Default time `auto` waits for a QUIC handshake before carrying on over gRPC: many round
 /// trips on any real path, short enough that a site behind a UDP-blocking firewall loses
@@ -199,9 +200,17 @@ pub struct Args {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression_level: Option<i32>,
 
-    /// Batches not yet acknowledged held in memory per sink; beyond it the oldest are dropped
-    /// (counted), or, with --spool-dir, read back from disk when needed. [default: 1024]
-    #[arg(long, value_name = "BATCHES")]
+    /// Bytes of batches not yet acknowledged held in memory per sink (compressed frames, plus
+    /// 128 bytes of bookkeeping per batch); beyond it the oldest are dropped (counted), or,
+    /// with --spool-dir, read back from disk when needed. [default: 128 MiB]
+    #[arg(long, value_name = "BYTES")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backlog_bytes: Option<usize>,
+
+    /// Deprecated, replaced by --backlog-bytes: the memory backlog in batches. When given
+    /// (and --backlog-bytes is not), the backlog holds this many batches' worth of bytes
+    /// (× --batch-bytes), with a warning.
+    #[arg(long, value_name = "BATCHES", hide = true)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_batches: Option<usize>,
 
@@ -349,7 +358,10 @@ pub struct SinkEntry {
     /// Client key for this sink [default: the top-level `key`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<PathBuf>,
-    /// Queue for this sink, in batches [default: the top-level `queue-batches`].
+    /// Memory backlog for this sink, bytes [default: the top-level `backlog-bytes`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backlog_bytes: Option<usize>,
+    /// Deprecated, replaced by `backlog-bytes` (× `batch-bytes`, with a warning).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_batches: Option<usize>,
     /// Transport to this sink [default: the top-level `transport`].
@@ -390,8 +402,8 @@ pub struct SinkConfig {
     pub cert: PathBuf,
     /// Client key file.
     pub key: PathBuf,
-    /// Queue capacity in batches.
-    pub queue_batches: usize,
+    /// Memory backlog, bytes.
+    pub backlog_bytes: usize,
     /// Transport.
     pub transport: TransportMode,
 }
@@ -443,13 +455,41 @@ pub struct Config {
     pub reload: ReloadOptions,
     /// Worker threads.
     pub threads: ThreadOptions,
+    /// What the configuration asked for that is deprecated, one line each, for `run` to log
+    /// as warnings.
+    pub warnings: Vec<String>,
 }
 
 impl TryFrom<Args> for Config {
     type Error = String;
 
     fn try_from(args: Args) -> Result<Self, String> {
-        let queue = args.queue_batches.unwrap_or(DEFAULT_QUEUE_BATCHES).max(1);
+        let batch_bytes = args
+            .batch_bytes
+            .unwrap_or(DEFAULT_BATCH_BYTES)
+            .clamp(1, proto::wire::DEFAULT_MAX_FRAME_LEN / 4);
+        let mut warnings = Vec::new();
+        // `queue-batches` (batches) became `backlog-bytes`: the old option still bounds the
+        // memory it implied.
+        let mut backlog = |bytes: Option<usize>, batches: Option<usize>, top: usize, at: &str| {
+            match (bytes, batches) {
+                (Some(bytes), _) => bytes,
+                (None, Some(batches)) => {
+                    let bytes = batches.max(1).saturating_mul(batch_bytes);
+                    warnings.push(format!(
+                        "{at}queue-batches is deprecated: use backlog-bytes; {batches} batches taken as backlog-bytes = {bytes} (× batch-bytes)"
+                    ));
+                    bytes
+                }
+                (None, None) => top,
+            }
+        };
+        let backlog_bytes = backlog(
+            args.backlog_bytes,
+            args.queue_batches,
+            DEFAULT_BACKLOG_BYTES,
+            "",
+        );
         let compression = match args.compression.unwrap_or_default() {
             Compression::None => None,
             Compression::Zstd => {
@@ -479,6 +519,7 @@ impl TryFrom<Args> for Config {
                 ca: None,
                 cert: None,
                 key: None,
+                backlog_bytes: None,
                 queue_batches: None,
                 transport: None,
             }],
@@ -506,7 +547,12 @@ impl TryFrom<Args> for Config {
                 ca: pick(entry.ca.clone(), &args.ca, "ca")?,
                 cert: pick(entry.cert.clone(), &args.cert, "cert")?,
                 key: pick(entry.key.clone(), &args.key, "key")?,
-                queue_batches: entry.queue_batches.unwrap_or(queue).max(1),
+                backlog_bytes: backlog(
+                    entry.backlog_bytes,
+                    entry.queue_batches,
+                    backlog_bytes,
+                    &format!("sink {}: ", entry.addr),
+                ),
                 transport: entry.transport.or(args.transport).unwrap_or_default(),
                 addr: entry.addr,
             });
@@ -523,10 +569,7 @@ impl TryFrom<Args> for Config {
             recv_buffer: args.recv_buffer.unwrap_or(DEFAULT_RECV_BUFFER),
             recv_coalesce: args.recv_coalesce.unwrap_or(DEFAULT_RECV_COALESCE),
             sinks,
-            batch_bytes: args
-                .batch_bytes
-                .unwrap_or(DEFAULT_BATCH_BYTES)
-                .clamp(1, proto::wire::DEFAULT_MAX_FRAME_LEN / 4),
+            batch_bytes,
             batch_delay: args.batch_delay.unwrap_or(DEFAULT_BATCH_DELAY),
             compression,
             connect_timeout,
@@ -556,6 +599,7 @@ impl TryFrom<Args> for Config {
             observe: args.observe,
             reload: args.reload,
             threads: args.threads,
+            warnings,
         })
     }
 }

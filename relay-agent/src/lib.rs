@@ -162,6 +162,9 @@ pub async fn run(
     sink_metrics: &mut Vec<Arc<SinkMetrics>>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
     let metrics_listener = runtime::observe::bind(&config.observe).map_err(Error::Metrics)?;
     let transport = Arc::new(config.quic.transport_config());
     let client_socket = udp::bind_client(Buffers {
@@ -228,7 +231,7 @@ pub async fn run(
                 &sink.addr,
                 spool_dir.as_deref(),
                 backlog::Limits {
-                    memory_batches: sink.queue_batches,
+                    memory_bytes: sink.backlog_bytes,
                     spool_max_bytes: config.spool_max_bytes,
                     spool_max_age: config.spool_max_age,
                 },
@@ -276,6 +279,8 @@ pub async fn run(
                 window_bytes: config.window_bytes,
                 released: 0,
                 sent_through: 0,
+                catch_up_through: 0,
+                live_rate: transport::LiveRate::default(),
             }
             .run(),
         );

@@ -16,7 +16,7 @@ pub enum DropReason {
     QueueFull,
     /// A sink's intake queue was full (its spool writes fell behind).
     SinkQueueFull,
-    /// No spool and the memory backlog (`--queue-batches`) full: oldest dropped.
+    /// No spool and the memory backlog (`--backlog-bytes`) full: oldest dropped.
     BacklogFull,
     /// The spool reached `--spool-max-bytes`: oldest dropped.
     SpoolFull,
@@ -117,7 +117,9 @@ struct SinkFamilies {
     batches_acknowledged: IntCounterVec,
     datagrams_acknowledged: IntCounterVec,
     batches_resent: IntCounterVec,
+    catch_up_datagrams_sent: IntCounterVec,
     backlog_batches: IntGaugeVec,
+    backlog_memory_bytes: IntGaugeVec,
     spool_bytes: IntGaugeVec,
     spool_write_errors: IntCounterVec,
     spool_torn_tails: IntCounterVec,
@@ -189,10 +191,22 @@ impl Metrics {
                 "Batches sent again after a reconnect (unacknowledged on the connection that broke).",
                 &["sink"],
             ),
+            catch_up_datagrams_sent: counter_vec(
+                &r,
+                "relay_agent_catch_up_datagrams_sent_total",
+                "Datagrams sent marked as catch-up (sent again, read back from the spool, or held back by an outage), which the sink paces.",
+                &["sink"],
+            ),
             backlog_batches: gauge_vec(
                 &r,
                 "relay_agent_backlog_batches",
                 "Batches not yet acknowledged by the sink (memory and spool).",
+                &["sink"],
+            ),
+            backlog_memory_bytes: gauge_vec(
+                &r,
+                "relay_agent_backlog_memory_bytes",
+                "Bytes the sink's backlog holds in memory (frames plus bookkeeping), bounded by --backlog-bytes.",
                 &["sink"],
             ),
             spool_bytes: gauge_vec(
@@ -333,7 +347,9 @@ impl Metrics {
             datagrams_acknowledged: one(&f.datagrams_acknowledged),
             dropped,
             batches_resent: one(&f.batches_resent),
+            catch_up_datagrams_sent: one(&f.catch_up_datagrams_sent),
             backlog_batches: f.backlog_batches.with_label_values(&[addr]),
+            backlog_memory_bytes: f.backlog_memory_bytes.with_label_values(&[addr]),
             spool_bytes: f.spool_bytes.with_label_values(&[addr]),
             spool_write_errors: one(&f.spool_write_errors),
             spool_torn_tails: one(&f.spool_torn_tails),
@@ -380,8 +396,12 @@ pub struct SinkMetrics {
     dropped: [IntCounter; DropReason::ALL.len()],
     /// Batches sent again after a reconnect (not acknowledged on the connection that broke).
     pub batches_resent: IntCounter,
+    /// Datagrams sent marked as catch-up (paced by the sink).
+    pub catch_up_datagrams_sent: IntCounter,
     /// Batches not yet acknowledged (gauge).
     pub backlog_batches: IntGauge,
+    /// Bytes the backlog holds in memory (gauge).
+    pub backlog_memory_bytes: IntGauge,
     /// Bytes in the spool (gauge).
     pub spool_bytes: IntGauge,
     /// Spool writes that failed (a full disk); those batches were kept in memory only.

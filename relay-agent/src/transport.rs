@@ -49,6 +49,10 @@ const SPOOLED_PATIENCE: Duration = Duration::from_secs(1);
 /// Acks are tiny; anything larger is a broken peer.
 const MAX_ACK_LEN: usize = 1024;
 
+/// A batch sent more than this long after it was made is catch-up traffic: it waited out an
+/// outage, or behind earlier catch-up batches. Live batches leave within milliseconds.
+const CATCH_UP_AGE: Duration = Duration::from_secs(1);
+
 /// One connection to a sink, over either transport.
 pub(crate) enum Session {
     Quic(quic::Session),
@@ -109,11 +113,15 @@ impl Session {
         }
     }
 
-    /// Writes one batch.
-    async fn send(&mut self, frame: &Record) -> Result<(), String> {
+    /// Writes one batch; with `catch_up` (the agent's live rate), marked as catch-up.
+    async fn send(&mut self, frame: &Record, catch_up: Option<u32>) -> Result<(), String> {
+        let mut bytes = frame_for(frame, self.accepts_zstd())?;
+        if let Some(live) = catch_up {
+            bytes = proto::wire::mark_catch_up(&bytes, live);
+        }
         match self {
-            Self::Quic(s) => s.send(frame).await,
-            Self::Grpc(s) => s.send(frame).await,
+            Self::Quic(s) => s.send(bytes).await,
+            Self::Grpc(s) => s.send(bytes).await,
         }
     }
 
@@ -337,6 +345,41 @@ pub(crate) struct Link {
     pub(crate) released: u64,
     /// Highest backlog id ever sent (what is sent again at or below it is a resend).
     pub(crate) sent_through: u64,
+    /// Highest backlog id sent as catch-up: until the sink has acknowledged it, what follows
+    /// is catch-up too (it would reach the sink behind the catch-up batches, and be replayed
+    /// in a burst if it were not paced with them).
+    pub(crate) catch_up_through: u64,
+    /// Datagrams a second coming into the backlog.
+    pub(crate) live_rate: LiveRate,
+}
+
+/// The rate at which datagrams come into a sink's backlog (the site's live rate), measured
+/// over windows of at least [`LiveRate::WINDOW`].
+#[derive(Debug, Default)]
+pub(crate) struct LiveRate {
+    /// Start of the current window: (when, datagrams appended by then).
+    since: Option<(Instant, u64)>,
+    per_second: u32,
+}
+
+impl LiveRate {
+    const WINDOW: Duration = Duration::from_secs(1);
+
+    /// The rate, given the backlog's count of datagrams appended so far.
+    pub(crate) fn update(&mut self, now: Instant, appended: u64) -> u32 {
+        match self.since {
+            None => self.since = Some((now, appended)),
+            Some((at, count)) => {
+                let elapsed = now.duration_since(at);
+                if elapsed >= Self::WINDOW {
+                    let rate = appended.saturating_sub(count) as f64 / elapsed.as_secs_f64();
+                    self.per_second = rate.min(f64::from(u32::MAX)) as u32;
+                    self.since = Some((now, appended));
+                }
+            }
+        }
+        self.per_second
+    }
 }
 
 impl Link {
@@ -423,6 +466,24 @@ impl Link {
                 }
             }
         }
+    }
+
+    /// Whether `record` goes as catch-up traffic, which the sink paces: sent again, read back
+    /// from the spool, made a while ago (it waited out an outage or a full window), or
+    /// following catch-up batches the sink has not yet acknowledged.
+    fn is_catch_up(&self, record: &Record, resend: bool) -> bool {
+        let age_ms = u64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis(),
+        )
+        .unwrap_or(u64::MAX)
+        .saturating_sub(record.unix_ms);
+        resend
+            || record.from_disk
+            || age_ms > CATCH_UP_AGE.as_millis() as u64
+            || self.released < self.catch_up_through
     }
 
     /// The sink has acknowledged `settled`.
@@ -549,13 +610,22 @@ impl Link {
                         session.finish();
                         continue;
                     };
-                    if let Err(reason) = session.send(&record).await {
+                    let resend = record.id <= self.sent_through;
+                    let live = self
+                        .live_rate
+                        .update(Instant::now(), backlog.appended_datagrams());
+                    let catch_up = self.is_catch_up(&record, resend).then_some(live);
+                    if let Err(reason) = session.send(&record, catch_up).await {
                         return Ended::Broken(reason);
                     }
                     cursor = record.id;
                     last_progress = Instant::now();
-                    if record.id <= self.sent_through {
+                    if resend {
                         self.dialer.metrics.batches_resent.inc();
+                    }
+                    if catch_up.is_some() {
+                        self.catch_up_through = record.id;
+                        self.dialer.metrics.catch_up_datagrams_sent.inc_by(record.datagrams);
                     }
                     self.sent_through = self.sent_through.max(record.id);
                     in_flight.push(&record);
@@ -658,7 +728,7 @@ mod explain_tests {
             ca: "ca.pem".into(),
             cert: "a.pem".into(),
             key: "a.key".into(),
-            queue_batches: 1,
+            backlog_bytes: 1,
             transport: TransportMode::Auto,
         }
     }
@@ -743,6 +813,17 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_live_rate_is_measured_over_a_second_or_more() {
+        let start = Instant::now();
+        let mut rate = LiveRate::default();
+        assert_eq!(rate.update(start, 0), 0);
+        assert_eq!(rate.update(start + Duration::from_millis(500), 700), 0);
+        assert_eq!(rate.update(start + Duration::from_secs(1), 1_000), 1_000);
+        // A long silence (an outage) is one window: the datagrams that came in over it.
+        assert_eq!(rate.update(start + Duration::from_secs(31), 61_000), 2_000);
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_ceiling_with_jitter() {

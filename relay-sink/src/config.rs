@@ -21,11 +21,11 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
 pub const DEFAULT_RECV_BUFFER: usize = 8 * 1024 * 1024;
 /// Default queue per destination, in batches (64 KiB each by the agent's default).
 pub const DEFAULT_REPLAY_QUEUE: usize = 1024;
-/// Default pace per destination: 5,000 datagrams a second, in bursts of at most 20. A
-/// collector with the kernel's default socket buffer (about 90 datagrams of 1,400 bytes)
-/// then rides out a stall of 15 ms without loss, even while a backlog drains; a site with
-/// more live traffic than this raises it (and gives its collector a larger buffer).
-pub const DEFAULT_REPLAY_MAX_PPS: u64 = 5_000;
+/// Default catch-up pace: agents' catch-up traffic (backlogs drained after an outage) reaches
+/// each destination at 5,000 datagrams a second on top of the live traffic, in bursts of at
+/// most 20. A collector with the kernel's default socket buffer (about 90 datagrams of
+/// 1,400 bytes) takes that without loss. Live traffic is not paced.
+pub const DEFAULT_CATCH_UP_MAX_PPS: u64 = 5_000;
 /// Default send buffer of each replay socket.
 pub const DEFAULT_SEND_BUFFER: usize = 4 * 1024 * 1024;
 /// Default limit on agent connections, handshakes in progress included: far above any fleet
@@ -110,13 +110,24 @@ pub struct Args {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replay_queue: Option<usize>,
 
-    /// Most datagrams a second sent to each destination (0: no limit), so that a backlog an
-    /// agent drains after an outage does not overflow the collector's socket. [default: 5000]
+    /// Catch-up pace: datagrams a second of the agents' catch-up traffic (batches sent again
+    /// after a reconnect, read back from a spool, held back by an outage), all agents
+    /// together, on top of the live traffic, which is never paced; each agent that catches
+    /// up may also send its own live rate. So a backlog drains without overflowing a
+    /// collector's socket. 0: catch-up is not paced. [default: 5000]
+    #[arg(long, value_name = "DATAGRAMS")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catch_up_max_pps: Option<u64>,
+
+    /// Hard cap: most datagrams a second sent to each destination, live traffic included
+    /// (0: no cap). Off by default: live traffic should not wait; the catch-up pace protects
+    /// collectors while backlogs drain. [default: 0]
     #[arg(long, value_name = "DATAGRAMS")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replay_max_pps: Option<u64>,
 
-    /// Most bytes (UDP payload) a second sent to each destination (0: no limit). [default: 0]
+    /// Hard cap: most bytes (UDP payload) a second sent to each destination (0: no cap).
+    /// [default: 0]
     #[arg(long, value_name = "BYTES")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replay_max_bps: Option<u64>,
@@ -274,6 +285,8 @@ pub struct Config {
     pub replay_queue: usize,
     /// Send buffer per replay socket.
     pub send_buffer: usize,
+    /// Catch-up pace, datagrams a second (0: none).
+    pub catch_up_max_pps: u64,
     /// Pace per destination, datagrams a second (0: none).
     pub replay_max_pps: u64,
     /// Pace per destination, bytes a second (0: none).
@@ -352,7 +365,8 @@ impl TryFrom<Args> for Config {
             forward: args.forward,
             replay_queue: args.replay_queue.unwrap_or(DEFAULT_REPLAY_QUEUE).max(1),
             send_buffer: args.send_buffer.unwrap_or(DEFAULT_SEND_BUFFER),
-            replay_max_pps: args.replay_max_pps.unwrap_or(DEFAULT_REPLAY_MAX_PPS),
+            catch_up_max_pps: args.catch_up_max_pps.unwrap_or(DEFAULT_CATCH_UP_MAX_PPS),
+            replay_max_pps: args.replay_max_pps.unwrap_or(0),
             replay_max_bps: args.replay_max_bps.unwrap_or(0),
             max_frame_bytes,
             handshake_timeout: args.handshake_timeout.unwrap_or(Duration::from_secs(10)),

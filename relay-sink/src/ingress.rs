@@ -19,6 +19,7 @@ use runtime::ratelimit::RateLimit;
 use rustls::pki_types::CertificateDer;
 
 use crate::Shared;
+use crate::catch_up::Paced;
 use crate::replay::Replaying;
 use crate::status::{Connection, Registered};
 
@@ -278,6 +279,21 @@ pub(crate) async fn deliver(
     tracing::trace!(%agent, sequence = ack.sequence, datagrams, "batch");
     // Only a batch that is to be replayed spends the agent's rate (a resend is dropped whole).
     shared.paces.limit(shared, connection, &mut batch);
+    // Catch-up waits for its pace here, on this connection alone; live goes at once.
+    if let Some(paced) = Paced::of(&batch) {
+        let n = batch.datagrams.len() as u64;
+        metrics.catch_up(paced).inc_by(n);
+        let wait = shared.catch_up.wait_for(
+            Some(paced),
+            batch.live_datagrams_per_second,
+            &connection.catch_up,
+            n,
+        );
+        if !wait.is_zero() {
+            metrics.catch_up_wait_seconds.inc_by(wait.as_secs_f64());
+            tokio::time::sleep(wait).await;
+        }
+    }
     metrics
         .sflow
         .observe(batch.datagrams.iter().map(|d| &d.payload[..]));

@@ -18,6 +18,7 @@
 //! drive it without a process of its own.
 
 mod authz;
+mod catch_up;
 pub mod config;
 mod ingress;
 pub mod metrics;
@@ -79,6 +80,8 @@ pub(crate) struct Shared {
     limits_log: runtime::ratelimit::RateLimit,
     /// `--max-datagram-bytes` and `--agent-max-pps`.
     paces: ingress::Paces,
+    /// The catch-up pace (`--catch-up-max-pps`).
+    catch_up: catch_up::CatchUp,
     /// The allow-list and revocation list in force (swapped on reload).
     policy: Swap<authz::Policy>,
 }
@@ -252,6 +255,11 @@ pub async fn run(
     let config_reload = config.reload.interval();
     let agents = Arc::new(status::Agents::new(metrics.clone()));
     let max_connections = config.max_connections;
+    let catch_up_max_pps = config.catch_up_max_pps;
+    tracing::info!(
+        catch_up_max_pps,
+        "live traffic is replayed as it arrives; agents' catch-up traffic is paced"
+    );
     let shared = Arc::new(Shared {
         config,
         replay,
@@ -262,6 +270,7 @@ pub async fn run(
         slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
         limits_log: runtime::ratelimit::RateLimit::new(std::time::Duration::from_secs(1)),
         paces: ingress::Paces::default(),
+        catch_up: catch_up::CatchUp::new(catch_up_max_pps),
         policy: Swap::new(policy),
     });
     let status = Arc::new(status::SinkStatus {

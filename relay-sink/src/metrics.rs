@@ -10,6 +10,7 @@ use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Reg
 use runtime::accounting::SflowAccounting;
 use runtime::observe::{counter, counter_vec, float_gauge_vec, gauge, gauge_vec};
 
+use crate::catch_up::Paced;
 use crate::ingress::{RefusalKind, Transport, Violation};
 
 /// The sink's metrics. Shared as `Arc<Metrics>`.
@@ -33,6 +34,9 @@ pub struct Metrics {
     /// Datagrams in those batches.
     pub datagrams_duplicate: IntCounter,
     protocol_errors: [IntCounter; Violation::ALL.len()],
+    catch_up_datagrams: [IntCounter; Paced::ALL.len()],
+    /// Seconds agents' catch-up batches waited for the catch-up pace, all together.
+    pub catch_up_wait_seconds: prometheus::Counter,
     /// Connections refused because `--max-connections` were open.
     pub connections_refused_max: IntCounter,
     replayed: IntCounterVec,
@@ -152,6 +156,24 @@ impl Metrics {
                 );
                 Violation::ALL.map(|v| family.with_label_values(&[v.as_str()]))
             },
+            catch_up_datagrams: {
+                let family = counter_vec(
+                    &r,
+                    "relay_sink_catch_up_datagrams_total",
+                    "Datagrams paced as catch-up before replay, by kind (catch_up: marked by the agent; older_agent: from an agent too old to mark its batches). Live datagrams are not paced.",
+                    &["kind"],
+                );
+                Paced::ALL.map(|p| family.with_label_values(&[p.as_str()]))
+            },
+            catch_up_wait_seconds: {
+                let c = prometheus::Counter::new(
+                    "relay_sink_catch_up_wait_seconds_total",
+                    "Seconds catch-up batches waited for the catch-up pace (--catch-up-max-pps), all connections together.",
+                )
+                .expect("a valid metric");
+                r.register(Box::new(c.clone())).expect("registered once");
+                c
+            },
             connections_refused_max: counter_vec(
                 &r,
                 "relay_sink_connections_refused_total",
@@ -255,6 +277,11 @@ impl Metrics {
     /// The counter of protocol violations of kind `violation`.
     pub(crate) fn protocol_error(&self, violation: Violation) -> &IntCounter {
         &self.protocol_errors[violation as usize]
+    }
+
+    /// The counter of datagrams paced as `paced`.
+    pub(crate) fn catch_up(&self, paced: Paced) -> &IntCounter {
+        &self.catch_up_datagrams[paced as usize]
     }
 
     /// Protocol violations, all reasons.

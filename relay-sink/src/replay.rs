@@ -12,10 +12,11 @@
 //! an error on the next send, which is counted and logged (rate-limited). Datagrams leave from
 //! the sink's own address: sFlow collectors identify agents by the address inside the datagram.
 //!
-//! **Pacing.** Each destination sends at most `max_pps` datagrams and `max_bps` bytes a
-//! second (a token bucket with a small burst), so a backlog that an agent drains after an
-//! outage reaches the collector at a rate it can take instead of overflowing its socket
-//! buffer. Live traffic below the pace is not held back: the bucket is full when it arrives.
+//! **Hard caps.** With `--replay-max-pps` or `--replay-max-bps` set (both off by default), each
+//! destination sends at most that many datagrams and bytes a second, live traffic included (a
+//! token bucket with a small burst). Catch-up traffic is paced before it gets here, on each
+//! agent's connection ([`crate::catch_up`]), so one agent's backlog does not queue in front
+//! of another agent's live traffic.
 //!
 //! **Completion.** [`Replay::submit`] returns a [`Replaying`] that completes once every
 //! destination has sent the batch (or dropped it, counted): the ingress acknowledges a batch
@@ -57,7 +58,7 @@ struct Destination {
     behind: RateLimit,
 }
 
-/// Pacing per destination; 0 means no limit.
+/// Hard caps per destination; 0 means no limit.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Pace {
     /// Datagrams a second.
@@ -173,7 +174,7 @@ impl Replay {
                     destination = %dest.addr,
                     queued_batches = dest.queue.max_capacity() - dest.queue.capacity(),
                     earlier_warnings_not_logged = more,
-                    "replay to this destination is falling behind (paced, or a slow socket): if this is live traffic, raise --replay-max-pps"
+                    "replay to this destination is falling behind (a slow socket, or the --replay-max-pps / --replay-max-bps cap): agents are slowed down, and drop what their backlogs cannot hold"
                 );
             }
             let queued = match dest.queue.try_send(replaying.clone()) {

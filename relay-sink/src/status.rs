@@ -45,6 +45,8 @@ pub(crate) struct Connection {
     bytes: AtomicU64,
     last_seen_ms: AtomicU64,
     handles: AgentMetrics,
+    /// This connection's share of the catch-up pace: its agent's live rate.
+    pub(crate) catch_up: crate::catch_up::Allowance,
 }
 
 impl Connection {
@@ -166,6 +168,7 @@ impl Agents {
             bytes: AtomicU64::new(0),
             last_seen_ms: AtomicU64::new(unix_ms(now)),
             handles,
+            catch_up: crate::catch_up::Allowance::default(),
         });
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         live.insert(id, connection.clone());

@@ -9,7 +9,8 @@
 //! 1. Path up: sequence numbers 1–20 of each, some left out before the agent (A: 5, 6, 13;
 //!    B: 9). Each stream's first datagram is its baseline, so both start at 1 and get through.
 //! 2. Path cut: [`CUT_SEND`], one datagram per batch (each sent well after the batch delay),
-//!    into an agent with no spool and `--queue-batches Q` ([`QUEUE`]): the agent drops the
+//!    into an agent with no spool and `--backlog-bytes` for Q batches ([`QUEUE`]; batches
+//!    uncompressed, so each is as long as the others): the agent drops the
 //!    oldest `K − Q` batches (A: 21–25, B: 21 and 23; B 22 is left out before the agent) and
 //!    keeps the rest. The cut outlasts the QUIC idle timeout (2 s), so the old connection dies
 //!    with what was in its send buffer and nothing the agent dropped can reach the sink by a
@@ -49,7 +50,8 @@ const CUT_SEND: [(Ipv4Addr, u32); 12] = [
     (B, 26),
 ];
 
-/// `--queue-batches`: of [`CUT_SEND`], the agent keeps the last `QUEUE`.
+/// Of [`CUT_SEND`], the agent keeps the last `QUEUE` (`--backlog-bytes` holds that many
+/// batches and half of one more).
 const QUEUE: usize = 5;
 
 /// What each binary must count for one sFlow agent.
@@ -93,6 +95,29 @@ const QUIC_TIMERS: &[&str] = &[
 /// An sFlow v5 datagram (IPv4 agent, no sample records) followed by 300 bytes that depend on
 /// the stream and sequence number, so the capture can tell every datagram apart byte for
 /// byte. The uptime grows with the sequence number, as an agent's does.
+/// `--backlog-bytes` that holds `batches` uncompressed batches of one `len`-byte datagram
+/// each (and half of one more): what the agent counts per batch is its frame plus 128 bytes.
+fn backlog_bytes_for(batches: usize, len: usize) -> usize {
+    let batch = proto::pb::Batch {
+        session: u64::MAX,
+        // The batch numbers of this test stay under 128: one byte each, as here.
+        sequence: 100,
+        datagrams: vec![proto::pb::Datagram {
+            payload: vec![0; len].into(),
+            source_ip: vec![127, 0, 0, 1].into(),
+            // An ephemeral port: three bytes, as here.
+            source_port: 40_000,
+            received_unix_nanos: 1,
+        }],
+        timing: proto::pb::Timing::Live.into(),
+        ..Default::default()
+    };
+    let mut frame = bytes::BytesMut::new();
+    proto::wire::encode_frame(&batch, &mut frame);
+    let per_batch = frame.len() + 128;
+    batches * per_batch + per_batch / 2
+}
+
 fn sflow(agent: Ipv4Addr, sub_agent: u32, sequence: u32) -> Vec<u8> {
     let mut d = Vec::with_capacity(28 + 300);
     for word in [
@@ -247,10 +272,17 @@ fn agent_counts_gaps_before_it_and_sink_adds_what_the_relay_dropped() {
         QUIC_TIMERS,
     );
     let path_ = UdpProxy::start(sink_addr, Impairment::default());
-    let queue = QUEUE.to_string();
+    let queue = backlog_bytes_for(QUEUE, sflow(A, 0, 1).len()).to_string();
     let agent_args = [
         QUIC_TIMERS,
-        &["--queue-batches", &queue, "--connect-timeout", "2s"],
+        &[
+            "--backlog-bytes",
+            &queue,
+            "--compression",
+            "none",
+            "--connect-timeout",
+            "2s",
+        ],
     ]
     .concat();
     let (agent, listen) = start_agent_over(

@@ -355,8 +355,8 @@ fn a_full_disk_under_the_spool_is_an_error_not_a_crash() {
         &[
             "--spool-dir",
             &path(&spool),
-            "--queue-batches",
-            "16",
+            "--backlog-bytes",
+            "1048576",
             "--compression",
             "none",
         ],

@@ -27,7 +27,6 @@ use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use super::{Acked, Credentials, MAX_ACK_LEN, acknowledged, explain, resolve};
-use crate::backlog::Record;
 use crate::config::SinkConfig;
 
 /// Frames handed to the call and not yet taken by HTTP/2: a little slack, no more (what is
@@ -201,12 +200,12 @@ impl Session {
         self.acked.clone()
     }
 
-    pub(crate) async fn send(&mut self, frame: &Record) -> Result<(), String> {
+    /// Writes one frame's body (the call has its own framing).
+    pub(crate) async fn send(&mut self, frame: Bytes) -> Result<(), String> {
         let Some(frames) = &self.frames else {
             return Err("the call is finished".into());
         };
-        let body =
-            super::frame_for(frame, self.accepts_zstd)?.slice(proto::wire::FRAME_HEADER_LEN..);
+        let body = frame.slice(proto::wire::FRAME_HEADER_LEN..);
         if frames.send(body).await.is_ok() {
             Ok(())
         } else {

@@ -12,9 +12,9 @@ use tokio::sync::watch;
 use tokio_rustls::rustls::pki_types::CertificateDer;
 
 use super::{Acked, MAX_ACK_LEN, acknowledged, explain, resolve};
-use crate::backlog::Record;
 use crate::config::SinkConfig;
 use crate::metrics::SinkMetrics;
+use bytes::Bytes;
 
 /// Opens QUIC sessions to one sink.
 #[derive(Debug)]
@@ -111,11 +111,11 @@ impl Session {
         self.acked.clone()
     }
 
-    pub(crate) async fn send(&mut self, frame: &Record) -> Result<(), String> {
+    /// Writes one frame (header and body).
+    pub(crate) async fn send(&mut self, bytes: Bytes) -> Result<(), String> {
         if let Some(error) = self.connection.close_reason() {
             return Err(explain(&self.sink, &error.to_string()));
         }
-        let bytes = super::frame_for(frame, self.accepts_zstd)?;
         // A chunk is taken whole or not at all.
         self.send
             .write_chunk(bytes)

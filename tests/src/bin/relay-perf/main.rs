@@ -37,10 +37,9 @@
 //! - `grpc`: the same, over gRPC (HTTP/2 + mutual TLS on TCP, the sink's QUIC port number).
 //!
 //! The agent of `quic` and `grpc` is pinned to its transport (`--transport`), so neither
-//! measures the other through the agent's fallback. Their sink replays unpaced
-//! (`--replay-max-pps 0`): its default pace protects an untuned collector and would be the
-//! ceiling measured here instead of the relay's. Everything else is the binaries' defaults
-//! (batch delay 5 ms).
+//! measures the other through the agent's fallback. Everything else is the binaries'
+//! defaults (batch delay 5 ms; the sink replays live traffic as it arrives and paces only
+//! catch-up traffic, which a benchmark without outages has none of).
 //!
 //! Every path's input socket asks for the same receive buffer (`--rcvbuf`; the Python script
 //! gets it through tests/python/with_rcvbuf.py, unmodified); the kernel caps it at

@@ -187,7 +187,7 @@ pub(crate) fn start(kind: PathKind, output: SocketAddr, rcvbuf: usize, extra: &E
                 &pki.sink_cert("sink"),
                 &[output],
                 None,
-                &[&["--replay-max-pps", "0"], &as_strs(&extra.sink)[..]].concat(),
+                &as_strs(&extra.sink),
             );
             let mut agent_args = vec!["--recv-buffer", &rcvbuf_arg];
             if kind == PathKind::QuicPlain {

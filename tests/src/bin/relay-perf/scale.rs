@@ -76,7 +76,7 @@ pub(crate) fn run(args: &ScaleArgs, json_to: &Path) {
         &sink_cert,
         &[rx.addr()],
         None,
-        &["--replay-max-pps", "0", "--metrics-listen", "127.0.0.1:0"],
+        &["--metrics-listen", "127.0.0.1:0"],
     );
     let sink_metrics = metrics_addr(&sink);
     let sink_pid = sink.pid().to_string();
