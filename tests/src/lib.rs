@@ -28,6 +28,7 @@ pub mod impair;
 pub mod netns;
 pub mod prometheus;
 pub mod sflow;
+pub mod stream;
 
 /// The transports between agent and sink; the end-to-end suite runs over each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -449,9 +450,28 @@ pub fn start_agent_over(
     start_agent(ca, cert, sink, server_name, &extra)
 }
 
-/// Starts `relay-agent` on an ephemeral loopback port, sending to `sink` as `server_name`.
-/// Returns the daemon and its UDP receive address.
+/// Starts `relay-agent` on an ephemeral loopback port, sending to `sink` as `server_name`,
+/// reconnecting at least every second (`--reconnect-max 1s`, so tests that cut the path wait
+/// less). Returns the daemon and its UDP receive address.
 pub fn start_agent(
+    ca: &Path,
+    cert: &(PathBuf, PathBuf),
+    sink: SocketAddr,
+    server_name: &str,
+    extra: &[&str],
+) -> (Daemon, SocketAddr) {
+    spawn_agent(
+        ca,
+        cert,
+        sink,
+        server_name,
+        &[&["--reconnect-max", "1s"], extra].concat(),
+    )
+}
+
+/// As [`start_agent`], with every option but the addresses, the certificates and the log
+/// format at its default.
+pub fn spawn_agent(
     ca: &Path,
     cert: &(PathBuf, PathBuf),
     sink: SocketAddr,
@@ -473,8 +493,6 @@ pub fn start_agent(
         path(&cert.0),
         "--key".into(),
         path(&cert.1),
-        "--reconnect-max".into(),
-        "1s".into(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
     let agent = Daemon::spawn("relay-agent", &args);

@@ -300,19 +300,33 @@ pub struct StreamReport {
 impl StreamReport {
     /// Compares what was `sent` with what was `received`, stream by stream.
     pub fn of(sent: &[Vec<u8>], received: &[Vec<u8>]) -> Self {
+        let sent: Vec<_> = sent
+            .iter()
+            .map(|d| stream_position(d).expect("sent datagrams are sFlow"))
+            .collect();
+        let mut not_sflow = 0;
+        let received: Vec<_> = received
+            .iter()
+            .filter_map(|d| {
+                let position = stream_position(d);
+                not_sflow += usize::from(position.is_none());
+                position
+            })
+            .collect();
+        let mut report = Self::of_positions(&sent, &received);
+        report.unexpected += not_sflow;
+        report
+    }
+
+    /// As [`of`](Self::of), from the datagrams' places in their streams (see
+    /// [`crate::stream`]).
+    pub fn of_positions(sent: &[(Ipv4Addr, u32, u32)], received: &[(Ipv4Addr, u32, u32)]) -> Self {
         use std::collections::{HashMap, HashSet};
-        let mut expected: HashSet<(Ipv4Addr, u32, u32)> = HashSet::new();
-        for d in sent {
-            expected.insert(stream_position(d).expect("sent datagrams are sFlow"));
-        }
+        let expected: HashSet<(Ipv4Addr, u32, u32)> = sent.iter().copied().collect();
         let mut seen: HashSet<(Ipv4Addr, u32, u32)> = HashSet::new();
         let mut last: HashMap<(Ipv4Addr, u32), u32> = HashMap::new();
         let mut report = Self::default();
-        for d in received {
-            let Some(key) = stream_position(d) else {
-                report.unexpected += 1;
-                continue;
-            };
+        for &key in received {
             if !expected.contains(&key) {
                 report.unexpected += 1;
                 continue;
