@@ -279,7 +279,6 @@ pub async fn run(
                 window_bytes: config.window_bytes,
                 released: 0,
                 sent_through: 0,
-                catch_up_through: 0,
                 live_rate: transport::LiveRate::default(),
             }
             .run(),

@@ -53,6 +53,11 @@ const MAX_ACK_LEN: usize = 1024;
 /// outage, or behind earlier catch-up batches. Live batches leave within milliseconds.
 const CATCH_UP_AGE: Duration = Duration::from_secs(1);
 
+/// While more than this many catch-up datagrams are unacknowledged (or 20 ms of the live
+/// rate, if more), what is sent next is catch-up too: it will reach the sink's replay behind
+/// them, and unpaced it would leave in a burst as soon as they are done.
+const CATCH_UP_TAIL: u64 = 64;
+
 /// One connection to a sink, over either transport.
 pub(crate) enum Session {
     Quic(quic::Session),
@@ -177,6 +182,7 @@ struct InFlight {
     sequence: u64,
     datagrams: u64,
     len: usize,
+    catch_up: bool,
 }
 
 /// What an acknowledgement settled: everything up to backlog id `through`.
@@ -192,17 +198,23 @@ struct Settled {
 struct Window {
     batches: VecDeque<InFlight>,
     bytes: usize,
+    /// Datagrams of the batches sent as catch-up.
+    catch_up: u64,
 }
 
 impl Window {
-    fn push(&mut self, record: &Record) {
+    fn push(&mut self, record: &Record, catch_up: bool) {
         self.bytes += record.bytes.len();
+        if catch_up {
+            self.catch_up += record.datagrams;
+        }
         self.batches.push_back(InFlight {
             id: record.id,
             session: record.session,
             sequence: record.sequence,
             datagrams: record.datagrams,
             len: record.bytes.len(),
+            catch_up,
         });
     }
 
@@ -224,6 +236,9 @@ impl Window {
         };
         for f in self.batches.drain(..=last) {
             self.bytes -= f.len;
+            if f.catch_up {
+                self.catch_up -= f.datagrams;
+            }
             settled.through = f.id;
             settled.batches += 1;
             settled.datagrams += f.datagrams;
@@ -345,10 +360,6 @@ pub(crate) struct Link {
     pub(crate) released: u64,
     /// Highest backlog id ever sent (what is sent again at or below it is a resend).
     pub(crate) sent_through: u64,
-    /// Highest backlog id sent as catch-up: until the sink has acknowledged it, what follows
-    /// is catch-up too (it would reach the sink behind the catch-up batches, and be replayed
-    /// in a burst if it were not paced with them).
-    pub(crate) catch_up_through: u64,
     /// Datagrams a second coming into the backlog.
     pub(crate) live_rate: LiveRate,
 }
@@ -466,24 +477,6 @@ impl Link {
                 }
             }
         }
-    }
-
-    /// Whether `record` goes as catch-up traffic, which the sink paces: sent again, read back
-    /// from the spool, made a while ago (it waited out an outage or a full window), or
-    /// following catch-up batches the sink has not yet acknowledged.
-    fn is_catch_up(&self, record: &Record, resend: bool) -> bool {
-        let age_ms = u64::try_from(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_millis(),
-        )
-        .unwrap_or(u64::MAX)
-        .saturating_sub(record.unix_ms);
-        resend
-            || record.from_disk
-            || age_ms > CATCH_UP_AGE.as_millis() as u64
-            || self.released < self.catch_up_through
     }
 
     /// The sink has acknowledged `settled`.
@@ -614,7 +607,8 @@ impl Link {
                     let live = self
                         .live_rate
                         .update(Instant::now(), backlog.appended_datagrams());
-                    let catch_up = self.is_catch_up(&record, resend).then_some(live);
+                    let catch_up = is_catch_up(&record, resend, in_flight.catch_up, live)
+                        .then_some(live);
                     if let Err(reason) = session.send(&record, catch_up).await {
                         return Ended::Broken(reason);
                     }
@@ -624,11 +618,10 @@ impl Link {
                         self.dialer.metrics.batches_resent.inc();
                     }
                     if catch_up.is_some() {
-                        self.catch_up_through = record.id;
                         self.dialer.metrics.catch_up_datagrams_sent.inc_by(record.datagrams);
                     }
                     self.sent_through = self.sent_through.max(record.id);
-                    in_flight.push(&record);
+                    in_flight.push(&record, catch_up.is_some());
                     self.dialer.metrics.batches_sent.inc();
                     self.dialer.metrics.datagrams_sent.inc_by(record.datagrams);
                     self.dialer.metrics.bytes_sent.inc_by(record.bytes.len() as u64);
@@ -636,6 +629,25 @@ impl Link {
             }
         }
     }
+}
+
+/// Whether `record` goes as catch-up traffic, which the sink paces: sent again, read back
+/// from the spool, made a while ago (it waited out an outage or a full window), or following
+/// more than a small tail of catch-up datagrams (`unacknowledged_catch_up`) that the sink has
+/// not yet acknowledged. `live` is the live rate, datagrams a second.
+fn is_catch_up(record: &Record, resend: bool, unacknowledged_catch_up: u64, live: u32) -> bool {
+    let age_ms = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis(),
+    )
+    .unwrap_or(u64::MAX)
+    .saturating_sub(record.unix_ms);
+    resend
+        || record.from_disk
+        || age_ms > CATCH_UP_AGE.as_millis() as u64
+        || unacknowledged_catch_up > CATCH_UP_TAIL.max(u64::from(live) / 50)
 }
 
 /// With `enabled`, tries a QUIC handshake every `interval` and returns the first session that
@@ -813,6 +825,44 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn catch_up_is_what_was_sent_before_kept_on_disk_old_or_behind_catch_up() {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let fresh = Record {
+            id: 1,
+            session: 1,
+            sequence: 1,
+            datagrams: 10,
+            bytes: bytes::Bytes::new(),
+            unix_ms: now_ms,
+            from_disk: false,
+        };
+        assert!(!is_catch_up(&fresh, false, 0, 2_000), "live");
+        assert!(is_catch_up(&fresh, true, 0, 2_000), "sent again");
+        let spooled = Record {
+            from_disk: true,
+            ..fresh.clone()
+        };
+        assert!(
+            is_catch_up(&spooled, false, 0, 2_000),
+            "read back from disk"
+        );
+        let old = Record {
+            unix_ms: now_ms - 5_000,
+            ..fresh.clone()
+        };
+        assert!(is_catch_up(&old, false, 0, 2_000), "waited out an outage");
+        assert!(!is_catch_up(&fresh, false, 64, 2_000), "a short tail");
+        assert!(is_catch_up(&fresh, false, 65, 2_000), "behind catch-up");
+        assert!(
+            !is_catch_up(&fresh, false, 180, 9_000),
+            "the tail grows with the live rate (20 ms of it)"
+        );
+    }
 
     #[test]
     fn the_live_rate_is_measured_over_a_second_or_more() {

@@ -20,8 +20,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use relay_tests::sflow::{SflowGen, StreamReport};
 use relay_tests::impair::{Impairment, Proxy, TcpProxy, UdpProxy};
+use relay_tests::sflow::{SflowGen, StreamReport};
 use relay_tests::stream::{PositionCapture, send_stream};
 use relay_tests::{Daemon, Pki, Transport, http, path, spawn_agent, start_sink};
 
