@@ -305,6 +305,7 @@ pub fn collect<W: Write>(
         if let Err(error) = out.write_all(&burst).and_then(|()| out.flush()) {
             tracing::error!(
                 datagrams = counters.datagrams.load(Ordering::Relaxed),
+                refused = counters.refused.load(Ordering::Relaxed),
                 "ssh-hex: stdout closed; exiting"
             );
             return Err(SshHexError::StdoutClosed(error));
