@@ -158,7 +158,7 @@ pub enum Stream {
     /// A valid sFlow v5 datagram of a stream beyond the tracker's cap: to be counted in one
     /// "other" bucket, without sequence accounting.
     Other,
-    /// Not an sFlow v5 datagram this module can read (it is still relayed).
+    /// Not an sFlow v5 datagram this module can read (the caller decides whether to relay it).
     NotSflow(NotSflow),
 }
 

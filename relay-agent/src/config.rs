@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use runtime::admission::{Accept, Admission};
 use runtime::grpc::GrpcOptions;
 use runtime::observe::ObserveOptions;
 use runtime::quic::QuicOptions;
@@ -123,6 +124,20 @@ pub struct Args {
         skip_serializing_if = "Option::is_none"
     )]
     pub recv_coalesce: Option<Duration>,
+
+    /// What to relay: `sflow` (datagrams whose header reads as sFlow v5; the rest is dropped
+    /// and counted in relay_agent_not_sflow_datagrams_total by reason) or `any` (every UDP
+    /// datagram, for sites that carry other UDP through the relay). [default: sflow]
+    #[arg(long, value_enum, value_name = "WHAT")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accept: Option<Accept>,
+
+    /// Relay only datagrams whose UDP source is in this network, ADDR/LEN (repeatable; IPv4
+    /// and IPv6; IPv4-mapped sources match IPv4 networks). The rest is dropped and counted
+    /// as reason="source_not_allowed". [default: any source]
+    #[arg(long, value_name = "CIDR")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_sources: Vec<String>,
 
     /// The sink, HOST:PORT (its QUIC port on UDP and its gRPC port on TCP: the same number). In a
     /// config file, `[[sink]]` entries instead.
@@ -417,6 +432,8 @@ pub struct Config {
     pub recv_buffer: usize,
     /// Pause after emptying a socket.
     pub recv_coalesce: Duration,
+    /// Which received datagrams are relayed.
+    pub admission: Admission,
     /// Sinks.
     pub sinks: Vec<SinkConfig>,
     /// Batch flush size.
@@ -464,6 +481,7 @@ impl TryFrom<Args> for Config {
     type Error = String;
 
     fn try_from(args: Args) -> Result<Self, String> {
+        let admission = runtime::cli::DaemonArgs::admission(&args)?;
         let batch_bytes = args
             .batch_bytes
             .unwrap_or(DEFAULT_BATCH_BYTES)
@@ -568,6 +586,7 @@ impl TryFrom<Args> for Config {
             listen,
             recv_buffer: args.recv_buffer.unwrap_or(DEFAULT_RECV_BUFFER),
             recv_coalesce: args.recv_coalesce.unwrap_or(DEFAULT_RECV_COALESCE),
+            admission,
             sinks,
             batch_bytes,
             batch_delay: args.batch_delay.unwrap_or(DEFAULT_BATCH_DELAY),
@@ -620,6 +639,10 @@ impl runtime::cli::DaemonArgs for Args {
     fn recv_buffer(&self) -> usize {
         self.recv_buffer.unwrap_or(DEFAULT_RECV_BUFFER)
     }
+
+    fn admission(&self) -> Result<Admission, String> {
+        Admission::parse(self.accept.unwrap_or_default(), &self.allow_sources)
+    }
 }
 
 #[cfg(test)]
@@ -646,6 +669,27 @@ mod tests {
         let args: Args = toml::from_str("server-name = \"a\"\n[[sink]]\naddr = \"x:1\"\n").unwrap();
         let err = Config::try_from(args).unwrap_err();
         assert!(err.contains("give each its own server-name"), "{err}");
+    }
+
+    #[test]
+    fn accept_and_allow_sources_from_a_file() {
+        use runtime::cli::DaemonArgs;
+        let base = "sink = \"x:1\"\nca = \"c\"\ncert = \"a\"\nkey = \"k\"\n";
+        let config = Config::try_from(toml::from_str::<Args>(base).unwrap()).unwrap();
+        assert_eq!(config.admission.accept(), Accept::Sflow, "the default");
+        assert!(config.admission.allow().is_empty());
+        let file = format!(
+            "{base}accept = \"any\"\nallow-sources = [\"10.0.0.0/8\", \"2001:db8::/32\"]\n"
+        );
+        let config = Config::try_from(toml::from_str::<Args>(&file).unwrap()).unwrap();
+        assert_eq!(config.admission.accept(), Accept::Any);
+        assert_eq!(config.admission.allow().len(), 2);
+        let bad = format!("{base}allow-sources = [\"10.0.0.0/40\"]\n");
+        let args = toml::from_str::<Args>(&bad).unwrap();
+        let err = args.admission().unwrap_err();
+        assert!(err.contains("10.0.0.0/40"), "{err}");
+        assert_eq!(Config::try_from(args).unwrap_err(), err);
+        assert!(toml::from_str::<Args>(&format!("{base}accept = \"udp\"\n")).is_err());
     }
 
     #[test]

@@ -203,7 +203,9 @@ impl Totals {
             at: Instant::now(),
             received: agent.datagrams_received.get(),
             replayed: sink.datagrams_replayed(),
+            // The demo's agent relays sFlow only (the default): what is not sFlow is dropped.
             dropped: sum("relay_agent_datagrams_dropped_total") as u64
+                + sum("relay_agent_not_sflow_datagrams_total") as u64
                 + sink.replay_errors()
                 + sink.replay_queue_drops(),
             transport: if in_use("quic") {

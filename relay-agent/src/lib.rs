@@ -302,18 +302,28 @@ pub async fn run(
     let mut listening = Vec::with_capacity(sockets.len());
     for socket in sockets {
         let listen = socket.local_addr().map_err(Error::Socket)?;
-        tracing::info!(%listen, "receiving sFlow");
+        tracing::info!(
+            %listen,
+            accept = config.admission.accept().as_str(),
+            allow_sources = %config.admission.allow_display(),
+            "receiving sFlow"
+        );
         listening.push((
             listen,
             metrics
                 .kernel_drops
                 .with_label_values(&[&listen.to_string()]),
         ));
-        let (batcher, metrics, token) = (ingest_tx.clone(), metrics.clone(), token.clone());
-        let coalesce = config.recv_coalesce;
+        let receiver = receive::Receiver {
+            batcher: ingest_tx.clone(),
+            metrics: metrics.clone(),
+            admission: config.admission.clone(),
+            coalesce: config.recv_coalesce,
+        };
+        let token = token.clone();
         let thread = std::thread::Builder::new()
             .name("relay-recv".into())
-            .spawn(move || receive::receive_loop(socket, batcher, metrics, token, coalesce))
+            .spawn(move || receive::receive_loop(socket, receiver, token))
             .map_err(Error::Socket)?;
         receivers.push(thread);
     }

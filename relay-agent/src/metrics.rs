@@ -7,6 +7,7 @@
 
 use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 use runtime::accounting::SflowAccounting;
+use runtime::admission::SOURCE_NOT_ALLOWED;
 use runtime::observe::{counter, counter_vec, float_gauge_vec, gauge_vec};
 
 /// Why a datagram was dropped, as the `reason` label.
@@ -103,8 +104,12 @@ pub struct Metrics {
     pub frame_bytes: IntCounter,
     /// Kernel receive-buffer drops per listen socket (from `/proc/net/udp`), by `listen`.
     pub kernel_drops: IntCounterVec,
-    /// Sequence-gap accounting of the sFlow received (loss before the relay).
+    /// Sequence-gap accounting of the sFlow received (loss before the relay), and the count
+    /// of what is not sFlow, by reason.
     pub sflow: SflowAccounting,
+    /// Datagrams dropped for a source outside `--allow-sources`: the `source_not_allowed`
+    /// reason of `relay_agent_not_sflow_datagrams_total`.
+    pub source_not_allowed: IntCounter,
     dropped: IntCounterVec,
     sink: SinkFamilies,
 }
@@ -154,6 +159,7 @@ impl Metrics {
             &["reason", "sink"],
         );
         let dropped_queue_full = dropped.with_label_values(&[DropReason::QueueFull.as_str(), ""]);
+        let sflow = SflowAccounting::new(&r, "relay_agent", sflow_max_streams);
         let sink = SinkFamilies {
             batches_sent: counter_vec(
                 &r,
@@ -320,7 +326,8 @@ impl Metrics {
             ),
             dropped,
             sink,
-            sflow: SflowAccounting::new(&r, "relay_agent", sflow_max_streams),
+            source_not_allowed: sflow.not_sflow_reason(SOURCE_NOT_ALLOWED),
+            sflow,
             registry: r,
         }
     }
@@ -521,6 +528,14 @@ mod tests {
             text.contains("relay_agent_transport{sink=\"sink.example:4433\",transport=\"grpc\"} 1")
         );
         assert!(text.contains("relay_agent_connected{sink=\"sink.example:4433\"} 1"));
+        for reason in ["too_short", "version", "address_type", "source_not_allowed"] {
+            assert!(
+                text.contains(&format!(
+                    "relay_agent_not_sflow_datagrams_total{{reason=\"{reason}\"}} 0"
+                )),
+                "{reason}"
+            );
+        }
         assert_eq!(sink.transport(), InUse::Grpc);
         assert_eq!(sink.dropped_total(), 3);
     }

@@ -13,6 +13,13 @@
 //! dozens of datagrams per call; the kernel's buffer holds them meanwhile. relay-perf
 //! measured the gain (README, "Benchmarks").
 //!
+//! Each datagram is checked against the [`Admission`] (`--allow-sources`, then `--accept`)
+//! before it is copied: what it refuses is counted once, by reason, in
+//! `relay_agent_not_sflow_datagrams_total`, logged (one warning per 10 s at most) and never
+//! reaches the batcher. Everything received, refused or not, counts in
+//! `relay_agent_datagrams_received_total`. The sFlow header is read once per datagram, for
+//! both the check and the sequence accounting, into a list reused across calls.
+//!
 //! The receive loop never waits on the network: it hands each chunk to the batcher with a
 //! non-blocking send, and when the batcher's queue is full the chunk is dropped, counted and
 //! logged (rate-limited). The kernel buffer behind the socket absorbs bursts meanwhile.
@@ -23,6 +30,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use proto::pb;
+use proto::sflow::{Header, NotSflow};
+use runtime::admission::{Admission, Verdict};
 use runtime::ratelimit::RateLimit;
 use runtime::udp;
 use std::net::UdpSocket;
@@ -42,15 +51,28 @@ pub(crate) type Chunk = Vec<pb::Datagram>;
 /// most a shutdown waits for an idle receive thread.
 pub(crate) const CANCEL_CHECK: Duration = Duration::from_millis(100);
 
-/// Receives until `token` is cancelled, sending the datagrams to `batcher` in chunks, pausing
-/// `coalesce` each time the socket is empty. Blocks: run it on a thread of its own.
-pub(crate) fn receive_loop(
-    socket: UdpSocket,
-    batcher: mpsc::Sender<Chunk>,
-    metrics: Arc<Metrics>,
-    token: CancellationToken,
-    coalesce: Duration,
-) {
+/// Where a receive loop hands its datagrams, and what it lets through.
+pub(crate) struct Receiver {
+    /// The batcher's queue.
+    pub(crate) batcher: mpsc::Sender<Chunk>,
+    /// The agent's counters.
+    pub(crate) metrics: Arc<Metrics>,
+    /// What is relayed (`--accept`, `--allow-sources`).
+    pub(crate) admission: Admission,
+    /// Pause after emptying the socket.
+    pub(crate) coalesce: Duration,
+}
+
+/// Receives until `token` is cancelled, sending the datagrams `admission` admits to `batcher`
+/// in chunks, pausing `coalesce` each time the socket is empty. Blocks: run it on a thread of
+/// its own.
+pub(crate) fn receive_loop(socket: UdpSocket, receiver: Receiver, token: CancellationToken) {
+    let Receiver {
+        batcher,
+        metrics,
+        admission,
+        coalesce,
+    } = receiver;
     let local = socket.local_addr().ok();
     if let Err(error) = socket
         .set_nonblocking(false)
@@ -63,6 +85,8 @@ pub(crate) fn receive_loop(
     let mut slots = udp::RecvBatch::default();
     let mut arena = BytesMut::with_capacity(ARENA_LEN);
     let full = RateLimit::new(Duration::from_secs(10));
+    let refusals = RateLimit::new(Duration::from_secs(10));
+    let mut headers: Vec<Result<Header, NotSflow>> = Vec::with_capacity(udp::RECV_BATCH);
     while !token.is_cancelled() {
         let n = match slots.recv(&socket, true) {
             Ok(n) => n,
@@ -84,29 +108,58 @@ pub(crate) fn receive_loop(
         };
         let received_unix_nanos = unix_nanos();
         let mut bytes = 0;
-        let mut chunk = Vec::with_capacity(n);
+        let mut not_allowed = 0;
+        // Allocated at the first datagram relayed: a flood of refused ones allocates nothing.
+        let mut chunk = Vec::new();
+        headers.clear();
         for i in 0..n {
             let data = slots.datagram(i);
             bytes += data.len();
-            chunk.push(
-                proto::wire::Datagram {
-                    payload: copy_out(&mut arena, data),
-                    source: slots.source(i).unwrap_or(unspecified),
-                    received_unix_nanos,
+            let source = slots.source(i).unwrap_or(unspecified);
+            let verdict = admission.check(source, data);
+            match verdict {
+                Verdict::Relay(header) => {
+                    headers.push(header);
+                    if chunk.capacity() == 0 {
+                        chunk.reserve_exact(n - i);
+                    }
+                    chunk.push(
+                        proto::wire::Datagram {
+                            payload: copy_out(&mut arena, data),
+                            source,
+                            received_unix_nanos,
+                        }
+                        .to_proto(),
+                    );
+                    continue;
                 }
-                .to_proto(),
-            );
+                Verdict::NotSflow(reason) => headers.push(Err(reason)),
+                Verdict::SourceNotAllowed => not_allowed += 1,
+            }
+            if let Some(more) = refusals.check() {
+                let reason = verdict.reason().unwrap_or_default();
+                let len = data.len();
+                if verdict == Verdict::SourceNotAllowed {
+                    tracing::warn!(?local, %source, len, reason, earlier_drops_not_logged = more, "datagram dropped: its source is not in --allow-sources");
+                } else {
+                    tracing::warn!(?local, %source, len, reason, earlier_drops_not_logged = more, "datagram dropped: not sflow v5 (--accept any relays any udp)");
+                }
+            }
         }
         metrics.datagrams_received.inc_by(n as u64);
         metrics.bytes_received.inc_by(bytes as u64);
-        metrics.sflow.observe(chunk.iter().map(|d| &d.payload[..]));
+        if not_allowed > 0 {
+            metrics.source_not_allowed.inc_by(not_allowed);
+        }
+        metrics.sflow.observe_parsed(headers.drain(..));
         let drained = n < udp::RECV_BATCH;
-        if batcher.try_send(chunk).is_err() {
-            metrics.dropped_queue_full.inc_by(n as u64);
+        let relayed = chunk.len();
+        if relayed > 0 && batcher.try_send(chunk).is_err() {
+            metrics.dropped_queue_full.inc_by(relayed as u64);
             if let Some(more) = full.check() {
                 tracing::warn!(
                     ?local,
-                    dropped_datagrams = n,
+                    dropped_datagrams = relayed,
                     earlier_drops_not_logged = more,
                     "batch queue full: datagrams dropped"
                 );

@@ -5,12 +5,14 @@
 //!
 //! The sequence logic is `proto::sflow::SequenceTracker`'s; this module turns its observations
 //! into Prometheus series, one set per stream up to a cap (`--sflow-max-streams`), the rest in
-//! an `other` series. Datagrams that are not sFlow v5 are relayed all the same, and counted.
+//! an `other` series. Datagrams that are not sFlow v5 are counted by reason; whether they are
+//! relayed is the caller's business (the agent drops them unless `--accept any`, and adds a
+//! reason of its own to the same family, [`SflowAccounting::not_sflow_reason`]).
 
 use std::sync::Mutex;
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Registry};
-use proto::sflow::{NotSflow, SequenceTracker, Stream};
+use proto::sflow::{Header, NotSflow, SequenceTracker, Stream, parse_header};
 
 use crate::observe::{counter_vec, gauge};
 
@@ -22,6 +24,7 @@ pub const OTHER: &str = "other";
 pub struct SflowAccounting {
     inner: Mutex<Inner>,
     families: Families,
+    not_sflow_family: IntCounterVec,
     not_sflow: [IntCounter; NotSflow::ALL.len()],
     tracked: IntGauge,
     other: IntCounter,
@@ -96,7 +99,7 @@ impl SflowAccounting {
         let not_sflow = counter_vec(
             registry,
             &format!("{prefix}_not_sflow_datagrams_total"),
-            "Datagrams relayed that are not sFlow v5, by reason (too_short, version, address_type).",
+            "Datagrams that are not sFlow v5, by reason (too_short, version, address_type; the agent's source_not_allowed: from outside --allow-sources). The agent drops them unless --accept any.",
             &["reason"],
         );
         let other = families.datagrams.with_label_values(&[OTHER, OTHER]);
@@ -106,6 +109,7 @@ impl SflowAccounting {
                 streams: Vec::new(),
             }),
             not_sflow: NotSflow::ALL.map(|r| not_sflow.with_label_values(&[r.as_str()])),
+            not_sflow_family: not_sflow,
             tracked: gauge(
                 registry,
                 &format!("{prefix}_sflow_streams"),
@@ -116,12 +120,30 @@ impl SflowAccounting {
         }
     }
 
+    /// The counter of `{prefix}_not_sflow_datagrams_total` for a reason of the caller's own
+    /// (beside [`NotSflow`]'s), created now so that it is exported, at 0, from the start.
+    pub fn not_sflow_reason(&self, reason: &str) -> IntCounter {
+        self.not_sflow_family.with_label_values(&[reason])
+    }
+
     /// Accounts for each of `datagrams`, in order.
     pub fn observe<'a>(&self, datagrams: impl IntoIterator<Item = &'a [u8]>) {
+        self.observe_parsed(datagrams.into_iter().map(parse_header));
+    }
+
+    /// Accounts for datagrams whose headers the caller has already read, in order: each
+    /// `Err` counts under its reason.
+    pub fn observe_parsed(&self, headers: impl IntoIterator<Item = Result<Header, NotSflow>>) {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let Inner { tracker, streams } = &mut *inner;
-        for datagram in datagrams {
-            let seen = tracker.observe(datagram);
+        for parsed in headers {
+            let seen = match parsed {
+                Ok(header) => tracker.observe_header(&header),
+                Err(reason) => {
+                    self.count_not_sflow(reason);
+                    continue;
+                }
+            };
             match seen.stream {
                 Stream::Tracked(id) => {
                     if seen.new_stream {
@@ -156,12 +178,14 @@ impl SflowAccounting {
                     }
                 }
                 Stream::Other => self.other.inc(),
-                Stream::NotSflow(reason) => {
-                    let i = NotSflow::ALL.iter().position(|&r| r == reason).unwrap_or(0);
-                    self.not_sflow[i].inc();
-                }
+                Stream::NotSflow(reason) => self.count_not_sflow(reason),
             }
         }
+    }
+
+    fn count_not_sflow(&self, reason: NotSflow) {
+        let i = NotSflow::ALL.iter().position(|&r| r == reason).unwrap_or(0);
+        self.not_sflow[i].inc();
     }
 }
 
@@ -195,6 +219,33 @@ mod tests {
                 })
             })
             .map(|m| m.get_counter().get_value() as u64)
+    }
+
+    #[test]
+    fn headers_read_by_the_caller_count_as_datagrams_and_own_reasons_exist_from_the_start() {
+        let registry = Registry::new();
+        let accounting = SflowAccounting::new(&registry, "test", 4);
+        let own = accounting.not_sflow_reason("source_not_allowed");
+        let reason = |r: &str| {
+            value(
+                &registry,
+                "test_not_sflow_datagrams_total",
+                &[("reason", r)],
+            )
+        };
+        assert_eq!(reason("source_not_allowed"), Some(0));
+        let parsed = [1, 2, 4].map(|seq| parse_header(&datagram([192, 0, 2, 1], 0, seq)));
+        accounting.observe_parsed(parsed.into_iter().chain([Err(NotSflow::AddressType)]));
+        own.inc_by(3);
+        let a = [("sflow_agent", "192.0.2.1"), ("sub_agent", "0")];
+        assert_eq!(value(&registry, "test_sflow_datagrams_total", &a), Some(3));
+        assert_eq!(
+            value(&registry, "test_sflow_sequence_gaps_total", &a),
+            Some(1)
+        );
+        assert_eq!(reason("address_type"), Some(1));
+        assert_eq!(reason("version"), Some(0));
+        assert_eq!(reason("source_not_allowed"), Some(3));
     }
 
     #[test]

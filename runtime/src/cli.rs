@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::admission::Admission;
 use crate::ssh_hex::{self, SshHexOptions};
 use crate::telemetry::{self, LogFormat};
 
@@ -26,6 +27,14 @@ pub trait DaemonArgs: Serialize + DeserializeOwned + clap::CommandFactory {
     fn ssh_hex(&self) -> &SshHexOptions;
     /// `--recv-buffer`, or the daemon's default.
     fn recv_buffer(&self) -> usize;
+    /// Which received datagrams the `--ssh-hex` collector writes; by default, all.
+    ///
+    /// # Errors
+    ///
+    /// A message saying which option is wrong.
+    fn admission(&self) -> Result<Admission, String> {
+        Ok(Admission::default())
+    }
 }
 
 /// Loads the config file under `cli`, starts logging and, with `--ssh-hex`, runs that mode
@@ -40,9 +49,10 @@ pub fn prepare<A: DaemonArgs>(program: &str, cli: &A) -> Result<A, ExitCode> {
     telemetry::init(args.log_format());
     args.ssh_hex().check().map_err(|e| usage(program, &e))?;
     if args.ssh_hex().ssh_hex {
+        let admission = args.admission().map_err(|e| usage(program, &e))?;
         let counters = ssh_hex::Counters::default();
         return Err(
-            match ssh_hex::run(args.ssh_hex(), args.recv_buffer(), &counters) {
+            match ssh_hex::run(args.ssh_hex(), args.recv_buffer(), &admission, &counters) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(program, &e),
             },

@@ -15,12 +15,14 @@
 //! - [`reload`] — when to re-read certificate files (SIGHUP, and a poll interval).
 //! - [`threads`] — how many threads run the tasks (one by default, as measured).
 //! - [`ratelimit`] — logging a recurring event at most once per interval.
+//! - [`admission`] — which received datagrams the agent relays (`--accept`, `--allow-sources`).
 //! - [`accounting`] — sFlow sequence-gap accounting, per sFlow stream, as Prometheus series.
 //! - [`observe`] — the `/metrics`, `/healthz`, `/readyz` endpoint, and metric registration.
 //!
 //! The wire format lives in `relay-proto` and the TLS policy in `relay-certs`, not here.
 
 pub mod accounting;
+pub mod admission;
 pub mod cli;
 pub mod config;
 pub mod grpc;

@@ -7,7 +7,9 @@
 //! - with `-s HOST`: the server side. Read hex lines from stdin and send each as one UDP
 //!   datagram to (HOST, `-p` port, default 6343). End of input ends the process with status 0.
 //!
-//! The line format is `relay_proto::wire::hex`'s. What this mode does not give: no buffering
+//! The collector side relays only what the [`Admission`] it is given admits: the agent's
+//! `--accept` and `--allow-sources` apply here as on the relay's own receive path (the
+//! sink's collector admits everything). The line format is `relay_proto::wire::hex`'s. What this mode does not give: no buffering
 //! across a broken ssh session, no acknowledgements, and hex doubles the bytes on the wire.
 //! The QUIC relay exists for that.
 
@@ -19,6 +21,7 @@ use std::time::Duration;
 use proto::wire::hex::{Line, LineDecoder, encode_line};
 use serde::{Deserialize, Serialize};
 
+use crate::admission::{Admission, Verdict};
 use crate::ratelimit::RateLimit;
 use crate::udp::{self, Buffers};
 
@@ -28,6 +31,10 @@ pub const DEFAULT_PORT: u16 = 6343;
 const SEND_BATCH: usize = 64;
 /// How often the kernel's drop count for the receive socket is read.
 const DROP_CHECK: Duration = Duration::from_secs(5);
+/// The source of a datagram the kernel gave no address for: no prefix but `0.0.0.0/0` (or
+/// `::/0`) admits it.
+const UNSPECIFIED: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
 /// Hex written per call, at most (then the socket is read again).
 const BURST_BYTES: usize = 1 << 20;
 /// The first malformed lines are each reported; past this many, one report per interval.
@@ -89,6 +96,9 @@ pub struct Counters {
     pub datagrams: AtomicU64,
     /// Datagrams the kernel dropped on the collector's full socket buffer (stdout too slow).
     pub dropped: AtomicU64,
+    /// Datagrams the collector received and did not write: not sFlow, or from a source
+    /// outside the allowed ones (see [`Admission`]).
+    pub refused: AtomicU64,
     /// Malformed lines skipped.
     pub malformed: AtomicU64,
     /// Datagrams the UDP socket refused to send.
@@ -112,7 +122,8 @@ pub enum SshHexError {
     Stdin(io::Error),
 }
 
-/// Runs the side `opts` asks for on the process's stdin or stdout.
+/// Runs the side `opts` asks for on the process's stdin or stdout; the collector side writes
+/// what `admission` admits.
 ///
 /// # Errors
 ///
@@ -120,6 +131,7 @@ pub enum SshHexError {
 pub fn run(
     opts: &SshHexOptions,
     recv_buffer: usize,
+    admission: &Admission,
     counters: &Counters,
 ) -> Result<(), SshHexError> {
     match &opts.server {
@@ -143,7 +155,7 @@ pub fn run(
                 .filter(|c| !c.is_empty())
                 .unwrap_or("0.0.0.0");
             let addr = resolve(host, opts.port.unwrap_or(DEFAULT_PORT))?;
-            collect(addr, recv_buffer, io::stdout(), counters)
+            collect(addr, recv_buffer, admission, io::stdout(), counters)
         }
     }
 }
@@ -207,7 +219,9 @@ fn resolve(host: &str, port: u16) -> Result<SocketAddr, SshHexError> {
 
 // === collector side ===
 
-/// Receives datagrams on `addr` and writes them to `out` as hex lines until writing fails.
+/// Receives datagrams on `addr` and writes those `admission` admits to `out` as hex lines,
+/// until writing fails. The others are counted (`refused`) and logged, one warning per 10 s
+/// at most.
 ///
 /// One thread: wait for a datagram, take every other one already queued without waiting,
 /// and write the lot in one call. A lone datagram leaves at once; under load, datagrams that
@@ -223,6 +237,7 @@ fn resolve(host: &str, port: u16) -> Result<SocketAddr, SshHexError> {
 pub fn collect<W: Write>(
     addr: SocketAddr,
     recv_buffer: usize,
+    admission: &Admission,
     mut out: W,
     counters: &Counters,
 ) -> Result<(), SshHexError> {
@@ -241,6 +256,7 @@ pub fn collect<W: Write>(
     let mut burst = Vec::with_capacity(BURST_BYTES);
     let mut kernel_drops = udp::kernel_drops(local).unwrap_or(0);
     let mut checked = std::time::Instant::now();
+    let refusals = RateLimit::new(Duration::from_secs(10));
     loop {
         // Wait for a datagram and take the others already queued (recvmmsg), as long as a
         // full batch keeps coming, then write the lot in one call.
@@ -258,7 +274,23 @@ pub fn collect<W: Write>(
                 }
             };
             for i in 0..n {
-                encode_line(slots.datagram(i), &mut burst);
+                let datagram = slots.datagram(i);
+                let source = slots.source(i).unwrap_or(UNSPECIFIED);
+                match admission.check(source, datagram) {
+                    Verdict::Relay(_) => encode_line(datagram, &mut burst),
+                    refused => {
+                        counters.refused.fetch_add(1, Ordering::Relaxed);
+                        if let Some(more) = refusals.check() {
+                            tracing::warn!(
+                                %source,
+                                len = datagram.len(),
+                                reason = refused.reason().unwrap_or_default(),
+                                earlier_drops_not_logged = more,
+                                "ssh-hex: datagram dropped (see --accept and --allow-sources)"
+                            );
+                        }
+                    }
+                }
             }
             count += n as u64;
             if n < udp::RECV_BATCH || burst.len() >= BURST_BYTES {
@@ -273,6 +305,7 @@ pub fn collect<W: Write>(
         if let Err(error) = out.write_all(&burst).and_then(|()| out.flush()) {
             tracing::error!(
                 datagrams = counters.datagrams.load(Ordering::Relaxed),
+                refused = counters.refused.load(Ordering::Relaxed),
                 "ssh-hex: stdout closed; exiting"
             );
             return Err(SshHexError::StdoutClosed(error));
@@ -447,7 +480,7 @@ mod tests {
             })
         };
         let counters = Counters::default();
-        let err = collect(addr, 1 << 20, ClosedPipe, &counters).unwrap_err();
+        let err = collect(addr, 1 << 20, &Admission::default(), ClosedPipe, &counters).unwrap_err();
         stop.store(true, Ordering::Relaxed);
         feeder.join().unwrap();
         assert!(matches!(err, SshHexError::StdoutClosed(_)), "{err}");

@@ -570,14 +570,14 @@ impl UdpCapture {
         self.addr
     }
 
-    /// The datagrams whose first byte is `tag`, in arrival order.
+    /// The datagrams tagged `tag` ([`tag_of`]), in arrival order.
     pub fn tagged(&self, tag: u8) -> Vec<Vec<u8>> {
         self.received
             .0
             .lock()
             .unwrap()
             .iter()
-            .filter(|d| d.first() == Some(&tag))
+            .filter(|d| tag_of(d) == Some(tag))
             .cloned()
             .collect()
     }
@@ -587,14 +587,14 @@ impl UdpCapture {
         self.received.0.lock().unwrap().clone()
     }
 
-    /// How many datagrams arrived whose first byte is `tag`.
+    /// How many datagrams tagged `tag` ([`tag_of`]) arrived.
     pub fn count_tagged(&self, tag: u8) -> usize {
         self.received
             .0
             .lock()
             .unwrap()
             .iter()
-            .filter(|d| d.first() == Some(&tag))
+            .filter(|d| tag_of(d) == Some(tag))
             .count()
     }
 
@@ -646,17 +646,36 @@ impl UdpCapture {
 
 // === Sending ===
 
-/// Deterministic test datagrams: `n` payloads whose first byte is `tag` and next four the
-/// index; sizes mostly near 1,400 bytes, with small ones (from 1 byte) and large ones (up to
-/// 65,507 bytes, the IPv4 maximum) mixed in. Contents come from a seeded generator.
+/// The agent address of [`datagrams`] tagged `tag`: 198.18.`tag`.1, in the benchmarking
+/// range (RFC 2544), which neither real agents nor [`sflow::SflowGen`] (192.0.2.x) use.
+const TAG_AGENT: [u8; 2] = [198, 18];
+
+/// Length of the smallest datagram [`datagrams`] makes: an sFlow v5 header with an IPv4
+/// agent address and no samples.
+pub const MIN_LEN: usize = proto::sflow::HEADER_LEN_IPV4;
+
+/// Deterministic test datagrams: `n` payloads that read as sFlow v5 (the agent relays only
+/// that by default), tagged so a capture can tell streams apart:
+///
+/// ```text
+///  0  version 5          4  address type 1 (IPv4)    8  agent 198.18.TAG.1
+/// 12  sub-agent 0       16  sequence: index + 1     20  uptime (ms)
+/// 24  samples: 0        28  index (u32, big-endian), then seeded random bytes
+/// ```
+///
+/// Sequence numbers run from 1 without gaps, so sFlow accounting sees one gapless stream per
+/// tag. Sizes mostly near 1,400 bytes, with small ones (from [`MIN_LEN`], the bare header)
+/// and large ones (up to 65,507 bytes, the IPv4 maximum) mixed in. [`tag_of`] and
+/// [`index_of`] read tag and index back.
 pub fn datagrams(n: usize, tag: u8, seed: u64) -> Vec<Vec<u8>> {
     datagrams_up_to(n, tag, seed, proto::MAX_DATAGRAM_LEN)
 }
 
 /// As [`datagrams`], with no datagram longer than `max_len` (the large ones take sizes from
-/// a quarter of `max_len` up to `max_len`).
+/// a quarter of `max_len` up to `max_len`); `max_len` is at least [`MIN_LEN`].
 pub fn datagrams_up_to(n: usize, tag: u8, seed: u64, max_len: usize) -> Vec<Vec<u8>> {
-    let large_min = (max_len / 4).max(1);
+    let max_len = max_len.max(MIN_LEN);
+    let large_min = (max_len / 4).max(MIN_LEN);
     let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut next = move || {
         rng ^= rng << 13;
@@ -668,17 +687,16 @@ pub fn datagrams_up_to(n: usize, tag: u8, seed: u64, max_len: usize) -> Vec<Vec<
         .map(|i| {
             let r = next();
             let len = match i {
-                0 => 1,
+                0 => MIN_LEN,
                 1 => max_len,
                 _ if i % 200 == 7 => large_min + (r % (max_len - large_min + 1) as u64) as usize,
                 _ if i % 200 == 8 => max_len,
-                _ if i % 10 == 3 => 1 + (r % 200) as usize,
+                _ if i % 10 == 3 => MIN_LEN + (r % 200) as usize,
                 _ => 1_300 + (r % 200) as usize,
             }
             .min(max_len);
-            let mut d = Vec::with_capacity(len);
-            d.push(tag);
-            d.extend_from_slice(&(i as u32).to_be_bytes());
+            let mut d = tagged_datagram(tag, i as u32, MIN_LEN + 4);
+            d.reserve(len.saturating_sub(d.len()));
             while d.len() < len {
                 d.extend_from_slice(&next().to_le_bytes());
             }
@@ -686,6 +704,46 @@ pub fn datagrams_up_to(n: usize, tag: u8, seed: u64, max_len: usize) -> Vec<Vec<
             d
         })
         .collect()
+}
+
+/// One datagram as [`datagrams`] makes them, `len` bytes long (at least [`MIN_LEN`]): the
+/// header for `tag` and `index`, the index again (when `len` leaves room), then zeros for
+/// the caller to fill.
+pub fn tagged_datagram(tag: u8, index: u32, len: usize) -> Vec<u8> {
+    let mut d = Vec::with_capacity(len.max(MIN_LEN));
+    for word in [5u32, 1] {
+        d.extend_from_slice(&word.to_be_bytes());
+    }
+    d.extend_from_slice(&[TAG_AGENT[0], TAG_AGENT[1], tag, 1]);
+    for word in [
+        0,
+        index.wrapping_add(1),
+        3_600_000u32.wrapping_add(index),
+        0,
+        index,
+    ] {
+        d.extend_from_slice(&word.to_be_bytes());
+    }
+    d.resize(len.max(MIN_LEN), 0);
+    d
+}
+
+/// The tag of a datagram made by [`datagrams`], or `None` for any other datagram.
+pub fn tag_of(d: &[u8]) -> Option<u8> {
+    let header = d.get(..MIN_LEN)?;
+    let made_here = header[..8] == [0, 0, 0, 5, 0, 0, 0, 1]
+        && header[8..10] == TAG_AGENT
+        && header[11] == 1
+        && header[12..16] == [0; 4];
+    made_here.then_some(header[10])
+}
+
+/// The index of a datagram made by [`datagrams`] in its batch (its sequence number less
+/// one), or `None` for any other datagram.
+pub fn index_of(d: &[u8]) -> Option<u32> {
+    tag_of(d)?;
+    let sequence = u32::from_be_bytes(d[16..20].try_into().ok()?);
+    Some(sequence.wrapping_sub(1))
 }
 
 /// Sends `datagrams` to `to` in order, keeping at most `window` datagrams (and about 128 KiB)
@@ -804,4 +862,49 @@ pub fn free_udp_port() -> SocketAddr {
     UdpSocket::bind("127.0.0.1:0")
         .and_then(|s| s.local_addr())
         .expect("free port")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_datagrams_read_as_sflow_and_carry_tag_and_index() {
+        let sent = datagrams_up_to(1_000, 0xA1, 7, 9_000);
+        assert_eq!(sent[0].len(), MIN_LEN);
+        assert_eq!(sent[1].len(), 9_000);
+        let mut tracker = proto::sflow::SequenceTracker::new(8);
+        for (i, d) in sent.iter().enumerate() {
+            assert!((MIN_LEN..=9_000).contains(&d.len()), "{i}: {}", d.len());
+            let header = proto::sflow::parse_header(d).expect("sFlow v5");
+            assert_eq!(header.agent.to_string(), "198.18.161.1");
+            assert_eq!(header.sequence, i as u32 + 1);
+            assert_eq!(header.samples, 0);
+            let seen = tracker.observe(d);
+            assert_eq!(
+                (seen.missing, seen.late, seen.reset),
+                (0, false, false),
+                "{i}"
+            );
+            assert_eq!(tag_of(d), Some(0xA1));
+            assert_eq!(index_of(d), Some(i as u32));
+            if d.len() >= MIN_LEN + 4 {
+                assert_eq!(d[MIN_LEN..MIN_LEN + 4], (i as u32).to_be_bytes());
+            }
+        }
+        assert_eq!(
+            datagrams_up_to(1_000, 0xA1, 7, 9_000),
+            sent,
+            "deterministic"
+        );
+        assert_ne!(datagrams_up_to(1_000, 0xA1, 8, 9_000), sent, "seeded");
+        assert_eq!(tag_of(&sent[5][..MIN_LEN - 1]), None);
+        assert_eq!(tag_of(&sflow::SflowGen::new(1, 1, 1).datagram()), None);
+        assert_eq!(tag_of(b"\xA1 not sflow at all, not even close"), None);
+        assert!(
+            datagrams(300, 1, 1)
+                .iter()
+                .any(|d| d.len() == proto::MAX_DATAGRAM_LEN)
+        );
+    }
 }

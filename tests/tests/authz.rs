@@ -117,7 +117,7 @@ impl Setup {
         assert!(
             self.capture.wait_until(WAIT, |r| r
                 .iter()
-                .filter(|d| d.first() == Some(&0x5A))
+                .filter(|d| relay_tests::tag_of(d) == Some(0x5A))
                 .count()
                 >= sent),
             "only {} of {sent} arrived",

@@ -161,3 +161,45 @@ fn the_example_configs_parse_with_the_real_loader() {
         assert!(err.contains("/etc/sflow-relay/"), "{file}: {err}");
     }
 }
+
+#[test]
+fn a_bad_allow_sources_network_is_a_configuration_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("agent.toml");
+    std::fs::write(
+        &file,
+        "sink = \"localhost:4433\"\nca = \"c\"\ncert = \"a\"\nkey = \"k\"\nallow-sources = [\"10.1.0.0/8\"]\n",
+    )
+    .unwrap();
+    let from_file = ["--config", &path(&file)];
+    let on_the_command_line = [
+        "--sink",
+        "localhost:4433",
+        "--ca",
+        "c",
+        "--cert",
+        "a",
+        "--key",
+        "k",
+        "--allow-sources",
+        "127.0.0.1/32",
+        "--allow-sources",
+        "10.1.0.0/8",
+    ];
+    let in_ssh_hex_mode = ["--ssh-hex", "--allow-sources", "10.1.0.0/8"];
+    for args in [&from_file[..], &on_the_command_line, &in_ssh_hex_mode] {
+        let out = Command::new(bin("relay-agent"))
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {err}");
+        assert!(
+            err.contains("configuration error: allow-sources: \"10.1.0.0/8\"")
+                && err.contains("the network is 10.0.0.0/8"),
+            "{args:?}: {err}"
+        );
+    }
+    let (ok, _, err) = run("relay-agent", &["--accept", "udp"]);
+    assert!(!ok && err.contains("sflow") && err.contains("any"), "{err}");
+}

@@ -17,6 +17,7 @@
 //! and two at once on a 2-core machine would measure each other.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -39,10 +40,15 @@ fn metric(metrics: SocketAddr, name: &str) -> f64 {
 }
 
 /// A sink with its defaults and a metrics endpoint.
-fn sink(pki: &Pki, forward: SocketAddr, listen: Option<SocketAddr>) -> (Daemon, SocketAddr) {
+fn sink(
+    pki: &Pki,
+    cert: &(PathBuf, PathBuf),
+    forward: SocketAddr,
+    listen: Option<SocketAddr>,
+) -> (Daemon, SocketAddr) {
     start_sink(
         pki,
-        &pki.sink_cert("sink"),
+        cert,
         &[forward],
         listen,
         &["--metrics-listen", "127.0.0.1:0"],
@@ -69,7 +75,7 @@ fn nine_thousand_a_second_for_a_minute_arrive_whole_with_the_defaults() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path());
     let collector = PositionCapture::bind(Some(8 << 20));
-    let (sink, sink_addr) = sink(&pki, collector.addr(), None);
+    let (sink, sink_addr) = sink(&pki, &pki.sink_cert("sink"), collector.addr(), None);
     let sink_metrics = relay_tests::metrics_addr(&sink);
     let (agent, listen) = spawn_agent(
         &pki.ca(),
@@ -104,7 +110,7 @@ fn ten_agents_at_a_thousand_a_second_each_lose_nothing_with_the_defaults() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path());
     let collector = PositionCapture::bind(Some(8 << 20));
-    let (_sink, sink_addr) = sink(&pki, collector.addr(), None);
+    let (_sink, sink_addr) = sink(&pki, &pki.sink_cert("sink"), collector.addr(), None);
     let agents: Vec<(Daemon, SocketAddr)> = (0..10)
         .map(|i| {
             spawn_agent(
@@ -151,7 +157,7 @@ fn link_cut_for_30_seconds_while_live_traffic_goes_on(t: Transport) {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path());
     let collector = PositionCapture::bind(None);
-    let (sink, sink_addr) = sink(&pki, collector.addr(), None);
+    let (sink, sink_addr) = sink(&pki, &pki.sink_cert("sink"), collector.addr(), None);
     let sink_metrics = relay_tests::metrics_addr(&sink);
     let path_: Proxy = match t {
         Transport::Quic => UdpProxy::start(sink_addr, Impairment::default()),
@@ -233,7 +239,8 @@ fn a_two_minute_sink_outage_without_a_spool_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path());
     let collector = PositionCapture::bind(Some(8 << 20));
-    let (mut sink, sink_addr) = sink(&pki, collector.addr(), None);
+    let sink_cert = pki.sink_cert("sink");
+    let (mut sink, sink_addr) = sink(&pki, &sink_cert, collector.addr(), None);
     let (agent, listen) = spawn_agent(
         &pki.ca(),
         &pki.agent_cert("site-a"),
@@ -249,7 +256,7 @@ fn a_two_minute_sink_outage_without_a_spool_loses_nothing() {
     assert!(sink.terminate().success());
     std::thread::sleep(OUTAGE);
     let held = metric(agent_metrics, "relay_agent_backlog_memory_bytes");
-    let (restarted, again) = self::sink(&pki, collector.addr(), Some(sink_addr));
+    let (restarted, again) = self::sink(&pki, &sink_cert, collector.addr(), Some(sink_addr));
     assert_eq!(again, sink_addr);
     let sent = sender.join();
     let arrived = collector.wait_for(n, Duration::from_secs(120));

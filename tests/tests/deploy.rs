@@ -1560,7 +1560,10 @@ fn every_kustomization_runs_its_sink_end_to_end_as_the_pod_would() {
             send_paced(agent_addr, &sent, 32, || capture.count_tagged(tag));
             assert!(
                 capture.wait_until(WAIT, |r| {
-                    r.iter().filter(|d| d.first() == Some(&tag)).count() >= sent.len()
+                    r.iter()
+                        .filter(|d| relay_tests::tag_of(d) == Some(tag))
+                        .count()
+                        >= sent.len()
                 }),
                 "{here}: over {transport:?}"
             );

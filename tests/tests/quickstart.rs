@@ -57,3 +57,73 @@ fn demo_relays_what_is_sent_to_it_and_reuses_its_certificates() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// The quick start's sender, as the README gives it (port aside): the demo relays what it
+/// sends, so it must be sFlow v5, which the agent relays by default.
+#[test]
+fn the_readme_sender_sends_sflow_that_the_demo_relays() {
+    let readme = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"),
+    )
+    .unwrap();
+    let after = readme
+        .split_once("send a few test datagrams to the agent")
+        .expect("the quick start's sender")
+        .1;
+    let block = after
+        .split_once("```sh\n")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .expect("a sh block")
+        .0;
+    assert!(block.contains("(\"127.0.0.1\", 6343)"), "{block}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let capture = UdpCapture::bind();
+    let forward = capture.addr().to_string();
+    let demo_dir = path(&dir.path().join("demo"));
+    let args = [
+        "demo",
+        "--dir",
+        &demo_dir,
+        "--listen",
+        "127.0.0.1:0",
+        "--sink-listen",
+        "127.0.0.1:0",
+        "--forward",
+        &forward,
+        "--report-every",
+        "200ms",
+    ];
+    let mut demo = Daemon::spawn("relay-agent", &args);
+    let line = demo.wait_for_line("send sFlow to: udp ", WAIT);
+    let listen: std::net::SocketAddr = line
+        .split("udp ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    demo.wait_for_line("connected to sink", WAIT);
+    let script = block.replace(
+        "(\"127.0.0.1\", 6343)",
+        &format!("(\"127.0.0.1\", {})", listen.port()),
+    );
+    let status = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .status()
+        .expect("run the README's sender");
+    assert!(status.success());
+    assert!(
+        capture.wait_until(WAIT, |r| r.len() >= 3),
+        "{}",
+        capture.len()
+    );
+    let lens: Vec<usize> = capture.received().iter().map(Vec::len).collect();
+    assert_eq!(lens, [100, 500, 1400]);
+    for d in capture.received() {
+        let header = proto::sflow::parse_header(&d).expect("sFlow v5");
+        assert_eq!(header.agent.to_string(), "192.0.2.1");
+    }
+    demo.wait_for_line("dropped 0  (total in 3, out 3)", WAIT);
+    assert!(demo.terminate().success());
+}

@@ -174,6 +174,67 @@ fn malformed_lines_are_reported_with_their_numbers_and_skipped() {
     );
 }
 
+/// The agent's collector applies `--accept` and `--allow-sources` as its relay does: with its
+/// defaults, what is not sFlow stays out (and is logged); with a source list, only those
+/// sources get through; with `--accept any`, everything does.
+#[test]
+fn the_agent_collector_writes_only_what_its_options_admit() {
+    let garbage: Vec<Vec<u8>> = (0..50u8).map(|i| vec![i; 1 + usize::from(i) * 7]).collect();
+    let sflow = datagrams_up_to(200, 0x5B, 3, 1_400);
+    for (extra, outsider, admitted) in [
+        (&[][..], "127.0.0.1:0", "sflow"),
+        (
+            &["--allow-sources", "127.0.0.1"][..],
+            "127.0.0.2:0",
+            "sflow from 127.0.0.1",
+        ),
+        (&["--accept", "any"][..], "127.0.0.1:0", "everything"),
+    ] {
+        let capture = UdpCapture::bind();
+        let collector = free_udp_port();
+        let port = collector.port().to_string();
+        let cap_port = capture.addr().port().to_string();
+        let listen = ["-c", "127.0.0.1", "-p", &port, "--log-format", "json"];
+        let args = [&listen[..], extra].concat();
+        let (agent, _sink) = pipe(
+            relay("relay-agent", &args),
+            relay("relay-sink", &["-s", "127.0.0.1", "-p", &cap_port]),
+        );
+        wait_udp_bound(collector);
+        // Garbage first (and, with a source list, valid sFlow from outside it), then the
+        // sFlow: once the sFlow is in, whatever of the rest was admitted is in before it.
+        let socket = std::net::UdpSocket::bind(outsider).unwrap();
+        let unwanted = if extra.is_empty() || admitted == "everything" {
+            garbage.clone()
+        } else {
+            datagrams_up_to(50, 0x5C, 4, 1_400)
+        };
+        for d in &unwanted {
+            socket.send_to(d, collector).unwrap();
+        }
+        send_paced(collector, &sflow, 32, || capture.len());
+        let expected = if admitted == "everything" {
+            [unwanted.clone(), sflow.clone()].concat()
+        } else {
+            sflow.clone()
+        };
+        capture.assert_exactly(&expected);
+        if admitted != "everything" {
+            let dropped = agent.wait_for("ssh-hex: datagram dropped");
+            let reason = relay_tests::field(&dropped, "reason");
+            assert!(
+                ["version", "too_short", "source_not_allowed"].contains(&reason),
+                "{admitted}: {dropped}"
+            );
+            assert_eq!(
+                agent.count("ssh-hex: datagram dropped"),
+                1,
+                "{admitted}: rate-limited"
+            );
+        }
+    }
+}
+
 #[test]
 fn collector_exits_non_zero_as_soon_as_stdout_closes() {
     let collector = free_udp_port();

@@ -139,7 +139,11 @@ fn auto_carries_on_over_grpc_while_udp_is_blocked_and_returns_to_quic_without_lo
     );
     let across = &across[..sent];
     assert!(
-        capture.wait_until(WAIT, |r| r.iter().filter(|d| d[0] == 0x42).count() >= sent),
+        capture.wait_until(WAIT, |r| r
+            .iter()
+            .filter(|d| relay_tests::tag_of(d) == Some(0x42))
+            .count()
+            >= sent),
         "only {} of {sent} arrived",
         capture.count_tagged(0x42)
     );
