@@ -282,6 +282,45 @@ mod tests {
         );
     }
 
+    /// `Batch` as the release before `timing` declared it.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct PreviousBatch {
+        #[prost(fixed64, tag = "1")]
+        session: u64,
+        #[prost(uint64, tag = "2")]
+        sequence: u64,
+        #[prost(message, repeated, tag = "3")]
+        datagrams: Vec<pb::Datagram>,
+        #[prost(bytes = "bytes", tag = "4")]
+        zstd_datagrams: Bytes,
+    }
+
+    #[test]
+    fn the_previous_release_reads_marked_frames_and_this_one_reads_its_frames() {
+        // A sink of the previous release, given a batch marked live and then catch-up:
+        // the same batch, the marks skipped.
+        let live = batch(2, 100);
+        let mut frame = BytesMut::new();
+        encode_frame(&live, &mut frame);
+        let marked = mark_catch_up(&frame, 1_000);
+        let old = PreviousBatch::decode(&marked[FRAME_HEADER_LEN..]).unwrap();
+        assert_eq!(
+            (old.session, old.sequence, &old.datagrams),
+            (live.session, live.sequence, &live.datagrams)
+        );
+        // A batch of an agent of the previous release: no timing, which this release reads
+        // as unspecified (the sink paces it as catch-up).
+        let previous = PreviousBatch {
+            session: 1,
+            sequence: 2,
+            datagrams: live.datagrams.clone(),
+            zstd_datagrams: Bytes::new(),
+        };
+        let now = pb::Batch::decode(previous.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(now.timing(), pb::Timing::Unspecified);
+        assert_eq!(now.datagrams, live.datagrams);
+    }
+
     #[test]
     fn truncated_at_every_offset_is_incomplete() {
         let mut full = BytesMut::new();

@@ -55,6 +55,14 @@ fn sink(
     )
 }
 
+/// An agent named `name` with its defaults (plus `extra`), connected to `sink`; and where it
+/// receives sFlow.
+fn agent(pki: &Pki, name: &str, sink: SocketAddr, extra: &[&str]) -> (Daemon, SocketAddr) {
+    let (agent, listen) = spawn_agent(&pki.ca(), &pki.agent_cert(name), sink, "localhost", extra);
+    agent.wait_for("connected to sink");
+    (agent, listen)
+}
+
 /// Peak resident memory of a process (VmHWM), bytes.
 fn peak_rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
@@ -77,14 +85,7 @@ fn nine_thousand_a_second_for_a_minute_arrive_whole_with_the_defaults() {
     let collector = PositionCapture::bind(Some(8 << 20));
     let (sink, sink_addr) = sink(&pki, &pki.sink_cert("sink"), collector.addr(), None);
     let sink_metrics = relay_tests::metrics_addr(&sink);
-    let (agent, listen) = spawn_agent(
-        &pki.ca(),
-        &pki.agent_cert("site-a"),
-        sink_addr,
-        "localhost",
-        &[],
-    );
-    agent.wait_for("connected to sink");
+    let (_agent, listen) = agent(&pki, "site-a", sink_addr, &[]);
     let sent = send_stream(listen, SflowGen::new(4, 2, 15), RATE, N).join();
     assert!(
         collector.wait_for(N, Duration::from_secs(30)),
@@ -112,19 +113,8 @@ fn ten_agents_at_a_thousand_a_second_each_lose_nothing_with_the_defaults() {
     let collector = PositionCapture::bind(Some(8 << 20));
     let (_sink, sink_addr) = sink(&pki, &pki.sink_cert("sink"), collector.addr(), None);
     let agents: Vec<(Daemon, SocketAddr)> = (0..10)
-        .map(|i| {
-            spawn_agent(
-                &pki.ca(),
-                &pki.agent_cert(&format!("site-{i}")),
-                sink_addr,
-                "localhost",
-                &[],
-            )
-        })
+        .map(|i| agent(&pki, &format!("site-{i}"), sink_addr, &[]))
         .collect();
-    for (agent, _) in &agents {
-        agent.wait_for("connected to sink");
-    }
     let senders: Vec<_> = agents
         .iter()
         .enumerate()
@@ -164,14 +154,12 @@ fn link_cut_for_30_seconds_while_live_traffic_goes_on(t: Transport) {
         Transport::Grpc => TcpProxy::start(sink_addr, Impairment::default()),
     };
     let spool = dir.path().join("spool");
-    let (agent, listen) = spawn_agent(
-        &pki.ca(),
-        &pki.agent_cert("site-a"),
+    let (_agent, listen) = agent(
+        &pki,
+        "site-a",
         path_.addr(),
-        "localhost",
         &["--transport", t.name(), "--spool-dir", &path(&spool)],
     );
-    agent.wait_for("connected to sink");
     let sender = send_stream(listen, SflowGen::new(4, 2, 25), RATE, n);
     std::thread::sleep(BEFORE);
     path_.cut_for(Duration::from_secs(3600));
@@ -241,15 +229,13 @@ fn a_two_minute_sink_outage_without_a_spool_loses_nothing() {
     let collector = PositionCapture::bind(Some(8 << 20));
     let sink_cert = pki.sink_cert("sink");
     let (mut sink, sink_addr) = sink(&pki, &sink_cert, collector.addr(), None);
-    let (agent, listen) = spawn_agent(
-        &pki.ca(),
-        &pki.agent_cert("site-a"),
+    let (agent, listen) = agent(
+        &pki,
+        "site-a",
         sink_addr,
-        "localhost",
         &["--metrics-listen", "127.0.0.1:0"],
     );
     let agent_metrics = relay_tests::metrics_addr(&agent);
-    agent.wait_for("connected to sink");
     let sender = send_stream(listen, SflowGen::new(4, 2, 35), RATE, n);
     std::thread::sleep(BEFORE);
     // Stopped cleanly: what it replayed it acknowledged, so nothing comes twice.

@@ -2,7 +2,40 @@
 
 use std::time::Duration;
 
+use std::net::SocketAddr;
+use std::path::Path;
+
 use relay_tests::{Daemon, UdpCapture, WAIT, datagrams, path, send_paced};
+
+/// Starts `relay-agent demo` with its certificates in `demo_dir`, replaying to `forward`, on
+/// ephemeral ports; returns it connected, and where it receives sFlow.
+fn start_demo(demo_dir: &Path, forward: SocketAddr) -> (Daemon, SocketAddr) {
+    let forward = forward.to_string();
+    let args = [
+        "demo",
+        "--dir",
+        &path(demo_dir),
+        "--listen",
+        "127.0.0.1:0",
+        "--sink-listen",
+        "127.0.0.1:0",
+        "--forward",
+        &forward,
+        "--report-every",
+        "200ms",
+    ];
+    let demo = Daemon::spawn("relay-agent", &args);
+    let line = demo.wait_for_line("send sFlow to: udp ", WAIT);
+    let listen = line
+        .split("udp ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    demo.wait_for_line("connected to sink", WAIT);
+    (demo, listen)
+}
 
 #[test]
 fn demo_relays_what_is_sent_to_it_and_reuses_its_certificates() {
@@ -10,30 +43,7 @@ fn demo_relays_what_is_sent_to_it_and_reuses_its_certificates() {
     let demo_dir = dir.path().join("demo");
     for run in 0..2 {
         let capture = UdpCapture::bind();
-        let forward = capture.addr().to_string();
-        let args = [
-            "demo",
-            "--dir",
-            &path(&demo_dir),
-            "--listen",
-            "127.0.0.1:0",
-            "--sink-listen",
-            "127.0.0.1:0",
-            "--forward",
-            &forward,
-            "--report-every",
-            "200ms",
-        ];
-        let mut demo = Daemon::spawn("relay-agent", &args);
-        let line = demo.wait_for_line("send sFlow to: udp ", WAIT);
-        let listen = line
-            .split("udp ")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .unwrap()
-            .parse()
-            .unwrap();
-        demo.wait_for_line("connected to sink", WAIT);
+        let (mut demo, listen) = start_demo(&demo_dir, capture.addr());
         let sent = datagrams(500, 0xD0 + run, 40 + u64::from(run));
         send_paced(listen, &sent, 32, || capture.len());
         assert!(
@@ -62,10 +72,9 @@ fn demo_relays_what_is_sent_to_it_and_reuses_its_certificates() {
 /// sends, so it must be sFlow v5, which the agent relays by default.
 #[test]
 fn the_readme_sender_sends_sflow_that_the_demo_relays() {
-    let readme = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"),
-    )
-    .unwrap();
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .unwrap();
     let after = readme
         .split_once("send a few test datagrams to the agent")
         .expect("the quick start's sender")
@@ -79,31 +88,7 @@ fn the_readme_sender_sends_sflow_that_the_demo_relays() {
 
     let dir = tempfile::tempdir().unwrap();
     let capture = UdpCapture::bind();
-    let forward = capture.addr().to_string();
-    let demo_dir = path(&dir.path().join("demo"));
-    let args = [
-        "demo",
-        "--dir",
-        &demo_dir,
-        "--listen",
-        "127.0.0.1:0",
-        "--sink-listen",
-        "127.0.0.1:0",
-        "--forward",
-        &forward,
-        "--report-every",
-        "200ms",
-    ];
-    let mut demo = Daemon::spawn("relay-agent", &args);
-    let line = demo.wait_for_line("send sFlow to: udp ", WAIT);
-    let listen: std::net::SocketAddr = line
-        .split("udp ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .unwrap()
-        .parse()
-        .unwrap();
-    demo.wait_for_line("connected to sink", WAIT);
+    let (mut demo, listen) = start_demo(&dir.path().join("demo"), capture.addr());
     let script = block.replace(
         "(\"127.0.0.1\", 6343)",
         &format!("(\"127.0.0.1\", {})", listen.port()),
