@@ -3,8 +3,8 @@
 //! Live batches (sent once, as the agent made them) are replayed as soon as they arrive. A
 //! batch the agent marks as catch-up (sent again after a reconnect, read back from its spool,
 //! held back by an outage; see `Batch.timing` in the wire contract) waits here, on its
-//! connection, before it is handed to replay, so that a backlog drains into the collectors
-//! at a rate their sockets can take:
+//! connection, before it is handed to replay, in slices no larger than the pace's burst, so
+//! that a backlog drains into the collectors at a rate, and in bursts, their sockets can take:
 //!
 //! - a shared budget of `--catch-up-max-pps` datagrams a second, for all agents' catch-up
 //!   together (every destination gets every datagram, so this is each destination's
@@ -146,6 +146,15 @@ impl CatchUp {
             max_pps,
             budget: Mutex::new(Debt::new(burst, Instant::now())),
         }
+    }
+
+    /// The most datagrams the pace lets go at once: catch-up batches are replayed in slices
+    /// of this many.
+    pub(crate) fn burst(&self) -> usize {
+        if self.max_pps == 0 {
+            return usize::MAX;
+        }
+        (self.max_pps as f64 / 250.0).max(MIN_BURST) as usize
     }
 
     /// How long a batch of `datagrams` paced as `paced` from a connection with `allowance`

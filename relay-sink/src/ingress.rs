@@ -279,31 +279,59 @@ pub(crate) async fn deliver(
     tracing::trace!(%agent, sequence = ack.sequence, datagrams, "batch");
     // Only a batch that is to be replayed spends the agent's rate (a resend is dropped whole).
     shared.paces.limit(shared, connection, &mut batch);
-    // Catch-up waits for its pace here, on this connection alone; live goes at once.
-    if let Some(paced) = Paced::of(&batch) {
-        let n = batch.datagrams.len() as u64;
-        metrics.catch_up(paced).inc_by(n);
-        let wait = shared.catch_up.wait_for(
-            Some(paced),
-            batch.live_datagrams_per_second,
-            &connection.catch_up,
-            n,
-        );
-        if !wait.is_zero() {
-            metrics.catch_up_wait_seconds.inc_by(wait.as_secs_f64());
-            tokio::time::sleep(wait).await;
-        }
-    }
     metrics
         .sflow
         .observe(batch.datagrams.iter().map(|d| &d.payload[..]));
-    let replaying = shared.replay.submit(batch).await;
+    let replaying = match Paced::of(&batch) {
+        None => shared.replay.submit(batch).await,
+        Some(paced) => catch_up(shared, connection, paced, batch).await,
+    };
     shared
         .replayed
         .replaying(agent, ack.session, ack.sequence, &replaying);
     Delivery {
         ack,
         replaying: Some(replaying),
+    }
+}
+
+/// Hands a catch-up batch to replay at the catch-up pace, waiting on this connection alone:
+/// in slices of at most the pace's burst, each once the pace allows it, so a collector gets
+/// no larger burst from a draining backlog than the pace's (other agents' batches go between
+/// the slices). Returns the last slice's replay: a destination replays in order, so when it
+/// is done, so is the batch.
+async fn catch_up(
+    shared: &Shared,
+    connection: &Connection,
+    paced: Paced,
+    mut batch: pb::Batch,
+) -> Arc<Replaying> {
+    let metrics = &shared.metrics;
+    metrics.catch_up(paced).inc_by(batch.datagrams.len() as u64);
+    let live = batch.live_datagrams_per_second;
+    let slice = shared.catch_up.burst();
+    let mut rest = std::mem::take(&mut batch.datagrams);
+    loop {
+        let tail = rest.split_off(slice.min(rest.len()));
+        let datagrams = std::mem::replace(&mut rest, tail);
+        let wait = shared.catch_up.wait_for(
+            Some(paced),
+            live,
+            &connection.catch_up,
+            datagrams.len() as u64,
+        );
+        if !wait.is_zero() {
+            metrics.catch_up_wait_seconds.inc_by(wait.as_secs_f64());
+            tokio::time::sleep(wait).await;
+        }
+        let part = pb::Batch {
+            datagrams,
+            ..batch.clone()
+        };
+        let replaying = shared.replay.submit(part).await;
+        if rest.is_empty() {
+            return replaying;
+        }
     }
 }
 
