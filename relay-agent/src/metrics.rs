@@ -1,7 +1,7 @@
 //! The agent's metrics: Prometheus families registered once at start, and the handles the hot
 //! path bumps (an atomic add each; no name or label lookup per datagram or batch).
 //!
-//! Names are `relay_agent_*`, units in the names, `_total` on counters; the README's "Metrics"
+//! Names are `relay_agent_*`, units in the names, `_total` on counters; the docs/metrics.md's "Metrics"
 //! section lists every one. Per-sink series carry a `sink` label (the configured address):
 //! their number is the number of configured sinks.
 

@@ -11,7 +11,7 @@
 //! socket is empty the thread pauses for `coalesce` (1 ms by default) before it reads again,
 //! so under load it wakes about once per pause instead of once per datagram, and takes
 //! dozens of datagrams per call; the kernel's buffer holds them meanwhile. relay-perf
-//! measured the gain (README, "Benchmarks").
+//! measured the gain (docs/benchmarks.md, "Benchmarks").
 //!
 //! Each datagram is checked against the [`Admission`] (`--allow-sources`, then `--accept`)
 //! before it is copied: what it refuses is counted once, by reason, in

@@ -1,7 +1,7 @@
 //! The sink's metrics: Prometheus families registered once at start, and the handles the hot
 //! path bumps (an atomic add each; no name or label lookup per datagram).
 //!
-//! Names are `relay_sink_*`, units in the names, `_total` on counters; the README's "Metrics"
+//! Names are `relay_sink_*`, units in the names, `_total` on counters; the docs/metrics.md's "Metrics"
 //! section lists every one. Labels: `transport` (2 values), `reason` (a fixed list),
 //! `destination` (the configured `--forward` addresses) and `agent` (the names in the agents'
 //! certificates, as many as the CA has issued and that connect).

@@ -1172,7 +1172,7 @@ fn the_image_relays_end_to_end_as_a_container_runs_it() {
         groups: Vec::new(),
     });
     // The image's own command is the sink's. The agent runs in it with the agent unit's
-    // command, as the README's "Run in a container" says.
+    // command, as docs/deployment.md's "Run in a container" says.
     image.binary(&image.cmd[0]);
     let sink = Launch {
         what: "the image's CMD".into(),
@@ -1184,10 +1184,10 @@ fn the_image_relays_end_to_end_as_a_container_runs_it() {
     };
     let agent_exec = Unit::read("relay-agent.service").exec_start();
     image.binary(&agent_exec[0]);
-    let readme = read(&workspace().join("README.md"));
+    let readme = read(&workspace().join("docs/deployment.md"));
     assert!(
         readme.contains(&agent_exec.join(" ")),
-        "the README's container steps run the agent as the unit does: {agent_exec:?}"
+        "docs/deployment.md's container steps run the agent as the unit does: {agent_exec:?}"
     );
     // The image makes /var/lib/sflow-relay its user's (COPY --chown), for the spool.
     let spool_home = "/var/lib/sflow-relay";
@@ -1320,7 +1320,7 @@ fn every_kustomization_runs_its_sink_end_to_end_as_the_pod_would() {
         require(system_tool("setpriv", "util-linux")).expect("setpriv");
     }
     let image = Image::read(&tools);
-    let readme = read(&workspace().join("README.md"));
+    let readme = read(&workspace().join("docs/deployment.md"));
     for kustomization in kustomizations() {
         let (_, docs) = tools.render(&kustomization);
         let here = kustomization.display();
@@ -1511,7 +1511,7 @@ fn every_kustomization_runs_its_sink_end_to_end_as_the_pod_would() {
             secret_name = Some(name);
             assert!(
                 readme.contains(&format!("--from-file={secret_key}=")),
-                "{here}: the README's `kubectl create secret` makes the key {secret_key}"
+                "{here}: docs/deployment.md's `kubectl create secret` makes the key {secret_key}"
             );
             let mode = secret["defaultMode"]
                 .as_u64()
@@ -1521,7 +1521,7 @@ fn every_kustomization_runs_its_sink_end_to_end_as_the_pod_would() {
         let secret_name = secret_name.unwrap();
         assert!(
             readme.contains(&format!("create secret generic {secret_name}")),
-            "{here}: the README says how to make the Secret {secret_name}"
+            "{here}: docs/deployment.md says how to make the Secret {secret_name}"
         );
 
         let mut sink = root.start(&launch);
