@@ -18,6 +18,7 @@
 
 use std::collections::VecDeque;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -78,8 +79,6 @@ struct Inner {
     first_in_memory: usize,
     /// What the entries from `first_in_memory` on hold in memory, with [`ENTRY_OVERHEAD`].
     memory_bytes: usize,
-    /// Datagrams appended since the start (the live rate's clock).
-    appended_datagrams: u64,
     next_id: u64,
     spool: Option<Spool>,
     closed: bool,
@@ -95,9 +94,13 @@ pub(crate) struct Backlog {
     name: String,
     drops: RateLimit,
     write_errors: RateLimit,
+    /// Datagrams appended since the backlog was opened (the live rate's clock; read on every
+    /// send, so kept outside the lock).
+    appended_datagrams: AtomicU64,
 }
 
-fn now_ms() -> u64 {
+/// Now, Unix milliseconds (the clock of [`Record::unix_ms`]).
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -149,12 +152,12 @@ impl Backlog {
                 entries,
                 first_in_memory,
                 memory_bytes: 0,
-                appended_datagrams: 0,
                 next_id,
                 spool,
                 closed: false,
             }),
             grew: Notify::new(),
+            appended_datagrams: AtomicU64::new(0),
             limits,
             metrics,
             name: name.to_owned(),
@@ -186,7 +189,8 @@ impl Backlog {
             unix_ms: now_ms(),
         };
         inner.next_id += 1;
-        inner.appended_datagrams += frame.datagrams;
+        self.appended_datagrams
+            .fetch_add(frame.datagrams, Ordering::Relaxed);
         inner.memory_bytes += frame.bytes.len() + ENTRY_OVERHEAD;
         let on_disk = match &mut inner.spool {
             None => false,
@@ -402,7 +406,7 @@ impl Backlog {
 
     /// Datagrams appended since the backlog was opened.
     pub(crate) fn appended_datagrams(&self) -> u64 {
-        self.lock().appended_datagrams
+        self.appended_datagrams.load(Ordering::Relaxed)
     }
 
     /// (batches, datagrams) not yet acknowledged, and how many of them only memory holds.

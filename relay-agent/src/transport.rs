@@ -636,14 +636,7 @@ impl Link {
 /// more than a small tail of catch-up datagrams (`unacknowledged_catch_up`) that the sink has
 /// not yet acknowledged. `live` is the live rate, datagrams a second.
 fn is_catch_up(record: &Record, resend: bool, unacknowledged_catch_up: u64, live: u32) -> bool {
-    let age_ms = u64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis(),
-    )
-    .unwrap_or(u64::MAX)
-    .saturating_sub(record.unix_ms);
+    let age_ms = crate::backlog::now_ms().saturating_sub(record.unix_ms);
     resend
         || record.from_disk
         || age_ms > CATCH_UP_AGE.as_millis() as u64
