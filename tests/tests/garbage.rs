@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use rand::{Rng, RngCore, SeedableRng};
 use relay_tests::sflow::SflowGen;
 use relay_tests::{
-    Daemon, MIN_LEN, Pki, UdpCapture, WAIT, http, metrics_addr, send_at_rate, start_agent,
+    Daemon, MIN_LEN, Pki, UdpCapture, WAIT, http, metrics_addr, send_at_rate, spawn_agent,
     start_sink, tagged_datagram,
 };
 
@@ -51,7 +51,7 @@ impl Site {
         let (sink, sink_addr) =
             start_sink(&pki, &pki.sink_cert("sink"), &[capture.addr()], None, &[]);
         let extra = [&["--metrics-listen", "127.0.0.1:0"], agent_extra].concat();
-        let (agent, listen) = start_agent(
+        let (agent, listen) = spawn_agent(
             &pki.ca(),
             &pki.agent_cert("site"),
             sink_addr,
