@@ -252,19 +252,55 @@ pub fn collect<W: Write>(
     .map_err(|e| SshHexError::Socket(addr.to_string(), e))?;
     let local = socket.local_addr().unwrap_or(addr);
     tracing::info!(listen = %local, "ssh-hex: writing received datagrams to stdout as hex lines");
-    let mut slots = udp::RecvBatch::default();
-    let mut burst = Vec::with_capacity(BURST_BYTES);
-    let mut kernel_drops = udp::kernel_drops(local).unwrap_or(0);
-    let mut checked = std::time::Instant::now();
-    let refusals = RateLimit::new(Duration::from_secs(10));
+    let mut collector = Collector {
+        socket,
+        admission,
+        counters,
+        slots: udp::RecvBatch::default(),
+        burst: Vec::with_capacity(BURST_BYTES),
+        refusals: RateLimit::new(Duration::from_secs(10)),
+        kernel_drops: KernelDrops::new(local),
+    };
     loop {
-        // Wait for a datagram and take the others already queued (recvmmsg), as long as a
-        // full batch keeps coming, then write the lot in one call.
-        burst.clear();
+        let count = collector.receive_burst();
+        if count == 0 {
+            continue;
+        }
+        counters.datagrams.fetch_add(count, Ordering::Relaxed);
+        if let Err(error) = out.write_all(&collector.burst).and_then(|()| out.flush()) {
+            tracing::error!(
+                datagrams = counters.datagrams.load(Ordering::Relaxed),
+                refused = counters.refused.load(Ordering::Relaxed),
+                "ssh-hex: stdout closed; exiting"
+            );
+            return Err(SshHexError::StdoutClosed(error));
+        }
+        collector.kernel_drops.check(counters);
+    }
+}
+
+/// The collector's receiving half: the socket, and the hex lines of the current burst.
+struct Collector<'a> {
+    socket: UdpSocket,
+    admission: &'a Admission,
+    counters: &'a Counters,
+    slots: udp::RecvBatch,
+    /// Hex lines of the admitted datagrams of the current burst, written out in one call.
+    burst: Vec<u8>,
+    refusals: RateLimit,
+    kernel_drops: KernelDrops,
+}
+
+impl Collector<'_> {
+    /// Waits for a datagram and takes the others already queued (recvmmsg), as long as a
+    /// full batch keeps coming, encoding the admitted ones into `burst`. Returns how many
+    /// datagrams were received (admitted or not).
+    fn receive_burst(&mut self) -> u64 {
+        self.burst.clear();
         let mut count = 0u64;
         let mut wait = true;
         loop {
-            let n = match slots.recv(&socket, wait) {
+            let n = match self.slots.recv(&self.socket, wait) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -274,57 +310,73 @@ pub fn collect<W: Write>(
                 }
             };
             for i in 0..n {
-                let datagram = slots.datagram(i);
-                let source = slots.source(i).unwrap_or(UNSPECIFIED);
-                match admission.check(source, datagram) {
-                    Verdict::Relay(_) => encode_line(datagram, &mut burst),
-                    refused => {
-                        counters.refused.fetch_add(1, Ordering::Relaxed);
-                        if let Some(more) = refusals.check() {
-                            tracing::warn!(
-                                %source,
-                                len = datagram.len(),
-                                reason = refused.reason().unwrap_or_default(),
-                                earlier_drops_not_logged = more,
-                                "ssh-hex: datagram dropped (see --accept and --allow-sources)"
-                            );
-                        }
-                    }
-                }
+                self.admit(i);
             }
             count += n as u64;
-            if n < udp::RECV_BATCH || burst.len() >= BURST_BYTES {
+            if n < udp::RECV_BATCH || self.burst.len() >= BURST_BYTES {
                 break;
             }
             wait = false;
         }
-        if count == 0 {
-            continue;
-        }
-        counters.datagrams.fetch_add(count, Ordering::Relaxed);
-        if let Err(error) = out.write_all(&burst).and_then(|()| out.flush()) {
-            tracing::error!(
-                datagrams = counters.datagrams.load(Ordering::Relaxed),
-                refused = counters.refused.load(Ordering::Relaxed),
-                "ssh-hex: stdout closed; exiting"
-            );
-            return Err(SshHexError::StdoutClosed(error));
-        }
-        if checked.elapsed() >= DROP_CHECK {
-            checked = std::time::Instant::now();
-            if let Some(now) = udp::kernel_drops(local) {
-                if now > kernel_drops {
-                    counters
-                        .dropped
-                        .fetch_add(now - kernel_drops, Ordering::Relaxed);
+        count
+    }
+
+    /// Encodes datagram `i` of the received batch, or counts and logs its refusal.
+    fn admit(&mut self, i: usize) {
+        let datagram = self.slots.datagram(i);
+        let source = self.slots.source(i).unwrap_or(UNSPECIFIED);
+        match self.admission.check(source, datagram) {
+            Verdict::Relay(_) => encode_line(datagram, &mut self.burst),
+            refused => {
+                self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                if let Some(more) = self.refusals.check() {
                     tracing::warn!(
-                        dropped = now - kernel_drops,
-                        total = now,
-                        "socket receive buffer overflowed (stdout too slow, or the process starved): datagrams dropped by the kernel"
+                        %source,
+                        len = datagram.len(),
+                        reason = refused.reason().unwrap_or_default(),
+                        earlier_drops_not_logged = more,
+                        "ssh-hex: datagram dropped (see --accept and --allow-sources)"
                     );
                 }
-                kernel_drops = now;
             }
+        }
+    }
+}
+
+/// The kernel's count of datagrams dropped on the collector's full receive buffer, read from
+/// `/proc/net/udp` at most every [`DROP_CHECK`]; growth is counted and logged.
+struct KernelDrops {
+    local: SocketAddr,
+    seen: u64,
+    checked: std::time::Instant,
+}
+
+impl KernelDrops {
+    fn new(local: SocketAddr) -> Self {
+        Self {
+            local,
+            seen: udp::kernel_drops(local).unwrap_or(0),
+            checked: std::time::Instant::now(),
+        }
+    }
+
+    fn check(&mut self, counters: &Counters) {
+        if self.checked.elapsed() < DROP_CHECK {
+            return;
+        }
+        self.checked = std::time::Instant::now();
+        if let Some(now) = udp::kernel_drops(self.local) {
+            if now > self.seen {
+                counters
+                    .dropped
+                    .fetch_add(now - self.seen, Ordering::Relaxed);
+                tracing::warn!(
+                    dropped = now - self.seen,
+                    total = now,
+                    "socket receive buffer overflowed (stdout too slow, or the process starved): datagrams dropped by the kernel"
+                );
+            }
+            self.seen = now;
         }
     }
 }
@@ -355,46 +407,14 @@ pub fn serve<R: Read>(
     tracing::info!(destination = %dest, "ssh-hex: sending hex lines from stdin as UDP datagrams");
     let mut decoder = LineDecoder::new(proto::MAX_DATAGRAM_LEN);
     let mut buf = vec![0u8; PIPE_SIZE as usize];
-    let reports = RateLimit::new(Duration::from_secs(10));
-    let send_errors = RateLimit::new(Duration::from_secs(10));
-    // Decoded datagrams wait here (back to back, with their end offsets) and leave together,
-    // many per system call, after each read: nothing waits for more input.
-    let mut batch = Vec::with_capacity(buf.len());
-    let mut ends: Vec<usize> = Vec::with_capacity(SEND_BATCH);
-    let flush = |batch: &mut Vec<u8>, ends: &mut Vec<usize>| {
-        let mut start = 0;
-        let datagrams: Vec<&[u8]> = ends
-            .iter()
-            .map(|&end| {
-                let d = &batch[start..end];
-                start = end;
-                d
-            })
-            .collect();
-        udp::send_batch(&socket, &datagrams, |datagram, error| {
-            counters.send_errors.fetch_add(1, Ordering::Relaxed);
-            if let Some(more) = send_errors.check() {
-                tracing::warn!(destination = %dest, %error, len = datagram.len(), earlier_errors_not_logged = more, "send failed; datagram dropped");
-            }
-        });
-        batch.clear();
-        ends.clear();
-    };
-    let handle = |line: Option<Line<'_>>, batch: &mut Vec<u8>, ends: &mut Vec<usize>| match line {
-        None => {}
-        Some(Line::Datagram(datagram)) => {
-            counters.datagrams.fetch_add(1, Ordering::Relaxed);
-            batch.extend_from_slice(datagram);
-            ends.push(batch.len());
-        }
-        Some(Line::Malformed { line, error }) => {
-            let seen = counters.malformed.fetch_add(1, Ordering::Relaxed) + 1;
-            if seen <= REPORT_EACH {
-                tracing::warn!(line, reason = %error, "malformed line skipped");
-            } else if let Some(more) = reports.check() {
-                tracing::warn!(line, reason = %error, earlier_reports_not_logged = more, "malformed line skipped");
-            }
-        }
+    let mut sender = Sender {
+        socket,
+        dest,
+        counters,
+        batch: Vec::with_capacity(buf.len()),
+        ends: Vec::with_capacity(SEND_BATCH),
+        reports: RateLimit::new(Duration::from_secs(10)),
+        send_errors: RateLimit::new(Duration::from_secs(10)),
     };
     loop {
         let n = match input.read(&mut buf) {
@@ -406,16 +426,13 @@ pub fn serve<R: Read>(
         let mut rest = &buf[..n];
         while !rest.is_empty() {
             let (used, line) = decoder.decode(rest);
-            handle(line, &mut batch, &mut ends);
-            if ends.len() == SEND_BATCH {
-                flush(&mut batch, &mut ends);
-            }
+            sender.handle(line);
             rest = &rest[used..];
         }
-        flush(&mut batch, &mut ends);
+        sender.flush();
     }
-    handle(decoder.finish(), &mut batch, &mut ends);
-    flush(&mut batch, &mut ends);
+    sender.handle(decoder.finish());
+    sender.flush();
     tracing::info!(
         lines = decoder.lines(),
         datagrams = counters.datagrams.load(Ordering::Relaxed),
@@ -424,6 +441,68 @@ pub fn serve<R: Read>(
         "ssh-hex: end of input"
     );
     Ok(())
+}
+
+/// The server's sending half. Decoded datagrams wait in `batch` (back to back, with their end
+/// offsets in `ends`) and leave together, many per system call, after each read: nothing
+/// waits for more input.
+struct Sender<'a> {
+    socket: UdpSocket,
+    dest: SocketAddr,
+    counters: &'a Counters,
+    batch: Vec<u8>,
+    ends: Vec<usize>,
+    reports: RateLimit,
+    send_errors: RateLimit,
+}
+
+impl Sender<'_> {
+    /// Queues a decoded datagram (sending the batch when it is full), or counts and reports a
+    /// malformed line.
+    fn handle(&mut self, line: Option<Line<'_>>) {
+        match line {
+            None => {}
+            Some(Line::Datagram(datagram)) => {
+                self.counters.datagrams.fetch_add(1, Ordering::Relaxed);
+                self.batch.extend_from_slice(datagram);
+                self.ends.push(self.batch.len());
+                if self.ends.len() == SEND_BATCH {
+                    self.flush();
+                }
+            }
+            Some(Line::Malformed { line, error }) => {
+                let seen = self.counters.malformed.fetch_add(1, Ordering::Relaxed) + 1;
+                if seen <= REPORT_EACH {
+                    tracing::warn!(line, reason = %error, "malformed line skipped");
+                } else if let Some(more) = self.reports.check() {
+                    tracing::warn!(line, reason = %error, earlier_reports_not_logged = more, "malformed line skipped");
+                }
+            }
+        }
+    }
+
+    /// Sends the queued datagrams; a failed send is counted and logged, and the rest go on.
+    fn flush(&mut self) {
+        let mut start = 0;
+        let datagrams: Vec<&[u8]> = self
+            .ends
+            .iter()
+            .map(|&end| {
+                let d = &self.batch[start..end];
+                start = end;
+                d
+            })
+            .collect();
+        let (counters, send_errors, dest) = (self.counters, &self.send_errors, self.dest);
+        udp::send_batch(&self.socket, &datagrams, |datagram, error| {
+            counters.send_errors.fetch_add(1, Ordering::Relaxed);
+            if let Some(more) = send_errors.check() {
+                tracing::warn!(destination = %dest, %error, len = datagram.len(), earlier_errors_not_logged = more, "send failed; datagram dropped");
+            }
+        });
+        self.batch.clear();
+        self.ends.clear();
+    }
 }
 
 #[cfg(test)]
