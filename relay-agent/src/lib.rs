@@ -195,7 +195,7 @@ pub async fn run(
         let identity = loaded.identity.clone();
         let credentials = Arc::new(
             transport::Credentials::new(&loaded, &transport)
-                .map_err(|e| Error::Config(sink.addr.clone(), e))?,
+                .map_err(|e| Error::Config(sink.addr.clone(), e.to_string()))?,
         );
         tracing::info!(
             sink = %sink.addr,
@@ -262,7 +262,7 @@ pub async fn run(
             metrics: link_metrics.clone(),
         };
         let grpc = transport::grpc::Connector::new(sink.clone(), credentials, config.grpc.clone())
-            .map_err(|e| Error::Config(sink.addr.clone(), e))?;
+            .map_err(|e| Error::Config(sink.addr.clone(), e.to_string()))?;
         links.spawn(
             transport::Link {
                 dialer: transport::Dialer {

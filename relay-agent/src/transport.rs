@@ -2,8 +2,10 @@
 //! reconnect schedule, so a dead sink holds back no other.
 //!
 //! A link holds one [`Session`] at a time, over QUIC ([`quic`]) or gRPC ([`grpc`]); both carry
-//! the same frames and bring back the same acknowledgements, so everything above the session
-//! (the window, acknowledgements, resending, backoff, shutdown) is written once, here.
+//! the same frames and bring back the same acknowledgements (each is a [`Wire`], opened by a
+//! [`Dial`]), so everything above the session (the window, acknowledgements, resending,
+//! backoff, shutdown) is written once, here. Why a connection failed or a session ended is a
+//! [`TransportError`] ([`error`]).
 //!
 //! **Delivery.** The link reads batches from the sink's [`Backlog`] in order and keeps up to
 //! `window_bytes` of them unacknowledged on the wire. The sink acknowledges a batch once it
@@ -18,21 +20,33 @@
 //! waits (briefly) for the sink to acknowledge what it sent there, then goes on over QUIC from
 //! the oldest unacknowledged batch.
 
+pub(crate) mod error;
 pub(crate) mod grpc;
 pub(crate) mod quic;
 
+#[cfg(test)]
+mod failure_tests;
+#[cfg(test)]
+mod link_tests;
+
 use std::collections::VecDeque;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use runtime::reload::Swap;
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_rustls::rustls::pki_types::CertificateDer;
 
 use crate::backlog::{Backlog, Record};
 use crate::config::{SinkConfig, TransportMode};
-use crate::metrics::{ConnectFailure, InUse, SinkMetrics};
+use crate::metrics::{InUse, SinkMetrics};
+pub(crate) use error::TransportError;
+use error::{FailureKind, Transport};
 
 /// A connection that lasts this long counts as accepted, even with nothing to send.
 const HEALTHY_AFTER: Duration = Duration::from_secs(10);
@@ -58,41 +72,66 @@ const CATCH_UP_AGE: Duration = Duration::from_secs(1);
 /// them, and unpaced it would leave in a burst as soon as they are done.
 const CATCH_UP_TAIL: u64 = 64;
 
+/// A future a connector or session returns: boxed, so that both transports (and the tests'
+/// in-memory sessions) sit behind one trait object. One allocation per batch sent, next to a
+/// batch of tens of kilobytes.
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Opens sessions to one sink over one transport.
+pub(crate) trait Dial: Send + Sync {
+    /// One attempt, given up after `timeout`.
+    fn connect(&self, timeout: Duration) -> BoxFuture<'_, Result<Session, TransportError>>;
+}
+
+/// One open connection to a sink, as the link uses it: frames out, acknowledgements in.
+pub(crate) trait Wire: Send + Sync {
+    /// The sink's address.
+    fn remote(&self) -> SocketAddr;
+
+    /// The certificate chain the sink presented.
+    fn peer_chain(&self) -> Option<Vec<CertificateDer<'static>>>;
+
+    /// Whether the sink takes compressed batches.
+    fn accepts_zstd(&self) -> bool;
+
+    /// The latest acknowledgement on this session.
+    fn acked(&self) -> watch::Receiver<Acked>;
+
+    /// Writes one frame (length prefix and body).
+    fn send(&mut self, frame: Bytes) -> BoxFuture<'_, Result<(), TransportError>>;
+
+    /// Resolves, with the reason, when the session has failed or the sink has ended it.
+    fn broken(&self) -> BoxFuture<'_, TransportError>;
+
+    /// No more frames: tell the sink, which acknowledges what it has and ends its side.
+    fn finish(&mut self);
+
+    /// Ends the connection now, telling the sink `reason` where the transport can.
+    fn close(self: Box<Self>, reason: &str);
+}
+
 /// One connection to a sink, over either transport.
-pub(crate) enum Session {
-    Quic(quic::Session),
-    Grpc(grpc::Session),
+pub(crate) struct Session {
+    transport: Transport,
+    wire: Box<dyn Wire>,
 }
 
 impl Session {
-    fn transport(&self) -> &'static str {
-        match self {
-            Self::Quic(_) => "quic",
-            Self::Grpc(_) => "grpc",
-        }
+    pub(crate) fn new(transport: Transport, wire: Box<dyn Wire>) -> Self {
+        Self { transport, wire }
     }
 
     fn in_use(&self) -> InUse {
-        match self {
-            Self::Quic(_) => InUse::Quic,
-            Self::Grpc(_) => InUse::Grpc,
-        }
-    }
-
-    fn remote(&self) -> SocketAddr {
-        match self {
-            Self::Quic(s) => s.remote(),
-            Self::Grpc(s) => s.remote(),
+        match self.transport {
+            Transport::Quic => InUse::Quic,
+            Transport::Grpc => InUse::Grpc,
         }
     }
 
     /// When the certificate the sink presented expires, RFC 3339.
     fn sink_certificate_expires(&self) -> String {
-        let chain = match self {
-            Self::Quic(s) => s.peer_chain(),
-            Self::Grpc(s) => s.peer_chain(),
-        };
-        chain
+        self.wire
+            .peer_chain()
             .as_deref()
             .and_then(|chain| chain.first())
             .and_then(|leaf| certs::CertInfo::from_der(leaf).ok())
@@ -102,55 +141,8 @@ impl Session {
             )
     }
 
-    /// The latest acknowledgement on this session.
-    fn acked(&self) -> watch::Receiver<Acked> {
-        match self {
-            Self::Quic(s) => s.acked(),
-            Self::Grpc(s) => s.acked(),
-        }
-    }
-
-    /// Whether the sink takes compressed batches.
-    fn accepts_zstd(&self) -> bool {
-        match self {
-            Self::Quic(s) => s.accepts_zstd,
-            Self::Grpc(s) => s.accepts_zstd,
-        }
-    }
-
-    /// Writes one batch; with `catch_up` (the agent's live rate), marked as catch-up.
-    async fn send(&mut self, frame: &Record, catch_up: Option<u32>) -> Result<(), String> {
-        let mut bytes = frame_for(frame, self.accepts_zstd())?;
-        if let Some(live) = catch_up {
-            bytes = proto::wire::mark_catch_up(&bytes, live);
-        }
-        match self {
-            Self::Quic(s) => s.send(bytes).await,
-            Self::Grpc(s) => s.send(bytes).await,
-        }
-    }
-
-    /// Resolves, with the reason, when the session has failed or the sink has ended it.
-    async fn broken(&self) -> String {
-        match self {
-            Self::Quic(s) => s.broken().await,
-            Self::Grpc(s) => s.broken().await,
-        }
-    }
-
-    /// No more frames: tell the sink, which acknowledges what it has and ends its side.
-    fn finish(&mut self) {
-        match self {
-            Self::Quic(s) => s.finish(),
-            Self::Grpc(s) => s.finish(),
-        }
-    }
-
     fn close(self, reason: &str) {
-        match self {
-            Self::Quic(s) => s.close(reason),
-            Self::Grpc(s) => drop(s),
-        }
+        self.wire.close(reason);
     }
 }
 
@@ -160,13 +152,33 @@ pub(crate) type Acked = Option<(u64, u64)>;
 
 /// The frame to send a sink: as it is when the sink takes compressed batches, else with its
 /// datagrams expanded (a sink older than compression; or batches compressed, and spooled,
-/// before this agent's compression was turned off).
-fn frame_for(record: &Record, accepts_zstd: bool) -> Result<bytes::Bytes, String> {
-    if accepts_zstd {
-        return Ok(record.bytes.clone());
+/// before this agent's compression was turned off); with `catch_up` (the agent's live rate),
+/// marked as catch-up.
+fn frame_for(
+    record: &Record,
+    session: &Session,
+    catch_up: Option<u32>,
+    sink: &SinkConfig,
+) -> Result<Bytes, TransportError> {
+    let mut bytes = if session.wire.accepts_zstd() {
+        record.bytes.clone()
+    } else {
+        proto::compression::plain_frame(&record.bytes, proto::wire::DEFAULT_MAX_FRAME_LEN).map_err(
+            |e| {
+                TransportError::new(
+                    FailureKind::Other,
+                    session.transport,
+                    sink,
+                    format_args!("batch {} cannot be sent uncompressed: {e}", record.sequence),
+                )
+                .with_source(e)
+            },
+        )?
+    };
+    if let Some(live) = catch_up {
+        bytes = proto::wire::mark_catch_up(&bytes, live);
     }
-    proto::compression::plain_frame(&record.bytes, proto::wire::DEFAULT_MAX_FRAME_LEN)
-        .map_err(|e| format!("batch {} cannot be sent uncompressed: {e}", record.sequence))
+    Ok(bytes)
 }
 
 /// Records an acknowledgement from the sink (both transports' ack readers call this).
@@ -252,7 +264,7 @@ enum Ended {
     /// The queue closed (the agent is shutting down) and the end was handled.
     Shutdown,
     /// The connection broke or the sink ended it.
-    Broken(String),
+    Broken(TransportError),
     /// `auto` found QUIC again; the gRPC session is finished (and drained).
     Switch(Box<Session>),
 }
@@ -265,12 +277,23 @@ pub(crate) struct Credentials {
     pub(crate) grpc: Swap<tokio_rustls::rustls::ClientConfig>,
 }
 
+/// Why a set of certificate files makes no TLS configuration.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CredentialsError {
+    /// The files do not make a rustls client configuration.
+    #[error(transparent)]
+    Tls(#[from] certs::Error),
+    /// The rustls configuration is unfit for QUIC.
+    #[error(transparent)]
+    Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+}
+
 impl Credentials {
     /// Both configurations from a checked set of files.
     pub(crate) fn new(
         loaded: &certs::Loaded,
         transport: &Arc<quinn::TransportConfig>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, CredentialsError> {
         let (quic, grpc) = Self::build(loaded, transport)?;
         Ok(Self {
             quic: Swap::new(quic),
@@ -283,7 +306,7 @@ impl Credentials {
         &self,
         loaded: &certs::Loaded,
         transport: &Arc<quinn::TransportConfig>,
-    ) -> Result<(), String> {
+    ) -> Result<(), CredentialsError> {
         let (quic, grpc) = Self::build(loaded, transport)?;
         self.quic.set(quic);
         self.grpc.set(grpc);
@@ -293,15 +316,12 @@ impl Credentials {
     fn build(
         loaded: &certs::Loaded,
         transport: &Arc<quinn::TransportConfig>,
-    ) -> Result<(quinn::ClientConfig, tokio_rustls::rustls::ClientConfig), String> {
+    ) -> Result<(quinn::ClientConfig, tokio_rustls::rustls::ClientConfig), CredentialsError> {
         // ALPN_ZSTD is offered always: a sink that picks it accepts compressed batches (and
         // plain ones).
-        let tls = certs::client_config(&loaded.ca, &loaded.identity, proto::RELAY_ALPNS)
-            .map_err(|e| e.to_string())?;
-        let grpc = certs::client_config(&loaded.ca, &loaded.identity, &[proto::GRPC_ALPN])
-            .map_err(|e| e.to_string())?;
-        let crypto =
-            quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+        let tls = certs::client_config(&loaded.ca, &loaded.identity, proto::RELAY_ALPNS)?;
+        let grpc = certs::client_config(&loaded.ca, &loaded.identity, &[proto::GRPC_ALPN])?;
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
         let mut quic = quinn::ClientConfig::new(Arc::new(crypto));
         quic.transport_config(transport.clone());
         Ok((quic, grpc))
@@ -311,8 +331,8 @@ impl Credentials {
 /// Opens sessions to one sink, by its transport mode.
 pub(crate) struct Dialer {
     pub(crate) sink: SinkConfig,
-    pub(crate) quic: Arc<quic::Connector>,
-    pub(crate) grpc: Arc<grpc::Connector>,
+    pub(crate) quic: Arc<dyn Dial>,
+    pub(crate) grpc: Arc<dyn Dial>,
     pub(crate) metrics: Arc<SinkMetrics>,
     pub(crate) connect_timeout: Duration,
     pub(crate) quic_fallback_after: Duration,
@@ -321,7 +341,7 @@ pub(crate) struct Dialer {
 
 impl Dialer {
     /// One connection attempt.
-    async fn connect(&self) -> Result<Session, String> {
+    async fn connect(&self) -> Result<Session, TransportError> {
         match self.sink.transport {
             TransportMode::Quic => self.quic.connect(self.connect_timeout).await,
             TransportMode::Grpc => self.grpc.connect(self.connect_timeout).await,
@@ -341,7 +361,7 @@ impl Dialer {
                         );
                         Ok(session)
                     }
-                    Err(grpc_reason) => Err(format!("QUIC: {quic_reason}; gRPC: {grpc_reason}")),
+                    Err(grpc_reason) => Err(grpc_reason.after_quic(quic_reason)),
                 }
             }
         }
@@ -393,10 +413,49 @@ impl LiveRate {
     }
 }
 
+/// Whether a session has proven itself: the sink acknowledged something, or the connection
+/// stayed up [`HEALTHY_AFTER`]. In TLS 1.3 the sink checks our certificate after our side of
+/// the handshake is done, so "connected" is not yet "accepted": the backoff resets only once
+/// a session is proven, and a refused agent keeps backing off instead of hammering the sink.
+#[derive(Debug)]
+struct Proof {
+    proven: bool,
+    healthy_after: Instant,
+}
+
+impl Proof {
+    fn new() -> Self {
+        Self {
+            proven: false,
+            healthy_after: Instant::now() + HEALTHY_AFTER,
+        }
+    }
+
+    /// Whether the session is proven as of now (with `acknowledged`, by an acknowledgement);
+    /// true only the first time, when the backoff is to be reset.
+    fn newly_proven(&mut self, acknowledged: bool) -> bool {
+        if self.proven || !(acknowledged || Instant::now() >= self.healthy_after) {
+            return false;
+        }
+        self.proven = true;
+        true
+    }
+}
+
 impl Link {
     /// Runs until the backlog is closed and everything in it is acknowledged, or (when the
     /// sink cannot be reached) on disk for the next run.
     pub(crate) async fn run(mut self) {
+        while let Some(session) = self.connect().await {
+            if !self.carry(session).await {
+                return;
+            }
+        }
+    }
+
+    /// Connects, backing off after each failed attempt. `None` when the agent is shutting
+    /// down and nothing is left that only memory holds.
+    async fn connect(&mut self) -> Option<Session> {
         let backlog = self.backlog.clone();
         loop {
             // While connecting, also watch for the end: an agent shutting down whose batches
@@ -406,77 +465,85 @@ impl Link {
                 result = self.dialer.connect() => result,
                 () = backlog.settled() => {
                     self.stopping("shutting down: nothing left to send to this sink");
-                    return;
+                    return None;
                 }
             };
-            let mut session = match attempt {
-                Ok(session) => session,
+            match attempt {
+                Ok(session) => return Some(session),
                 Err(reason) => {
-                    self.dialer.metrics.connect_failed(failure_kind(&reason));
+                    self.dialer.metrics.connect_failed(reason.kind().label());
                     let wait = self.backoff.next_delay();
-                    tracing::warn!(sink = %self.dialer.sink.addr, %reason, retry_in = ?wait, "cannot connect to sink");
+                    tracing::warn!(sink = %reason.sink(), transport = reason.transport(), %reason, retry_in = ?wait, "cannot connect to sink");
                     if !self.pause(wait).await {
-                        return;
-                    }
-                    continue;
-                }
-            };
-            loop {
-                if self.dialer.metrics.connects.get() > 0 {
-                    self.dialer.metrics.reconnects.inc();
-                }
-                self.dialer.metrics.connects.inc();
-                self.dialer.metrics.set_transport(session.in_use());
-                tracing::info!(
-                    sink = %self.dialer.sink.addr,
-                    remote = %session.remote(),
-                    transport = session.transport(),
-                    sink_certificate_expires = %session.sink_certificate_expires(),
-                    sink_accepts_compression = session.accepts_zstd(),
-                    "connected to sink"
-                );
-                let mut window = Window::default();
-                let ended = self.stream(&mut session, &mut window).await;
-                self.dialer.metrics.set_transport(InUse::None);
-                // Only these can reach the sink twice; the rest of the backlog was never sent.
-                let unacknowledged = window.batches.len();
-                let (backlog_batches, _, _) = self.backlog.pending();
-                match ended {
-                    Ended::Shutdown => {
-                        session.close("agent shutting down");
-                        return;
-                    }
-                    Ended::Switch(next) => {
-                        self.dialer.metrics.returns_to_quic.inc();
-                        tracing::info!(
-                            sink = %self.dialer.sink.addr,
-                            unacknowledged_batches = unacknowledged,
-                            backlog_batches,
-                            reason = "a QUIC handshake completed again",
-                            "transport changed: gRPC to QUIC"
-                        );
-                        std::mem::replace(&mut session, *next).close("moving to QUIC");
-                    }
-                    Ended::Broken(reason) => {
-                        let wait = self.backoff.next_delay();
-                        tracing::warn!(
-                            sink = %self.dialer.sink.addr,
-                            transport = session.transport(),
-                            %reason,
-                            unacknowledged_batches = unacknowledged,
-                            backlog_batches,
-                            retry_in = ?wait,
-                            "connection to sink lost; reconnecting (unacknowledged batches will be sent again)"
-                        );
-                        session.close("connection lost");
-                        if !self.pause(wait).await {
-                            return;
-                        }
-                        break;
+                        return None;
                     }
                 }
             }
         }
+    }
+
+    /// Streams over `session`, and over the QUIC session that replaces it when `auto` finds
+    /// QUIC again, until the connection is lost (true: connect again, the wait done) or the
+    /// link is done (false).
+    async fn carry(&mut self, mut session: Session) -> bool {
+        loop {
+            self.connected(&session);
+            let mut window = Window::default();
+            let ended = self.stream(&mut session, &mut window).await;
+            self.dialer.metrics.set_transport(InUse::None);
+            // Only these can reach the sink twice; the rest of the backlog was never sent.
+            let unacknowledged = window.batches.len();
+            let (backlog_batches, _, _) = self.backlog.pending();
+            match ended {
+                Ended::Shutdown => {
+                    session.close("agent shutting down");
+                    return false;
+                }
+                Ended::Switch(next) => {
+                    self.dialer.metrics.returns_to_quic.inc();
+                    tracing::info!(
+                        sink = %self.dialer.sink.addr,
+                        unacknowledged_batches = unacknowledged,
+                        backlog_batches,
+                        reason = "a QUIC handshake completed again",
+                        "transport changed: gRPC to QUIC"
+                    );
+                    std::mem::replace(&mut session, *next).close("moving to QUIC");
+                }
+                Ended::Broken(reason) => {
+                    let wait = self.backoff.next_delay();
+                    tracing::warn!(
+                        sink = %self.dialer.sink.addr,
+                        transport = session.transport.as_str(),
+                        %reason,
+                        unacknowledged_batches = unacknowledged,
+                        backlog_batches,
+                        retry_in = ?wait,
+                        "connection to sink lost; reconnecting (unacknowledged batches will be sent again)"
+                    );
+                    session.close("connection lost");
+                    return self.pause(wait).await;
+                }
+            }
+        }
+    }
+
+    /// Counts and logs a new session.
+    fn connected(&self, session: &Session) {
+        let metrics = &self.dialer.metrics;
+        if metrics.connects.get() > 0 {
+            metrics.reconnects.inc();
+        }
+        metrics.connects.inc();
+        metrics.set_transport(session.in_use());
+        tracing::info!(
+            sink = %self.dialer.sink.addr,
+            remote = %session.wire.remote(),
+            transport = session.transport.as_str(),
+            sink_certificate_expires = %session.sink_certificate_expires(),
+            sink_accepts_compression = session.wire.accepts_zstd(),
+            "connected to sink"
+        );
     }
 
     /// The sink has acknowledged `settled`.
@@ -486,6 +553,15 @@ impl Link {
         let metrics = &self.dialer.metrics;
         metrics.batches_acknowledged.inc_by(settled.batches);
         metrics.datagrams_acknowledged.inc_by(settled.datagrams);
+    }
+
+    /// Releases what the latest acknowledgement settles, if anything; whether it did.
+    fn take_ack(&mut self, in_flight: &mut Window, acked: &mut watch::Receiver<Acked>) -> bool {
+        let Some(settled) = in_flight.settle(*acked.borrow_and_update()) else {
+            return false;
+        };
+        self.release(settled);
+        true
     }
 
     fn stopping(&self, why: &str) {
@@ -515,19 +591,14 @@ impl Link {
     /// `in_flight` ends holding what was sent on this session and never acknowledged.
     async fn stream(&mut self, session: &mut Session, in_flight: &mut Window) -> Ended {
         let backlog = self.backlog.clone();
-        let mut acked = session.acked();
+        let mut acked = session.wire.acked();
         // Everything not acknowledged goes (again), oldest first.
         let mut cursor = self.released;
         let mut finishing = false;
-        // In TLS 1.3 the sink checks our certificate after our side of the handshake is done,
-        // so "connected" is not yet "accepted". The backoff resets only once the sink has
-        // acknowledged something or the connection has stayed up a while; a refused agent
-        // keeps backing off instead of hammering the sink.
-        let mut proven = false;
-        let healthy_after = Instant::now() + HEALTHY_AFTER;
+        let mut proof = Proof::new();
         let mut last_progress = Instant::now();
         let probing = self.dialer.sink.transport == TransportMode::Auto
-            && matches!(session, Session::Grpc(_));
+            && session.transport == Transport::Grpc;
         let probe = probe_quic(
             self.dialer.quic.clone(),
             probing,
@@ -536,8 +607,7 @@ impl Link {
         );
         tokio::pin!(probe);
         loop {
-            if !proven && Instant::now() >= healthy_after {
-                proven = true;
+            if proof.newly_proven(false) {
                 self.backoff.reset();
             }
             if finishing && in_flight.is_empty() {
@@ -549,19 +619,17 @@ impl Link {
                 changed = acked.changed() => {
                     if changed.is_err() {
                         // The ack reader has ended: the session is over, `broken` says why.
-                        return Ended::Broken(session.broken().await);
+                        return Ended::Broken(session.wire.broken().await);
                     }
-                    if let Some(settled) = in_flight.settle(*acked.borrow_and_update()) {
-                        self.release(settled);
+                    if self.take_ack(in_flight, &mut acked) {
                         last_progress = Instant::now();
-                        if !proven {
-                            proven = true;
+                        if proof.newly_proven(true) {
                             self.backoff.reset();
                         }
                     }
                 }
-                reason = session.broken() => return Ended::Broken(reason),
-                () = tokio::time::sleep_until(healthy_after), if !proven => {}
+                reason = session.wire.broken() => return Ended::Broken(reason),
+                () = tokio::time::sleep_until(proof.healthy_after), if !proof.proven => {}
                 () = tokio::time::sleep_until(last_progress + SPOOLED_PATIENCE), if backlog.is_settled() => {
                     if Instant::now() >= last_progress + SPOOLED_PATIENCE && backlog.is_settled() {
                         self.stopping("shutting down: the sink is not acknowledging; the rest stays in the spool");
@@ -569,64 +637,82 @@ impl Link {
                     }
                 }
                 next = &mut probe => {
-                    // Nothing more goes on gRPC; what went is, with luck, acknowledged before
-                    // QUIC takes over (what is not will be sent again, and recognised).
-                    session.finish();
-                    let drained = tokio::time::timeout(SWITCH_DRAIN, async {
-                        while !in_flight.is_empty() {
-                            tokio::select! {
-                                changed = acked.changed() => {
-                                    if changed.is_err() { return; }
-                                    if let Some(settled) = in_flight.settle(*acked.borrow_and_update()) {
-                                        self.release(settled);
-                                    }
-                                }
-                                _ = session.broken() => return,
-                            }
-                        }
-                    })
-                    .await;
-                    // The call ends when the sink has acknowledged what it got and finished
-                    // its side: that last acknowledgement may not have been taken above.
-                    if let Some(settled) = in_flight.settle(*acked.borrow_and_update()) {
-                        self.release(settled);
-                    }
-                    if drained.is_err() || !in_flight.is_empty() {
-                        tracing::warn!(sink = %self.dialer.sink.addr, "moving to QUIC before the sink acknowledged everything sent over gRPC; the rest is sent again");
-                    }
+                    self.drain_before_switch(session, in_flight, &mut acked).await;
                     return Ended::Switch(Box::new(next));
                 }
                 record = backlog.next_after(cursor), if !finishing && in_flight.bytes < self.window_bytes => {
                     let Some(record) = record else {
                         // Closed and all sent: finish the stream, wait for the last acks.
                         finishing = true;
-                        session.finish();
+                        session.wire.finish();
                         continue;
                     };
-                    let resend = record.id <= self.sent_through;
-                    let live = self
-                        .live_rate
-                        .update(Instant::now(), backlog.appended_datagrams());
-                    let catch_up = is_catch_up(&record, resend, in_flight.catch_up, live)
-                        .then_some(live);
-                    if let Err(reason) = session.send(&record, catch_up).await {
+                    if let Err(reason) = self.send(session, in_flight, &record).await {
                         return Ended::Broken(reason);
                     }
                     cursor = record.id;
                     last_progress = Instant::now();
-                    if resend {
-                        self.dialer.metrics.batches_resent.inc();
-                    }
-                    if catch_up.is_some() {
-                        self.dialer.metrics.catch_up_datagrams_sent.inc_by(record.datagrams);
-                    }
-                    self.sent_through = self.sent_through.max(record.id);
-                    in_flight.push(&record, catch_up.is_some());
-                    self.dialer.metrics.batches_sent.inc();
-                    self.dialer.metrics.datagrams_sent.inc_by(record.datagrams);
-                    self.dialer.metrics.bytes_sent.inc_by(record.bytes.len() as u64);
                 }
             }
+        }
+    }
+
+    /// Sends `record` on `session` (as catch-up traffic when it is) and counts it.
+    async fn send(
+        &mut self,
+        session: &mut Session,
+        in_flight: &mut Window,
+        record: &Record,
+    ) -> Result<(), TransportError> {
+        let resend = record.id <= self.sent_through;
+        let live = self
+            .live_rate
+            .update(Instant::now(), self.backlog.appended_datagrams());
+        let catch_up = is_catch_up(record, resend, in_flight.catch_up, live).then_some(live);
+        let frame = frame_for(record, session, catch_up, &self.dialer.sink)?;
+        session.wire.send(frame).await?;
+        let metrics = &self.dialer.metrics;
+        if resend {
+            metrics.batches_resent.inc();
+        }
+        if catch_up.is_some() {
+            metrics.catch_up_datagrams_sent.inc_by(record.datagrams);
+        }
+        self.sent_through = self.sent_through.max(record.id);
+        in_flight.push(record, catch_up.is_some());
+        metrics.batches_sent.inc();
+        metrics.datagrams_sent.inc_by(record.datagrams);
+        metrics.bytes_sent.inc_by(record.bytes.len() as u64);
+        Ok(())
+    }
+
+    /// QUIC works again: nothing more goes on the gRPC `session`, and what went is, with
+    /// luck, acknowledged before QUIC takes over (what is not will be sent again, and
+    /// recognised). Waits at most [`SWITCH_DRAIN`].
+    async fn drain_before_switch(
+        &mut self,
+        session: &mut Session,
+        in_flight: &mut Window,
+        acked: &mut watch::Receiver<Acked>,
+    ) {
+        session.wire.finish();
+        let drained = tokio::time::timeout(SWITCH_DRAIN, async {
+            while !in_flight.is_empty() {
+                tokio::select! {
+                    changed = acked.changed() => {
+                        if changed.is_err() { return; }
+                        self.take_ack(in_flight, acked);
+                    }
+                    _ = session.wire.broken() => return,
+                }
+            }
+        })
+        .await;
+        // The call ends when the sink has acknowledged what it got and finished its side:
+        // that last acknowledgement may not have been taken above.
+        self.take_ack(in_flight, acked);
+        if drained.is_err() || !in_flight.is_empty() {
+            tracing::warn!(sink = %self.dialer.sink.addr, "moving to QUIC before the sink acknowledged everything sent over gRPC; the rest is sent again");
         }
     }
 }
@@ -646,7 +732,7 @@ fn is_catch_up(record: &Record, resend: bool, unacknowledged_catch_up: u64, live
 /// With `enabled`, tries a QUIC handshake every `interval` and returns the first session that
 /// opens; otherwise never returns.
 async fn probe_quic(
-    quic: Arc<quic::Connector>,
+    quic: Arc<dyn Dial>,
     enabled: bool,
     interval: Duration,
     timeout: Duration,
@@ -659,129 +745,32 @@ async fn probe_quic(
         match quic.connect(timeout).await {
             Ok(session) => return session,
             Err(reason) => {
-                tracing::debug!(sink = %quic.sink_addr(), %reason, "QUIC still unavailable")
+                tracing::debug!(sink = %reason.sink(), %reason, "QUIC still unavailable")
             }
         }
     }
 }
 
-/// Resolves `HOST:PORT` to its first address.
-async fn resolve(addr: &str) -> Result<SocketAddr, String> {
-    tokio::net::lookup_host(addr)
-        .await
-        .map_err(|e| format!("cannot resolve {addr}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("{addr} resolves to no address"))
-}
-
-/// Turns the usual TLS refusals into advice. The sink refusing us (it closes the connection
-/// or sends a TLS alert: "aborted by peer" in quinn's words, "received fatal alert" in
-/// rustls's) is told apart from us refusing the sink (our own verification failing).
-fn explain(sink: &SinkConfig, error: &str) -> String {
-    if error.contains("aborted by peer")
-        || error.contains("fatal alert")
-        || error.contains("right after the TLS handshake")
-    {
-        format!("the sink refused this agent's certificate or the handshake: {error}")
-    } else if error.contains("NotValidForName") || error.contains("not valid for name") {
-        format!(
-            "the sink's certificate is not valid for the name {:?}: set --server-name to a name in its certificate ({error})",
-            sink.server_name
+/// Resolves the sink's `HOST:PORT` to its first address.
+async fn resolve(sink: &SinkConfig, transport: Transport) -> Result<SocketAddr, TransportError> {
+    let addr = &sink.addr;
+    let mut addrs = tokio::net::lookup_host(addr).await.map_err(|e| {
+        TransportError::new(
+            FailureKind::Other,
+            transport,
+            sink,
+            format_args!("cannot resolve {addr}: {e}"),
         )
-    } else if error.contains("UnknownIssuer") || error.contains("BadSignature") {
-        format!(
-            "the sink's certificate is not signed by the CA in {} ({error})",
-            sink.ca.display()
+        .with_source(e)
+    })?;
+    addrs.next().ok_or_else(|| {
+        TransportError::new(
+            FailureKind::Other,
+            transport,
+            sink,
+            format_args!("{addr} resolves to no address"),
         )
-    } else if error.contains("certificate") {
-        format!("certificate check failed: {error}")
-    } else {
-        error.to_owned()
-    }
-}
-
-/// The `reason` label of a failed attempt, from its (explained) text. With `auto`, the gRPC
-/// attempt is the one that failed last and decides.
-fn failure_kind(error: &str) -> ConnectFailure {
-    let error = error.rsplit_once("gRPC: ").map_or(error, |(_, grpc)| grpc);
-    if error.starts_with("the sink refused this agent's certificate") {
-        ConnectFailure::Refused
-    } else if error.starts_with("the sink's certificate")
-        || error.starts_with("certificate check failed")
-    {
-        ConnectFailure::UntrustedSink
-    } else if error.contains(" within ") || error.contains("timed out") {
-        ConnectFailure::Timeout
-    } else if error.contains("refused")
-        || error.contains("unreachable")
-        || error.contains("No route")
-    {
-        ConnectFailure::Unreachable
-    } else {
-        ConnectFailure::Other
-    }
-}
-
-#[cfg(test)]
-mod explain_tests {
-    use super::*;
-
-    fn sink() -> SinkConfig {
-        SinkConfig {
-            addr: "sink:4433".into(),
-            server_name: "sink".into(),
-            ca: "ca.pem".into(),
-            cert: "a.pem".into(),
-            key: "a.key".into(),
-            backlog_bytes: 1,
-            transport: TransportMode::Auto,
-        }
-    }
-
-    #[test]
-    fn failures_are_labelled_by_what_went_wrong() {
-        let refused = explain(
-            &sink(),
-            "aborted by peer: the cryptographic handshake failed",
-        );
-        assert_eq!(failure_kind(&refused), ConnectFailure::Refused);
-        let untrusted = explain(&sink(), "invalid peer certificate: UnknownIssuer");
-        assert_eq!(failure_kind(&untrusted), ConnectFailure::UntrustedSink);
-        assert_eq!(
-            failure_kind("no QUIC handshake with 192.0.2.1:4433 within 3s"),
-            ConnectFailure::Timeout
-        );
-        assert_eq!(
-            failure_kind(
-                "QUIC: no QUIC handshake within 3s; gRPC: sink:4433: Connection refused (os error 111)"
-            ),
-            ConnectFailure::Unreachable
-        );
-        assert_eq!(
-            failure_kind("cannot resolve sink:4433: nope"),
-            ConnectFailure::Other
-        );
-    }
-
-    #[test]
-    fn the_sink_refusing_us_is_not_mistaken_for_us_refusing_it() {
-        let refused_quic = "aborted by peer: the cryptographic handshake failed: error 48: invalid peer certificate: UnknownIssuer";
-        let refused_grpc = "Unknown: transport error: received fatal alert: UnknownCA";
-        for text in [refused_quic, refused_grpc] {
-            assert!(
-                explain(&sink(), text).starts_with("the sink refused this agent's certificate"),
-                "{text}"
-            );
-        }
-        let ours =
-            "the cryptographic handshake failed: error 48: invalid peer certificate: UnknownIssuer";
-        assert!(
-            explain(&sink(), ours)
-                .starts_with("the sink's certificate is not signed by the CA in ca.pem")
-        );
-        let name = "invalid peer certificate: NotValidForName";
-        assert!(explain(&sink(), name).contains("set --server-name"));
-    }
+    })
 }
 
 /// Exponential backoff with jitter: each wait is drawn between half and all of a ceiling that
@@ -830,7 +819,7 @@ mod tests {
             session: 1,
             sequence: 1,
             datagrams: 10,
-            bytes: bytes::Bytes::new(),
+            bytes: Bytes::new(),
             unix_ms: now_ms,
             from_disk: false,
         };

@@ -7,11 +7,13 @@ use std::time::Duration;
 
 use proto::pb;
 use proto::wire::FrameReader;
-use quinn::{Connection, Endpoint, SendStream, VarInt};
+use quinn::{Connection, ConnectionError, Endpoint, SendStream, TransportErrorCode, VarInt};
 use tokio::sync::watch;
+use tokio_rustls::rustls::AlertDescription;
 use tokio_rustls::rustls::pki_types::CertificateDer;
 
-use super::{Acked, MAX_ACK_LEN, acknowledged, explain, resolve};
+use super::error::{FailureKind, Transport, TransportError};
+use super::{Acked, BoxFuture, Dial, MAX_ACK_LEN, Wire, acknowledged, resolve};
 use crate::config::SinkConfig;
 use crate::metrics::SinkMetrics;
 use bytes::Bytes;
@@ -25,22 +27,43 @@ pub(crate) struct Connector {
     pub(crate) metrics: Arc<SinkMetrics>,
 }
 
-impl Connector {
-    pub(crate) fn sink_addr(&self) -> &str {
-        &self.sink.addr
+impl Dial for Connector {
+    fn connect(&self, timeout: Duration) -> BoxFuture<'_, Result<super::Session, TransportError>> {
+        Box::pin(async move {
+            let session = self.open(timeout).await?;
+            Ok(super::Session::new(Transport::Quic, Box::new(session)))
+        })
     }
+}
 
+impl Connector {
     /// Connects (within `timeout`) and opens the stream.
-    pub(crate) async fn connect(&self, timeout: Duration) -> Result<super::Session, String> {
-        let addr = resolve(&self.sink.addr).await?;
+    async fn open(&self, timeout: Duration) -> Result<Session, TransportError> {
+        let addr = resolve(&self.sink, Transport::Quic).await?;
         let connecting = self
             .endpoint
             .connect_with((*self.tls.quic.get()).clone(), addr, &self.sink.server_name)
-            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+            .map_err(|e| {
+                TransportError::new(
+                    FailureKind::Other,
+                    Transport::Quic,
+                    &self.sink,
+                    format_args!("cannot connect to {addr}: {e}"),
+                )
+                .with_source(e)
+            })?;
         let connection = match tokio::time::timeout(timeout, connecting).await {
             Ok(Ok(connection)) => connection,
-            Ok(Err(error)) => return Err(explain(&self.sink, &error.to_string())),
-            Err(_) => return Err(format!("no QUIC handshake with {addr} within {timeout:?}")),
+            Ok(Err(error)) => return Err(failure(&self.sink, error)),
+            Err(elapsed) => {
+                return Err(TransportError::new(
+                    FailureKind::Timeout,
+                    Transport::Quic,
+                    &self.sink,
+                    format_args!("no QUIC handshake with {addr} within {timeout:?}"),
+                )
+                .with_source(elapsed));
+            }
         };
         let accepts_zstd = connection
             .handshake_data()
@@ -50,36 +73,82 @@ impl Connector {
         let (send, recv) = connection
             .open_bi()
             .await
-            .map_err(|e| explain(&self.sink, &e.to_string()))?;
+            .map_err(|e| failure(&self.sink, e))?;
         let (acked_tx, acked) = watch::channel(Acked::default());
-        let metrics = self.metrics.clone();
-        let stats_of = connection.clone();
-        tokio::spawn(async move {
-            let mut reader = FrameReader::new(recv, MAX_ACK_LEN);
-            // The connection's UDP bytes are counted as of each acknowledgement (one per
-            // batch), and once more when the session ends.
-            let mut udp_bytes_counted = 0;
-            let mut count = |connection: &Connection| {
-                let sent = connection.stats().udp_tx.bytes;
-                metrics
-                    .quic_udp_bytes_sent
-                    .inc_by(sent.saturating_sub(udp_bytes_counted));
-                udp_bytes_counted = udp_bytes_counted.max(sent);
-            };
-            while let Ok(Some(ack)) = reader.next::<pb::Ack>().await {
-                acknowledged(&acked_tx, &ack);
-                count(&stats_of);
-                metrics.rtt.set(stats_of.rtt().as_secs_f64());
-            }
-            count(&stats_of);
-        });
-        Ok(super::Session::Quic(Session {
+        tokio::spawn(read_acks(
+            recv,
+            connection.clone(),
+            acked_tx,
+            self.metrics.clone(),
+        ));
+        Ok(Session {
             connection,
             send,
             acked,
             sink: self.sink.clone(),
             accepts_zstd,
-        }))
+        })
+    }
+}
+
+/// Reads the sink's acknowledgements until the stream ends. The connection's UDP bytes are
+/// counted as of each acknowledgement (one per batch), and once more when the session ends.
+async fn read_acks(
+    recv: quinn::RecvStream,
+    connection: Connection,
+    acked: watch::Sender<Acked>,
+    metrics: Arc<SinkMetrics>,
+) {
+    let mut reader = FrameReader::new(recv, MAX_ACK_LEN);
+    let mut udp_bytes_counted = 0;
+    let mut count = |connection: &Connection| {
+        let sent = connection.stats().udp_tx.bytes;
+        metrics
+            .quic_udp_bytes_sent
+            .inc_by(sent.saturating_sub(udp_bytes_counted));
+        udp_bytes_counted = udp_bytes_counted.max(sent);
+    };
+    while let Ok(Some(ack)) = reader.next::<pb::Ack>().await {
+        acknowledged(&acked, &ack);
+        count(&connection);
+        metrics.rtt.set(connection.rtt().as_secs_f64());
+    }
+    count(&connection);
+}
+
+/// A QUIC connection's failure, as a [`TransportError`].
+pub(crate) fn failure(sink: &SinkConfig, error: ConnectionError) -> TransportError {
+    TransportError::new(kind_of(&error), Transport::Quic, sink, &error).with_source(error)
+}
+
+/// What a QUIC connection's failure means. The sink's QUIC stack aborting the connection with
+/// a TLS alert (or refusing it outright) is the sink refusing us; our own TLS failing with an
+/// alert about the sink's certificate is us refusing the sink.
+fn kind_of(error: &ConnectionError) -> FailureKind {
+    let alert = |code: TransportErrorCode| {
+        let code = u64::from(code);
+        (0x100..=0x1ff)
+            .contains(&code)
+            .then(|| AlertDescription::from((code & 0xff) as u8))
+    };
+    match error {
+        ConnectionError::ConnectionClosed(close) => {
+            if alert(close.error_code).is_some()
+                || close.error_code == TransportErrorCode::CONNECTION_REFUSED
+            {
+                FailureKind::RefusedBySink
+            } else {
+                FailureKind::Protocol
+            }
+        }
+        ConnectionError::TransportError(error) => alert(error.code)
+            .and_then(FailureKind::of_our_alert)
+            .unwrap_or(FailureKind::Protocol),
+        ConnectionError::TimedOut => FailureKind::Timeout,
+        ConnectionError::ApplicationClosed(_)
+        | ConnectionError::Reset
+        | ConnectionError::VersionMismatch => FailureKind::Protocol,
+        ConnectionError::LocallyClosed | ConnectionError::CidsExhausted => FailureKind::Other,
     }
 }
 
@@ -91,47 +160,56 @@ pub(crate) struct Session {
     acked: watch::Receiver<Acked>,
     sink: SinkConfig,
     /// The sink chose ALPN `proto::ALPN_ZSTD`: it takes compressed batches.
-    pub(crate) accepts_zstd: bool,
+    accepts_zstd: bool,
 }
 
-impl Session {
+impl Wire for Session {
     /// The certificate chain the sink presented.
-    pub(crate) fn peer_chain(&self) -> Option<Vec<CertificateDer<'static>>> {
+    fn peer_chain(&self) -> Option<Vec<CertificateDer<'static>>> {
         self.connection
             .peer_identity()
             .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
             .map(|chain| *chain)
     }
 
-    pub(crate) fn remote(&self) -> SocketAddr {
+    fn remote(&self) -> SocketAddr {
         self.connection.remote_address()
     }
 
-    pub(crate) fn acked(&self) -> watch::Receiver<Acked> {
+    fn accepts_zstd(&self) -> bool {
+        self.accepts_zstd
+    }
+
+    fn acked(&self) -> watch::Receiver<Acked> {
         self.acked.clone()
     }
 
     /// Writes one frame (header and body).
-    pub(crate) async fn send(&mut self, bytes: Bytes) -> Result<(), String> {
-        if let Some(error) = self.connection.close_reason() {
-            return Err(explain(&self.sink, &error.to_string()));
-        }
-        // A chunk is taken whole or not at all.
-        self.send
-            .write_chunk(bytes)
-            .await
-            .map_err(|e| e.to_string())
+    fn send(&mut self, bytes: Bytes) -> BoxFuture<'_, Result<(), TransportError>> {
+        Box::pin(async move {
+            if let Some(error) = self.connection.close_reason() {
+                return Err(failure(&self.sink, error));
+            }
+            // A chunk is taken whole or not at all.
+            self.send.write_chunk(bytes).await.map_err(|e| match e {
+                quinn::WriteError::ConnectionLost(lost) => failure(&self.sink, lost),
+                other => {
+                    TransportError::new(FailureKind::Protocol, Transport::Quic, &self.sink, &other)
+                        .with_source(other)
+                }
+            })
+        })
     }
 
-    pub(crate) async fn broken(&self) -> String {
-        explain(&self.sink, &self.connection.closed().await.to_string())
+    fn broken(&self) -> BoxFuture<'_, TransportError> {
+        Box::pin(async move { failure(&self.sink, self.connection.closed().await) })
     }
 
-    pub(crate) fn finish(&mut self) {
+    fn finish(&mut self) {
         let _ = self.send.finish();
     }
 
-    pub(crate) fn close(self, reason: &str) {
+    fn close(self: Box<Self>, reason: &str) {
         self.connection
             .close(VarInt::from_u32(0), reason.as_bytes());
     }
