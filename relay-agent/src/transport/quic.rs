@@ -117,7 +117,7 @@ async fn read_acks(
 }
 
 /// A QUIC connection's failure, as a [`TransportError`].
-pub(crate) fn failure(sink: &SinkConfig, error: ConnectionError) -> TransportError {
+fn failure(sink: &SinkConfig, error: ConnectionError) -> TransportError {
     TransportError::new(kind_of(&error), Transport::Quic, sink, &error).with_source(error)
 }
 
