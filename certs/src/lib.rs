@@ -30,7 +30,7 @@ pub mod store;
 pub use inspect::CertInfo;
 pub use issue::{Ca, Issued, Leaf, Role};
 pub use load::{Identity, TrustAnchors, client_config, server_config, server_config_with_crls};
-pub use refusal::presented_subject;
+pub use refusal::{Refusal, presented_subject};
 pub use reload::{Loaded, Reloader, TlsFiles};
 pub use revocation::Revocation;
 

@@ -1,4 +1,5 @@
-//! The subject of a refused client certificate, carried in the refusal's text.
+//! The subject of a refused client certificate, carried in the refusal's text; and why it was
+//! refused, as a kind ([`Refusal`]).
 //!
 //! When the sink refuses an agent's certificate, its security log should say whom it refused
 //! (`CN=evil-agent`), not only why. The refusal reaches the sink's accept loop only as text:
@@ -29,6 +30,16 @@
 //! of `unknown_ca` (48), `decrypt_error` (51), `certificate_expired` (45) or
 //! `unsupported_certificate` (43). The agent still learns it was refused (and over QUIC reads
 //! the reason text itself); the sink, which decides, logs the precise reason.
+//!
+//! # Reading a refusal back
+//!
+//! [`Refusal::of_error`] reads the reason and the subject from rustls's error, by type (the
+//! annotation is a typed [`OtherError`] that it unwraps): tokio-rustls hands the sink that
+//! error inside its `io::Error`. quinn does not: quinn-proto turns it into a
+//! `TransportError { code: <the alert>, reason: error.to_string() }`, and the annotation makes
+//! the alert `certificate_unknown` for every reason. For a QUIC handshake the text is all that
+//! is left, and [`Refusal::of_text`] reads it, here beside the format it reads; a test checks
+//! that both readings agree on every refusal the verifier makes.
 //!
 //! What this deliberately does not do: decide anything. Every verifier method delegates to
 //! webpki; only the text of a refused certificate changes. A certificate that does not parse as
@@ -63,6 +74,109 @@ pub fn presented_subject(error_text: &str) -> Option<&str> {
     let start = error_text.rfind(MARKER)? + MARKER.len();
     let rest = &error_text[start..];
     rest.find('"').map(|end| &rest[..end])
+}
+
+/// Why a client's certificate (or the lack of one) was refused: the kinds the sink counts and
+/// logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The client sent no certificate.
+    NoCertificate,
+    /// Not issued by a CA we trust.
+    UnknownIssuer,
+    /// A signature that does not verify (often another CA with the same name as ours).
+    BadSignature,
+    /// Not a certificate for client authentication (a sink's, say).
+    WrongUsage,
+    /// Past its validity period (or the CRL checked against is).
+    Expired,
+    /// Before its validity period.
+    NotYetValid,
+    /// Listed in a CRL.
+    Revoked,
+    /// Anything else: a certificate that does not parse, a protocol error, garbage.
+    Other,
+}
+
+/// A refused handshake as the verifier saw it: why, and the subject the client presented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal<'a> {
+    /// Why.
+    pub reason: Reason,
+    /// The subject of the refused certificate, when there was one that parsed. A claim: see
+    /// [`presented_subject`].
+    pub presented_subject: Option<&'a str>,
+}
+
+impl<'a> Refusal<'a> {
+    /// Reads a handshake error, by type.
+    pub fn of_error(error: &'a Error) -> Self {
+        let reason = match error {
+            Error::NoCertificatesPresented => Reason::NoCertificate,
+            Error::InvalidCertificate(e) => Reason::of_certificate(e),
+            _ => Reason::Other,
+        };
+        let presented_subject = match error {
+            Error::InvalidCertificate(CertificateError::Other(other)) => {
+                Refused::of(other).map(|r| r.subject.as_str())
+            }
+            _ => None,
+        };
+        Self {
+            reason,
+            presented_subject,
+        }
+    }
+
+    /// Reads the text of a handshake error (rustls's `Display`, however wrapped), where the
+    /// error itself did not survive (QUIC; see the module's docs). Only the text before the
+    /// presented subject is read for the reason: the subject is the client's to choose.
+    pub fn of_text(text: &'a str) -> Self {
+        let reason = text.find(MARKER).map_or(text, |end| &text[..end]);
+        let reason = if reason.contains("no certificates") {
+            Reason::NoCertificate
+        } else if reason.contains("UnknownIssuer") {
+            Reason::UnknownIssuer
+        } else if reason.contains("BadSignature") {
+            Reason::BadSignature
+        } else if reason.contains("extended key usage") || reason.contains("InvalidPurpose") {
+            Reason::WrongUsage
+        } else if reason.contains("NotValidYet") || reason.contains("not valid yet") {
+            Reason::NotYetValid
+        } else if reason.contains("Expired") || reason.contains("expired") {
+            Reason::Expired
+        } else if reason.contains("Revoked") {
+            Reason::Revoked
+        } else {
+            Reason::Other
+        };
+        Self {
+            reason,
+            presented_subject: presented_subject(text),
+        }
+    }
+}
+
+impl Reason {
+    fn of_certificate(error: &CertificateError) -> Self {
+        use CertificateError as E;
+        match error {
+            E::UnknownIssuer => Self::UnknownIssuer,
+            E::BadSignature => Self::BadSignature,
+            E::InvalidPurpose | E::InvalidPurposeContext { .. } => Self::WrongUsage,
+            // An expired CRL refuses every client: counted as expired, as the sink always has.
+            E::Expired
+            | E::ExpiredContext { .. }
+            | E::ExpiredRevocationList
+            | E::ExpiredRevocationListContext { .. } => Self::Expired,
+            E::NotValidYet | E::NotValidYetContext { .. } => Self::NotYetValid,
+            E::Revoked => Self::Revoked,
+            E::Other(other) => {
+                Refused::of(other).map_or(Self::Other, |r| Self::of_certificate(&r.reason))
+            }
+            _ => Self::Other,
+        }
+    }
 }
 
 /// Wraps the sink's client-certificate verifier so that a refusal names the presented subject.
@@ -178,6 +292,13 @@ fn is_bidi_control(c: char) -> bool {
 }
 
 // === impl Refused ===
+
+impl Refused {
+    /// The annotation inside a certificate error's `Other`, if it is ours.
+    fn of(other: &OtherError) -> Option<&Self> {
+        other.0.downcast_ref::<Self>()
+    }
+}
 
 impl fmt::Display for Refused {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -310,6 +431,93 @@ mod tests {
         // Cut off before the closing quote (a truncated close reason): nothing half-read.
         assert_eq!(presented_subject("x; presented subject \"CN=ev"), None);
         assert_eq!(presented_subject("x; presented subject \"\""), Some(""));
+    }
+
+    /// Every kind of refusal the verifier makes, read by type and read from its text (as
+    /// quinn wraps it): the same kind and subject either way.
+    #[test]
+    fn each_reason_is_read_alike_from_the_error_and_from_its_text() {
+        let ca = Ca::generate("relay CA", 1).unwrap();
+        let foreign = Ca::generate("relay CA B", 1).unwrap();
+        let namesake = Ca::generate("relay CA", 1).unwrap();
+        let revoked = ca.issue(&Leaf::new(Role::Agent, "retired", 1)).unwrap();
+        let crl = ca
+            .revoke(
+                None,
+                &crate::revocation::serial_of(&revoked.cert_pem).unwrap(),
+                30,
+            )
+            .unwrap();
+        let revocation =
+            crate::Revocation::from_pem(crl.pem.as_bytes(), ca.cert_pem().as_bytes(), "crl.pem")
+                .unwrap();
+        let verifier = load::client_verifier(&anchors(&ca), &revocation).unwrap();
+        let refuse = |der: CertificateDer<'_>| {
+            verifier
+                .verify_client_cert(&der, &[], UnixTime::now())
+                .unwrap_err()
+        };
+        let leaf = |ca: &Ca, leaf: Leaf| der(&ca.issue(&leaf).unwrap().cert_pem);
+        let mut expired = Leaf::new(Role::Agent, "old", 1);
+        expired.not_before -= time::Duration::days(10);
+        expired.not_after = expired.not_before + time::Duration::days(1);
+        let mut early = Leaf::new(Role::Agent, "early", 1);
+        early.not_before += time::Duration::days(10);
+        early.not_after = early.not_before + time::Duration::days(1);
+
+        let cases = [
+            (Error::NoCertificatesPresented, Reason::NoCertificate, None),
+            (
+                refuse(leaf(&foreign, Leaf::new(Role::Agent, "evil", 1))),
+                Reason::UnknownIssuer,
+                Some("CN=evil"),
+            ),
+            (
+                refuse(leaf(&namesake, Leaf::new(Role::Agent, "twin", 1))),
+                Reason::BadSignature,
+                Some("CN=twin"),
+            ),
+            (
+                refuse(leaf(&ca, Leaf::new(Role::Sink, "a-sink", 1))),
+                Reason::WrongUsage,
+                Some("CN=a-sink"),
+            ),
+            (refuse(leaf(&ca, expired)), Reason::Expired, Some("CN=old")),
+            (
+                refuse(leaf(&ca, early)),
+                Reason::NotYetValid,
+                Some("CN=early"),
+            ),
+            (
+                refuse(der(&revoked.cert_pem)),
+                Reason::Revoked,
+                Some("CN=retired"),
+            ),
+            (
+                refuse(CertificateDer::from(&b"garbage"[..])),
+                Reason::Other,
+                None,
+            ),
+        ];
+        for (error, reason, subject) in cases {
+            let typed = Refusal::of_error(&error);
+            assert_eq!(typed.reason, reason, "{error}");
+            assert_eq!(typed.presented_subject, subject, "{error}");
+            let quic = format!("the cryptographic handshake failed: error 46: {error}");
+            assert_eq!(Refusal::of_text(&quic), typed, "{quic}");
+        }
+    }
+
+    #[test]
+    fn a_subject_cannot_choose_the_reason_read_from_text() {
+        let text = "invalid peer certificate: Other(OtherError(UnknownIssuer; presented subject \"CN=Revoked expired\"))";
+        let refusal = Refusal::of_text(text);
+        assert_eq!(refusal.reason, Reason::UnknownIssuer);
+        assert_eq!(refusal.presented_subject, Some("CN=Revoked expired"));
+        assert_eq!(
+            Refusal::of_text("peer doesn't support any known protocol").reason,
+            Reason::Other
+        );
     }
 
     /// The whole handshake in memory, as the sink's accept loop sees it.

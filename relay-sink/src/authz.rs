@@ -21,8 +21,9 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use crate::ingress::RefusalKind;
+use crate::labels::RefusalKind;
 
 /// The authorization in force: replaced whole on reload.
 #[derive(Debug, Default)]
@@ -69,7 +70,35 @@ pub(crate) struct PolicyFiles {
 
 /// What was read of the CA, CRL and allow-list files: `None` for a file not configured, the
 /// bytes, or why they could not be read.
-type Contents = [Option<Result<Vec<u8>, String>>; 3];
+type Contents = [Option<Result<Vec<u8>, ReadError>>; 3];
+
+/// Why the allow-list or the revocation list cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PolicyError {
+    /// A file could not be read.
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// The CRL does not parse, or is not signed by a CA of the CA file.
+    #[error(transparent)]
+    Crl(#[from] certs::Error),
+}
+
+/// A policy file that could not be read.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("cannot read {}: {source}", path.display())]
+pub(crate) struct ReadError {
+    path: PathBuf,
+    source: Arc<std::io::Error>,
+}
+
+/// Read again, the same failure is not news: equal when the same file fails the same way.
+impl PartialEq for ReadError {
+    fn eq(&self, other: &Self) -> bool {
+        self.path == other.path
+            && self.source.kind() == other.source.kind()
+            && self.source.raw_os_error() == other.source.raw_os_error()
+    }
+}
 
 impl PolicyFiles {
     pub(crate) fn new(ca: PathBuf, crl: Option<PathBuf>, allowed: Option<PathBuf>) -> Self {
@@ -90,12 +119,17 @@ impl PolicyFiles {
     /// Re-reads the files; `Ok(None)` when unchanged since the last check (unless `force`),
     /// `Ok(Some)` with the new policy, `Err` naming the file and the reason (once per
     /// change, as the certificate reloader does).
-    pub(crate) fn check(&mut self, force: bool) -> Result<Option<Policy>, String> {
+    pub(crate) fn check(&mut self, force: bool) -> Result<Option<Policy>, PolicyError> {
         if !self.any() {
             return Ok(None);
         }
         let read = |path: Option<&Path>| {
-            path.map(|p| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display())))
+            path.map(|p| {
+                std::fs::read(p).map_err(|e| ReadError {
+                    path: p.to_owned(),
+                    source: Arc::new(e),
+                })
+            })
         };
         let contents = [
             read(self.crl.is_some().then_some(self.ca.as_path())),
@@ -110,18 +144,20 @@ impl PolicyFiles {
         result.map(Some)
     }
 
-    fn parse(&self, contents: &Contents) -> Result<Policy, String> {
+    fn parse(&self, contents: &Contents) -> Result<Policy, PolicyError> {
         let [ca, crl, allowed] = contents;
         let revocation = match (ca, crl, &self.crl) {
             (Some(ca), Some(crl), Some(path)) => {
-                let (ca, crl) = (ca.as_ref()?, crl.as_ref()?);
-                certs::Revocation::from_pem(crl, ca, &path.display().to_string())
-                    .map_err(|e| e.to_string())?
+                let (ca, crl) = (
+                    ca.as_ref().map_err(Clone::clone)?,
+                    crl.as_ref().map_err(Clone::clone)?,
+                );
+                certs::Revocation::from_pem(crl, ca, &path.display().to_string())?
             }
             _ => certs::Revocation::none(),
         };
         let allowed = match allowed {
-            Some(text) => Some(parse_allow_list(text.as_ref()?)),
+            Some(text) => Some(parse_allow_list(text.as_ref().map_err(Clone::clone)?)),
             None => None,
         };
         Ok(Policy {
@@ -181,7 +217,9 @@ mod tests {
             Some(2)
         );
         std::fs::remove_file(&list).unwrap();
-        assert!(files.check(false).unwrap_err().contains("cannot read"));
+        let error = files.check(false).unwrap_err();
+        assert!(matches!(error, PolicyError::Read(_)), "{error:?}");
+        assert!(error.to_string().starts_with("cannot read "), "{error}");
         assert!(files.check(false).unwrap().is_none(), "reported once");
         let _ = std::fs::remove_dir_all(dir);
     }

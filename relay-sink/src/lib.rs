@@ -7,21 +7,47 @@
 //!
 //! # Layout
 //!
-//! - [`config`] — command-line and file options, and the checked [`Config`].
-//! - `authz`: who may connect beyond "signed by our CA" (allow-list, CRL, per-identity limit).
-//! - `ingress`: transports that bring batches in (QUIC, gRPC), and what they share.
-//! - [`replay`] — per-destination UDP senders with bounded queues.
-//! - [`metrics`] — Prometheus counters and gauges.
-//! - `status`: the connected agents (`/agents`), readiness, values refreshed at each scrape.
+//! Modules by layer, lowest first; each imports only from the layers below it (and the
+//! connection layer reads the root's `Shared`), so there are no import circles:
+//!
+//! 1. Leaves, importing nothing from the crate:
+//!    - [`config`] — command-line and file options, and the checked [`Config`].
+//!    - `labels`: the fixed label values of metrics and the security log (transport, refusal
+//!      kind, protocol violation).
+//!    - `catch_up`: pacing what agents send to catch up.
+//! 2. Counting and policy:
+//!    - [`metrics`] — Prometheus counters and gauges (labels from `labels`, `catch_up`).
+//!    - `authz`: who may connect beyond "signed by our CA" (allow-list, CRL).
+//! 3. State the connections share:
+//!    - [`replay`] — per-destination UDP senders with bounded queues (its start-up errors are
+//!      the root's [`Error`]).
+//!    - `status`: the connected agents (`/agents`, the per-identity limit), readiness, values
+//!      refreshed at each scrape.
+//! 4. Per-agent bookkeeping:
+//!    - `dedup`: the last batch replayed per agent session, to drop resends.
+//!    - `limits`: `--max-datagram-bytes` and `--agent-max-pps` per agent.
+//! 5. Connections, reading `Shared`:
+//!    - `refusal`: typed handshake and protocol errors, counted by kind and logged
+//!      (rate-limited per kind).
+//!    - `admission`: letting an authenticated agent in (authorization, connection limits), and
+//!      closing those a reload no longer authorizes.
+//!    - `ingress`: the path of a batch to replay that both transports share, and the
+//!      transports (`ingress::quic`, `ingress::grpc`).
+//! 6. This root: [`bind`], [`run`] and `Shared`, which wires the layers together.
 //!
 //! [`run`] takes sockets bound by [`bind`] and a shutdown future, so tests and the demo can
 //! drive it without a process of its own.
 
+mod admission;
 mod authz;
 mod catch_up;
 pub mod config;
+mod dedup;
 mod ingress;
+mod labels;
+mod limits;
 pub mod metrics;
+mod refusal;
 pub mod replay;
 mod status;
 
@@ -69,9 +95,9 @@ pub(crate) struct Shared {
     metrics: Arc<Metrics>,
     /// Refusal logging, limited per kind of refusal (so a flood of one kind cannot hide
     /// another).
-    refusals: ingress::Refusals,
+    refusals: refusal::Refusals,
     /// What each agent session has had replayed, to drop resends.
-    replayed: ingress::Replayed,
+    replayed: dedup::Replayed,
     /// The agent connections open now.
     agents: Arc<status::Agents>,
     /// Slots for agent connections (`--max-connections`), handshakes in progress included.
@@ -79,7 +105,7 @@ pub(crate) struct Shared {
     /// Logging of connections refused over a limit: at most one line a second.
     limits_log: runtime::ratelimit::RateLimit,
     /// `--max-datagram-bytes` and `--agent-max-pps`.
-    paces: ingress::Paces,
+    paces: limits::Paces,
     /// The catch-up pace (`--catch-up-max-pps`).
     catch_up: catch_up::CatchUp,
     /// The allow-list and revocation list in force (swapped on reload).
@@ -264,12 +290,12 @@ pub async fn run(
         config,
         replay,
         metrics: metrics.clone(),
-        refusals: ingress::Refusals::default(),
-        replayed: ingress::Replayed::default(),
+        refusals: refusal::Refusals::default(),
+        replayed: dedup::Replayed::default(),
         agents: agents.clone(),
         slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
         limits_log: runtime::ratelimit::RateLimit::new(std::time::Duration::from_secs(1)),
-        paces: ingress::Paces::default(),
+        paces: limits::Paces::default(),
         catch_up: catch_up::CatchUp::new(catch_up_max_pps),
         policy: Swap::new(policy),
     });
@@ -373,7 +399,7 @@ pub async fn run(
                 );
                 shared.policy.set(policy);
                 for (connection, kind) in shared.agents.close_unauthorized(&shared.policy.get()) {
-                    ingress::closed_by_policy(&shared, &connection, kind);
+                    admission::closed_by_policy(&shared, &connection, kind);
                 }
             }
         })

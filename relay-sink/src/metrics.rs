@@ -11,13 +11,13 @@ use runtime::accounting::SflowAccounting;
 use runtime::observe::{counter, counter_vec, float_gauge_vec, gauge, gauge_vec};
 
 use crate::catch_up::Paced;
-use crate::ingress::{RefusalKind, Transport, Violation};
+use crate::labels::{RefusalKind, Transport, Violation};
 
 /// The sink's metrics. Shared as `Arc<Metrics>`.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    accepted: [IntCounter; 2],
+    accepted: [IntCounter; Transport::ALL.len()],
     refused: [IntCounter; RefusalKind::ALL.len()],
     /// Open connections closed because a reload revoked their agent or took it off the list.
     closed: [IntCounter; 2],
@@ -39,19 +39,31 @@ pub struct Metrics {
     pub catch_up_wait_seconds: prometheus::Counter,
     /// Connections refused because `--max-connections` were open.
     pub connections_refused_max: IntCounter,
-    replayed: IntCounterVec,
-    bytes_replayed: IntCounterVec,
-    dropped: IntCounterVec,
-    agent_connections: IntGaugeVec,
-    agent_datagrams: IntCounterVec,
-    agent_bytes: IntCounterVec,
-    agent_dropped: IntCounterVec,
+    destinations: DestinationFamilies,
+    agents: AgentFamilies,
     /// Seconds until each connected agent's certificate expires, by `agent`.
     pub agent_certificate_expiry: GaugeVec,
     /// Seconds until the sink's own certificate expires.
     pub certificate_expiry: prometheus::Gauge,
     /// Sequence-gap accounting of the sFlow replayed (loss before and inside the relay).
     pub sflow: SflowAccounting,
+}
+
+/// The families labelled by `destination`, whose series each destination creates at start.
+#[derive(Debug)]
+struct DestinationFamilies {
+    replayed: IntCounterVec,
+    bytes: IntCounterVec,
+    dropped: IntCounterVec,
+}
+
+/// The families labelled by `agent`, whose series each agent creates when it first connects.
+#[derive(Debug)]
+struct AgentFamilies {
+    connections: IntGaugeVec,
+    datagrams: IntCounterVec,
+    bytes: IntCounterVec,
+    dropped: IntCounterVec,
 }
 
 /// The handles of one replay destination's series.
@@ -93,30 +105,11 @@ impl Metrics {
     /// sFlow streams one by one.
     pub fn new(sflow_max_streams: usize) -> Self {
         let r = Registry::new();
-        let accepted = counter_vec(
-            &r,
-            "relay_sink_connections_accepted_total",
-            "Agent connections that completed the mutual-TLS handshake, by transport.",
-            &["transport"],
-        );
-        let refused = counter_vec(
-            &r,
-            "relay_sink_handshakes_refused_total",
-            "Handshakes refused or failed, by reason (no_certificate, unknown_issuer, bad_signature, wrong_usage, expired, not_yet_valid, revoked, not_allowed, too_many_connections, timeout, other).",
-            &["reason"],
-        );
-        let closed = counter_vec(
-            &r,
-            "relay_sink_connections_closed_total",
-            "Open agent connections the sink closed because a reload revoked the agent's certificate or took it off the allow-list, by reason (revoked, not_allowed).",
-            &["reason"],
-        );
         Self {
-            accepted: [Transport::Quic, Transport::Grpc]
-                .map(|t| accepted.with_label_values(&[t.as_str()])),
-            refused: RefusalKind::ALL.map(|k| refused.with_label_values(&[k.as_str()])),
-            closed: [RefusalKind::Revoked, RefusalKind::NotAllowed]
-                .map(|k| closed.with_label_values(&[k.as_str()])),
+            accepted: accepted(&r),
+            refused: refused(&r),
+            closed: closed(&r),
+            connections_refused_max: connections_refused_max(&r),
             agents_connected: gauge(
                 &r,
                 "relay_sink_agents_connected",
@@ -147,82 +140,11 @@ impl Metrics {
                 "relay_sink_datagrams_duplicate_total",
                 "Datagrams in the duplicate batches.",
             ),
-            protocol_errors: {
-                let family = counter_vec(
-                    &r,
-                    "relay_sink_protocol_errors_total",
-                    "Agent streams ended for a protocol violation, by reason (frame_too_large, malformed, truncated, frame_timeout, decompressed_too_large, compression).",
-                    &["reason"],
-                );
-                Violation::ALL.map(|v| family.with_label_values(&[v.as_str()]))
-            },
-            catch_up_datagrams: {
-                let family = counter_vec(
-                    &r,
-                    "relay_sink_catch_up_datagrams_total",
-                    "Datagrams paced as catch-up before replay, by kind (catch_up: marked by the agent; older_agent: from an agent too old to mark its batches). Live datagrams are not paced.",
-                    &["kind"],
-                );
-                Paced::ALL.map(|p| family.with_label_values(&[p.as_str()]))
-            },
-            catch_up_wait_seconds: {
-                let c = prometheus::Counter::new(
-                    "relay_sink_catch_up_wait_seconds_total",
-                    "Seconds catch-up batches waited for the catch-up pace (--catch-up-max-pps), all connections together.",
-                )
-                .expect("a valid metric");
-                r.register(Box::new(c.clone())).expect("registered once");
-                c
-            },
-            connections_refused_max: counter_vec(
-                &r,
-                "relay_sink_connections_refused_total",
-                "Connections refused before their handshake, by reason (max_connections).",
-                &["reason"],
-            )
-            .with_label_values(&["max_connections"]),
-            replayed: counter_vec(
-                &r,
-                "relay_sink_datagrams_replayed_total",
-                "Datagrams sent to a destination (each destination counts its own).",
-                &["destination"],
-            ),
-            bytes_replayed: counter_vec(
-                &r,
-                "relay_sink_bytes_replayed_total",
-                "Datagram bytes sent to a destination.",
-                &["destination"],
-            ),
-            dropped: counter_vec(
-                &r,
-                "relay_sink_datagrams_dropped_total",
-                "Datagrams not replayed to a destination, by reason (queue_full, destination_error).",
-                &["destination", "reason"],
-            ),
-            agent_connections: gauge_vec(
-                &r,
-                "relay_sink_agent_connections",
-                "Connections open now, by agent (the name in its certificate).",
-                &["agent"],
-            ),
-            agent_datagrams: counter_vec(
-                &r,
-                "relay_sink_agent_datagrams_received_total",
-                "Datagrams received, by agent (duplicates included).",
-                &["agent"],
-            ),
-            agent_bytes: counter_vec(
-                &r,
-                "relay_sink_agent_bytes_received_total",
-                "Datagram payload bytes received, by agent (duplicates included).",
-                &["agent"],
-            ),
-            agent_dropped: counter_vec(
-                &r,
-                "relay_sink_agent_datagrams_dropped_total",
-                "Datagrams from an agent not replayed, by agent and reason (too_large, rate_limited).",
-                &["agent", "reason"],
-            ),
+            protocol_errors: protocol_errors(&r),
+            catch_up_datagrams: catch_up_datagrams(&r),
+            catch_up_wait_seconds: catch_up_wait_seconds(&r),
+            destinations: DestinationFamilies::register(&r),
+            agents: AgentFamilies::register(&r),
             agent_certificate_expiry: float_gauge_vec(
                 &r,
                 "relay_sink_agent_certificate_expiry_seconds",
@@ -246,16 +168,12 @@ impl Metrics {
 
     /// The counter of connections accepted over `transport`.
     pub(crate) fn accepted(&self, transport: Transport) -> &IntCounter {
-        &self.accepted[usize::from(transport == Transport::Grpc)]
+        &self.accepted[transport as usize]
     }
 
     /// The counter of handshakes refused for `kind`.
     pub(crate) fn refused(&self, kind: RefusalKind) -> &IntCounter {
-        let i = RefusalKind::ALL
-            .iter()
-            .position(|&k| k == kind)
-            .unwrap_or(0);
-        &self.refused[i]
+        &self.refused[kind.index()]
     }
 
     /// The counter of open connections closed for `kind` (revoked; anything else counts as
@@ -292,41 +210,184 @@ impl Metrics {
     /// The handles of one destination's series, created (at 0) now.
     pub fn for_destination(&self, destination: &str) -> DestinationMetrics {
         DestinationMetrics {
-            replayed: self.replayed.with_label_values(&[destination]),
-            bytes: self.bytes_replayed.with_label_values(&[destination]),
+            replayed: self.destinations.replayed.with_label_values(&[destination]),
+            bytes: self.destinations.bytes.with_label_values(&[destination]),
             errors: self
+                .destinations
                 .dropped
                 .with_label_values(&[destination, "destination_error"]),
-            queue_drops: self.dropped.with_label_values(&[destination, "queue_full"]),
+            queue_drops: self
+                .destinations
+                .dropped
+                .with_label_values(&[destination, "queue_full"]),
         }
     }
 
     /// The handles of one agent's series (created at first use, then shared).
     pub fn for_agent(&self, agent: &str) -> AgentMetrics {
         AgentMetrics {
-            connections: self.agent_connections.with_label_values(&[agent]),
-            datagrams: self.agent_datagrams.with_label_values(&[agent]),
-            bytes: self.agent_bytes.with_label_values(&[agent]),
-            dropped_too_large: self.agent_dropped.with_label_values(&[agent, "too_large"]),
+            connections: self.agents.connections.with_label_values(&[agent]),
+            datagrams: self.agents.datagrams.with_label_values(&[agent]),
+            bytes: self.agents.bytes.with_label_values(&[agent]),
+            dropped_too_large: self.agents.dropped.with_label_values(&[agent, "too_large"]),
             dropped_rate_limited: self
-                .agent_dropped
+                .agents
+                .dropped
                 .with_label_values(&[agent, "rate_limited"]),
         }
     }
 
     /// Datagrams replayed, all destinations together.
     pub fn datagrams_replayed(&self) -> u64 {
-        runtime::observe::sum(&self.replayed, None)
+        runtime::observe::sum(&self.destinations.replayed, None)
     }
 
     /// Datagrams a destination refused, all destinations together.
     pub fn replay_errors(&self) -> u64 {
-        runtime::observe::sum(&self.dropped, Some(("reason", "destination_error")))
+        runtime::observe::sum(
+            &self.destinations.dropped,
+            Some(("reason", "destination_error")),
+        )
     }
 
     /// Datagrams dropped at full destination queues, all destinations together.
     pub fn replay_queue_drops(&self) -> u64 {
-        runtime::observe::sum(&self.dropped, Some(("reason", "queue_full")))
+        runtime::observe::sum(&self.destinations.dropped, Some(("reason", "queue_full")))
+    }
+}
+
+// === the families, one registering step each ===
+
+/// `relay_sink_connections_accepted_total{transport}`, a handle per transport.
+fn accepted(r: &Registry) -> [IntCounter; Transport::ALL.len()] {
+    let family = counter_vec(
+        r,
+        "relay_sink_connections_accepted_total",
+        "Agent connections that completed the mutual-TLS handshake, by transport.",
+        &["transport"],
+    );
+    Transport::ALL.map(|t| family.with_label_values(&[t.as_str()]))
+}
+
+/// `relay_sink_handshakes_refused_total{reason}`, a handle per kind of refusal.
+fn refused(r: &Registry) -> [IntCounter; RefusalKind::ALL.len()] {
+    let family = counter_vec(
+        r,
+        "relay_sink_handshakes_refused_total",
+        "Handshakes refused or failed, by reason (no_certificate, unknown_issuer, bad_signature, wrong_usage, expired, not_yet_valid, revoked, not_allowed, too_many_connections, timeout, other).",
+        &["reason"],
+    );
+    RefusalKind::ALL.map(|k| family.with_label_values(&[k.as_str()]))
+}
+
+/// `relay_sink_connections_closed_total{reason}`: revoked, not allowed.
+fn closed(r: &Registry) -> [IntCounter; 2] {
+    let family = counter_vec(
+        r,
+        "relay_sink_connections_closed_total",
+        "Open agent connections the sink closed because a reload revoked the agent's certificate or took it off the allow-list, by reason (revoked, not_allowed).",
+        &["reason"],
+    );
+    [RefusalKind::Revoked, RefusalKind::NotAllowed].map(|k| family.with_label_values(&[k.as_str()]))
+}
+
+/// `relay_sink_connections_refused_total{reason="max_connections"}`.
+fn connections_refused_max(r: &Registry) -> IntCounter {
+    counter_vec(
+        r,
+        "relay_sink_connections_refused_total",
+        "Connections refused before their handshake, by reason (max_connections).",
+        &["reason"],
+    )
+    .with_label_values(&["max_connections"])
+}
+
+/// `relay_sink_protocol_errors_total{reason}`, a handle per violation.
+fn protocol_errors(r: &Registry) -> [IntCounter; Violation::ALL.len()] {
+    let family = counter_vec(
+        r,
+        "relay_sink_protocol_errors_total",
+        "Agent streams ended for a protocol violation, by reason (frame_too_large, malformed, truncated, frame_timeout, decompressed_too_large, compression).",
+        &["reason"],
+    );
+    Violation::ALL.map(|v| family.with_label_values(&[v.as_str()]))
+}
+
+/// `relay_sink_catch_up_datagrams_total{kind}`, a handle per kind of pacing.
+fn catch_up_datagrams(r: &Registry) -> [IntCounter; Paced::ALL.len()] {
+    let family = counter_vec(
+        r,
+        "relay_sink_catch_up_datagrams_total",
+        "Datagrams paced as catch-up before replay, by kind (catch_up: marked by the agent; older_agent: from an agent too old to mark its batches). Live datagrams are not paced.",
+        &["kind"],
+    );
+    Paced::ALL.map(|p| family.with_label_values(&[p.as_str()]))
+}
+
+/// `relay_sink_catch_up_wait_seconds_total` (a float counter).
+fn catch_up_wait_seconds(r: &Registry) -> prometheus::Counter {
+    let c = prometheus::Counter::new(
+        "relay_sink_catch_up_wait_seconds_total",
+        "Seconds catch-up batches waited for the catch-up pace (--catch-up-max-pps), all connections together.",
+    )
+    .expect("a valid metric");
+    r.register(Box::new(c.clone())).expect("registered once");
+    c
+}
+
+impl DestinationFamilies {
+    fn register(r: &Registry) -> Self {
+        Self {
+            replayed: counter_vec(
+                r,
+                "relay_sink_datagrams_replayed_total",
+                "Datagrams sent to a destination (each destination counts its own).",
+                &["destination"],
+            ),
+            bytes: counter_vec(
+                r,
+                "relay_sink_bytes_replayed_total",
+                "Datagram bytes sent to a destination.",
+                &["destination"],
+            ),
+            dropped: counter_vec(
+                r,
+                "relay_sink_datagrams_dropped_total",
+                "Datagrams not replayed to a destination, by reason (queue_full, destination_error).",
+                &["destination", "reason"],
+            ),
+        }
+    }
+}
+
+impl AgentFamilies {
+    fn register(r: &Registry) -> Self {
+        Self {
+            connections: gauge_vec(
+                r,
+                "relay_sink_agent_connections",
+                "Connections open now, by agent (the name in its certificate).",
+                &["agent"],
+            ),
+            datagrams: counter_vec(
+                r,
+                "relay_sink_agent_datagrams_received_total",
+                "Datagrams received, by agent (duplicates included).",
+                &["agent"],
+            ),
+            bytes: counter_vec(
+                r,
+                "relay_sink_agent_bytes_received_total",
+                "Datagram payload bytes received, by agent (duplicates included).",
+                &["agent"],
+            ),
+            dropped: counter_vec(
+                r,
+                "relay_sink_agent_datagrams_dropped_total",
+                "Datagrams from an agent not replayed, by agent and reason (too_large, rate_limited).",
+                &["agent", "reason"],
+            ),
+        }
     }
 }
 

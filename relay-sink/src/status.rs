@@ -13,7 +13,7 @@ use serde_json::json;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use crate::authz::Policy;
-use crate::ingress::{RefusalKind, Transport};
+use crate::labels::{RefusalKind, Transport};
 use crate::metrics::{AgentMetrics, Metrics};
 
 /// The agent connections open now, and what each has sent.
@@ -292,4 +292,30 @@ fn rfc3339(t: SystemTime) -> Option<String> {
     time::OffsetDateTime::from(t)
         .format(&time::format_description::well_known::Rfc3339)
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_identity_over_its_connection_limit_is_refused_as_too_many_connections() {
+        let agents = Arc::new(Agents::new(Arc::new(Metrics::default())));
+        let remote: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let connect = |agent: &str| agents.connect(agent.into(), remote, Transport::Quic, None, 1);
+        let first = connect("site-a").expect("the first connection");
+        assert_eq!(
+            connect("site-a").map(drop),
+            Err(RefusalKind::TooManyConnections)
+        );
+        assert!(
+            connect("site-b").is_ok(),
+            "another identity has its own limit"
+        );
+        drop(first);
+        assert!(
+            connect("site-a").is_ok(),
+            "a closed connection frees its place"
+        );
+    }
 }

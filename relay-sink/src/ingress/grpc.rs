@@ -33,7 +33,10 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::Shared;
-use crate::ingress::{self, Transport, Violation};
+use crate::admission;
+use crate::ingress;
+use crate::labels::Transport;
+use crate::refusal::{self, HandshakeError, ProtocolError};
 use crate::status::Registered;
 
 const GRPC: Transport = Transport::Grpc;
@@ -118,7 +121,7 @@ async fn accept(
         // A slot for the whole connection, handshake included; none left: closed at once.
         let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
             drop(tcp);
-            ingress::over_limit(&shared, GRPC, remote);
+            admission::over_limit(&shared, GRPC, remote);
             continue;
         };
         let span = tracing::info_span!("agent", %remote);
@@ -149,16 +152,17 @@ async fn handshake(
 ) {
     let _ = tcp.set_nodelay(true);
     let handshake = tokio::time::timeout(shared.config.handshake_timeout, acceptor.accept(tcp));
+    let failed = |error: HandshakeError| refusal::handshake_failed(&shared, GRPC, remote, &error);
     let tls = tokio::select! {
         result = handshake => match result {
             Ok(Ok(tls)) => tls,
-            Ok(Err(error)) => return ingress::refused(&shared, GRPC, remote, &error.to_string()),
-            Err(_) => return ingress::timed_out(&shared, GRPC, remote),
+            Ok(Err(error)) => return failed(error.into()),
+            Err(_) => return failed(HandshakeError::Timeout),
         },
         () = token.cancelled() => return,
     };
     let chain = tls.get_ref().1.peer_certificates();
-    let registered = match ingress::admit(&shared, GRPC, remote, chain) {
+    let registered = match admission::admit(&shared, GRPC, remote, chain) {
         Ok(registered) => Arc::new(registered),
         Err(_) => {
             let mut tls = tls;
@@ -349,10 +353,7 @@ async fn relay(
         match next {
             Ok(Some(mut batch)) => {
                 if let Err(error) = expander.expand(&mut batch) {
-                    let message = error.to_string();
-                    let kind = Violation::of_compression(&error);
-                    ingress::violation(&shared, GRPC, &peer.agent, peer.remote, kind, &message);
-                    break Some(Status::invalid_argument(message));
+                    break Some(violated(&shared, &peer, error.into()));
                 }
                 let delivery = ingress::deliver(&shared, &peer.registered, batch).await;
                 if pending.send(delivery).await.is_err() {
@@ -360,15 +361,13 @@ async fn relay(
                 }
             }
             Ok(None) => break None,
-            Err(status) => {
-                let Some(kind) = violation(&status) else {
+            Err(status) => match ProtocolError::of_status(status) {
+                Ok(error) => break Some(violated(&shared, &peer, error)),
+                Err(status) => {
                     tracing::debug!(agent = %peer.agent, error = %status, "call ended");
                     break None;
-                };
-                let message = status.message();
-                ingress::violation(&shared, GRPC, &peer.agent, peer.remote, kind, message);
-                break Some(status);
-            }
+                }
+            },
         }
     };
     // What was read is acknowledged once replayed; then the call ends (with the refusal,
@@ -392,13 +391,12 @@ async fn acknowledge(
     }
 }
 
-/// A message over the size limit, or one that does not decode: the agent's fault, not the
-/// network's.
-fn violation(status: &Status) -> Option<Violation> {
-    use tonic::Code;
-    match status.code() {
-        Code::OutOfRange | Code::ResourceExhausted => Some(Violation::FrameTooLarge),
-        Code::Internal if status.message().contains("decode") => Some(Violation::Malformed),
-        _ => None,
+/// Counts and logs a protocol violation; returns the status that ends the call (tonic's own,
+/// or `invalid_argument` with the error's text).
+fn violated(shared: &Shared, peer: &Peer, error: ProtocolError) -> Status {
+    refusal::violation(shared, GRPC, &peer.agent, peer.remote, &error);
+    match error {
+        ProtocolError::Grpc { status, .. } => status,
+        other => Status::invalid_argument(other.to_string()),
     }
 }

@@ -21,7 +21,10 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::Shared;
-use crate::ingress::{self, Transport, Violation};
+use crate::admission;
+use crate::ingress;
+use crate::labels::Transport;
+use crate::refusal::{self, HandshakeError, ProtocolError};
 use crate::status::Registered;
 
 const QUIC: Transport = Transport::Quic;
@@ -50,7 +53,7 @@ pub(crate) async fn serve(
         // the handshake costs anything (CONNECTION_REFUSED).
         let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
             incoming.refuse();
-            ingress::over_limit(&shared, QUIC, remote);
+            admission::over_limit(&shared, QUIC, remote);
             continue;
         };
         let span = tracing::info_span!("agent", %remote);
@@ -65,16 +68,17 @@ async fn handle(
     _slot: tokio::sync::OwnedSemaphorePermit,
 ) {
     let remote = incoming.remote_address();
+    let failed = |error: HandshakeError| refusal::handshake_failed(&shared, QUIC, remote, &error);
     let connection = match tokio::time::timeout(shared.config.handshake_timeout, incoming).await {
         Ok(Ok(connection)) => connection,
-        Ok(Err(error)) => return ingress::refused(&shared, QUIC, remote, &error.to_string()),
-        Err(_) => return ingress::timed_out(&shared, QUIC, remote),
+        Ok(Err(error)) => return failed(error.into()),
+        Err(_) => return failed(HandshakeError::Timeout),
     };
     let chain = connection
         .peer_identity()
         .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok());
     let registered =
-        match ingress::admit(&shared, QUIC, remote, chain.as_deref().map(Vec::as_slice)) {
+        match admission::admit(&shared, QUIC, remote, chain.as_deref().map(Vec::as_slice)) {
             Ok(registered) => Arc::new(registered),
             Err(kind) => {
                 connection.close(
@@ -90,13 +94,13 @@ async fn handle(
     let reason = loop {
         let accepted = tokio::select! {
             accepted = connection.accept_bi() => accepted,
-            () = token.cancelled() => break "sink shutting down".to_string(),
+            () = token.cancelled() => break Ended::Shutdown,
             () = registered.closing() => {
                 // Closed now, not after the streams: the agent is no longer trusted, and what
                 // it has in flight is not replayed.
                 let words = registered.closed_for().map_or("not authorized", |k| k.words());
                 connection.close(VarInt::from_u32(CLOSE_UNAUTHORIZED), words.as_bytes());
-                break words.to_string();
+                break Ended::Unauthorized(words);
             }
         };
         match accepted {
@@ -111,7 +115,7 @@ async fn handle(
                     token.clone(),
                 ));
             }
-            Err(error) => break error.to_string(),
+            Err(error) => break Ended::Connection(error),
         }
     };
     // On shutdown the streams stop reading, and acknowledge what they read once it is
@@ -121,6 +125,20 @@ async fn handle(
     streams.wait().await;
     connection.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"sink shutting down");
     tracing::info!(%agent, %remote, transport = "quic", %reason, "agent disconnected");
+}
+
+/// Why an agent's connection ended, for the log.
+#[derive(Debug, thiserror::Error)]
+enum Ended {
+    /// The sink is shutting down.
+    #[error("sink shutting down")]
+    Shutdown,
+    /// A reload no longer authorizes the agent; the words it was told.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// The connection closed or failed.
+    #[error(transparent)]
+    Connection(#[from] quinn::ConnectionError),
 }
 
 /// Acknowledgements waiting for their batch's replay, per stream: enough to keep an agent's
@@ -165,20 +183,10 @@ async fn stream(
                 stalled = true;
                 continue;
             }
-            let error = format!(
-                "frame incomplete for --frame-timeout ({} bytes of it arrived)",
-                reader.buffered()
-            );
-            ingress::violation(
-                &shared,
-                QUIC,
-                &agent,
-                remote,
-                Violation::FrameTimeout,
-                &error,
-            );
-            connection.close(VarInt::from_u32(CLOSE_PROTOCOL), error.as_bytes());
-            break;
+            let error = ProtocolError::FrameTimeout {
+                buffered: reader.buffered(),
+            };
+            break violated(&shared, &connection, &agent, remote, &error);
         };
         stalled = false;
         let mut batch = match next {
@@ -188,24 +196,10 @@ async fn stream(
                 tracing::debug!(%agent, %error, "stream ended");
                 break;
             }
-            Err(error) => {
-                let kind = Violation::of_wire(&error);
-                ingress::violation(&shared, QUIC, &agent, remote, kind, &error.to_string());
-                connection.close(
-                    VarInt::from_u32(CLOSE_PROTOCOL),
-                    error.to_string().as_bytes(),
-                );
-                break;
-            }
+            Err(error) => break violated(&shared, &connection, &agent, remote, &error.into()),
         };
         if let Err(error) = expander.expand(&mut batch) {
-            let kind = Violation::of_compression(&error);
-            ingress::violation(&shared, QUIC, &agent, remote, kind, &error.to_string());
-            connection.close(
-                VarInt::from_u32(CLOSE_PROTOCOL),
-                error.to_string().as_bytes(),
-            );
-            break;
+            break violated(&shared, &connection, &agent, remote, &error.into());
         }
         if pending
             .send(ingress::deliver(&shared, &registered, batch).await)
@@ -218,6 +212,21 @@ async fn stream(
     // What was read is acknowledged once replayed; then the stream is finished.
     drop(pending);
     let _ = acker.await;
+}
+
+/// Counts and logs a protocol violation, and closes the agent's connection with its text.
+fn violated(
+    shared: &Shared,
+    connection: &Connection,
+    agent: &str,
+    remote: SocketAddr,
+    error: &ProtocolError,
+) {
+    refusal::violation(shared, QUIC, agent, remote, error);
+    connection.close(
+        VarInt::from_u32(CLOSE_PROTOCOL),
+        error.to_string().as_bytes(),
+    );
 }
 
 /// Acknowledges each batch, in order, once it has been replayed.
