@@ -61,26 +61,6 @@ pub fn get(addr: SocketAddr, path: &str) -> io::Result<Response> {
     read_response(BufReader::new(stream))
 }
 
-/// The sum of every series of the metric family `name` in a Prometheus text exposition
-/// (`name` or `name{…}` lines; comments and other families ignored); 0 when there is none.
-pub fn metric_sum(exposition: &str, name: &str) -> f64 {
-    exposition
-        .lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
-            let rest = line.strip_prefix(name)?;
-            let value = if rest.starts_with('{') {
-                rest.rsplit_once('}')?.1
-            } else if rest.starts_with(' ') {
-                rest
-            } else {
-                return None;
-            };
-            value.split_whitespace().next()?.parse::<f64>().ok()
-        })
-        .sum()
-}
-
 /// `GET path` from `addr`, expecting a 2xx response with a JSON body.
 ///
 /// # Errors
@@ -352,18 +332,5 @@ mod tests {
             "up%7Bjob%3D%22self%22%7D%20%3D%3D%201"
         );
         assert_eq!(encode_component("a-b.c_d~é"), "a-b.c_d~%C3%A9");
-    }
-}
-
-#[cfg(test)]
-mod metric_sum_tests {
-    use super::metric_sum;
-
-    #[test]
-    fn sums_every_series_of_the_family_and_nothing_else() {
-        let text = "# HELP a_total x\n# TYPE a_total counter\na_total{sink=\"x\"} 3\na_total{sink=\"y\",n=\"}\"} 4.5\na_total_more 100\nb_total 7\na_total 1e3\n";
-        assert_eq!(metric_sum(text, "a_total"), 1007.5);
-        assert_eq!(metric_sum(text, "b_total"), 7.0);
-        assert_eq!(metric_sum(text, "c_total"), 0.0);
     }
 }

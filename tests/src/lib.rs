@@ -9,6 +9,10 @@
 //!   buffers on the way (whose size the test cannot choose) never overflow: a test asserts
 //!   the relay's behaviour, not the kernel's.
 //! - [`http`] is a minimal blocking HTTP/1.1 GET client for `/metrics` and JSON APIs.
+//! - [`fixture::Relay`] is the usual set-up: CA, capture, sink and one agent.
+//! - [`metrics`] scrapes `/metrics` ([`metrics::Scrape`]): one series by its exact labels,
+//!   a family's sum, and bounded waits on a condition over repeated scrapes.
+//! - [`procfs`] reads what `/proc` says of a process: memory, CPU time, threads, fds.
 //! - [`prometheus`] runs a real Prometheus server scraping the binaries, and `promtool`.
 //!
 //! Every wait has a deadline and fails with the daemon's logs attached.
@@ -23,9 +27,12 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod bare;
+pub mod fixture;
 pub mod http;
 pub mod impair;
+pub mod metrics;
 pub mod netns;
+pub mod procfs;
 pub mod prometheus;
 pub mod sflow;
 pub mod stream;
@@ -295,6 +302,45 @@ impl Daemon {
         self.wait_for_nth(text, 1, WAIT)
     }
 
+    /// Waits for the first log event for which `pred` holds, and returns it.
+    ///
+    /// # Panics
+    ///
+    /// After `timeout`, naming `what`, with the output so far.
+    pub fn wait_for_event(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let found = wait_on(&self.lines, timeout, |lines| {
+            lines
+                .iter()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|e| pred(e))
+        });
+        found.unwrap_or_else(|| {
+            panic!(
+                "{}: no log event {what} within {timeout:?}; output:\n{}",
+                self.name,
+                self.lines().join("\n")
+            )
+        })
+    }
+
+    /// Waits until `pred` holds of the log events so far; returns whether it did within
+    /// `timeout`.
+    pub fn wait_events(&self, timeout: Duration, pred: impl Fn(&[Value]) -> bool) -> bool {
+        wait_on(&self.lines, timeout, |lines| {
+            let events: Vec<Value> = lines
+                .iter()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+            pred(&events).then_some(())
+        })
+        .is_some()
+    }
+
     /// Waits for an output line (plain text, e.g. the demo's) containing `text`.
     pub fn wait_for_line(&self, text: &str, timeout: Duration) -> String {
         let found = wait_on(&self.lines, timeout, |lines| {
@@ -326,6 +372,8 @@ impl Daemon {
                 self.name,
                 self.lines().join("\n")
             );
+            // Polling the process state: nothing signals an exit to a thread that is not
+            // blocked in wait().
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -626,6 +674,7 @@ impl UdpCapture {
             self.len(),
             sent.len()
         );
+        // Intentional: a duplicate, if any, gets time to show up before the count.
         std::thread::sleep(Duration::from_millis(200));
         let received = self.received();
         assert_eq!(
@@ -779,6 +828,7 @@ pub fn send_paced(
                 "no progress for {WAIT:?}: {done} of {} delivered",
                 datagrams.len()
             );
+            // Pacing the sender: waiting for the window to open.
             std::thread::sleep(Duration::from_micros(200));
         }
         socket.send_to(d, to).expect("send datagram");
@@ -793,6 +843,7 @@ pub fn send_at_rate(to: SocketAddr, datagrams: &[Vec<u8>], per_second: u32) {
     for (i, d) in datagrams.iter().enumerate() {
         let due = start + Duration::from_secs_f64(i as f64 / f64::from(per_second));
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            // Pacing the sender at `per_second`.
             std::thread::sleep(wait);
         }
         socket.send_to(d, to).expect("send datagram");
@@ -841,14 +892,32 @@ pub fn pipe(mut left: Command, mut right: Command) -> (Daemon, Daemon) {
 ///
 /// After [`WAIT`].
 pub fn wait_udp_bound(addr: SocketAddr) {
-    let deadline = Instant::now() + WAIT;
-    while runtime::udp::kernel_drops(addr).is_none() {
-        assert!(Instant::now() < deadline, "nothing bound UDP {addr}");
+    wait_until(&format!("something bound UDP {addr}"), WAIT, || {
+        runtime::udp::kernel_drops(addr)
+    });
+}
+
+/// Calls `check` now and every 20 ms until it returns `Some`, and returns that: a bounded
+/// wait on a condition that nothing signals (a file, a port, an HTTP answer, a process).
+///
+/// # Panics
+///
+/// After `timeout`, saying the test waited for `what`.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(found) = check() {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "waited {timeout:?} for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
-/// A free loopback TCP port (bound, then released).
+/// A free loopback TCP port (bound, then released, so another program may take it first:
+/// use only where nothing better exists). It remains for what cannot bind port 0 and report:
+/// Prometheus (`prometheus.rs`) and sshd (`ssh_hex.rs`) must be told their port, and a test
+/// may need a port nothing listens on (`prometheus_harness.rs`).
 pub fn free_tcp_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -856,8 +925,12 @@ pub fn free_tcp_port() -> u16 {
         .port()
 }
 
-/// A free loopback UDP port (bound, then released). For the rare daemon that must be told a
-/// port before it starts; everything else binds port 0.
+/// A free loopback UDP port (bound, then released, so another program may take it first).
+/// Everything that can binds port 0 and reports its address; this remains where that cannot
+/// be: a port nothing listens on (a closed replay destination in `relay.rs` and `faults.rs`,
+/// a sink that is not there in `observe.rs`), a sink address the agent must be given before
+/// the sink starts on it (`observe.rs`), and programs that must be told their port (the
+/// Python `sflow_fwd.py` collector in `ssh_hex.rs` and in the benchmark's paths).
 pub fn free_udp_port() -> SocketAddr {
     UdpSocket::bind("127.0.0.1:0")
         .and_then(|s| s.local_addr())

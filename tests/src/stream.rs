@@ -88,12 +88,22 @@ impl PositionCapture {
     /// Waits until `n` datagrams have arrived, or `timeout`; then, for duplicates to show,
     /// a further half second. Returns whether `n` arrived.
     pub fn wait_for(&self, n: usize, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while self.len() < n && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.wait_until_len(n, timeout);
+        // Intentional: a duplicate, if any, gets half a second to show up.
         std::thread::sleep(Duration::from_millis(500));
         self.len() >= n
+    }
+
+    /// Waits until `n` datagrams have arrived, or `timeout`; returns whether they did.
+    pub fn wait_until_len(&self, n: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.len() < n {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
     }
 }
 
@@ -133,6 +143,7 @@ pub fn send_stream(to: SocketAddr, mut sflow: SflowGen, per_second: u32, n: usiz
                 positions.push(stream_position(&datagram).expect("the generator makes sFlow"));
                 progress.store(positions.len(), Ordering::Relaxed);
             }
+            // Pacing the sender: a millisecond's worth at a time.
             std::thread::sleep(Duration::from_millis(1));
         }
         positions

@@ -27,8 +27,9 @@ use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use relay_tests::impair::{Impairment, UdpProxy};
+use relay_tests::metrics::{self, Scrape};
 use relay_tests::{
-    Pki, Transport, UdpCapture, WAIT, http, metrics_addr, send_paced, start_agent_over, start_sink,
+    Pki, Transport, UdpCapture, WAIT, metrics_addr, send_paced, start_agent_over, start_sink,
 };
 
 const A: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
@@ -161,100 +162,21 @@ fn interleaved(
     out
 }
 
-/// The value of the series `name{labels}` in a Prometheus text exposition: the series whose
-/// label set is exactly `labels` (in any order). `None` when there is no such series.
-fn metric(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    exposition.lines().find_map(|line| {
-        let (series, rest) = parse_series(line)?;
-        if series.0 != name || series.1.len() != labels.len() {
-            return None;
-        }
-        let all = labels
-            .iter()
-            .all(|(k, v)| series.1.iter().any(|(sk, sv)| sk == k && sv == v));
-        if !all {
-            return None;
-        }
-        rest.split_whitespace().next()?.parse().ok()
-    })
-}
-
-/// A sample line's metric name and labels (unescaped), and the rest of the line (value and
-/// optional timestamp). `None` for comments, blank and malformed lines.
-#[allow(clippy::type_complexity)]
-fn parse_series(line: &str) -> Option<((&str, Vec<(&str, String)>), &str)> {
-    let line = line.trim_start();
-    if line.is_empty() || line.starts_with('#') {
-        return None;
-    }
-    let name_end = line.find(['{', ' ', '\t']).unwrap_or(line.len());
-    let name = &line[..name_end];
-    let mut rest = &line[name_end..];
-    let mut labels = Vec::new();
-    if let Some(body) = rest.strip_prefix('{') {
-        rest = body;
-        loop {
-            rest = rest.trim_start_matches([' ', ',']);
-            if let Some(after) = rest.strip_prefix('}') {
-                rest = after;
-                break;
-            }
-            let (key, after) = rest.split_once("=\"")?;
-            let mut value = String::new();
-            let mut chars = after.char_indices();
-            let end = loop {
-                match chars.next()? {
-                    (i, '"') => break i,
-                    (_, '\\') => match chars.next()?.1 {
-                        'n' => value.push('\n'),
-                        c => value.push(c),
-                    },
-                    (_, c) => value.push(c),
-                }
-            };
-            labels.push((key.trim(), value));
-            rest = &after[end + 1..];
-        }
-    }
-    Some(((name, labels), rest))
-}
-
-/// Reads `/metrics` from `addr`.
-fn scrape(addr: SocketAddr) -> String {
-    let response = http::get(addr, "/metrics").expect("scrape /metrics");
-    assert_eq!(response.status, 200, "{}", response.body);
-    response.body
-}
-
 /// Polls `addr`'s `/metrics` until `name{labels}` is `want`.
 ///
 /// # Panics
 ///
-/// After [`WAIT`], with the last value.
+/// After [`WAIT`], with the last exposition.
 fn wait_metric(addr: SocketAddr, name: &str, labels: &[(&str, &str)], want: f64) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let got = metric(&scrape(addr), name, labels);
-        if got == Some(want) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name}{labels:?} is {got:?}, not {want}, after {WAIT:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    metrics::wait_value(addr, WAIT, name, labels, want);
 }
 
 /// One sFlow series of one sFlow agent (sub-agent 0) in an exposition.
-fn sflow_series(exposition: &str, name: &str, agent: Ipv4Addr) -> f64 {
+fn sflow_series(exposition: &Scrape, name: &str, agent: Ipv4Addr) -> f64 {
     let agent = agent.to_string();
-    metric(
-        exposition,
-        name,
-        &[("sflow_agent", &agent), ("sub_agent", "0")],
-    )
-    .unwrap_or_else(|| panic!("no {name} for {agent}:\n{exposition}"))
+    exposition
+        .value(name, &[("sflow_agent", &agent), ("sub_agent", "0")])
+        .unwrap_or_else(|| panic!("no {name} for {agent}:\n{exposition}"))
 }
 
 #[test]
@@ -317,7 +239,8 @@ fn agent_counts_gaps_before_it_and_sink_adds_what_the_relay_dropped() {
     let socket = UdpSocket::bind("127.0.0.1:0").expect("bind sender");
     for d in &cut {
         socket.send_to(d, listen).expect("send datagram");
-        // Far beyond the 5 ms batch delay: this datagram is a batch of its own.
+        // Intentional pacing, far beyond the 5 ms batch delay: this datagram is a batch of
+        // its own.
         std::thread::sleep(Duration::from_millis(50));
     }
     let dropped = (CUT_SEND.len() - QUEUE) as f64;
@@ -361,11 +284,10 @@ fn agent_counts_gaps_before_it_and_sink_adds_what_the_relay_dropped() {
     capture.assert_exactly(&expected);
 
     // What each binary counted, per sFlow agent.
-    let at_agent = scrape(agent_metrics);
-    let at_sink = scrape(sink_metrics);
+    let at_agent = Scrape::of(agent_metrics);
+    let at_sink = Scrape::of(sink_metrics);
     assert_eq!(
-        metric(
-            &at_agent,
+        at_agent.value(
             "relay_agent_datagrams_dropped_total",
             &[("reason", "backlog_full"), ("sink", &relay_sink)],
         ),
@@ -378,7 +300,7 @@ fn agent_counts_gaps_before_it_and_sink_adds_what_the_relay_dropped() {
     assert_eq!(relay_dropped as f64, dropped);
     for e in &EXPECTED {
         let a = e.agent;
-        let series = |text: &str, prefix: &str, what: &str| {
+        let series = |text: &Scrape, prefix: &str, what: &str| {
             sflow_series(text, &format!("relay_{prefix}_sflow_{what}"), a)
         };
         eprintln!(
@@ -426,25 +348,4 @@ fn agent_counts_gaps_before_it_and_sink_adds_what_the_relay_dropped() {
     let tally = path_.tally();
     assert!(tally.dropped > 0, "the path was cut: {tally:?}");
     eprintln!("took {:?}; proxy: {tally:?}", started.elapsed());
-}
-
-#[test]
-fn metric_finds_the_series_with_exactly_these_labels() {
-    let text = "# HELP x_total X.\n# TYPE x_total counter\n\
-        x_total{a=\"1\",b=\"2\"} 3\n\
-        x_total{a=\"1\"} 4\n\
-        x_total{b=\"q\\\"}\", a=\"1\"} 5 1700000000000\n\
-        y 6\n";
-    assert_eq!(
-        metric(text, "x_total", &[("a", "1"), ("b", "2")]),
-        Some(3.0)
-    );
-    assert_eq!(metric(text, "x_total", &[("a", "1")]), Some(4.0));
-    assert_eq!(
-        metric(text, "x_total", &[("a", "1"), ("b", "q\"}")]),
-        Some(5.0)
-    );
-    assert_eq!(metric(text, "y", &[]), Some(6.0));
-    assert_eq!(metric(text, "x_total", &[("a", "2")]), None);
-    assert_eq!(metric(text, "x", &[]), None);
 }

@@ -14,8 +14,9 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use relay_tests::metrics::{self, Scrape};
 use relay_tests::{
-    Daemon, Pki, Transport, UdpCapture, WAIT, bare, bin, datagrams, datagrams_up_to, field, http,
+    Daemon, Pki, Transport, UdpCapture, WAIT, bare, bin, datagrams, datagrams_up_to, field,
     metrics_addr, start_agent_over, start_sink,
 };
 use serde_json::Value;
@@ -97,6 +98,7 @@ impl Setup {
                 while !stop.load(Ordering::Relaxed) && n < pool.len() {
                     let due = start + Duration::from_millis(2 * n as u64);
                     if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        // Pacing the sender at 500 a second.
                         std::thread::sleep(wait);
                     }
                     socket
@@ -106,8 +108,13 @@ impl Setup {
                 }
                 n
             });
-            std::thread::sleep(Duration::from_millis(300));
+            // The stream flows before `during` starts.
+            let flowing = self.capture.wait_until(WAIT, |r| {
+                r.iter().any(|d| relay_tests::tag_of(d) == Some(0x5A))
+            });
+            assert!(flowing, "the good agent's stream does not arrive");
             during(self);
+            // Intentional: the stream goes on for a second after `during`.
             std::thread::sleep(Duration::from_secs(1));
             stop.store(true, Ordering::Relaxed);
             sender.join().expect("sender")
@@ -123,6 +130,7 @@ impl Setup {
             "only {} of {sent} arrived",
             self.capture.count_tagged(0x5A)
         );
+        // Intentional: a duplicate, if any, gets time to show up before the count.
         std::thread::sleep(Duration::from_millis(200));
         let got = self.capture.tagged(0x5A);
         assert_eq!(got.len(), sent, "count differs: duplicates or extras");
@@ -138,41 +146,31 @@ impl Setup {
         assert_eq!(self.agent.count("connected to sink"), 1);
     }
 
-    fn scrape(&self) -> String {
-        http::get(self.metrics, "/metrics").expect("scrape").body
-    }
-
-    /// The value of one series, `name{label="value"}`; 0 when absent.
-    fn series(&self, series: &str) -> u64 {
-        self.scrape()
-            .lines()
-            .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
-            .unwrap_or(0.0) as u64
+    /// The value of the series `name{reason}`; 0 when absent.
+    fn by_reason(&self, name: &str, reason: &str) -> u64 {
+        Scrape::of(self.metrics).value_or_zero(name, &[("reason", reason)]) as u64
     }
 
     fn refused(&self, reason: &str) -> u64 {
-        self.series(&format!(
-            "relay_sink_handshakes_refused_total{{reason=\"{reason}\"}}"
-        ))
+        self.by_reason("relay_sink_handshakes_refused_total", reason)
     }
 
     fn closed(&self, reason: &str) -> u64 {
-        self.series(&format!(
-            "relay_sink_connections_closed_total{{reason=\"{reason}\"}}"
-        ))
+        self.by_reason("relay_sink_connections_closed_total", reason)
     }
 
     /// Waits until `relay_sink_handshakes_refused_total{reason}` reaches `at_least`.
     fn wait_refused(&self, reason: &str, at_least: u64) {
-        let deadline = Instant::now() + WAIT;
-        while self.refused(reason) < at_least {
-            assert!(
-                Instant::now() < deadline,
+        let name = "relay_sink_handshakes_refused_total";
+        let reached = metrics::poll(self.metrics, WAIT, |s| {
+            s.value_or_zero(name, &[("reason", reason)]) as u64 >= at_least
+        });
+        if let Err(last) = reached {
+            panic!(
                 "{reason}: {} refusals, expected {at_least}; sink log:\n{}",
-                self.refused(reason),
+                last.value_or_zero(name, &[("reason", reason)]),
                 self.sink.lines().join("\n")
             );
-            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -198,6 +196,7 @@ impl Setup {
             &datagrams(1, 0xEE, 1),
         )
         .expect_err("refused");
+        // Intentional: past the log's rate limit for the next refusal of the kind.
         std::thread::sleep(Duration::from_millis(150));
         error
     }
@@ -231,34 +230,22 @@ impl Setup {
 
     /// Waits for a refusal line of `kind` naming `agent`.
     fn wait_refusal_of(&self, kind: &str, agent: &str) {
-        let deadline = Instant::now() + WAIT;
-        while !self
-            .security_events(kind)
-            .iter()
-            .any(|e| e["security_event"] == "tls_handshake_refused" && e["agent"] == agent)
-        {
-            assert!(
-                Instant::now() < deadline,
-                "no {kind} refusal of {agent}; sink log:\n{}",
-                self.sink.lines().join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.sink
+            .wait_for_event(&format!("{kind} refusing {agent}"), WAIT, |e| {
+                e["security_event"] == "tls_handshake_refused"
+                    && e["kind"] == kind
+                    && e["agent"] == agent
+            });
     }
 
     /// Waits for a handshake refusal line of `kind` whose refused certificate is `subject`.
     fn wait_refused_subject(&self, kind: &str, subject: &str) {
-        let deadline = Instant::now() + WAIT;
-        while !self.security_events(kind).iter().any(|e| {
-            e["security_event"] == "tls_handshake_refused" && e["presented_subject"] == subject
-        }) {
-            assert!(
-                Instant::now() < deadline,
-                "no {kind} refusal of {subject}; sink log:\n{}",
-                self.sink.lines().join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.sink
+            .wait_for_event(&format!("{kind} refusing {subject}"), WAIT, |e| {
+                e["security_event"] == "tls_handshake_refused"
+                    && e["kind"] == kind
+                    && e["presented_subject"] == subject
+            });
     }
 
     fn hangup_sink(&self) {

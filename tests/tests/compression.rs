@@ -5,24 +5,12 @@
 //! link itself carries (`relay_agent_quic_udp_bytes_sent_total`: frames with QUIC and TLS
 //! overhead) is counted and stays under 0.6 of the payload with compression on.
 
-use std::net::SocketAddr;
-
+use relay_tests::fixture::{METRICS, Relay};
+use relay_tests::metrics::{self, Scrape};
 use relay_tests::sflow::SflowGen;
-use relay_tests::{
-    Pki, Transport, UdpCapture, WAIT, field, http, metrics_addr, send_paced, start_agent_over,
-    start_sink,
-};
+use relay_tests::{Transport, WAIT, field, send_paced};
 
 const N: usize = 2_000;
-
-/// A counter's value in a Prometheus text exposition.
-fn counter(addr: SocketAddr, name: &str) -> f64 {
-    let exposition = http::get(addr, "/metrics").expect("/metrics").body;
-    exposition
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in:\n{exposition}"))
-}
 
 /// What one relay run measured, per byte of sFlow payload received by the agent.
 struct Measured {
@@ -36,21 +24,9 @@ struct Measured {
 
 /// Relays N realistic datagrams over `transport` with the agent's `extra` flags.
 fn relay(transport: Transport, extra: &[&str]) -> Measured {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let pki = Pki::new(dir.path());
-    let capture = UdpCapture::bind();
-    let (_sink, sink_addr) = start_sink(&pki, &pki.sink_cert("sink"), &[capture.addr()], None, &[]);
-    let mut args = vec!["--metrics-listen", "127.0.0.1:0"];
-    args.extend_from_slice(extra);
-    let (agent, listen) = start_agent_over(
-        transport,
-        &pki.ca(),
-        &pki.agent_cert("site-a"),
-        sink_addr,
-        "localhost",
-        &args,
-    );
-    let connected = agent.wait_for("connected to sink");
+    let relay = Relay::over(transport).agent(&METRICS).agent(extra).spawn();
+    let (capture, listen) = (&relay.capture, relay.listen);
+    let connected = relay.agent.wait_for("connected to sink");
     let accepts = connected["sink_accepts_compression"]
         .as_bool()
         .unwrap_or_else(|| panic!("no sink_accepts_compression: {connected}"));
@@ -66,9 +42,15 @@ fn relay(transport: Transport, extra: &[&str]) -> Measured {
     );
     capture.assert_exactly(&sent);
 
-    let metrics = metrics_addr(&agent);
-    let payload = counter(metrics, "relay_agent_bytes_received_total");
-    let frames = counter(metrics, "relay_agent_frame_bytes_total");
+    let metrics = relay.agent_metrics();
+    let counters = Scrape::of(metrics);
+    let counter = |name: &str| {
+        counters
+            .value(name, &[])
+            .unwrap_or_else(|| panic!("{name} not in:\n{counters}"))
+    };
+    let payload = counter("relay_agent_bytes_received_total");
+    let frames = counter("relay_agent_frame_bytes_total");
     assert_eq!(
         payload,
         sent.iter().map(Vec::len).sum::<usize>() as f64,
@@ -77,15 +59,10 @@ fn relay(transport: Transport, extra: &[&str]) -> Measured {
     // Counted as of each acknowledgement: every batch has been acknowledged once the sink's
     // acknowledgements caught up; wait for that rather than for a fixed time.
     let quic_udp = if transport == Transport::Quic {
-        let deadline = std::time::Instant::now() + WAIT;
-        loop {
-            let exposition = http::get(metrics, "/metrics").expect("/metrics").body;
-            let udp = http::metric_sum(&exposition, "relay_agent_quic_udp_bytes_sent_total");
-            if udp >= frames || std::time::Instant::now() > deadline {
-                break udp;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        let udp_sent = "relay_agent_quic_udp_bytes_sent_total";
+        metrics::poll(metrics, WAIT, |s| s.sum(udp_sent) >= frames)
+            .unwrap_or_else(|last| last)
+            .sum(udp_sent)
     } else {
         0.0
     };

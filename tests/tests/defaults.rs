@@ -22,9 +22,11 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use relay_tests::impair::{Impairment, Proxy, TcpProxy, UdpProxy};
+use relay_tests::metrics::Scrape;
+use relay_tests::procfs::Proc;
 use relay_tests::sflow::{SflowGen, StreamReport};
 use relay_tests::stream::{PositionCapture, send_stream};
-use relay_tests::{Daemon, Pki, Transport, http, path, spawn_agent, start_sink};
+use relay_tests::{Daemon, Pki, Transport, path, spawn_agent, start_sink};
 
 /// One test at a time (see the module documentation).
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -35,8 +37,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 /// The sum of the series of `name` on `daemon`'s `/metrics`.
 fn metric(metrics: SocketAddr, name: &str) -> f64 {
-    let response = http::get(metrics, "/metrics").expect("scrape /metrics");
-    http::metric_sum(&response.body, name)
+    Scrape::of(metrics).sum(name)
 }
 
 /// A sink with its defaults and a metrics endpoint.
@@ -65,13 +66,7 @@ fn agent(pki: &Pki, name: &str, sink: SocketAddr, extra: &[&str]) -> (Daemon, So
 
 /// Peak resident memory of a process (VmHWM), bytes.
 fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmHWM")
-        * 1024
+    Proc::of(pid).peak_rss_kib() * 1024
 }
 
 /// 1a. One agent, 9,000 live datagrams a second for 60 s.
@@ -161,6 +156,7 @@ fn link_cut_for_30_seconds_while_live_traffic_goes_on(t: Transport) {
         &["--transport", t.name(), "--spool-dir", &path(&spool)],
     );
     let sender = send_stream(listen, SflowGen::new(4, 2, 25), RATE, n);
+    // Intentional: live traffic flows for BEFORE, then the link is down for CUT.
     std::thread::sleep(BEFORE);
     path_.cut_for(Duration::from_secs(3600));
     std::thread::sleep(CUT);
@@ -170,14 +166,9 @@ fn link_cut_for_30_seconds_while_live_traffic_goes_on(t: Transport) {
     // Drained: everything sent before the link came back has arrived (order is kept, so
     // that is the moment the backlog is gone).
     let sent_by_heal = sender.sent();
-    let mut drained = None;
-    while healed.elapsed() < 3 * CUT {
-        if collector.len() >= sent_by_heal {
-            drained = Some(healed.elapsed());
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let drained = collector
+        .wait_until_len(sent_by_heal, 3 * CUT)
+        .then(|| healed.elapsed());
     let sent = sender.join();
     let arrived = collector.wait_for(n, Duration::from_secs(60));
     let report = StreamReport::of_positions(&sent, &collector.positions());
@@ -237,6 +228,7 @@ fn a_two_minute_sink_outage_without_a_spool_loses_nothing() {
     );
     let agent_metrics = relay_tests::metrics_addr(&agent);
     let sender = send_stream(listen, SflowGen::new(4, 2, 35), RATE, n);
+    // Intentional: traffic flows for BEFORE, then the sink is gone for OUTAGE.
     std::thread::sleep(BEFORE);
     // Stopped cleanly: what it replayed it acknowledged, so nothing comes twice.
     assert!(sink.terminate().success());

@@ -32,9 +32,9 @@ fn settle(capture: &UdpCapture, sent: &[Vec<u8>], timeout: Duration) -> StreamRe
     let deadline = Instant::now() + timeout;
     let mut target = sent.len();
     loop {
-        while capture.len() < target && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        capture.wait_until(left, |r| r.len() >= target);
+        // Intentional: half a second for duplicates to show up.
         std::thread::sleep(Duration::from_millis(500));
         let report = StreamReport::of(sent, &capture.received());
         if report.missing == 0 || Instant::now() >= deadline {
@@ -96,6 +96,7 @@ fn sink_killed_mid_stream_and_restarted(t: Transport) {
     let sent = stream(STREAM, 1);
     std::thread::scope(|s| {
         s.spawn(|| send_at_rate(listen, &sent, 4_000));
+        // Intentional: 1.5 s of traffic, then the sink is gone for 3 s.
         std::thread::sleep(Duration::from_millis(1_500));
         sink.kill();
         std::thread::sleep(Duration::from_secs(3));
@@ -247,9 +248,12 @@ fn sigterm_with_a_spool_keeps_the_unacknowledged_and_resends_nothing_else() {
         settle(&capture, acknowledged, Duration::from_secs(20)).missing,
         0
     );
+    // Intentional: time for the acknowledgements of what arrived to reach the agent (it runs
+    // without a metrics endpoint, so its backlog cannot be watched).
     std::thread::sleep(Duration::from_millis(500));
     path_.cut_for(Duration::from_secs(3600));
     send_at_rate(listen, unacknowledged, 4_000);
+    // Intentional: time for the agent to take the last datagrams off its socket.
     std::thread::sleep(Duration::from_millis(300));
     let asked = Instant::now();
     assert!(agent.terminate().success());
@@ -378,6 +382,7 @@ fn a_collector_closed_for_10_seconds_holds_up_nothing() {
     let sent = stream(STREAM, 7);
     let reopened = std::thread::scope(|s| {
         s.spawn(|| send_at_rate(listen, &sent, 1_000));
+        // Intentional: the collector stays closed for 10 s of traffic.
         std::thread::sleep(Duration::from_secs(10));
         UdpCapture::bind_plain(closed_addr)
     });

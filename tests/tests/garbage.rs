@@ -15,11 +15,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rand::{Rng, RngCore, SeedableRng};
+use relay_tests::fixture::{METRICS, Relay};
+use relay_tests::metrics::{self, Scrape};
 use relay_tests::sflow::SflowGen;
-use relay_tests::{
-    Daemon, MIN_LEN, Pki, UdpCapture, WAIT, http, metrics_addr, send_at_rate, spawn_agent,
-    start_sink, tagged_datagram,
-};
+use relay_tests::{MIN_LEN, WAIT, send_at_rate, tagged_datagram};
 
 /// How long each flood lasts.
 const SECONDS: u64 = 10;
@@ -33,45 +32,26 @@ const FLOOD_MAX_LEN: usize = 9_000;
 /// One flood at a time: two at once would measure the machine (2 cores), not the agent.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-/// An agent with a metrics endpoint in front of a sink replaying to a capture.
+/// An agent with its defaults and a metrics endpoint, in front of a sink replaying to a
+/// capture.
 struct Site {
-    _dir: tempfile::TempDir,
-    capture: UdpCapture,
-    _sink: Daemon,
-    agent: Daemon,
-    listen: SocketAddr,
+    relay: Relay,
     metrics: SocketAddr,
 }
 
 impl Site {
     fn new(agent_extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let pki = Pki::new(dir.path());
-        let capture = UdpCapture::bind();
-        let (sink, sink_addr) =
-            start_sink(&pki, &pki.sink_cert("sink"), &[capture.addr()], None, &[]);
-        let extra = [&["--metrics-listen", "127.0.0.1:0"], agent_extra].concat();
-        let (agent, listen) = spawn_agent(
-            &pki.ca(),
-            &pki.agent_cert("site"),
-            sink_addr,
-            "localhost",
-            &extra,
-        );
-        let metrics = metrics_addr(&agent);
-        agent.wait_for("connected to sink");
-        Self {
-            _dir: dir,
-            capture,
-            _sink: sink,
-            agent,
-            listen,
-            metrics,
-        }
+        let relay = Relay::with_defaults()
+            .agent_name("site")
+            .agent(&METRICS)
+            .agent(agent_extra)
+            .start();
+        let metrics = relay.agent_metrics();
+        Self { relay, metrics }
     }
 
-    fn scrape(&self) -> String {
-        http::get(self.metrics, "/metrics").expect("scrape").body
+    fn scrape(&self) -> Scrape {
+        Scrape::of(self.metrics)
     }
 
     /// Sends `real` at [`REAL_RATE`] from 127.0.0.1 while `flood` makes [`FLOOD_RATE`]
@@ -86,17 +66,18 @@ impl Site {
         let socket = UdpSocket::bind(flood_from).expect("bind the flood's sender");
         let total = FLOOD_RATE * SECONDS;
         std::thread::scope(|s| {
-            s.spawn(|| send_at_rate(self.listen, real, REAL_RATE));
+            s.spawn(|| send_at_rate(self.relay.listen, real, REAL_RATE));
             let started = Instant::now();
             let mut buf = Vec::with_capacity(FLOOD_MAX_LEN);
             for i in 0..total {
                 flood(i, &mut buf);
-                socket.send_to(&buf, self.listen).expect("send flood");
+                socket.send_to(&buf, self.relay.listen).expect("send flood");
                 // In bursts of 10 (0.4 ms apart), not 100: a burst of large datagrams must
                 // fit the agent's socket buffer while its receive thread pauses (1 ms).
                 if i % 10 == 9 {
                     let due = started + Duration::from_micros(1_000_000 * (i + 1) / FLOOD_RATE);
                     if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        // Pacing the flood at FLOOD_RATE.
                         std::thread::sleep(wait);
                     }
                 }
@@ -113,17 +94,13 @@ impl Site {
 
     /// Waits until the agent has received (or the kernel dropped) `sent` datagrams; returns
     /// the exposition then.
-    fn settled(&self, sent: u64) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let exposition = self.scrape();
-            let received = http::metric_sum(&exposition, "relay_agent_datagrams_received_total");
-            let kernel = http::metric_sum(&exposition, "relay_agent_kernel_receive_drops_total");
-            if received + kernel >= sent as f64 || Instant::now() > deadline {
-                return exposition;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+    fn settled(&self, sent: u64) -> Scrape {
+        metrics::poll(self.metrics, WAIT, |s| {
+            let received = s.sum("relay_agent_datagrams_received_total");
+            let kernel = s.sum("relay_agent_kernel_receive_drops_total");
+            received + kernel >= sent as f64
+        })
+        .unwrap_or_else(|last| last)
     }
 
     /// Asserts what both floods must show: every unwanted datagram counted under `reasons`
@@ -132,17 +109,13 @@ impl Site {
     fn assert_dropped_and_counted(&self, real: &[Vec<u8>], flooded: u64, reasons: &[&str]) {
         let sent = real.len() as u64 + flooded;
         let exposition = self.settled(sent);
-        let value = |name: &str| http::metric_sum(&exposition, name) as u64;
+        let value = |name: &str| exposition.sum(name) as u64;
         let received = value("relay_agent_datagrams_received_total");
         let kernel = value("relay_agent_kernel_receive_drops_total");
         let refused = value("relay_agent_not_sflow_datagrams_total");
         let by_reason: Vec<(String, u64)> = exposition
-            .lines()
-            .filter_map(|l| l.strip_prefix("relay_agent_not_sflow_datagrams_total{reason=\""))
-            .filter_map(|l| {
-                let (reason, value) = l.split_once("\"} ")?;
-                Some((reason.to_owned(), value.trim().parse::<f64>().ok()? as u64))
-            })
+            .series("relay_agent_not_sflow_datagrams_total")
+            .filter_map(|s| Some((s.label("reason")?.to_owned(), s.value as u64)))
             .collect();
         eprintln!(
             "agent: {received} received, {kernel} dropped by the kernel, {refused} refused {by_reason:?}"
@@ -178,10 +151,11 @@ impl Site {
         );
 
         // None of the flood relayed: exactly the real stream arrives, byte for byte, in order.
-        self.capture.assert_exactly(real);
+        self.relay.capture.assert_exactly(real);
 
         // Logged, but at most one line per 10 s (plus the first), saying how many were not.
         let lines: Vec<_> = self
+            .relay
             .agent
             .events()
             .into_iter()
@@ -249,10 +223,7 @@ fn random_datagrams_beside_real_sflow_are_dropped_and_counted_by_reason() {
     site.assert_dropped_and_counted(&real, flooded, &["too_short", "version", "address_type"]);
     let exposition = site.scrape();
     let reason = |r: &str| {
-        http::metric_sum(
-            &exposition,
-            &format!("relay_agent_not_sflow_datagrams_total{{reason=\"{r}\"}}"),
-        ) as u64
+        exposition.value_or_zero("relay_agent_not_sflow_datagrams_total", &[("reason", r)]) as u64
     };
     assert!(reason("version") > flooded / 2, "mostly a wrong version");
     assert!(
@@ -282,9 +253,9 @@ fn sflow_from_a_source_outside_allow_sources_is_dropped_and_counted() {
     site.assert_dropped_and_counted(&real, flooded, &["source_not_allowed"]);
     let exposition = site.scrape();
     assert_eq!(
-        http::metric_sum(
-            &exposition,
-            "relay_agent_not_sflow_datagrams_total{reason=\"source_not_allowed\"}"
+        exposition.value_or_zero(
+            "relay_agent_not_sflow_datagrams_total",
+            &[("reason", "source_not_allowed")]
         ) as u64,
         flooded
     );

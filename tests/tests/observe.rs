@@ -4,16 +4,16 @@
 //! `/agents` must tell the truth while the sink is down and once it is back.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use relay_tests::fixture::{METRICS, Relay};
+use relay_tests::metrics::Scrape;
 use relay_tests::prometheus::{self, Prometheus};
 use relay_tests::sflow::SflowGen;
 use relay_tests::{
     Pki, Transport, UdpCapture, WAIT, free_udp_port, http, metrics_addr, send_paced,
-    start_agent_over, start_sink,
+    start_agent_over, start_sink, wait_until,
 };
-
-const METRICS: &[&str] = &["--metrics-listen", "127.0.0.1:0"];
 
 fn sflow(n: usize) -> Vec<Vec<u8>> {
     let mut generator = SflowGen::new(3, 2, 11);
@@ -22,20 +22,24 @@ fn sflow(n: usize) -> Vec<Vec<u8>> {
 
 /// Waits until `path` on `addr` answers with `status`; returns the body.
 fn wait_status(addr: SocketAddr, path: &str, status: u16, timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
+    let mut last = None;
+    let what = format!("{path} to answer {status}");
+    let body = wait_until(&what, timeout, || {
         let response = http::get(addr, path).expect("metrics endpoint answers");
         if response.status == status {
-            return response.body;
+            return Some(response.body);
         }
-        assert!(
-            Instant::now() < deadline,
-            "{path} still {} ({}) after {timeout:?}, expected {status}",
-            response.status,
-            response.body.trim()
+        last = Some(response);
+        None
+    });
+    if let Some(last) = last {
+        eprintln!(
+            "{path} answered {} ({}) before {status}",
+            last.status,
+            last.body.trim()
         );
-        std::thread::sleep(Duration::from_millis(100));
     }
+    body
 }
 
 #[test]
@@ -45,28 +49,15 @@ fn prometheus_sees_the_agent_receive_and_the_sink_replay_every_datagram() {
         return;
     }
     const N: usize = 3_000;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let pki = Pki::new(dir.path());
-    let capture = UdpCapture::bind();
-    let (sink, sink_addr) = start_sink(
-        &pki,
-        &pki.sink_cert("sink"),
-        &[capture.addr()],
-        None,
-        METRICS,
-    );
-    let (agent, listen) = start_agent_over(
-        Transport::Quic,
-        &pki.ca(),
-        &pki.agent_cert("site-a"),
-        sink_addr,
-        "localhost",
-        METRICS,
-    );
-    let (agent_metrics, sink_metrics) = (metrics_addr(&agent), metrics_addr(&sink));
+    let relay = Relay::over(Transport::Quic)
+        .sink(&METRICS)
+        .agent(&METRICS)
+        .spawn();
+    let (capture, listen) = (&relay.capture, relay.listen);
+    let (agent_metrics, sink_metrics) = (relay.agent_metrics(), relay.sink_metrics());
     let server = Prometheus::start(&[("agent", agent_metrics), ("sink", sink_metrics)])
         .expect("prometheus starts");
-    agent.wait_for("connected to sink");
+    relay.agent.wait_for("connected to sink");
 
     let sent = sflow(N);
     send_paced(listen, &sent, 32, || capture.len());
@@ -106,6 +97,7 @@ fn prometheus_sees_the_agent_receive_and_the_sink_replay_every_datagram() {
 
     // Both expositions pass promtool's checks (format and naming lint).
     for addr in [agent_metrics, sink_metrics] {
+        // The raw response: its content type is the point here.
         let exposition = http::get(addr, "/metrics").expect("scrape");
         assert_eq!(exposition.status, 200);
         assert!(
@@ -143,7 +135,8 @@ fn agent_is_not_ready_while_its_sink_is_down_without_a_spool() {
     let dir = tempfile::tempdir().expect("temp dir");
     let pki = Pki::new(dir.path());
     let capture = UdpCapture::bind();
-    // The sink's address is known before it runs: the agent starts first, with nowhere to go.
+    // The sink's address is known before it runs: the agent starts first, with nowhere to go
+    // (so the port is probed: the agent must be given it, and the sink binds it later).
     let sink_at = free_udp_port();
     let (agent, _listen) = start_agent_over(
         Transport::Quic,
@@ -151,7 +144,7 @@ fn agent_is_not_ready_while_its_sink_is_down_without_a_spool() {
         &pki.agent_cert("site-a"),
         sink_at,
         "localhost",
-        METRICS,
+        &METRICS,
     );
     let agent_metrics = metrics_addr(&agent);
     assert_eq!(
@@ -171,7 +164,7 @@ fn agent_is_not_ready_while_its_sink_is_down_without_a_spool() {
         &pki.sink_cert("sink"),
         &[capture.addr()],
         Some(sink_at),
-        METRICS,
+        &METRICS,
     );
     agent.wait_for("connected to sink");
     wait_status(agent_metrics, "/readyz", 200, WAIT);
@@ -181,17 +174,22 @@ fn agent_is_not_ready_while_its_sink_is_down_without_a_spool() {
         http::get(sink_metrics, "/healthz").expect("healthz").status,
         200
     );
-    let exposition = http::get(agent_metrics, "/metrics").expect("scrape").body;
-    assert!(
-        exposition.contains(&format!("relay_agent_connected{{sink=\"{sink_at}\"}} 1")),
+    let exposition = Scrape::of(agent_metrics);
+    let sink_label = sink_at.to_string();
+    let sink_label = ("sink", sink_label.as_str());
+    assert_eq!(
+        exposition.value("relay_agent_connected", &[sink_label]),
+        Some(1.0),
         "{exposition}"
     );
+    let failures = |reason: &str| {
+        exposition.value(
+            "relay_agent_connect_failures_total",
+            &[("reason", reason), sink_label],
+        )
+    };
     assert!(
-        exposition.contains(&format!(
-            "relay_agent_connect_failures_total{{reason=\"unreachable\",sink=\"{sink_at}\"}}"
-        )) || exposition.contains(&format!(
-            "relay_agent_connect_failures_total{{reason=\"timeout\",sink=\"{sink_at}\"}}"
-        )),
+        failures("unreachable").is_some() || failures("timeout").is_some(),
         "{exposition}"
     );
 }
@@ -202,13 +200,14 @@ fn agent_with_a_spool_stays_ready_while_its_sink_is_down() {
     let pki = Pki::new(dir.path());
     let spool = dir.path().join("spool");
     let spool = spool.to_str().expect("UTF-8 path");
+    // A sink address nothing listens on: probed, since nothing may bind it.
     let (agent, _listen) = start_agent_over(
         Transport::Quic,
         &pki.ca(),
         &pki.agent_cert("site-a"),
         free_udp_port(),
         "localhost",
-        &[METRICS, &["--spool-dir", spool]].concat(),
+        &[&METRICS[..], &["--spool-dir", spool]].concat(),
     );
     let agent_metrics = metrics_addr(&agent);
     agent.wait_for("cannot connect to sink");

@@ -6,10 +6,12 @@
 
 use std::time::Duration;
 
+use relay_tests::fixture::Relay;
 use relay_tests::{
     Daemon, MIN_LEN, Pki, Transport, UdpCapture, WAIT, datagrams, field, path, send_all,
-    send_paced, start_agent_over, start_sink, tag_of,
+    send_paced, start_agent_over, start_sink, tag_of, wait_until,
 };
+use serde_json::Value;
 
 fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().expect("temp dir")
@@ -30,19 +32,8 @@ fn missing(capture: &UdpCapture, sent: &[&Vec<Vec<u8>>]) -> Vec<(u8, usize)> {
 }
 
 fn delivers_20000_mixed_datagrams_byte_exact_in_order(t: Transport) {
-    let dir = tmp();
-    let pki = Pki::new(dir.path());
-    let capture = UdpCapture::bind();
-    let (_sink, sink_addr) = start_sink(&pki, &pki.sink_cert("sink"), &[capture.addr()], None, &[]);
-    let (agent, listen) = start_agent_over(
-        t,
-        &pki.ca(),
-        &pki.agent_cert("site-a"),
-        sink_addr,
-        "localhost",
-        &[],
-    );
-    agent.wait_for("connected to sink");
+    let relay = Relay::over(t).start();
+    let (capture, listen) = (&relay.capture, relay.listen);
 
     let sent = datagrams(20_000, 0xA1, 1);
     assert_eq!(sent.iter().map(Vec::len).min(), Some(MIN_LEN));
@@ -145,6 +136,7 @@ fn refused_agents_relay_nothing_while_a_good_agent_keeps_going(t: Transport) {
             for _ in 0..5 {
                 send_all(foreign_listen, &bad);
                 send_all(server_cert_listen, &bad);
+                // Pacing: the refused agents get five bursts, 100 ms apart.
                 std::thread::sleep(Duration::from_millis(100));
             }
         });
@@ -176,14 +168,16 @@ fn refused_agents_relay_nothing_while_a_good_agent_keeps_going(t: Transport) {
             })
             .count()
     };
-    let deadline = std::time::Instant::now() + WAIT;
-    while (refusals("UnknownIssuer") + refusals("BadSignature") == 0
-        || refusals("no certificates") == 0
-        || refusals("extended key usage") == 0)
-        && std::time::Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let refused_in = |events: &[Value], needle: &str| {
+        events.iter().any(|e| {
+            relay_tests::message(e).contains("agent refused") && field(e, "reason").contains(needle)
+        })
+    };
+    sink.wait_events(WAIT, |events| {
+        (refused_in(events, "UnknownIssuer") || refused_in(events, "BadSignature"))
+            && refused_in(events, "no certificates")
+            && refused_in(events, "extended key usage")
+    });
     let reasons: Vec<String> = sink
         .events()
         .iter()
@@ -202,6 +196,7 @@ fn refused_agents_relay_nothing_while_a_good_agent_keeps_going(t: Transport) {
         refusals("extended key usage") > 0,
         "serverAuth-only certificate refused with reason; refusals: {reasons:?}"
     );
+    // Intentional: time for a refused agent's datagram to show up, were one replayed.
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         capture.count_tagged(0xEE),
@@ -246,6 +241,7 @@ fn agent_refuses_a_sink_whose_certificate_has_another_name(t: Transport) {
         "{reason}"
     );
     send_all(listen, &datagrams(50, 0x11, 6));
+    // Intentional: half a second for a datagram to arrive, were one relayed.
     std::thread::sleep(Duration::from_millis(500));
     assert!(
         capture.is_empty(),
@@ -421,6 +417,7 @@ fn a_sink_restarted_after_a_crash_resets_old_connections_at_once(t: Transport) {
         s.spawn(|| {
             for d in probe.chunks(1) {
                 send_all(listen, d);
+                // Pacing the probe: one datagram every 50 ms.
                 std::thread::sleep(Duration::from_millis(50));
                 if agent.count("connected to sink") >= 2 {
                     break;
@@ -450,7 +447,7 @@ fn an_agent_whose_sink_never_answers_stops_promptly(t: Transport) {
     // never accepts (the kernel completes the TCP handshake; TLS then waits forever).
     let silent_udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let nowhere = silent_udp.local_addr().unwrap();
-    let _silent_tcp = std::net::TcpListener::bind(nowhere).unwrap();
+    let silent_tcp = std::net::TcpListener::bind(nowhere).unwrap();
     let (mut agent, _) = start_agent_over(
         t,
         &pki.ca(),
@@ -459,7 +456,23 @@ fn an_agent_whose_sink_never_answers_stops_promptly(t: Transport) {
         "localhost",
         &["--connect-timeout", "30s"],
     );
-    std::thread::sleep(Duration::from_millis(300));
+    // Stopped while connecting: once its first QUIC packet or TCP connection has arrived.
+    let _connecting = match t {
+        Transport::Quic => {
+            silent_udp.set_read_timeout(Some(WAIT)).unwrap();
+            let mut packet = [0u8; 2048];
+            silent_udp
+                .peek_from(&mut packet)
+                .expect("the agent's first QUIC packet");
+            None
+        }
+        Transport::Grpc => {
+            silent_tcp.set_nonblocking(true).unwrap();
+            Some(wait_until("the agent's TCP connection", WAIT, || {
+                silent_tcp.accept().ok()
+            }))
+        }
+    };
     let started = std::time::Instant::now();
     assert!(agent.terminate().success());
     assert!(

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use relay_tests::{
     Daemon, Pki, Transport, UdpCapture, WAIT, datagrams, field, http, metrics_addr, send_at_rate,
-    start_agent_over, start_sink,
+    start_agent_over, start_sink, wait_until,
 };
 
 const RELOADED: &str = "certificates reloaded";
@@ -81,7 +81,11 @@ fn rotated_certificates_serve_new_connections_and_the_stream_loses_nothing() {
     let sent = datagrams(8_000, 0x5A, 21);
     std::thread::scope(|s| {
         let sender = s.spawn(|| send_at_rate(listen, &sent, 1_000));
-        std::thread::sleep(Duration::from_millis(500));
+        // Traffic flows before the first reload.
+        assert!(
+            capture.wait_until(WAIT, |r| !r.is_empty()),
+            "the stream arrives"
+        );
 
         // 1. The sink's certificate is renewed (90 days instead of 30): SIGHUP.
         sink_cert(&pki, "90", true);
@@ -131,21 +135,14 @@ fn rotated_certificates_serve_new_connections_and_the_stream_loses_nothing() {
         // The agent logs its connection when the handshake completes; the sink lists it once
         // its stream is accepted, a moment later.
         let sink_metrics = metrics_addr(&sink);
-        let deadline = std::time::Instant::now() + WAIT;
-        let (agents, site_a) = loop {
+        let (agents, site_a) = wait_until("site-a in the sink's /agents", WAIT, || {
             let agents = http::get_json(sink_metrics, "/agents").expect("/agents");
             let found = agents
                 .as_array()
                 .and_then(|list| list.iter().find(|a| a["agent"] == "site-a"))
                 .cloned();
-            match found {
-                Some(site_a) => break (agents, site_a),
-                None if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                None => panic!("site-a connected: {agents}"),
-            }
-        };
+            found.map(|site_a| (agents, site_a))
+        });
         assert_eq!(
             site_a["certificate_expires"], new_agent_expiry,
             "the agent presents its renewed certificate: {agents}"
@@ -174,6 +171,7 @@ fn rotated_certificates_serve_new_connections_and_the_stream_loses_nothing() {
         capture.len(),
         sent.len()
     );
+    // Intentional: time for a duplicate to show up (beyond assert_exactly's own).
     std::thread::sleep(Duration::from_millis(300));
     capture.assert_exactly(&sent);
 }

@@ -5,10 +5,13 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use std::net::SocketAddr;
+
 use relay_tests::{
-    Daemon, UdpCapture, WAIT, bin, datagrams_up_to, free_udp_port, path, pipe, send_paced,
+    Daemon, UdpCapture, WAIT, bin, datagrams_up_to, field, free_udp_port, path, pipe, send_paced,
     wait_udp_bound,
 };
+use serde_json::Value;
 
 const N: usize = 5_000;
 
@@ -28,17 +31,47 @@ fn python(args: &[&str]) -> Command {
     cmd
 }
 
+/// Where a relay's ssh-hex collector started with `-p 0` receives: the `listen` field of its
+/// first log line, in JSON or in text.
+fn reported_collector(collector: &Daemon) -> SocketAddr {
+    let line = collector.wait_for_line("ssh-hex: writing received datagrams", WAIT);
+    let listen = match serde_json::from_str::<Value>(&line) {
+        Ok(event) => field(&event, "listen").to_owned(),
+        Err(_) => line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("listen="))
+            .unwrap_or_default()
+            .to_owned(),
+    };
+    listen
+        .parse()
+        .unwrap_or_else(|_| panic!("no listen address in {line:?}"))
+}
+
+/// Where `left`, the collector side, receives: `Told` the port it was given (the Python
+/// script must be), or the port it `Reported` (a relay binary started with `-p 0`).
+enum Collector {
+    Told(SocketAddr),
+    Reported,
+}
+
 /// Sends `N` datagrams of up to `max_len` bytes into `left`'s UDP port and checks they come
 /// out of `right` byte-identical and in order.
 fn check(
     left: Command,
     right: Command,
-    collector: std::net::SocketAddr,
+    collector: Collector,
     capture: &UdpCapture,
     max_len: usize,
 ) {
-    let (_left, _right) = pipe(left, right);
-    wait_udp_bound(collector);
+    let (left, _right) = pipe(left, right);
+    let collector = match collector {
+        Collector::Told(addr) => {
+            wait_udp_bound(addr);
+            addr
+        }
+        Collector::Reported => reported_collector(&left),
+    };
     let sent = datagrams_up_to(N, 0x5A, max_len as u64, max_len);
     assert_eq!(sent.iter().map(Vec::len).max(), Some(max_len));
     send_paced(collector, &sent, 32, || capture.len());
@@ -54,7 +87,7 @@ fn python_collector_to_relay_server() {
     check(
         python(&["-c", "127.0.0.1", "-p", &port]),
         relay("relay-sink", &["-s", "127.0.0.1", "-p", &cap_port]),
-        collector,
+        Collector::Told(collector),
         &capture,
         2_048,
     );
@@ -63,13 +96,11 @@ fn python_collector_to_relay_server() {
 #[test]
 fn relay_collector_to_python_server() {
     let capture = UdpCapture::bind();
-    let collector = free_udp_port();
-    let port = collector.port().to_string();
     let cap_port = capture.addr().port().to_string();
     check(
-        relay("relay-agent", &["-c", "127.0.0.1", "-p", &port]),
+        relay("relay-agent", &["-c", "127.0.0.1", "-p", "0"]),
         python(&["-s", "127.0.0.1", "-p", &cap_port]),
-        collector,
+        Collector::Reported,
         &capture,
         2_048,
     );
@@ -78,13 +109,11 @@ fn relay_collector_to_python_server() {
 #[test]
 fn relay_collector_to_relay_server_up_to_65507_bytes() {
     let capture = UdpCapture::bind();
-    let collector = free_udp_port();
-    let port = collector.port().to_string();
     let cap_port = capture.addr().port().to_string();
     check(
-        relay("relay-agent", &["-c", "127.0.0.1", "-p", &port]),
+        relay("relay-agent", &["-c", "127.0.0.1", "-p", "0"]),
         relay("relay-sink", &["-s", "127.0.0.1", "-p", &cap_port]),
-        collector,
+        Collector::Reported,
         &capture,
         65_507,
     );
@@ -191,16 +220,14 @@ fn the_agent_collector_writes_only_what_its_options_admit() {
         (&["--accept", "any"][..], "127.0.0.1:0", "everything"),
     ] {
         let capture = UdpCapture::bind();
-        let collector = free_udp_port();
-        let port = collector.port().to_string();
         let cap_port = capture.addr().port().to_string();
-        let listen = ["-c", "127.0.0.1", "-p", &port, "--log-format", "json"];
+        let listen = ["-c", "127.0.0.1", "-p", "0", "--log-format", "json"];
         let args = [&listen[..], extra].concat();
         let (agent, _sink) = pipe(
             relay("relay-agent", &args),
             relay("relay-sink", &["-s", "127.0.0.1", "-p", &cap_port]),
         );
-        wait_udp_bound(collector);
+        let collector = reported_collector(&agent);
         // Garbage first (and, with a source list, valid sFlow from outside it), then the
         // sFlow: once the sFlow is in, whatever of the rest was admitted is in before it.
         let socket = std::net::UdpSocket::bind(outsider).unwrap();
@@ -221,7 +248,7 @@ fn the_agent_collector_writes_only_what_its_options_admit() {
         capture.assert_exactly(&expected);
         if admitted != "everything" {
             let dropped = agent.wait_for("ssh-hex: datagram dropped");
-            let reason = relay_tests::field(&dropped, "reason");
+            let reason = field(&dropped, "reason");
             assert!(
                 ["version", "too_short", "source_not_allowed"].contains(&reason),
                 "{admitted}: {dropped}"
@@ -237,9 +264,7 @@ fn the_agent_collector_writes_only_what_its_options_admit() {
 
 #[test]
 fn collector_exits_non_zero_as_soon_as_stdout_closes() {
-    let collector = free_udp_port();
-    let port = collector.port().to_string();
-    let mut cmd = relay("relay-agent", &["-c", "127.0.0.1", "-p", &port]);
+    let mut cmd = relay("relay-agent", &["-c", "127.0.0.1", "-p", "0"]);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -316,6 +341,7 @@ impl Sshd {
             if std::time::Instant::now() > deadline {
                 return Err("sshd did not start listening".into());
             }
+            // Polling the port: sshd -D says nothing when it listens.
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(Self {
@@ -357,8 +383,6 @@ fn relay_to_relay_through_a_real_ssh_session() {
         }
     };
     let capture = UdpCapture::bind();
-    let collector = free_udp_port();
-    let port = collector.port().to_string();
     // The article's usage: `relay-agent --ssh-hex | ssh user@analyzer 'relay-sink --ssh-hex -s 127.0.0.1'`.
     let remote = format!(
         "{} --ssh-hex -s 127.0.0.1 -p {}",
@@ -366,9 +390,9 @@ fn relay_to_relay_through_a_real_ssh_session() {
         capture.addr().port()
     );
     check(
-        relay("relay-agent", &["-c", "127.0.0.1", "-p", &port]),
+        relay("relay-agent", &["-c", "127.0.0.1", "-p", "0"]),
         sshd.ssh(&remote),
-        collector,
+        Collector::Reported,
         &capture,
         65_507,
     );

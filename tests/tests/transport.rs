@@ -112,11 +112,20 @@ fn auto_carries_on_over_grpc_while_udp_is_blocked_and_returns_to_quic_without_lo
                         break;
                     }
                 }
+                // Pacing the sender: a chunk every 10 ms.
                 std::thread::sleep(Duration::from_millis(10));
             }
             sent
         });
-        std::thread::sleep(Duration::from_millis(500));
+        // Well into the stream before the firewall opens.
+        assert!(
+            capture.wait_until(WAIT, |r| r
+                .iter()
+                .filter(|d| relay_tests::tag_of(d) == Some(0x42))
+                .count()
+                >= 1_000),
+            "the stream arrives over gRPC"
+        );
         let opened = Instant::now();
         netns.unblock();
         let change = agent.wait_for("transport changed: gRPC to QUIC");
@@ -147,6 +156,7 @@ fn auto_carries_on_over_grpc_while_udp_is_blocked_and_returns_to_quic_without_lo
         "only {} of {sent} arrived",
         capture.count_tagged(0x42)
     );
+    // Intentional: time for a duplicate to show up before the comparison.
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         capture.tagged(0x42),

@@ -5,8 +5,9 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use relay_tests::bin;
+use relay_tests::metrics::Scrape;
 use relay_tests::sflow::{SflowGen, stream_position};
-use relay_tests::{bin, http};
 
 use crate::BenchArgs;
 use crate::load::{self, Key, OFFERED_MIN, Offered, Receiver};
@@ -134,10 +135,10 @@ pub(crate) struct Wire {
 
 impl Wire {
     fn read(agent: std::net::SocketAddr) -> Option<Self> {
-        let body = http::get(agent, "/metrics").ok()?.body;
+        let scrape = Scrape::try_of(agent).ok()?;
         Some(Self {
-            payload: http::metric_sum(&body, "relay_agent_bytes_received_total"),
-            udp: http::metric_sum(&body, "relay_agent_quic_udp_bytes_sent_total"),
+            payload: scrape.sum("relay_agent_bytes_received_total"),
+            udp: scrape.sum("relay_agent_quic_udp_bytes_sent_total"),
         })
     }
 

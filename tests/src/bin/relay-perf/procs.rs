@@ -2,10 +2,9 @@
 
 use std::net::UdpSocket;
 
+use relay_tests::procfs::Proc;
+pub(crate) use relay_tests::procfs::machine_busy_seconds;
 use serde_json::{Value, json};
-
-/// Clock ticks per second of /proc/PID/stat's CPU times (USER_HZ, 100 on Linux).
-const TICKS_PER_SECOND: f64 = 100.0;
 
 /// A process's CPU time and memory at one moment.
 #[derive(Debug, Clone, Copy, Default)]
@@ -20,49 +19,20 @@ pub(crate) struct Usage {
 
 /// The usage of process `pid` (`"self"` works too); zeros when it is gone.
 pub(crate) fn usage(pid: &str) -> Usage {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name: utime is the 12th, stime the 13th.
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
-        .sum();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib = |key: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
+    let Ok(process) = pid.parse::<Proc>() else {
+        return Usage::default();
     };
     Usage {
-        cpu_seconds: ticks / TICKS_PER_SECOND,
-        rss: kib("VmRSS:") * 1024,
-        peak_rss: kib("VmHWM:") * 1024,
+        cpu_seconds: process.try_cpu_seconds().unwrap_or(0.0),
+        rss: process.try_status_kib("VmRSS").unwrap_or(0) * 1024,
+        peak_rss: process.try_status_kib("VmHWM").unwrap_or(0) * 1024,
     }
 }
 
-/// CPU seconds the whole machine spent in user and system mode so far (all cores; the first
-/// line of /proc/stat).
-pub(crate) fn machine_busy_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let ticks: f64 = stat
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .skip(1)
-        .take(3)
-        .filter_map(|v| v.parse::<f64>().ok())
-        .sum();
-    ticks / TICKS_PER_SECOND
-}
-
-/// Resets the process's peak RSS (VmHWM) to its current RSS (`5` into /proc/PID/clear_refs,
-/// Linux ≥ 4.0; needs the right to write there). Returns whether it worked.
+/// Resets the process's peak RSS (VmHWM) to its current RSS ([`Proc::reset_peak`]). Returns
+/// whether it worked.
 pub(crate) fn reset_peak(pid: &str) -> bool {
-    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
+    pid.parse::<Proc>().is_ok_and(|p| p.reset_peak())
 }
 
 /// The machine the figures were measured on.
