@@ -910,6 +910,7 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> O
             return found;
         }
         assert!(Instant::now() < deadline, "waited {timeout:?} for {what}");
+        // Poll interval: nothing signals these conditions.
         std::thread::sleep(Duration::from_millis(20));
     }
 }

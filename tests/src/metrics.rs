@@ -147,6 +147,7 @@ pub fn poll(
         if Instant::now() >= deadline {
             return Err(scrape);
         }
+        // Poll interval: a metric changes without telling anyone.
         std::thread::sleep(POLL);
     }
 }

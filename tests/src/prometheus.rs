@@ -299,6 +299,7 @@ impl Prometheus {
                     prometheus.log()
                 )));
             }
+            // Poll interval of a bounded wait for readiness.
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -364,6 +365,7 @@ impl Prometheus {
                     self.targets_summary()
                 ));
             }
+            // Poll interval of a bounded wait on a query.
             std::thread::sleep(POLL);
         }
     }
@@ -418,6 +420,7 @@ impl Prometheus {
                     self.targets_summary()
                 ));
             }
+            // Poll interval of a bounded wait on a query.
             std::thread::sleep(POLL);
         }
     }

@@ -101,6 +101,7 @@ impl PositionCapture {
             if Instant::now() >= deadline {
                 return false;
             }
+            // Poll interval of a bounded wait (the capture's thread signals nothing).
             std::thread::sleep(Duration::from_millis(20));
         }
         true
