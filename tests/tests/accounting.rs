@@ -26,11 +26,10 @@
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
+use relay_tests::fixture::Relay;
 use relay_tests::impair::{Impairment, UdpProxy};
 use relay_tests::metrics::{self, Scrape};
-use relay_tests::{
-    Pki, Transport, UdpCapture, WAIT, metrics_addr, send_paced, start_agent_over, start_sink,
-};
+use relay_tests::{Transport, WAIT, send_paced};
 
 const A: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const B: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
@@ -181,19 +180,9 @@ fn sflow_series(exposition: &Scrape, name: &str, agent: Ipv4Addr) -> f64 {
 
 #[test]
 fn agent_counts_gaps_before_it_and_sink_adds_what_the_relay_dropped() {
-    let dir = tempfile::tempdir().expect("temp dir");
     // (Builds the binaries first, when this process has not yet.)
-    let pki = Pki::new(dir.path());
+    relay_tests::bin("relay-agent");
     let started = Instant::now();
-    let capture = UdpCapture::bind();
-    let (sink, sink_addr) = start_sink(
-        &pki,
-        &pki.sink_cert("sink"),
-        &[capture.addr()],
-        None,
-        QUIC_TIMERS,
-    );
-    let path_ = UdpProxy::start(sink_addr, Impairment::default());
     let queue = backlog_bytes_for(QUEUE, sflow(A, 0, 1).len()).to_string();
     let agent_args = [
         QUIC_TIMERS,
@@ -207,15 +196,14 @@ fn agent_counts_gaps_before_it_and_sink_adds_what_the_relay_dropped() {
         ],
     ]
     .concat();
-    let (agent, listen) = start_agent_over(
-        Transport::Quic,
-        &pki.ca(),
-        &pki.agent_cert("site-a"),
-        path_.addr(),
-        "localhost",
-        &agent_args,
-    );
-    let (agent_metrics, sink_metrics) = (metrics_addr(&agent), metrics_addr(&sink));
+    let relay = Relay::over(Transport::Quic)
+        .sink(QUIC_TIMERS)
+        .agent(&agent_args)
+        .through(|sink| UdpProxy::start(sink, Impairment::default()))
+        .spawn();
+    let (capture, listen, agent) = (&relay.capture, relay.listen, &relay.agent);
+    let path_ = relay.path.as_ref().expect("the proxy");
+    let (agent_metrics, sink_metrics) = (relay.agent_metrics(), relay.sink_metrics());
     let relay_sink = path_.addr().to_string();
     let sink_label = [("sink", relay_sink.as_str())];
     agent.wait_for("connected to sink");

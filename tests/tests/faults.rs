@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use relay_tests::fixture::Relay;
 use relay_tests::impair::{Impairment, Proxy, TcpProxy, UdpProxy};
 use relay_tests::sflow::{SflowGen, StreamReport};
 use relay_tests::{
@@ -79,34 +80,19 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 ///    what the sink had replayed but not acknowledged when it died comes again (the restarted
 ///    sink cannot know it), bounded by the batches in flight at the kill.
 fn sink_killed_mid_stream_and_restarted(t: Transport) {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(dir.path());
-    let capture = UdpCapture::bind();
-    let sink_cert = pki.sink_cert("sink");
-    let (mut sink, sink_addr) = start_sink(&pki, &sink_cert, &[capture.addr()], None, &[]);
-    let (agent, listen) = start_agent_over(
-        t,
-        &pki.ca(),
-        &pki.agent_cert("site-a"),
-        sink_addr,
-        "localhost",
-        &["--idle-timeout", "120s"],
-    );
-    agent.wait_for("connected to sink");
+    let mut relay = Relay::over(t).agent(&["--idle-timeout", "120s"]).start();
+    let listen = relay.listen;
     let sent = stream(STREAM, 1);
     std::thread::scope(|s| {
         s.spawn(|| send_at_rate(listen, &sent, 4_000));
         // Intentional: 1.5 s of traffic, then the sink is gone for 3 s.
         std::thread::sleep(Duration::from_millis(1_500));
-        sink.kill();
+        relay.sink.kill();
         std::thread::sleep(Duration::from_secs(3));
-        let (restarted, again) =
-            start_sink(&pki, &sink_cert, &[capture.addr()], Some(sink_addr), &[]);
-        assert_eq!(again, sink_addr);
-        sink = restarted;
+        relay.restart_sink();
     });
-    let report = settle(&capture, &sent, Duration::from_secs(30));
-    let lost = agent.wait_for("connection to sink lost");
+    let report = settle(&relay.capture, &sent, Duration::from_secs(30));
+    let lost = relay.agent.wait_for("connection to sink lost");
     let in_flight = lost["unacknowledged_batches"].as_u64().unwrap_or(0) as usize;
     // A batch holds at most 64 KiB: under 50 of these datagrams.
     let bound = in_flight * 50;
@@ -120,16 +106,12 @@ fn sink_killed_mid_stream_and_restarted(t: Transport) {
         "{} duplicates, more than the {in_flight} batches in flight at the kill allow",
         report.duplicated
     );
-    drop(sink);
+    drop(relay);
 }
 
 /// 4. 5 % loss, 50 ms ± 20 ms delay, 5 % reordering on the path (QUIC); 50 ms delay on the
 ///    TCP path (gRPC: TCP itself repairs loss and order below the proxy).
 fn impaired_path(t: Transport) {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(dir.path());
-    let capture = UdpCapture::bind();
-    let (_sink, sink_addr) = start_sink(&pki, &pki.sink_cert("sink"), &[capture.addr()], None, &[]);
     let impairment = match t {
         Transport::Quic => Impairment {
             loss: 0.05,
@@ -143,22 +125,16 @@ fn impaired_path(t: Transport) {
             ..Default::default()
         },
     };
-    let path_ = proxy(t, sink_addr, impairment);
     // Loss-based congestion control (CUBIC) shrinks to a trickle at 5 % loss; BBR, which
     // paces by measured bandwidth and round trip, is the setting for such paths (README).
-    let (agent, listen) = start_agent_over(
-        t,
-        &pki.ca(),
-        &pki.agent_cert("site-a"),
-        path_.addr(),
-        "localhost",
-        &["--congestion", "bbr"],
-    );
-    agent.wait_for("connected to sink");
+    let relay = Relay::over(t)
+        .agent(&["--congestion", "bbr"])
+        .through(|sink| proxy(t, sink, impairment))
+        .start();
     let sent = stream(STREAM, 4);
-    send_at_rate(listen, &sent, 2_000);
-    let report = settle(&capture, &sent, Duration::from_secs(60));
-    let tally = path_.tally();
+    send_at_rate(relay.listen, &sent, 2_000);
+    let report = settle(&relay.capture, &sent, Duration::from_secs(60));
+    let tally = relay.path.as_ref().expect("the proxy").tally();
     eprintln!("{t:?}: {report:?}; proxy: {tally:?}");
     assert_eq!(report, StreamReport::default(), "over an impaired path");
     if t == Transport::Quic {

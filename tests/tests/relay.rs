@@ -250,34 +250,25 @@ fn agent_refuses_a_sink_whose_certificate_has_another_name(t: Transport) {
 }
 
 fn agent_reconnects_after_the_sink_restarts(t: Transport) {
-    let dir = tmp();
-    let pki = Pki::new(dir.path());
-    let capture = UdpCapture::bind();
-    let sink_cert = pki.sink_cert("sink");
-    let (mut sink, sink_addr) = start_sink(&pki, &sink_cert, &[capture.addr()], None, &[]);
-    let (agent, listen) = start_agent_over(
-        t,
-        &pki.ca(),
-        &pki.agent_cert("site-a"),
-        sink_addr,
-        "localhost",
-        &[],
-    );
-    agent.wait_for("connected to sink");
+    let mut relay = Relay::over(t).start();
+    let (capture, listen) = (&relay.capture, relay.listen);
     let before = datagrams(1_000, 0x01, 7);
     send_paced(listen, &before, 32, || capture.count_tagged(0x01));
     assert!(capture.wait_until(WAIT, |r| r.len() >= before.len()));
 
-    assert!(sink.terminate().success(), "sink exits cleanly on SIGTERM");
-    let lost = agent.wait_for("connection to sink lost");
+    assert!(
+        relay.sink.terminate().success(),
+        "sink exits cleanly on SIGTERM"
+    );
+    let lost = relay.agent.wait_for("connection to sink lost");
     assert_eq!(
         lost["unacknowledged_batches"].as_u64(),
         Some(0),
         "everything sent was acknowledged: {lost}"
     );
-    let (_sink, again) = start_sink(&pki, &sink_cert, &[capture.addr()], Some(sink_addr), &[]);
-    assert_eq!(again, sink_addr);
-    agent.wait_for_nth("connected to sink", 2, WAIT);
+    relay.restart_sink();
+    relay.agent.wait_for_nth("connected to sink", 2, WAIT);
+    let capture = &relay.capture;
 
     let after = datagrams(1_000, 0x02, 8);
     send_paced(listen, &after, 32, || capture.count_tagged(0x02));
@@ -393,23 +384,11 @@ fn one_agent_two_sinks_with_different_cas_survives_one_stopping(t: Transport) {
 }
 
 fn a_sink_restarted_after_a_crash_resets_old_connections_at_once(t: Transport) {
-    let dir = tmp();
-    let pki = Pki::new(dir.path());
-    let capture = UdpCapture::bind();
-    let sink_cert = pki.sink_cert("sink");
-    let (mut sink, sink_addr) = start_sink(&pki, &sink_cert, &[capture.addr()], None, &[]);
     // Idle timeout far beyond the test's patience: only a stateless reset can end the link.
-    let (agent, listen) = start_agent_over(
-        t,
-        &pki.ca(),
-        &pki.agent_cert("site-a"),
-        sink_addr,
-        "localhost",
-        &["--idle-timeout", "120s"],
-    );
-    agent.wait_for("connected to sink");
-    sink.kill();
-    let (_sink, _) = start_sink(&pki, &sink_cert, &[capture.addr()], Some(sink_addr), &[]);
+    let mut relay = Relay::over(t).agent(&["--idle-timeout", "120s"]).start();
+    relay.sink.kill();
+    relay.restart_sink();
+    let (capture, listen, agent) = (&relay.capture, relay.listen, &relay.agent);
     let started = std::time::Instant::now();
     // Traffic makes the agent send on its old connection; the new sink answers with a reset.
     let probe = datagrams(40, 0x77, 12);

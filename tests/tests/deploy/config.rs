@@ -1,7 +1,14 @@
 //! Every configuration file shipped under `deploy/` loads with the real programs; where
 //! deploy/README.md installs each.
 
-use super::*;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use relay_tests::{WAIT, bin, path};
+
+use super::{deploy, read};
 
 // === Configuration files ===
 

@@ -1,7 +1,17 @@
 //! The Dockerfile, read with BuildKit's parser, and an end-to-end relay run as the image's
 //! default command runs it.
 
-use super::*;
+use std::path::Path;
+use std::process::Command;
+
+use relay_tests::netns::is_root;
+use relay_tests::{bin, path};
+use serde_json::Value;
+
+use super::config::toml_table;
+use super::running::{Launch, Root, RunAs, run_example_site};
+use super::systemd::Unit;
+use super::{PyTools, deploy, output_text, read, require, run_with_input, system_tool, workspace};
 
 // === The Dockerfile ===
 

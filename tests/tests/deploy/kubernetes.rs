@@ -1,7 +1,24 @@
 //! The kustomizations under `deploy/kubernetes`: rendered and validated against the
 //! Kubernetes schemas, and each one's sink run end to end as its pod would run it.
 
-use super::*;
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use relay_tests::netns::is_root;
+use relay_tests::{
+    Pki, Transport, UdpCapture, WAIT, datagrams, field, http, metrics_addr, send_paced,
+    start_agent_over, wait_until,
+};
+use serde_json::Value;
+
+use super::config::toml_table;
+use super::container::Image;
+use super::running::{Launch, Root, RunAs, assert_runs_as, port_of, reroot_config, set, the_str};
+use super::{
+    KUBERNETES_VERSIONS, PyTools, deploy, output_text, read, require, system_tool, workspace,
+};
 
 // === Kubernetes ===
 

@@ -40,29 +40,12 @@ mod kubernetes;
 mod running;
 mod systemd;
 
-use config::{installed_as, toml_table};
-use container::Image;
-use running::{
-    Launch, Root, RunAs, assert_runs_as, link_or_copy, port_of, reroot_config, run_example_site,
-    set, the_str,
-};
-use systemd::Unit;
-
-use relay_tests::netns::is_root;
-use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
-use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
-use relay_tests::procfs::Proc;
-use relay_tests::{
-    Daemon, Pki, Transport, UdpCapture, WAIT, agent_listen_addr, bin, datagrams, field, http,
-    metrics_addr, path, send_paced, start_agent_over, start_sink, wait_until,
-};
+use relay_tests::netns::is_root;
 use serde_json::Value;
 
 /// Kubernetes versions whose schemas the rendered manifests must satisfy: the oldest the

@@ -2,7 +2,20 @@
 //! and modes the deployment gives them, as its user, and a whole example site relaying end
 //! to end.
 
-use super::*;
+use std::fs;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use relay_tests::netns::is_root;
+use relay_tests::procfs::Proc;
+use relay_tests::{
+    Daemon, Pki, UdpCapture, agent_listen_addr, bin, datagrams, field, path, send_paced, start_sink,
+};
+
+use super::config::{installed_as, toml_table};
+use super::{deploy, read, system_tool};
 
 // === Running as deployed ===
 

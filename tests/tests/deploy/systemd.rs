@@ -1,7 +1,16 @@
 //! The systemd units: `systemd-analyze verify` and `security --offline`, and an end-to-end
 //! relay run as the units run it.
 
-use super::*;
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use relay_tests::netns::is_root;
+use relay_tests::{bin, path};
+
+use super::running::{Launch, Root, RunAs, link_or_copy, run_example_site};
+use super::{MAX_EXPOSURE, UNIT_USER, deploy, read, require, run_with_input, system_tool};
 
 // === systemd units ===
 
