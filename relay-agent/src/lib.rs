@@ -22,15 +22,13 @@
 //!   reconnect backoff.
 //! - [`metrics`] — Prometheus counters and gauges.
 //! - `status`: readiness and the values refreshed at each scrape (`--metrics-listen`).
-//! - [`demo`] — the one-command quick start (sink and agent on loopback, throwaway certificates).
 //!
-//! [`run`] takes bound sockets and a shutdown future, so tests and the demo can drive it
-//! without a process of its own.
+//! [`run`] takes bound sockets and a shutdown future, so tests and the demo (`relay-demo`)
+//! can drive it without a process of its own.
 
 mod backlog;
 mod batch;
 pub mod config;
-pub mod demo;
 pub mod metrics;
 mod receive;
 mod spool;

@@ -1,18 +1,19 @@
 //! `relay-agent`: see `relay-agent --help` and the README.
 
+use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use relay_agent::demo::DemoArgs;
 use relay_agent::{Args, Config, Metrics};
 use runtime::cli;
 
 const PROGRAM: &str = "relay-agent";
 
 /// relay-agent: receive sFlow over UDP and stream it to one or more relay sinks over mutually
-/// authenticated QUIC, or gRPC over TLS where UDP cannot get out. `relay-agent demo` runs a
-/// whole relay on this host.
+/// authenticated QUIC, or gRPC over TLS where UDP cannot get out. `relay-demo` runs a whole
+/// relay on this host.
 ///
 /// Every option can also be set in a TOML file (--config) under the same name; several sinks
 /// are a `[[sink]]` list there.
@@ -27,19 +28,20 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a sink and an agent on this host with throwaway certificates: the quick start.
-    Demo(DemoArgs),
+    /// Moved to `relay-demo` (the quick start): runs the relay-demo program installed next to
+    /// this one, with these arguments.
+    #[command(disable_help_flag = true)]
+    Demo {
+        /// The arguments of relay-demo (see `relay-demo --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
 }
 
 fn main() -> ExitCode {
     let parsed = Cli::parse();
-    if let Some(Command::Demo(demo)) = parsed.command {
-        runtime::telemetry::init(Default::default());
-        let rt = tokio::runtime::Runtime::new().expect("start tokio runtime");
-        return match rt.block_on(relay_agent::demo::run(demo)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => cli::fail(PROGRAM, &e),
-        };
+    if let Some(Command::Demo { args }) = parsed.command {
+        return run_relay_demo(args);
     }
     let args = match cli::prepare(PROGRAM, &parsed.args) {
         Ok(args) => args,
@@ -70,4 +72,34 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => cli::fail(PROGRAM, &e),
     }
+}
+
+/// `relay-agent demo …`, from before the demo became its own program: replaces this process
+/// with the `relay-demo` next to this executable, or exits 2 (a usage error, as clap's) saying
+/// what to run instead.
+fn run_relay_demo(args: Vec<OsString>) -> ExitCode {
+    let exe = std::env::current_exe().ok();
+    let Some(demo) = exe
+        .as_deref()
+        .and_then(|e| e.parent())
+        .map(|d| d.join("relay-demo"))
+    else {
+        eprintln!(
+            "{PROGRAM}: error: `relay-agent demo` is now `relay-demo` (`cargo run --release -p relay-demo`)"
+        );
+        return ExitCode::from(2);
+    };
+    if !demo.is_file() {
+        eprintln!(
+            "{PROGRAM}: error: `relay-agent demo` is now `relay-demo` (`cargo run --release -p relay-demo`), and there is no {}",
+            demo.display()
+        );
+        return ExitCode::from(2);
+    }
+    eprintln!(
+        "{PROGRAM}: warning: `relay-agent demo` is now `relay-demo`; running {}",
+        demo.display()
+    );
+    let e = std::process::Command::new(&demo).args(args).exec();
+    cli::fail(PROGRAM, &format!("cannot run {}: {e}", demo.display()))
 }
