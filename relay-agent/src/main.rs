@@ -78,24 +78,13 @@ fn main() -> ExitCode {
 /// with the `relay-demo` next to this executable, or exits 2 (a usage error, as clap's) saying
 /// what to run instead.
 fn run_relay_demo(args: Vec<OsString>) -> ExitCode {
-    let exe = std::env::current_exe().ok();
-    let Some(demo) = exe
-        .as_deref()
-        .and_then(|e| e.parent())
-        .map(|d| d.join("relay-demo"))
-    else {
+    let next_to_this = std::env::current_exe().map(|exe| exe.with_file_name("relay-demo"));
+    let Some(demo) = next_to_this.ok().filter(|demo| demo.is_file()) else {
         eprintln!(
-            "{PROGRAM}: error: `relay-agent demo` is now `relay-demo` (`cargo run --release -p relay-demo`)"
+            "{PROGRAM}: error: `relay-agent demo` is now `relay-demo` (`cargo run --release -p relay-demo`), which is not installed next to relay-agent"
         );
         return ExitCode::from(2);
     };
-    if !demo.is_file() {
-        eprintln!(
-            "{PROGRAM}: error: `relay-agent demo` is now `relay-demo` (`cargo run --release -p relay-demo`), and there is no {}",
-            demo.display()
-        );
-        return ExitCode::from(2);
-    }
     eprintln!(
         "{PROGRAM}: warning: `relay-agent demo` is now `relay-demo`; running {}",
         demo.display()
