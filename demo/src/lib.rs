@@ -71,7 +71,8 @@ pub async fn run(args: Args) -> Result<(), String> {
         key: Some(pki.join("localhost.key")),
         forward: vec![args.forward.clone()],
         ..Default::default()
-    })?;
+    })
+    .map_err(|e| e.to_string())?;
     let sink_listeners = sink::bind(&sink_config).map_err(|e| format!("sink: {e}"))?;
     let sink_addr = sink_listeners
         .quic
@@ -85,7 +86,8 @@ pub async fn run(args: Args) -> Result<(), String> {
         cert: Some(pki.join("demo-agent.pem")),
         key: Some(pki.join("demo-agent.key")),
         ..Default::default()
-    })?;
+    })
+    .map_err(|e| e.to_string())?;
     let agent_sockets = agent::bind_listeners(&agent_config)?;
     let listen = agent_sockets[0].local_addr().map_err(|e| e.to_string())?;
 

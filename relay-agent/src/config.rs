@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use clap::Parser;
 use runtime::admission::{Accept, Admission};
+use runtime::config::duration;
+use runtime::daemon::{DEFAULT_SHUTDOWN_GRACE, DaemonOptions};
 use runtime::grpc::GrpcOptions;
 use runtime::observe::ObserveOptions;
 use runtime::quic::QuicOptions;
 use runtime::reload::ReloadOptions;
-use runtime::ssh_hex::SshHexOptions;
-use runtime::telemetry::LogFormat;
 use runtime::threads::ThreadOptions;
 use serde::{Deserialize, Serialize};
 
@@ -99,11 +99,6 @@ pub const DEFAULT_SPOOL_MAX_AGE: Duration = Duration::from_secs(3600);
 #[command(name = "relay-agent", version)]
 #[serde(rename_all = "kebab-case")]
 pub struct Args {
-    /// TOML file with any of these options; the command line wins over it.
-    #[arg(long, value_name = "FILE")]
-    #[serde(skip)]
-    pub config: Option<PathBuf>,
-
     /// UDP address to receive sFlow on (repeatable; IPv4 and IPv6). [default: 0.0.0.0:6343]
     #[arg(long, value_name = "ADDR")]
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -117,12 +112,8 @@ pub struct Args {
     /// After emptying a socket, wait this long before reading it again: under load the agent
     /// then wakes once per interval, not once per datagram. Adds at most this much latency;
     /// 0s reads each datagram as it comes. [default: 1ms]
-    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[arg(long, value_parser = duration::parse, value_name = "DURATION")]
+    #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
     pub recv_coalesce: Option<Duration>,
 
     /// What to relay: `sflow` (datagrams whose header reads as sFlow v5; the rest is dropped
@@ -172,21 +163,13 @@ pub struct Args {
     pub transport: Option<TransportMode>,
 
     /// With --transport auto: time to wait for a QUIC handshake before carrying on over gRPC. [default: 3s]
-    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[arg(long, value_parser = duration::parse, value_name = "DURATION")]
+    #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
     pub quic_fallback_after: Option<Duration>,
 
     /// With --transport auto, while on gRPC: how often to try QUIC again. [default: 60s]
-    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[arg(long, value_parser = duration::parse, value_name = "DURATION")]
+    #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
     pub quic_retry_interval: Option<Duration>,
 
     /// Flush a batch when it reaches this many bytes. [default: 65536]
@@ -195,12 +178,8 @@ pub struct Args {
     pub batch_bytes: Option<usize>,
 
     /// Flush a batch this long after its first datagram at the latest. [default: 5ms]
-    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[arg(long, value_parser = duration::parse, value_name = "DURATION")]
+    #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
     pub batch_delay: Option<Duration>,
 
     /// Compress batches: `zstd` or `none`. Compressed batches go only to sinks that accept them
@@ -249,78 +228,35 @@ pub struct Args {
     pub spool_max_bytes: Option<u64>,
 
     /// Spooled batches older than this are dropped (counted). [default: 1h]
-    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[arg(long, value_parser = duration::parse, value_name = "DURATION")]
+    #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
     pub spool_max_age: Option<Duration>,
 
     /// Time allowed for connecting to a sink (QUIC or TCP, and the TLS handshake). [default: 10s]
-    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[arg(long, value_parser = duration::parse, value_name = "DURATION")]
+    #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
     pub connect_timeout: Option<Duration>,
 
     /// First wait before reconnecting; doubles per failure, with jitter. [default: 200ms]
-    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[arg(long, value_parser = duration::parse, value_name = "DURATION")]
+    #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
     pub reconnect_min: Option<Duration>,
 
     /// Longest wait between reconnection attempts. [default: 30s]
-    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[arg(long, value_parser = duration::parse, value_name = "DURATION")]
+    #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
     pub reconnect_max: Option<Duration>,
 
     /// On SIGTERM/SIGINT, time allowed to send what is queued and see it acknowledged. [default: 5s]
-    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[arg(long, value_parser = duration::parse, value_name = "DURATION")]
+    #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
     pub shutdown_grace: Option<Duration>,
 
-    /// Log line format (filter with RUST_LOG, e.g. RUST_LOG=debug). [default: text]
-    #[arg(long, value_enum, value_name = "FORMAT")]
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub log_format: Option<LogFormat>,
-
+    /// The options both ends share (`--config`, `--log-format`, QUIC, gRPC, metrics, reload,
+    /// threads, `--ssh-hex`).
     #[command(flatten)]
     #[serde(flatten)]
-    pub quic: QuicOptions,
-
-    #[command(flatten)]
-    #[serde(flatten)]
-    pub grpc: GrpcOptions,
-
-    #[command(flatten)]
-    #[serde(flatten)]
-    pub observe: ObserveOptions,
-
-    #[command(flatten)]
-    #[serde(flatten)]
-    pub reload: ReloadOptions,
-
-    #[command(flatten)]
-    #[serde(flatten)]
-    pub threads: ThreadOptions,
-
-    #[command(flatten)]
-    #[serde(flatten)]
-    pub ssh_hex: SshHexOptions,
+    pub daemon: DaemonOptions,
 }
 
 /// The sinks to send to: one address from the command line, or a `[[sink]]` list from a file.
@@ -384,22 +320,76 @@ pub struct SinkEntry {
     pub transport: Option<TransportMode>,
 }
 
-fn parse_sink(s: &str) -> Result<Sinks, String> {
+/// A configuration that cannot work, said so the user can fix it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// `--accept` or `--allow-sources` is wrong (the message names the value).
+    #[error("{0}")]
+    Admission(String),
+    /// A sink address is not `HOST:PORT`.
+    #[error(transparent)]
+    SinkAddr(#[from] HostPortError),
+    /// No sink at all.
+    #[error("--sink HOST:PORT is required (or [[sink]] entries in --config)")]
+    NoSink,
+    /// `sink = []` in the file.
+    #[error("no [[sink]] entries")]
+    NoSinkEntries,
+    /// A top-level `server-name` beside a `[[sink]]` list: which sink would it be for?
+    #[error(
+        "server-name applies to a single --sink; with [[sink]] entries, give each its own server-name"
+    )]
+    ServerNameWithList,
+    /// A sink has no CA, certificate or key file, neither its own nor the top-level one.
+    #[error("sink {sink}: no {what} file (--{what}, or `{what}` in its [[sink]] entry)")]
+    MissingFile {
+        /// The sink's address.
+        sink: String,
+        /// `ca`, `cert` or `key`.
+        what: &'static str,
+    },
+    /// `--compression-level` outside what zstd has.
+    #[error("--compression-level {level}: zstd levels run from {min} to {max}")]
+    CompressionLevel {
+        /// The level asked for.
+        level: i32,
+        /// zstd's lowest level.
+        min: i32,
+        /// zstd's highest level.
+        max: i32,
+    },
+}
+
+/// A sink address that is not `HOST:PORT` (`[v6]:PORT` for IPv6 literals).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostPortError {
+    /// No `:PORT`.
+    #[error("{0:?} is not HOST:PORT")]
+    NotHostPort(String),
+    /// The port is not a number from 0 to 65535.
+    #[error("{0:?}: bad port {1:?}")]
+    BadPort(String, String),
+    /// Nothing before the `:`.
+    #[error("{0:?}: missing host")]
+    MissingHost(String),
+}
+
+fn parse_sink(s: &str) -> Result<Sinks, HostPortError> {
     split_host_port(s)?;
     Ok(Sinks::One(s.to_owned()))
 }
 
 /// `HOST:PORT` → (host, port), with `[v6]:port` for IPv6 literals.
-fn split_host_port(s: &str) -> Result<(String, u16), String> {
+fn split_host_port(s: &str) -> Result<(String, u16), HostPortError> {
     let (host, port) = s
         .rsplit_once(':')
-        .ok_or_else(|| format!("{s:?} is not HOST:PORT"))?;
+        .ok_or_else(|| HostPortError::NotHostPort(s.to_owned()))?;
     let port = port
         .parse()
-        .map_err(|_| format!("{s:?}: bad port {port:?}"))?;
+        .map_err(|_| HostPortError::BadPort(s.to_owned(), port.to_owned()))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() {
-        return Err(format!("{s:?}: missing host"));
+        return Err(HostPortError::MissingHost(s.to_owned()));
     }
     Ok((host.to_owned(), port))
 }
@@ -478,103 +468,27 @@ pub struct Config {
 }
 
 impl TryFrom<Args> for Config {
-    type Error = String;
+    type Error = ConfigError;
 
-    fn try_from(args: Args) -> Result<Self, String> {
-        let admission = runtime::cli::DaemonArgs::admission(&args)?;
+    fn try_from(args: Args) -> Result<Self, ConfigError> {
+        let admission =
+            runtime::cli::DaemonArgs::admission(&args).map_err(ConfigError::Admission)?;
         let batch_bytes = args
             .batch_bytes
             .unwrap_or(DEFAULT_BATCH_BYTES)
             .clamp(1, proto::wire::DEFAULT_MAX_FRAME_LEN / 4);
-        let mut warnings = Vec::new();
-        // `queue-batches` (batches) became `backlog-bytes`: the old option still bounds the
-        // memory it implied.
-        let mut backlog = |bytes: Option<usize>, batches: Option<usize>, top: usize, at: &str| {
-            match (bytes, batches) {
-                (Some(bytes), _) => bytes,
-                (None, Some(batches)) => {
-                    let bytes = batches.max(1).saturating_mul(batch_bytes);
-                    warnings.push(format!(
-                        "{at}queue-batches is deprecated: use backlog-bytes; {batches} batches taken as backlog-bytes = {bytes} (× batch-bytes)"
-                    ));
-                    bytes
-                }
-                (None, None) => top,
-            }
+        let mut backlog = BacklogSize {
+            batch_bytes,
+            warnings: Vec::new(),
         };
-        let backlog_bytes = backlog(
+        let backlog_bytes = backlog.bytes(
             args.backlog_bytes,
             args.queue_batches,
             DEFAULT_BACKLOG_BYTES,
             "",
         );
-        let compression = match args.compression.unwrap_or_default() {
-            Compression::None => None,
-            Compression::Zstd => {
-                let level = args
-                    .compression_level
-                    .unwrap_or(proto::compression::DEFAULT_LEVEL);
-                let levels = proto::compression::levels();
-                if !levels.contains(&level) {
-                    return Err(format!(
-                        "--compression-level {level}: zstd levels run from {} to {}",
-                        levels.start(),
-                        levels.end()
-                    ));
-                }
-                Some(level)
-            }
-        };
-        let entries = match args.sink {
-            None => {
-                return Err(
-                    "--sink HOST:PORT is required (or [[sink]] entries in --config)".into(),
-                );
-            }
-            Some(Sinks::One(addr)) => vec![SinkEntry {
-                addr,
-                server_name: args.server_name.clone(),
-                ca: None,
-                cert: None,
-                key: None,
-                backlog_bytes: None,
-                queue_batches: None,
-                transport: None,
-            }],
-            Some(Sinks::Many(entries)) if entries.is_empty() => {
-                return Err("no [[sink]] entries".into());
-            }
-            Some(Sinks::Many(_)) if args.server_name.is_some() => {
-                return Err("server-name applies to a single --sink; with [[sink]] entries, give each its own server-name".into());
-            }
-            Some(Sinks::Many(entries)) => entries,
-        };
-        let mut sinks = Vec::with_capacity(entries.len());
-        for entry in entries {
-            let (host, _) = split_host_port(&entry.addr)?;
-            let pick = |own: Option<PathBuf>, top: &Option<PathBuf>, what: &str| {
-                own.or_else(|| top.clone()).ok_or_else(|| {
-                    format!(
-                        "sink {}: no {what} file (--{what}, or `{what}` in its [[sink]] entry)",
-                        entry.addr
-                    )
-                })
-            };
-            sinks.push(SinkConfig {
-                server_name: entry.server_name.clone().unwrap_or(host),
-                ca: pick(entry.ca.clone(), &args.ca, "ca")?,
-                cert: pick(entry.cert.clone(), &args.cert, "cert")?,
-                key: pick(entry.key.clone(), &args.key, "key")?,
-                backlog_bytes: backlog(
-                    entry.backlog_bytes,
-                    entry.queue_batches,
-                    backlog_bytes,
-                    &format!("sink {}: ", entry.addr),
-                ),
-                transport: entry.transport.or(args.transport).unwrap_or_default(),
-                addr: entry.addr,
-            });
-        }
+        let compression = compression(args.compression, args.compression_level)?;
+        let sinks = sinks(&args, backlog_bytes, &mut backlog)?;
         let listen = if args.listen.is_empty() {
             vec![DEFAULT_LISTEN.parse().expect("valid default")]
         } else {
@@ -605,7 +519,7 @@ impl TryFrom<Args> for Config {
                 .reconnect_max
                 .unwrap_or(Duration::from_secs(30))
                 .max(reconnect_min),
-            shutdown_grace: args.shutdown_grace.unwrap_or(Duration::from_secs(5)),
+            shutdown_grace: args.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
             window_bytes: args
                 .window_bytes
                 .unwrap_or(DEFAULT_WINDOW_BYTES)
@@ -613,27 +527,127 @@ impl TryFrom<Args> for Config {
             spool_dir: args.spool_dir,
             spool_max_bytes: args.spool_max_bytes.unwrap_or(DEFAULT_SPOOL_MAX_BYTES),
             spool_max_age: args.spool_max_age.unwrap_or(DEFAULT_SPOOL_MAX_AGE),
-            quic: args.quic,
-            grpc: args.grpc,
-            observe: args.observe,
-            reload: args.reload,
-            threads: args.threads,
-            warnings,
+            quic: args.daemon.quic,
+            grpc: args.daemon.grpc,
+            observe: args.daemon.observe,
+            reload: args.daemon.reload,
+            threads: args.daemon.threads,
+            warnings: backlog.warnings,
         })
     }
 }
 
+/// The memory backlog's size, top-level or per sink. `queue-batches` (batches) became
+/// `backlog-bytes`: the old option still bounds the memory it implied, with a warning.
+struct BacklogSize {
+    batch_bytes: usize,
+    warnings: Vec<String>,
+}
+
+impl BacklogSize {
+    /// `bytes` if given, else `batches` × batch size (warned about), else `inherited`. `at`
+    /// prefixes the warning (`"sink HOST:PORT: "`, or nothing at the top level).
+    fn bytes(
+        &mut self,
+        bytes: Option<usize>,
+        batches: Option<usize>,
+        inherited: usize,
+        at: &str,
+    ) -> usize {
+        match (bytes, batches) {
+            (Some(bytes), _) => bytes,
+            (None, Some(batches)) => {
+                let bytes = batches.max(1).saturating_mul(self.batch_bytes);
+                self.warnings.push(format!(
+                    "{at}queue-batches is deprecated: use backlog-bytes; {batches} batches taken as backlog-bytes = {bytes} (× batch-bytes)"
+                ));
+                bytes
+            }
+            (None, None) => inherited,
+        }
+    }
+}
+
+/// The zstd level, or `None` for no compression.
+fn compression(
+    algorithm: Option<Compression>,
+    level: Option<i32>,
+) -> Result<Option<i32>, ConfigError> {
+    match algorithm.unwrap_or_default() {
+        Compression::None => Ok(None),
+        Compression::Zstd => {
+            let level = level.unwrap_or(proto::compression::DEFAULT_LEVEL);
+            let levels = proto::compression::levels();
+            if !levels.contains(&level) {
+                return Err(ConfigError::CompressionLevel {
+                    level,
+                    min: *levels.start(),
+                    max: *levels.end(),
+                });
+            }
+            Ok(Some(level))
+        }
+    }
+}
+
+/// The sinks, each with its files, name, backlog and transport (its own, or the top-level
+/// ones).
+fn sinks(
+    args: &Args,
+    backlog_bytes: usize,
+    backlog: &mut BacklogSize,
+) -> Result<Vec<SinkConfig>, ConfigError> {
+    let entries = match &args.sink {
+        None => return Err(ConfigError::NoSink),
+        Some(Sinks::One(addr)) => vec![SinkEntry {
+            addr: addr.clone(),
+            server_name: args.server_name.clone(),
+            ca: None,
+            cert: None,
+            key: None,
+            backlog_bytes: None,
+            queue_batches: None,
+            transport: None,
+        }],
+        Some(Sinks::Many(entries)) if entries.is_empty() => {
+            return Err(ConfigError::NoSinkEntries);
+        }
+        Some(Sinks::Many(_)) if args.server_name.is_some() => {
+            return Err(ConfigError::ServerNameWithList);
+        }
+        Some(Sinks::Many(entries)) => entries.clone(),
+    };
+    let mut sinks = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let (host, _) = split_host_port(&entry.addr)?;
+        let pick = |own: Option<PathBuf>, top: &Option<PathBuf>, what: &'static str| {
+            own.or_else(|| top.clone())
+                .ok_or_else(|| ConfigError::MissingFile {
+                    sink: entry.addr.clone(),
+                    what,
+                })
+        };
+        sinks.push(SinkConfig {
+            server_name: entry.server_name.clone().unwrap_or(host),
+            ca: pick(entry.ca.clone(), &args.ca, "ca")?,
+            cert: pick(entry.cert.clone(), &args.cert, "cert")?,
+            key: pick(entry.key.clone(), &args.key, "key")?,
+            backlog_bytes: backlog.bytes(
+                entry.backlog_bytes,
+                entry.queue_batches,
+                backlog_bytes,
+                &format!("sink {}: ", entry.addr),
+            ),
+            transport: entry.transport.or(args.transport).unwrap_or_default(),
+            addr: entry.addr,
+        });
+    }
+    Ok(sinks)
+}
+
 impl runtime::cli::DaemonArgs for Args {
-    fn config_file(&self) -> Option<&std::path::Path> {
-        self.config.as_deref()
-    }
-
-    fn log_format(&self) -> LogFormat {
-        self.log_format.unwrap_or_default()
-    }
-
-    fn ssh_hex(&self) -> &SshHexOptions {
-        &self.ssh_hex
+    fn daemon(&self) -> &DaemonOptions {
+        &self.daemon
     }
 
     fn recv_buffer(&self) -> usize {
@@ -667,7 +681,7 @@ mod tests {
             .to_string();
         assert!(err.contains("unknown field `adr`"), "{err}");
         let args: Args = toml::from_str("server-name = \"a\"\n[[sink]]\naddr = \"x:1\"\n").unwrap();
-        let err = Config::try_from(args).unwrap_err();
+        let err = Config::try_from(args).unwrap_err().to_string();
         assert!(err.contains("give each its own server-name"), "{err}");
     }
 
@@ -688,7 +702,10 @@ mod tests {
         let args = toml::from_str::<Args>(&bad).unwrap();
         let err = args.admission().unwrap_err();
         assert!(err.contains("10.0.0.0/40"), "{err}");
-        assert_eq!(Config::try_from(args).unwrap_err(), err);
+        assert_eq!(
+            Config::try_from(args).unwrap_err(),
+            ConfigError::Admission(err)
+        );
         assert!(toml::from_str::<Args>(&format!("{base}accept = \"udp\"\n")).is_err());
     }
 
@@ -713,5 +730,53 @@ mod tests {
         assert_eq!(config.sinks[1].server_name, "two.example.com");
         assert_eq!(config.sinks[1].ca, PathBuf::from("other-ca.pem"));
         assert_eq!(config.sinks[1].cert, PathBuf::from("a.pem"));
+    }
+
+    #[test]
+    fn shared_daemon_options_read_from_a_file_as_from_the_command_line() {
+        use runtime::cli::DaemonArgs;
+        let file = r#"
+            sink = "x:1"
+            ca = "c"
+            cert = "a"
+            key = "k"
+            log-format = "json"
+            keep-alive = "7s"
+            grpc-keep-alive = "1m"
+            metrics-listen = "127.0.0.1:9108"
+            cert-reload-interval = "0s"
+            worker-threads = 3
+            shutdown-grace = "1m 30s"
+        "#;
+        let args: Args = toml::from_str(file).unwrap();
+        assert_eq!(
+            args.daemon().log_format(),
+            runtime::telemetry::LogFormat::Json
+        );
+        let config = Config::try_from(args).unwrap();
+        assert_eq!(config.quic.keep_alive, Some(Duration::from_secs(7)));
+        assert_eq!(config.grpc.keep_alive(), Duration::from_secs(60));
+        assert_eq!(
+            config.observe.metrics_listen,
+            Some("127.0.0.1:9108".parse().unwrap())
+        );
+        assert_eq!(config.reload.interval(), None);
+        assert_eq!(config.threads.workers(), 3);
+        assert_eq!(config.shutdown_grace, Duration::from_secs(90));
+        let cli = Args::try_parse_from([
+            "relay-agent",
+            "--sink=x:1",
+            "--ca=c",
+            "--cert=a",
+            "--key=k",
+            "--keep-alive=7s",
+            "--shutdown-grace=1m 30s",
+            "--config=agent.toml",
+        ])
+        .unwrap();
+        assert_eq!(cli.daemon.config, Some(PathBuf::from("agent.toml")));
+        let config = Config::try_from(cli).unwrap();
+        assert_eq!(config.quic.keep_alive, Some(Duration::from_secs(7)));
+        assert_eq!(config.shutdown_grace, Duration::from_secs(90));
     }
 }

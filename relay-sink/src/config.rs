@@ -6,12 +6,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use runtime::config::duration;
+use runtime::daemon::{DEFAULT_SHUTDOWN_GRACE, DaemonOptions};
 use runtime::grpc::GrpcOptions;
 use runtime::observe::ObserveOptions;
 use runtime::quic::QuicOptions;
 use runtime::reload::ReloadOptions;
-use runtime::ssh_hex::SshHexOptions;
-use runtime::telemetry::LogFormat;
 use runtime::threads::ThreadOptions;
 use serde::{Deserialize, Serialize};
 
@@ -48,11 +48,6 @@ pub const DEFAULT_MAX_DATAGRAM_BYTES: usize = 65_527;
 #[command(name = "relay-sink", version)]
 #[serde(rename_all = "kebab-case")]
 pub struct Args {
-    /// TOML file with any of these options; the command line wins over it.
-    #[arg(long, value_name = "FILE")]
-    #[serde(skip)]
-    pub config: Option<PathBuf>,
-
     /// QUIC listen address (UDP). [default: 0.0.0.0:4433]
     #[arg(long, value_name = "ADDR")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -143,12 +138,8 @@ pub struct Args {
     pub max_frame_bytes: Option<usize>,
 
     /// Time allowed for an agent's TLS handshake. [default: 10s]
-    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[arg(long, value_parser = duration::parse, value_name = "DURATION")]
+    #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
     pub handshake_timeout: Option<Duration>,
 
     /// Most agent connections at once, handshakes in progress included, over both transports;
@@ -159,12 +150,8 @@ pub struct Args {
 
     /// Time a frame may take to arrive once its first byte has; a frame still incomplete after
     /// it ends that agent's connection (QUIC) as a protocol violation. [default: 30s]
-    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[arg(long, value_parser = duration::parse, value_name = "DURATION")]
+    #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
     pub frame_timeout: Option<Duration>,
 
     /// Largest datagram accepted in a batch, bytes; a larger one is dropped (counted per agent)
@@ -186,42 +173,15 @@ pub struct Args {
     pub max_connections_per_agent: Option<usize>,
 
     /// On SIGTERM/SIGINT, time allowed to finish replaying what was received. [default: 5s]
-    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[arg(long, value_parser = duration::parse, value_name = "DURATION")]
+    #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
     pub shutdown_grace: Option<Duration>,
 
-    /// Log line format (filter with RUST_LOG, e.g. RUST_LOG=debug). [default: text]
-    #[arg(long, value_enum, value_name = "FORMAT")]
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub log_format: Option<LogFormat>,
-
+    /// The options both ends share (`--config`, `--log-format`, QUIC, gRPC, metrics, reload,
+    /// threads, `--ssh-hex`).
     #[command(flatten)]
     #[serde(flatten)]
-    pub quic: QuicOptions,
-
-    #[command(flatten)]
-    #[serde(flatten)]
-    pub grpc: GrpcOptions,
-
-    #[command(flatten)]
-    #[serde(flatten)]
-    pub observe: ObserveOptions,
-
-    #[command(flatten)]
-    #[serde(flatten)]
-    pub reload: ReloadOptions,
-
-    #[command(flatten)]
-    #[serde(flatten)]
-    pub threads: ThreadOptions,
-
-    #[command(flatten)]
-    #[serde(flatten)]
-    pub ssh_hex: SshHexOptions,
+    pub daemon: DaemonOptions,
 }
 
 /// Where the gRPC port listens.
@@ -234,19 +194,24 @@ pub enum GrpcListen {
     At(SocketAddr),
 }
 
-fn parse_grpc_listen(s: &str) -> Result<GrpcListen, String> {
+/// A `--grpc-listen` value that is neither an address nor `off`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is neither an address (IP:PORT) nor `off`")]
+pub struct GrpcListenError(String);
+
+fn parse_grpc_listen(s: &str) -> Result<GrpcListen, GrpcListenError> {
     if s == "off" {
         Ok(GrpcListen::Off)
     } else {
         s.parse()
             .map(GrpcListen::At)
-            .map_err(|_| format!("{s:?} is neither an address (IP:PORT) nor `off`"))
+            .map_err(|_| GrpcListenError(s.to_owned()))
     }
 }
 
 impl TryFrom<String> for GrpcListen {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = GrpcListenError;
+    fn try_from(s: String) -> Result<Self, GrpcListenError> {
         parse_grpc_listen(&s)
     }
 }
@@ -258,6 +223,26 @@ impl From<GrpcListen> for String {
             GrpcListen::At(addr) => addr.to_string(),
         }
     }
+}
+
+/// A configuration that cannot work, said so the user can fix it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A file every sink needs is not given (`ca`, `cert` or `key`).
+    #[error("--{0} is required (see `relay-sink --help`)")]
+    Missing(&'static str),
+    /// No replay destination.
+    #[error("at least one --forward HOST:PORT is required: where to replay datagrams")]
+    NoForward,
+    /// A replay destination that is not `HOST:PORT`.
+    #[error("--forward {0:?} is not HOST:PORT")]
+    Forward(String),
+    /// `--max-frame-bytes` below what the largest datagram needs.
+    #[error(
+        "--max-frame-bytes {0} is too small: a frame must hold the largest datagram ({max} bytes)",
+        max = proto::MAX_DATAGRAM_LEN
+    )]
+    MaxFrameTooSmall(usize),
 }
 
 /// The sink's checked configuration.
@@ -320,31 +305,24 @@ pub struct Config {
 }
 
 impl TryFrom<Args> for Config {
-    type Error = String;
+    type Error = ConfigError;
 
-    fn try_from(args: Args) -> Result<Self, String> {
-        let need = |v: Option<PathBuf>, flag: &str| {
-            v.ok_or_else(|| format!("--{flag} is required (see `relay-sink --help`)"))
-        };
+    fn try_from(args: Args) -> Result<Self, ConfigError> {
+        let need = |v: Option<PathBuf>, flag: &'static str| v.ok_or(ConfigError::Missing(flag));
         if args.forward.is_empty() {
-            return Err(
-                "at least one --forward HOST:PORT is required: where to replay datagrams".into(),
-            );
+            return Err(ConfigError::NoForward);
         }
         for target in &args.forward {
             match target.rsplit_once(':') {
                 Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
-                _ => return Err(format!("--forward {target:?} is not HOST:PORT")),
+                _ => return Err(ConfigError::Forward(target.clone())),
             }
         }
         let max_frame_bytes = args
             .max_frame_bytes
             .unwrap_or(proto::wire::DEFAULT_MAX_FRAME_LEN);
         if max_frame_bytes < 2 * proto::MAX_DATAGRAM_LEN {
-            return Err(format!(
-                "--max-frame-bytes {max_frame_bytes} is too small: a frame must hold the largest datagram ({} bytes)",
-                proto::MAX_DATAGRAM_LEN
-            ));
+            return Err(ConfigError::MaxFrameTooSmall(max_frame_bytes));
         }
         let listen = args
             .listen
@@ -383,30 +361,79 @@ impl TryFrom<Args> for Config {
                 .unwrap_or(DEFAULT_MAX_DATAGRAM_BYTES),
             agent_max_pps: args.agent_max_pps.unwrap_or(0),
             max_connections_per_agent: args.max_connections_per_agent.unwrap_or(0),
-            shutdown_grace: args.shutdown_grace.unwrap_or(Duration::from_secs(5)),
-            quic: args.quic,
-            grpc: args.grpc,
-            observe: args.observe,
-            reload: args.reload,
-            threads: args.threads,
+            shutdown_grace: args.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+            quic: args.daemon.quic,
+            grpc: args.daemon.grpc,
+            observe: args.daemon.observe,
+            reload: args.daemon.reload,
+            threads: args.daemon.threads,
         })
     }
 }
 
 impl runtime::cli::DaemonArgs for Args {
-    fn config_file(&self) -> Option<&std::path::Path> {
-        self.config.as_deref()
-    }
-
-    fn log_format(&self) -> LogFormat {
-        self.log_format.unwrap_or_default()
-    }
-
-    fn ssh_hex(&self) -> &SshHexOptions {
-        &self.ssh_hex
+    fn daemon(&self) -> &DaemonOptions {
+        &self.daemon
     }
 
     fn recv_buffer(&self) -> usize {
         self.recv_buffer.unwrap_or(DEFAULT_RECV_BUFFER)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "ca = \"c\"\ncert = \"s\"\nkey = \"k\"\nforward = [\"127.0.0.1:6343\"]\n";
+
+    #[test]
+    fn shared_daemon_options_and_durations_from_a_file() {
+        let file = format!(
+            "{BASE}log-format = \"json\"\nidle-timeout = \"1m\"\ngrpc-keep-alive-timeout = \"500ms\"\nworker-threads = 2\nshutdown-grace = \"10s\"\nframe-timeout = \"2s\"\n"
+        );
+        let args: Args = toml::from_str(&file).unwrap();
+        assert_eq!(
+            args.daemon.log_format(),
+            runtime::telemetry::LogFormat::Json
+        );
+        let config = Config::try_from(args).unwrap();
+        assert_eq!(config.quic.idle_timeout, Some(Duration::from_secs(60)));
+        // Floored at one second, as before.
+        assert_eq!(config.grpc.keep_alive_timeout(), Duration::from_secs(1));
+        assert_eq!(config.threads.workers(), 2);
+        assert_eq!(config.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(config.frame_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn mistakes_are_said_as_before() {
+        let check = |extra: &str, want: &str| {
+            let args: Args = toml::from_str(&format!("{BASE}{extra}")).unwrap();
+            let err = Config::try_from(args).unwrap_err().to_string();
+            assert_eq!(err, want);
+        };
+        check(
+            "max-frame-bytes = 1000\n",
+            "--max-frame-bytes 1000 is too small: a frame must hold the largest datagram (65507 bytes)",
+        );
+        let args: Args = toml::from_str("forward = [\"nowhere\"]\n").unwrap();
+        assert_eq!(
+            Config::try_from(args).unwrap_err().to_string(),
+            "--forward \"nowhere\" is not HOST:PORT"
+        );
+        let args: Args = toml::from_str("forward = [\"127.0.0.1:1\"]\n").unwrap();
+        assert_eq!(
+            Config::try_from(args).unwrap_err().to_string(),
+            "--ca is required (see `relay-sink --help`)"
+        );
+        let err = Args::try_parse_from(["relay-sink", "--grpc-listen=nope"]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("\"nope\" is neither an address (IP:PORT) nor `off`"),
+            "{err}"
+        );
+        let args: Args = toml::from_str(&format!("{BASE}grpc-listen = \"off\"\n")).unwrap();
+        assert_eq!(Config::try_from(args).unwrap().grpc_listen, None);
     }
 }

@@ -3,35 +3,31 @@
 //! right status on failure.
 
 use std::fmt::Display;
-use std::path::Path;
 use std::process::ExitCode;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::admission::Admission;
-use crate::ssh_hex::{self, SshHexOptions};
-use crate::telemetry::{self, LogFormat};
+use crate::daemon::DaemonOptions;
+use crate::ssh_hex;
+use crate::telemetry;
 
 /// Exit status of a configuration mistake: EX_USAGE, which a service manager should not
 /// retry (`RestartPreventExitStatus=64` in the systemd units).
 pub const EXIT_USAGE: u8 = 64;
 
-/// The options every daemon has, for the steps shared here.
+/// What the steps shared here need of a daemon's options struct.
 pub trait DaemonArgs: Serialize + DeserializeOwned + clap::CommandFactory {
-    /// `--config`.
-    fn config_file(&self) -> Option<&Path>;
-    /// `--log-format`.
-    fn log_format(&self) -> LogFormat;
-    /// The `--ssh-hex` options.
-    fn ssh_hex(&self) -> &SshHexOptions;
+    /// The options both daemons share (`--config`, `--log-format`, `--ssh-hex`, ...).
+    fn daemon(&self) -> &DaemonOptions;
     /// `--recv-buffer`, or the daemon's default.
     fn recv_buffer(&self) -> usize;
     /// Which received datagrams the `--ssh-hex` collector writes; by default, all.
     ///
     /// # Errors
     ///
-    /// A message saying which option is wrong.
+    /// A message saying which option is wrong (as [`Admission::parse`] words it).
     fn admission(&self) -> Result<Admission, String> {
         Ok(Admission::default())
     }
@@ -45,14 +41,16 @@ pub trait DaemonArgs: Serialize + DeserializeOwned + clap::CommandFactory {
 /// The exit status when the configuration is wrong (64, said on stderr) or the ssh-hex mode
 /// ran (0, or 1 with its error).
 pub fn prepare<A: DaemonArgs>(program: &str, cli: &A) -> Result<A, ExitCode> {
-    let args = crate::config::load(cli, cli.config_file()).map_err(|e| usage(program, &e))?;
-    telemetry::init(args.log_format());
-    args.ssh_hex().check().map_err(|e| usage(program, &e))?;
-    if args.ssh_hex().ssh_hex {
+    let config_file = cli.daemon().config.as_deref();
+    let args = crate::config::load(cli, config_file).map_err(|e| usage(program, &e))?;
+    let daemon = args.daemon();
+    telemetry::init(daemon.log_format());
+    daemon.ssh_hex.check().map_err(|e| usage(program, &e))?;
+    if daemon.ssh_hex.ssh_hex {
         let admission = args.admission().map_err(|e| usage(program, &e))?;
         let counters = ssh_hex::Counters::default();
         return Err(
-            match ssh_hex::run(args.ssh_hex(), args.recv_buffer(), &admission, &counters) {
+            match ssh_hex::run(&daemon.ssh_hex, args.recv_buffer(), &admission, &counters) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(program, &e),
             },

@@ -4,6 +4,16 @@
 //! lays the options given on the command line over it (the command line wins; a list given on
 //! the command line replaces the file's list), and reads the result back into the struct. Keys
 //! in the file that no option has are an error naming them, so a typo is not silently ignored.
+//!
+//! Durations are written the same way in both places (`500ms`, `30s`, `1m`, `1h 30m`): the
+//! [`duration`] module is the one parser for both, so an option of either binary is declared
+//! as
+//!
+//! ```text
+//! #[arg(long, value_parser = duration::parse, value_name = "DURATION")]
+//! #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
+//! pub shutdown_grace: Option<Duration>,
+//! ```
 
 use std::path::Path;
 
@@ -97,6 +107,42 @@ pub fn load<T: Serialize + DeserializeOwned + clap::CommandFactory>(
     Ok(parsed)
 }
 
+/// Durations as options: `humantime` forms (`500ms`, `30s`, `1m`, `1h 30m`, `0s`) on the
+/// command line and in the file alike. Use `value_parser = duration::parse` on the clap side
+/// and `with = "duration"` on an `Option<Duration>` field on the serde side.
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserializer, Serializer};
+
+    /// Reads a command-line value; the error says what is wrong with it (clap shows it).
+    ///
+    /// # Errors
+    ///
+    /// When `text` is not a duration such as `500ms`, `30s` or `1m`.
+    pub fn parse(text: &str) -> Result<Duration, humantime::DurationError> {
+        humantime::parse_duration(text)
+    }
+
+    /// Writes an option back as text (`1m 30s`), for the merge of command line and file.
+    ///
+    /// # Errors
+    ///
+    /// Those of the serializer.
+    pub fn serialize<S: Serializer>(value: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        humantime_serde::serialize(value, s)
+    }
+
+    /// Reads an option from the file.
+    ///
+    /// # Errors
+    ///
+    /// When the value is not a string holding a duration; the message says which.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        humantime_serde::deserialize(d)
+    }
+}
+
 fn round_trip<T: Serialize + DeserializeOwned>(value: &T, origin: &str) -> Result<T, ConfigError> {
     let invalid = |message: String| ConfigError::Invalid {
         path: origin.into(),
@@ -171,5 +217,43 @@ mod tests {
         let f = file("batch-bytes = \"ten\"\n");
         let err = load(&Opts::default(), Some(f.path())).unwrap_err();
         assert!(err.to_string().contains("batch-bytes"), "{err}");
+    }
+
+    #[derive(Debug, Default, Serialize, Deserialize, PartialEq, clap::Parser)]
+    #[serde(rename_all = "kebab-case")]
+    struct Timed {
+        #[arg(long, value_parser = duration::parse)]
+        #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
+        grace: Option<std::time::Duration>,
+    }
+
+    #[test]
+    fn durations_read_the_same_on_the_command_line_and_in_the_file() {
+        use clap::Parser;
+        use std::time::Duration;
+        for (text, want) in [
+            ("500ms", Duration::from_millis(500)),
+            ("30s", Duration::from_secs(30)),
+            ("1m", Duration::from_secs(60)),
+            ("1h 30m", Duration::from_secs(5400)),
+            ("0s", Duration::ZERO),
+        ] {
+            let cli = Timed::try_parse_from(["t", "--grace", text]).unwrap();
+            assert_eq!(cli.grace, Some(want), "{text} on the command line");
+            let f = file(&format!("grace = \"{text}\"\n"));
+            let got = load(&Timed::default(), Some(f.path())).unwrap();
+            assert_eq!(got.grace, Some(want), "{text} in the file");
+            // The command line's value survives the merge with a file unchanged.
+            assert_eq!(load(&cli, Some(f.path())).unwrap().grace, Some(want));
+        }
+        assert!(Timed::try_parse_from(["t", "--grace", "5 parsecs"]).is_err());
+        let f = file("grace = \"soon\"\n");
+        let err = load(&Timed::default(), Some(f.path())).unwrap_err();
+        assert!(err.to_string().contains("grace"), "{err}");
+        let f = file("grace = 5\n");
+        assert!(
+            load(&Timed::default(), Some(f.path())).is_err(),
+            "a bare number has no unit"
+        );
     }
 }

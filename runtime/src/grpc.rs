@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::duration;
+
 /// Default HTTP/2 keep-alive interval: far below common TCP idle timers.
 pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(20);
 /// Default time to wait for a keep-alive answer before the connection counts as dead.
@@ -24,20 +26,12 @@ pub const DEFAULT_CONN_WINDOW: u32 = 16 * 1024 * 1024;
 pub struct GrpcOptions {
     /// HTTP/2 PING interval on gRPC connections; keep it below any NAT or load-balancer TCP
     /// idle timeout on the path. [default: 20s]
-    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[arg(long, value_parser = duration::parse, value_name = "DURATION")]
+    #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
     pub grpc_keep_alive: Option<Duration>,
     /// A gRPC peer that does not answer a PING within this long is gone. [default: 20s]
-    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[arg(long, value_parser = duration::parse, value_name = "DURATION")]
+    #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
     pub grpc_keep_alive_timeout: Option<Duration>,
 }
 

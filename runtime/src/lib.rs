@@ -7,7 +7,9 @@
 //! - [`udp`] — binding UDP sockets with large kernel buffers, and saying when the kernel clamps them.
 //! - [`cli`] — the start-up steps both binaries share (config file, logging, `--ssh-hex`,
 //!   exit statuses).
-//! - [`config`] — one set of option names for the command line and the TOML file.
+//! - [`config`] — one set of option names for the command line and the TOML file, and the
+//!   one way durations are written in both.
+//! - [`daemon`] — the options both binaries share, declared once and flattened into each.
 //! - [`grpc`] — gRPC (HTTP/2) keep-alive settings, and error chains made readable.
 //! - [`quic`] — QUIC transport tuning (keep-alive, idle timeout, flow-control windows, congestion
 //!   control, GSO) and the stateless-reset key.
@@ -25,6 +27,7 @@ pub mod accounting;
 pub mod admission;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod grpc;
 pub mod observe;
 pub mod quic;

@@ -14,6 +14,8 @@ use quinn::{EndpointConfig, IdleTimeout, TransportConfig, VarInt};
 use quinn_proto::HashedConnectionIdGenerator;
 use serde::{Deserialize, Serialize};
 
+use crate::config::duration;
+
 /// Default keep-alive interval: well below common NAT/load-balancer UDP timeouts (30 s+).
 pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// Default idle timeout: a peer silent this long (no keep-alive answered) is gone.
@@ -44,20 +46,12 @@ pub enum Congestion {
 pub struct QuicOptions {
     /// QUIC keep-alive interval (e.g. 5s); 0s turns keep-alives off. Keep it below the idle
     /// timeout and below any NAT or load-balancer UDP timeout on the path. [default: 5s]
-    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[arg(long, value_parser = duration::parse, value_name = "DURATION")]
+    #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
     pub keep_alive: Option<Duration>,
     /// Close the connection after this long without hearing from the peer. [default: 30s]
-    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[arg(long, value_parser = duration::parse, value_name = "DURATION")]
+    #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
     pub idle_timeout: Option<Duration>,
     /// Per-stream receive window, bytes; raise to bandwidth × RTT on long fat links. [default: 8 MiB]
     #[arg(long, value_name = "BYTES")]

@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::duration;
+
 /// Default interval between checks of the certificate files.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -21,12 +23,8 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
 pub struct ReloadOptions {
     /// Check the CA, certificate and key files this often and use them once they change
     /// (a bad set is refused, the old one stays); 0s checks only on SIGHUP. [default: 30s]
-    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[arg(long, value_parser = duration::parse, value_name = "DURATION")]
+    #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
     pub cert_reload_interval: Option<Duration>,
 }
 
