@@ -114,8 +114,17 @@ pub struct Metrics {
     sink: SinkFamilies,
 }
 
+/// The per-sink families, in three groups; [`Metrics::for_sink`] takes one sink's handles.
 #[derive(Debug)]
 struct SinkFamilies {
+    delivery: DeliveryFamilies,
+    backlog: BacklogFamilies,
+    connection: ConnectionFamilies,
+}
+
+/// The links' traffic: what was sent, acknowledged and sent again.
+#[derive(Debug)]
+struct DeliveryFamilies {
     batches_sent: IntCounterVec,
     datagrams_sent: IntCounterVec,
     bytes_sent: IntCounterVec,
@@ -123,12 +132,22 @@ struct SinkFamilies {
     datagrams_acknowledged: IntCounterVec,
     batches_resent: IntCounterVec,
     catch_up_datagrams_sent: IntCounterVec,
+}
+
+/// What waits for an acknowledgement, in memory and in the spool.
+#[derive(Debug)]
+struct BacklogFamilies {
     backlog_batches: IntGaugeVec,
     backlog_memory_bytes: IntGaugeVec,
     spool_bytes: IntGaugeVec,
     spool_write_errors: IntCounterVec,
     spool_torn_tails: IntCounterVec,
     spool_corrupt_segments: IntCounterVec,
+}
+
+/// The connections to the sinks: attempts, failures, transport, round trip, certificate.
+#[derive(Debug)]
+struct ConnectionFamilies {
     connects: IntCounterVec,
     reconnects: IntCounterVec,
     connect_failures: IntCounterVec,
@@ -161,144 +180,9 @@ impl Metrics {
         let dropped_queue_full = dropped.with_label_values(&[DropReason::QueueFull.as_str(), ""]);
         let sflow = SflowAccounting::new(&r, "relay_agent", sflow_max_streams);
         let sink = SinkFamilies {
-            batches_sent: counter_vec(
-                &r,
-                "relay_agent_batches_sent_total",
-                "Batches written to the sink's stream (resends included).",
-                &["sink"],
-            ),
-            datagrams_sent: counter_vec(
-                &r,
-                "relay_agent_datagrams_sent_total",
-                "Datagrams in the batches written to the sink's stream (resends included).",
-                &["sink"],
-            ),
-            bytes_sent: counter_vec(
-                &r,
-                "relay_agent_bytes_sent_total",
-                "Encoded batch bytes written to the sink's stream (resends included).",
-                &["sink"],
-            ),
-            batches_acknowledged: counter_vec(
-                &r,
-                "relay_agent_batches_acknowledged_total",
-                "Batches the sink acknowledged (replayed).",
-                &["sink"],
-            ),
-            datagrams_acknowledged: counter_vec(
-                &r,
-                "relay_agent_datagrams_acknowledged_total",
-                "Datagrams in the batches the sink acknowledged (replayed).",
-                &["sink"],
-            ),
-            batches_resent: counter_vec(
-                &r,
-                "relay_agent_batches_resent_total",
-                "Batches sent again after a reconnect (unacknowledged on the connection that broke).",
-                &["sink"],
-            ),
-            catch_up_datagrams_sent: counter_vec(
-                &r,
-                "relay_agent_catch_up_datagrams_sent_total",
-                "Datagrams sent marked as catch-up (sent again, read back from the spool, or held back by an outage), which the sink paces.",
-                &["sink"],
-            ),
-            backlog_batches: gauge_vec(
-                &r,
-                "relay_agent_backlog_batches",
-                "Batches not yet acknowledged by the sink (memory and spool).",
-                &["sink"],
-            ),
-            backlog_memory_bytes: gauge_vec(
-                &r,
-                "relay_agent_backlog_memory_bytes",
-                "Bytes the sink's backlog holds in memory (frames plus bookkeeping), bounded by --backlog-bytes.",
-                &["sink"],
-            ),
-            spool_bytes: gauge_vec(
-                &r,
-                "relay_agent_spool_bytes",
-                "Bytes in the sink's spool on disk.",
-                &["sink"],
-            ),
-            spool_write_errors: counter_vec(
-                &r,
-                "relay_agent_spool_write_errors_total",
-                "Spool writes that failed (a full disk); those batches were kept in memory only.",
-                &["sink"],
-            ),
-            spool_torn_tails: counter_vec(
-                &r,
-                "relay_agent_spool_torn_tails_total",
-                "Spool segments found with a torn tail at start (cut off).",
-                &["sink"],
-            ),
-            spool_corrupt_segments: counter_vec(
-                &r,
-                "relay_agent_spool_corrupt_segments_total",
-                "Spool segments found corrupt at start (set aside as .corrupt).",
-                &["sink"],
-            ),
-            connects: counter_vec(
-                &r,
-                "relay_agent_connects_total",
-                "Connections to the sink that completed the handshake (the first included).",
-                &["sink"],
-            ),
-            reconnects: counter_vec(
-                &r,
-                "relay_agent_reconnects_total",
-                "Connections to the sink after the first.",
-                &["sink"],
-            ),
-            connect_failures: counter_vec(
-                &r,
-                "relay_agent_connect_failures_total",
-                "Failed connection attempts to the sink, by reason.",
-                &["sink", "reason"],
-            ),
-            connected: gauge_vec(
-                &r,
-                "relay_agent_connected",
-                "1 while a connection to the sink is up.",
-                &["sink"],
-            ),
-            transport: gauge_vec(
-                &r,
-                "relay_agent_transport",
-                "1 for the transport in use to the sink (quic or grpc), 0 for the other.",
-                &["sink", "transport"],
-            ),
-            fallbacks_to_grpc: counter_vec(
-                &r,
-                "relay_agent_fallbacks_to_grpc_total",
-                "Times --transport auto carried on over gRPC because no QUIC handshake completed.",
-                &["sink"],
-            ),
-            returns_to_quic: counter_vec(
-                &r,
-                "relay_agent_returns_to_quic_total",
-                "Times --transport auto moved back from gRPC to QUIC.",
-                &["sink"],
-            ),
-            rtt: float_gauge_vec(
-                &r,
-                "relay_agent_rtt_seconds",
-                "Round-trip time to the sink as QUIC estimates it (latest); NaN when not connected over QUIC.",
-                &["sink"],
-            ),
-            quic_udp_bytes_sent: counter_vec(
-                &r,
-                "relay_agent_quic_udp_bytes_sent_total",
-                "UDP payload bytes sent on QUIC connections to the sink: the frames with QUIC and TLS overhead, retransmissions, acknowledgements and keep-alives (what the link carries, less IP and UDP headers).",
-                &["sink"],
-            ),
-            certificate_expiry: float_gauge_vec(
-                &r,
-                "relay_agent_certificate_expiry_seconds",
-                "Seconds until the agent's certificate for this sink expires (negative once expired).",
-                &["sink"],
-            ),
+            delivery: DeliveryFamilies::register(&r),
+            backlog: BacklogFamilies::register(&r),
+            connection: ConnectionFamilies::register(&r),
         };
         Self {
             datagrams_received: counter(
@@ -339,39 +223,202 @@ impl Metrics {
 
     /// The handles of one sink's series, created (at 0) now.
     pub fn for_sink(&self, addr: &str) -> SinkMetrics {
-        let f = &self.sink;
+        let (d, b, c) = (
+            &self.sink.delivery,
+            &self.sink.backlog,
+            &self.sink.connection,
+        );
         let one = |family: &IntCounterVec| family.with_label_values(&[addr]);
         let dropped = DropReason::ALL.map(|r| self.dropped.with_label_values(&[r.as_str(), addr]));
         let connect_failures =
-            ConnectFailure::ALL.map(|r| f.connect_failures.with_label_values(&[addr, r.as_str()]));
-        let rtt = f.rtt.with_label_values(&[addr]);
+            ConnectFailure::ALL.map(|r| c.connect_failures.with_label_values(&[addr, r.as_str()]));
+        let rtt = c.rtt.with_label_values(&[addr]);
         rtt.set(f64::NAN);
         SinkMetrics {
-            batches_sent: one(&f.batches_sent),
-            datagrams_sent: one(&f.datagrams_sent),
-            bytes_sent: one(&f.bytes_sent),
-            batches_acknowledged: one(&f.batches_acknowledged),
-            datagrams_acknowledged: one(&f.datagrams_acknowledged),
+            batches_sent: one(&d.batches_sent),
+            datagrams_sent: one(&d.datagrams_sent),
+            bytes_sent: one(&d.bytes_sent),
+            batches_acknowledged: one(&d.batches_acknowledged),
+            datagrams_acknowledged: one(&d.datagrams_acknowledged),
             dropped,
-            batches_resent: one(&f.batches_resent),
-            catch_up_datagrams_sent: one(&f.catch_up_datagrams_sent),
-            backlog_batches: f.backlog_batches.with_label_values(&[addr]),
-            backlog_memory_bytes: f.backlog_memory_bytes.with_label_values(&[addr]),
-            spool_bytes: f.spool_bytes.with_label_values(&[addr]),
-            spool_write_errors: one(&f.spool_write_errors),
-            spool_torn_tails: one(&f.spool_torn_tails),
-            spool_corrupt_segments: one(&f.spool_corrupt_segments),
-            connects: one(&f.connects),
-            reconnects: one(&f.reconnects),
+            batches_resent: one(&d.batches_resent),
+            catch_up_datagrams_sent: one(&d.catch_up_datagrams_sent),
+            backlog_batches: b.backlog_batches.with_label_values(&[addr]),
+            backlog_memory_bytes: b.backlog_memory_bytes.with_label_values(&[addr]),
+            spool_bytes: b.spool_bytes.with_label_values(&[addr]),
+            spool_write_errors: one(&b.spool_write_errors),
+            spool_torn_tails: one(&b.spool_torn_tails),
+            spool_corrupt_segments: one(&b.spool_corrupt_segments),
+            connects: one(&c.connects),
+            reconnects: one(&c.reconnects),
             connect_failures,
-            connected: f.connected.with_label_values(&[addr]),
-            quic: f.transport.with_label_values(&[addr, "quic"]),
-            grpc: f.transport.with_label_values(&[addr, "grpc"]),
-            fallbacks_to_grpc: one(&f.fallbacks_to_grpc),
-            returns_to_quic: one(&f.returns_to_quic),
+            connected: c.connected.with_label_values(&[addr]),
+            quic: c.transport.with_label_values(&[addr, "quic"]),
+            grpc: c.transport.with_label_values(&[addr, "grpc"]),
+            fallbacks_to_grpc: one(&c.fallbacks_to_grpc),
+            returns_to_quic: one(&c.returns_to_quic),
             rtt,
-            quic_udp_bytes_sent: one(&f.quic_udp_bytes_sent),
-            certificate_expiry: f.certificate_expiry.with_label_values(&[addr]),
+            quic_udp_bytes_sent: one(&c.quic_udp_bytes_sent),
+            certificate_expiry: c.certificate_expiry.with_label_values(&[addr]),
+        }
+    }
+}
+
+impl DeliveryFamilies {
+    fn register(r: &Registry) -> Self {
+        Self {
+            batches_sent: counter_vec(
+                r,
+                "relay_agent_batches_sent_total",
+                "Batches written to the sink's stream (resends included).",
+                &["sink"],
+            ),
+            datagrams_sent: counter_vec(
+                r,
+                "relay_agent_datagrams_sent_total",
+                "Datagrams in the batches written to the sink's stream (resends included).",
+                &["sink"],
+            ),
+            bytes_sent: counter_vec(
+                r,
+                "relay_agent_bytes_sent_total",
+                "Encoded batch bytes written to the sink's stream (resends included).",
+                &["sink"],
+            ),
+            batches_acknowledged: counter_vec(
+                r,
+                "relay_agent_batches_acknowledged_total",
+                "Batches the sink acknowledged (replayed).",
+                &["sink"],
+            ),
+            datagrams_acknowledged: counter_vec(
+                r,
+                "relay_agent_datagrams_acknowledged_total",
+                "Datagrams in the batches the sink acknowledged (replayed).",
+                &["sink"],
+            ),
+            batches_resent: counter_vec(
+                r,
+                "relay_agent_batches_resent_total",
+                "Batches sent again after a reconnect (unacknowledged on the connection that broke).",
+                &["sink"],
+            ),
+            catch_up_datagrams_sent: counter_vec(
+                r,
+                "relay_agent_catch_up_datagrams_sent_total",
+                "Datagrams sent marked as catch-up (sent again, read back from the spool, or held back by an outage), which the sink paces.",
+                &["sink"],
+            ),
+        }
+    }
+}
+
+impl BacklogFamilies {
+    fn register(r: &Registry) -> Self {
+        Self {
+            backlog_batches: gauge_vec(
+                r,
+                "relay_agent_backlog_batches",
+                "Batches not yet acknowledged by the sink (memory and spool).",
+                &["sink"],
+            ),
+            backlog_memory_bytes: gauge_vec(
+                r,
+                "relay_agent_backlog_memory_bytes",
+                "Bytes the sink's backlog holds in memory (frames plus bookkeeping), bounded by --backlog-bytes.",
+                &["sink"],
+            ),
+            spool_bytes: gauge_vec(
+                r,
+                "relay_agent_spool_bytes",
+                "Bytes in the sink's spool on disk.",
+                &["sink"],
+            ),
+            spool_write_errors: counter_vec(
+                r,
+                "relay_agent_spool_write_errors_total",
+                "Spool writes that failed (a full disk); those batches were kept in memory only.",
+                &["sink"],
+            ),
+            spool_torn_tails: counter_vec(
+                r,
+                "relay_agent_spool_torn_tails_total",
+                "Spool segments found with a torn tail at start (cut off).",
+                &["sink"],
+            ),
+            spool_corrupt_segments: counter_vec(
+                r,
+                "relay_agent_spool_corrupt_segments_total",
+                "Spool segments found corrupt at start (set aside as .corrupt).",
+                &["sink"],
+            ),
+        }
+    }
+}
+
+impl ConnectionFamilies {
+    fn register(r: &Registry) -> Self {
+        Self {
+            connects: counter_vec(
+                r,
+                "relay_agent_connects_total",
+                "Connections to the sink that completed the handshake (the first included).",
+                &["sink"],
+            ),
+            reconnects: counter_vec(
+                r,
+                "relay_agent_reconnects_total",
+                "Connections to the sink after the first.",
+                &["sink"],
+            ),
+            connect_failures: counter_vec(
+                r,
+                "relay_agent_connect_failures_total",
+                "Failed connection attempts to the sink, by reason.",
+                &["sink", "reason"],
+            ),
+            connected: gauge_vec(
+                r,
+                "relay_agent_connected",
+                "1 while a connection to the sink is up.",
+                &["sink"],
+            ),
+            transport: gauge_vec(
+                r,
+                "relay_agent_transport",
+                "1 for the transport in use to the sink (quic or grpc), 0 for the other.",
+                &["sink", "transport"],
+            ),
+            fallbacks_to_grpc: counter_vec(
+                r,
+                "relay_agent_fallbacks_to_grpc_total",
+                "Times --transport auto carried on over gRPC because no QUIC handshake completed.",
+                &["sink"],
+            ),
+            returns_to_quic: counter_vec(
+                r,
+                "relay_agent_returns_to_quic_total",
+                "Times --transport auto moved back from gRPC to QUIC.",
+                &["sink"],
+            ),
+            rtt: float_gauge_vec(
+                r,
+                "relay_agent_rtt_seconds",
+                "Round-trip time to the sink as QUIC estimates it (latest); NaN when not connected over QUIC.",
+                &["sink"],
+            ),
+            quic_udp_bytes_sent: counter_vec(
+                r,
+                "relay_agent_quic_udp_bytes_sent_total",
+                "UDP payload bytes sent on QUIC connections to the sink: the frames with QUIC and TLS overhead, retransmissions, acknowledgements and keep-alives (what the link carries, less IP and UDP headers).",
+                &["sink"],
+            ),
+            certificate_expiry: float_gauge_vec(
+                r,
+                "relay_agent_certificate_expiry_seconds",
+                "Seconds until the agent's certificate for this sink expires (negative once expired).",
+                &["sink"],
+            ),
         }
     }
 }

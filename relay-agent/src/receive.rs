@@ -38,6 +38,7 @@ use std::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::Config;
 use crate::metrics::Metrics;
 
 /// Payload bytes are copied into arenas of this size, so each datagram holds a small share of
@@ -63,6 +64,58 @@ pub(crate) struct Receiver {
     pub(crate) coalesce: Duration,
 }
 
+/// The receive threads, one per socket.
+pub(crate) struct Receiving {
+    /// The threads; each ends within [`CANCEL_CHECK`] of the token's cancellation.
+    pub(crate) threads: Vec<std::thread::JoinHandle<()>>,
+    /// Each socket's address and its kernel-drop counter, for the observability endpoint.
+    pub(crate) listening: Vec<(SocketAddr, prometheus::IntCounter)>,
+}
+
+/// Starts a receive thread on each socket, each handing its datagrams to `batcher`, until
+/// `token` is cancelled. Logs each address.
+///
+/// # Errors
+///
+/// When a socket's address cannot be read or a thread cannot be started.
+pub(crate) fn spawn_all(
+    sockets: Vec<UdpSocket>,
+    batcher: &mpsc::Sender<Chunk>,
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    token: &CancellationToken,
+) -> std::io::Result<Receiving> {
+    let mut receiving = Receiving {
+        threads: Vec::with_capacity(sockets.len()),
+        listening: Vec::with_capacity(sockets.len()),
+    };
+    for socket in sockets {
+        let listen = socket.local_addr()?;
+        tracing::info!(
+            %listen,
+            accept = config.admission.accept().as_str(),
+            allow_sources = %config.admission.allow_display(),
+            "receiving sFlow"
+        );
+        let kernel_drops = metrics
+            .kernel_drops
+            .with_label_values(&[&listen.to_string()]);
+        receiving.listening.push((listen, kernel_drops));
+        let receiver = Receiver {
+            batcher: batcher.clone(),
+            metrics: metrics.clone(),
+            admission: config.admission.clone(),
+            coalesce: config.recv_coalesce,
+        };
+        let token = token.clone();
+        let thread = std::thread::Builder::new()
+            .name("relay-recv".into())
+            .spawn(move || receive_loop(socket, receiver, token))?;
+        receiving.threads.push(thread);
+    }
+    Ok(receiving)
+}
+
 /// Receives until `token` is cancelled, sending the datagrams `admission` admits to `batcher`
 /// in chunks, pausing `coalesce` each time the socket is empty. Blocks: run it on a thread of
 /// its own.
@@ -81,12 +134,15 @@ pub(crate) fn receive_loop(socket: UdpSocket, receiver: Receiver, token: Cancell
         tracing::error!(?local, %error, "cannot set up the socket; receiving stops");
         return;
     }
-    let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
     let mut slots = udp::RecvBatch::default();
-    let mut arena = BytesMut::with_capacity(ARENA_LEN);
+    let mut check = Check {
+        admission,
+        local,
+        arena: BytesMut::with_capacity(ARENA_LEN),
+        headers: Vec::with_capacity(udp::RECV_BATCH),
+        refusals: RateLimit::new(Duration::from_secs(10)),
+    };
     let full = RateLimit::new(Duration::from_secs(10));
-    let refusals = RateLimit::new(Duration::from_secs(10));
-    let mut headers: Vec<Result<Header, NotSflow>> = Vec::with_capacity(udp::RECV_BATCH);
     while !token.is_cancelled() {
         let n = match slots.recv(&socket, true) {
             Ok(n) => n,
@@ -106,53 +162,7 @@ pub(crate) fn receive_loop(socket: UdpSocket, receiver: Receiver, token: Cancell
                 continue;
             }
         };
-        let received_unix_nanos = unix_nanos();
-        let mut bytes = 0;
-        let mut not_allowed = 0;
-        // Allocated at the first datagram relayed: a flood of refused ones allocates nothing.
-        let mut chunk = Vec::new();
-        headers.clear();
-        for i in 0..n {
-            let data = slots.datagram(i);
-            bytes += data.len();
-            let source = slots.source(i).unwrap_or(unspecified);
-            let verdict = admission.check(source, data);
-            match verdict {
-                Verdict::Relay(header) => {
-                    headers.push(header);
-                    if chunk.capacity() == 0 {
-                        chunk.reserve_exact(n - i);
-                    }
-                    chunk.push(
-                        proto::wire::Datagram {
-                            payload: copy_out(&mut arena, data),
-                            source,
-                            received_unix_nanos,
-                        }
-                        .to_proto(),
-                    );
-                    continue;
-                }
-                Verdict::NotSflow(reason) => headers.push(Err(reason)),
-                Verdict::SourceNotAllowed => not_allowed += 1,
-            }
-            if let Some(more) = refusals.check() {
-                let reason = verdict.reason().unwrap_or_default();
-                let len = data.len();
-                if verdict == Verdict::SourceNotAllowed {
-                    tracing::warn!(?local, %source, len, reason, earlier_drops_not_logged = more, "datagram dropped: its source is not in --allow-sources");
-                } else {
-                    tracing::warn!(?local, %source, len, reason, earlier_drops_not_logged = more, "datagram dropped: not sflow v5 (--accept any relays any udp)");
-                }
-            }
-        }
-        metrics.datagrams_received.inc_by(n as u64);
-        metrics.bytes_received.inc_by(bytes as u64);
-        if not_allowed > 0 {
-            metrics.source_not_allowed.inc_by(not_allowed);
-        }
-        metrics.sflow.observe_parsed(headers.drain(..));
-        let drained = n < udp::RECV_BATCH;
+        let chunk = check.admit(&slots, n, &metrics);
         let relayed = chunk.len();
         if relayed > 0 && batcher.try_send(chunk).is_err() {
             metrics.dropped_queue_full.inc_by(relayed as u64);
@@ -165,8 +175,86 @@ pub(crate) fn receive_loop(socket: UdpSocket, receiver: Receiver, token: Cancell
                 );
             }
         }
+        let drained = n < udp::RECV_BATCH;
         if drained && !coalesce.is_zero() {
             std::thread::sleep(coalesce);
+        }
+    }
+}
+
+/// What a receive loop keeps from one call to the next to check what it received and copy
+/// out what it relays.
+struct Check {
+    /// What is relayed.
+    admission: Admission,
+    /// The socket's address, for the log.
+    local: Option<SocketAddr>,
+    /// Where payloads are copied to.
+    arena: BytesMut,
+    /// The sFlow headers of one call, for the sequence accounting (reused).
+    headers: Vec<Result<Header, NotSflow>>,
+    /// Logging of refused datagrams: one warning per interval.
+    refusals: RateLimit,
+}
+
+impl Check {
+    /// Checks the `n` datagrams one receive call put in `slots` and returns those admitted,
+    /// copied out; counts them all (received, bytes, refused by reason, sequence gaps).
+    fn admit(&mut self, slots: &udp::RecvBatch, n: usize, metrics: &Metrics) -> Chunk {
+        const UNSPECIFIED: SocketAddr =
+            SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+        let received_unix_nanos = unix_nanos();
+        let mut bytes = 0;
+        let mut not_allowed = 0;
+        // Allocated at the first datagram relayed: a flood of refused ones allocates nothing.
+        let mut chunk = Vec::new();
+        self.headers.clear();
+        for i in 0..n {
+            let data = slots.datagram(i);
+            bytes += data.len();
+            let source = slots.source(i).unwrap_or(UNSPECIFIED);
+            let verdict = self.admission.check(source, data);
+            match verdict {
+                Verdict::Relay(header) => {
+                    self.headers.push(header);
+                    if chunk.capacity() == 0 {
+                        chunk.reserve_exact(n - i);
+                    }
+                    chunk.push(
+                        proto::wire::Datagram {
+                            payload: copy_out(&mut self.arena, data),
+                            source,
+                            received_unix_nanos,
+                        }
+                        .to_proto(),
+                    );
+                    continue;
+                }
+                Verdict::NotSflow(reason) => self.headers.push(Err(reason)),
+                Verdict::SourceNotAllowed => not_allowed += 1,
+            }
+            self.log_refusal(verdict, source, data.len());
+        }
+        metrics.datagrams_received.inc_by(n as u64);
+        metrics.bytes_received.inc_by(bytes as u64);
+        if not_allowed > 0 {
+            metrics.source_not_allowed.inc_by(not_allowed);
+        }
+        metrics.sflow.observe_parsed(self.headers.drain(..));
+        chunk
+    }
+
+    /// Logs a refused datagram, at most once per interval.
+    fn log_refusal(&self, verdict: Verdict, source: SocketAddr, len: usize) {
+        let Some(more) = self.refusals.check() else {
+            return;
+        };
+        let local = self.local;
+        let reason = verdict.reason().unwrap_or_default();
+        if verdict == Verdict::SourceNotAllowed {
+            tracing::warn!(?local, %source, len, reason, earlier_drops_not_logged = more, "datagram dropped: its source is not in --allow-sources");
+        } else {
+            tracing::warn!(?local, %source, len, reason, earlier_drops_not_logged = more, "datagram dropped: not sflow v5 (--accept any relays any udp)");
         }
     }
 }

@@ -33,6 +33,8 @@
 //!      closing those a reload no longer authorizes.
 //!    - `ingress`: the path of a batch to replay that both transports share, and the
 //!      transports (`ingress::quic`, `ingress::grpc`).
+//!    - `reload`: the TLS configurations, and their reload with the certificate and
+//!      authorization files (closing, through `admission`, what a new policy refuses).
 //! 6. This root: [`bind`], [`run`] and `Shared`, which wires the layers together.
 //!
 //! [`run`] takes sockets bound by [`bind`] and a shutdown future, so tests and the demo can
@@ -48,6 +50,7 @@ mod labels;
 mod limits;
 pub mod metrics;
 mod refusal;
+mod reload;
 pub mod replay;
 mod status;
 
@@ -58,8 +61,9 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 pub use config::{Args, Config};
 pub use metrics::Metrics;
+use reload::Tls;
 use replay::Replay;
-use runtime::reload::{Prompt, Swap};
+use runtime::reload::Swap;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -170,34 +174,6 @@ fn bind_relay(config: &Config) -> Result<(UdpSocket, Option<TcpListener>), Strin
     }
 }
 
-/// The sink's TLS configurations, from one checked set of files.
-struct Tls {
-    quic: quinn::ServerConfig,
-    grpc: rustls::ServerConfig,
-}
-
-impl Tls {
-    fn build(
-        loaded: &certs::Loaded,
-        transport: &Arc<quinn::TransportConfig>,
-        revocation: &certs::Revocation,
-    ) -> Result<Self, String> {
-        // An agent that offers compression gets it; an older agent (plain ALPN only) is served
-        // as before.
-        let server = |alpn: &[&[u8]]| {
-            certs::server_config_with_crls(&loaded.ca, &loaded.identity, alpn, revocation)
-                .map_err(|e| e.to_string())
-        };
-        let tls = server(proto::RELAY_ALPNS)?;
-        let grpc = server(&[proto::GRPC_ALPN])?;
-        let crypto =
-            quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| e.to_string())?;
-        let mut quic = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        quic.transport_config(transport.clone());
-        Ok(Self { quic, grpc })
-    }
-}
-
 /// Runs the sink on `listeners` until `shutdown` resolves, then stops accepting, closes agent
 /// connections and finishes replaying what was received (within `shutdown_grace`).
 ///
@@ -210,111 +186,39 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
-    let files = certs::TlsFiles {
-        ca: config.ca.clone(),
-        cert: config.cert.clone(),
-        key: config.key.clone(),
-    };
-    let (mut reloader, loaded, chained) = certs::Reloader::open(files, certs::Role::Sink)?;
-    if !chained {
-        tracing::info!(cert = %config.cert.display(), ca = %config.ca.display(), "the sink's certificate is not issued by the CA it checks agents against; reloads will not check its chain");
-    }
+    let (reloader, loaded) = open_certificates(&config)?;
     let identity = loaded.identity.clone();
-    let mut policy_files = authz::PolicyFiles::new(
-        config.ca.clone(),
-        config.crl.clone(),
-        config.allowed_agents.clone(),
-    );
-    let policy = policy_files
-        .check(true)
-        .map_err(|e| Error::Policy(e.to_string()))?
-        .unwrap_or_default();
-    if policy_files.any() {
-        tracing::info!(
-            revoked = policy.revocation.len(),
-            allowed_agents = policy
-                .allowed_count()
-                .map_or_else(|| "any".into(), |n| n.to_string()),
-            "agent authorization loaded"
-        );
-    }
+    let (policy_files, policy) = load_policy(&config)?;
     let transport = Arc::new(config.quic.transport_config());
     let socket = listeners.quic;
     let local = socket
         .local_addr()
         .map_err(|e| Error::Quic(config.listen, e.to_string()))?;
-    let grpc_listener = match listeners.grpc {
-        Some(listener) => {
-            let addr = listener
-                .local_addr()
-                .map_err(|e| Error::Grpc(local, e.to_string()))?;
-            listener
-                .set_nonblocking(true)
-                .and_then(|()| tokio::net::TcpListener::from_std(listener))
-                .map(|l| Some((l, addr)))
-                .map_err(|e| Error::Grpc(addr, e.to_string()))?
-        }
-        None => None,
-    };
+    let grpc_listener = listeners
+        .grpc
+        .map(|l| grpc_listener(l, local))
+        .transpose()?;
     let tls =
         Tls::build(&loaded, &transport, &policy.revocation).map_err(|e| Error::Quic(local, e))?;
     let grpc_tls = Arc::new(Swap::new(tls.grpc));
-    let server = tls.quic;
-    let key_material = std::fs::read(&config.key).unwrap_or_default();
-    let endpoint = runtime::quic::endpoint(socket, Some(server), Some(&key_material))
-        .map_err(|e| Error::Quic(local, e.to_string()))?;
-
+    let endpoint = server_endpoint(socket, tls.quic, &config.key, local)?;
     let mut replay_tasks = JoinSet::new();
-    let replay = Replay::start(
-        &config.forward,
-        config.replay_queue,
-        config.send_buffer,
-        replay::Pace {
-            max_pps: config.replay_max_pps,
-            max_bps: config.replay_max_bps,
-        },
-        metrics.clone(),
-        &mut replay_tasks,
-    )
-    .await?;
-    let grace = config.shutdown_grace;
-    let config_reload = config.reload.interval();
-    let agents = Arc::new(status::Agents::new(metrics.clone()));
-    let max_connections = config.max_connections;
-    let catch_up_max_pps = config.catch_up_max_pps;
-    tracing::info!(
-        catch_up_max_pps,
-        "live traffic is replayed as it arrives; agents' catch-up traffic is paced"
-    );
-    let shared = Arc::new(Shared {
-        config,
-        replay,
-        metrics: metrics.clone(),
-        refusals: refusal::Refusals::default(),
-        replayed: dedup::Replayed::default(),
-        agents: agents.clone(),
-        slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
-        limits_log: runtime::ratelimit::RateLimit::new(std::time::Duration::from_secs(1)),
-        paces: limits::Paces::default(),
-        catch_up: catch_up::CatchUp::new(catch_up_max_pps),
-        policy: Swap::new(policy),
-    });
+    let replay = start_replay(&config, &metrics, &mut replay_tasks).await?;
+    let (grace, reload_interval) = (config.shutdown_grace, config.reload.interval());
+    let shared = share(config, replay, &metrics, policy);
     let status = Arc::new(status::SinkStatus {
         metrics: metrics.clone(),
-        agents,
+        agents: shared.agents.clone(),
         ready: AtomicBool::new(false),
         certificate_not_after: AtomicI64::new(identity.info().not_after.unix_timestamp()),
     });
-    tracing::info!(
-        listen = %local,
-        grpc_listen = grpc_listener.as_ref().map(|(_, addr)| addr.to_string()).unwrap_or_else(|| "off".into()),
-        identity = identity.name(),
-        expires_in_days = identity.info().seconds_to_expiry() / 86_400,
-        "sink listening for agents (mutual TLS)"
+    log_listening(
+        local,
+        grpc_listener.as_ref().map(|(_, addr)| *addr),
+        &identity,
     );
 
-    let token = CancellationToken::new();
-    let tracker = TaskTracker::new();
+    let (token, tracker) = (CancellationToken::new(), TaskTracker::new());
     // Served until the very end, so a scrape during the drain still answers.
     let observing = CancellationToken::new();
     let _ = listeners
@@ -329,82 +233,21 @@ pub async fn run(
         tracker.clone(),
     ));
     let grpc = grpc_listener.map(|(listener, _)| {
-        tracker.spawn(ingress::grpc::serve(
-            listener,
-            grpc_tls.clone(),
-            shared.clone(),
-            token.clone(),
-        ))
+        let serve = ingress::grpc::serve(listener, grpc_tls.clone(), shared.clone(), token.clone());
+        tracker.spawn(serve)
     });
-    let reloading = {
-        let (endpoint, grpc_tls, status) = (endpoint.clone(), grpc_tls.clone(), status.clone());
-        let shared = shared.clone();
-        let mut current = loaded;
-        runtime::reload::spawn(config_reload, token.clone(), move |prompt| {
-            let checked = match prompt {
-                Prompt::Signal => reloader.force().map(Some),
-                Prompt::Poll => reloader.check(),
-            };
-            let certificates = match checked {
-                Ok(loaded) => loaded,
-                Err(error) => {
-                    tracing::error!(prompt = prompt.as_str(), %error, "certificate reload refused: the certificate in use stays");
-                    None
-                }
-            };
-            let policy = match policy_files.check(prompt == Prompt::Signal) {
-                Ok(policy) => policy,
-                Err(error) => {
-                    tracing::error!(prompt = prompt.as_str(), %error, "authorization reload refused: the allow-list and revocation list in use stay");
-                    None
-                }
-            };
-            if certificates.is_none() && policy.is_none() {
-                return;
-            }
-            let loaded = certificates.as_ref().unwrap_or(&current);
-            let revocation = policy
-                .as_ref()
-                .map_or_else(|| shared.policy.get().revocation.clone(), |p| p.revocation.clone());
-            match Tls::build(loaded, &transport, &revocation) {
-                Ok(tls) => {
-                    endpoint.set_server_config(Some(tls.quic));
-                    grpc_tls.set(tls.grpc);
-                }
-                Err(error) => {
-                    tracing::error!(%error, "certificate reload refused: the certificate in use stays");
-                    return;
-                }
-            }
-            if let Some(loaded) = certificates {
-                let info = loaded.identity.info();
-                status
-                    .certificate_not_after
-                    .store(info.not_after.unix_timestamp(), Ordering::Relaxed);
-                tracing::info!(
-                    prompt = prompt.as_str(),
-                    identity = loaded.identity.name(),
-                    serial = %info.serial,
-                    expires = %certs::inspect::rfc3339(info.not_after),
-                    "certificates reloaded: new connections use them"
-                );
-                current = loaded;
-            }
-            if let Some(policy) = policy {
-                tracing::info!(
-                    prompt = prompt.as_str(),
-                    revoked = policy.revocation.len(),
-                    allowed_agents = policy.allowed_count().map_or_else(|| "any".into(), |n| n.to_string()),
-                    "agent authorization reloaded: applies to new and open connections"
-                );
-                shared.policy.set(policy);
-                for (connection, kind) in shared.agents.close_unauthorized(&shared.policy.get()) {
-                    admission::closed_by_policy(&shared, &connection, kind);
-                }
-            }
-        })
-        .map_err(|e| Error::Quic(local, format!("cannot handle SIGHUP: {e}")))?
+    let reload = reload::SinkReload {
+        reloader,
+        policy_files,
+        current: loaded,
+        transport,
+        endpoint: endpoint.clone(),
+        grpc_tls,
+        status: status.clone(),
+        shared: shared.clone(),
     };
+    let reloading = runtime::reload::spawn(reload_interval, token.clone(), reload)
+        .map_err(|e| Error::Quic(local, format!("cannot handle SIGHUP: {e}")))?;
     status.ready.store(true, Ordering::Relaxed);
     shutdown.await;
     status.ready.store(false, Ordering::Relaxed);
@@ -412,6 +255,149 @@ pub async fn run(
     let _ = accept.await;
     let _ = reloading.await;
     drop(grpc);
+    drain(tracker, shared, replay_tasks, grace).await;
+    endpoint.close(0u32.into(), b"sink shutting down");
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
+    log_summary(&metrics);
+    observing.cancel();
+    Ok(())
+}
+
+/// Says where the sink listens, and as whom.
+fn log_listening(local: SocketAddr, grpc: Option<SocketAddr>, identity: &certs::Identity) {
+    tracing::info!(
+        listen = %local,
+        grpc_listen = grpc.map_or_else(|| "off".into(), |addr| addr.to_string()),
+        identity = identity.name(),
+        expires_in_days = identity.info().seconds_to_expiry() / 86_400,
+        "sink listening for agents (mutual TLS)"
+    );
+}
+
+/// Opens the sink's certificate files: the reloader that watches them, and what they hold.
+fn open_certificates(config: &Config) -> Result<(certs::Reloader, certs::Loaded), Error> {
+    let files = certs::TlsFiles {
+        ca: config.ca.clone(),
+        cert: config.cert.clone(),
+        key: config.key.clone(),
+    };
+    let (reloader, loaded, chained) = certs::Reloader::open(files, certs::Role::Sink)?;
+    if !chained {
+        tracing::info!(cert = %config.cert.display(), ca = %config.ca.display(), "the sink's certificate is not issued by the CA it checks agents against; reloads will not check its chain");
+    }
+    Ok((reloader, loaded))
+}
+
+/// Reads the allow-list and CRL files, if any: the files (to check again on reload) and the
+/// policy they make.
+fn load_policy(config: &Config) -> Result<(authz::PolicyFiles, authz::Policy), Error> {
+    let mut files = authz::PolicyFiles::new(
+        config.ca.clone(),
+        config.crl.clone(),
+        config.allowed_agents.clone(),
+    );
+    let policy = files
+        .check(true)
+        .map_err(|e| Error::Policy(e.to_string()))?
+        .unwrap_or_default();
+    if files.any() {
+        tracing::info!(
+            revoked = policy.revocation.len(),
+            allowed_agents = policy
+                .allowed_count()
+                .map_or_else(|| "any".into(), |n| n.to_string()),
+            "agent authorization loaded"
+        );
+    }
+    Ok((files, policy))
+}
+
+/// The gRPC listener, registered with the runtime, and its address.
+fn grpc_listener(
+    listener: TcpListener,
+    local: SocketAddr,
+) -> Result<(tokio::net::TcpListener, SocketAddr), Error> {
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::Grpc(local, e.to_string()))?;
+    listener
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpListener::from_std(listener))
+        .map(|l| (l, addr))
+        .map_err(|e| Error::Grpc(addr, e.to_string()))
+}
+
+/// The QUIC endpoint on `socket`. Its stateless resets are keyed by the private key's file, so
+/// that a restarted sink resets its predecessor's connections at once.
+fn server_endpoint(
+    socket: UdpSocket,
+    server: quinn::ServerConfig,
+    key: &std::path::Path,
+    local: SocketAddr,
+) -> Result<quinn::Endpoint, Error> {
+    let key_material = std::fs::read(key).unwrap_or_default();
+    runtime::quic::endpoint(socket, Some(server), Some(&key_material))
+        .map_err(|e| Error::Quic(local, e.to_string()))
+}
+
+/// Opens a socket per replay destination and starts its sender in `tasks`.
+async fn start_replay(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    tasks: &mut JoinSet<()>,
+) -> Result<Replay, Error> {
+    let pace = replay::Pace {
+        max_pps: config.replay_max_pps,
+        max_bps: config.replay_max_bps,
+    };
+    let replay = Replay::start(
+        &config.forward,
+        config.replay_queue,
+        config.send_buffer,
+        pace,
+        metrics.clone(),
+        tasks,
+    )
+    .await?;
+    Ok(replay)
+}
+
+/// What the connection tasks share, from the configuration and the parts set up so far.
+fn share(
+    config: Config,
+    replay: Replay,
+    metrics: &Arc<Metrics>,
+    policy: authz::Policy,
+) -> Arc<Shared> {
+    let max_connections = config.max_connections;
+    let catch_up_max_pps = config.catch_up_max_pps;
+    tracing::info!(
+        catch_up_max_pps,
+        "live traffic is replayed as it arrives; agents' catch-up traffic is paced"
+    );
+    Arc::new(Shared {
+        config,
+        replay,
+        metrics: metrics.clone(),
+        refusals: refusal::Refusals::default(),
+        replayed: dedup::Replayed::default(),
+        agents: Arc::new(status::Agents::new(metrics.clone())),
+        slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+        limits_log: runtime::ratelimit::RateLimit::new(std::time::Duration::from_secs(1)),
+        paces: limits::Paces::default(),
+        catch_up: catch_up::CatchUp::new(catch_up_max_pps),
+        policy: Swap::new(policy),
+    })
+}
+
+/// Waits for the connections to finish, then for the replay of what they brought, each at
+/// most `grace`.
+async fn drain(
+    tracker: TaskTracker,
+    shared: Arc<Shared>,
+    mut replay_tasks: JoinSet<()>,
+    grace: std::time::Duration,
+) {
     tracker.close();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!("connections did not finish within the shutdown grace period");
@@ -428,8 +414,10 @@ pub async fn run(
             "replay did not finish within the shutdown grace period; queued datagrams dropped"
         );
     }
-    endpoint.close(0u32.into(), b"sink shutting down");
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
+}
+
+/// Logs the sink's counters.
+fn log_summary(metrics: &Metrics) {
     tracing::info!(
         datagrams_received = metrics.datagrams_received.get(),
         datagrams_replayed = metrics.datagrams_replayed(),
@@ -442,6 +430,4 @@ pub async fn run(
         connections_refused = metrics.connections_refused_max.get(),
         "sink stopped"
     );
-    observing.cancel();
-    Ok(())
 }

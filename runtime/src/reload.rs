@@ -1,7 +1,8 @@
 //! When to re-read certificate files: at once on SIGHUP, and every `--cert-reload-interval`
 //! (a renewed certificate from cert-manager or a cron job is then picked up without anyone
 //! sending a signal). What to do with the files is the caller's: `certs::reload` checks them,
-//! the binaries swap their TLS configurations.
+//! and each binary has a [`Reload`] type that swaps its TLS configurations (the agent one per
+//! sink, the sink one for its certificate, allow-list and revocation list together).
 //!
 //! Files are polled, not watched with inotify: a Kubernetes secret volume replaces its files
 //! through a symlink swap that file watches miss, and a poll every few seconds costs nothing.
@@ -53,9 +54,31 @@ impl Prompt {
             Self::Poll => "file check",
         }
     }
+
+    /// Whether every file is read again, changed or not (SIGHUP), rather than only the
+    /// changed ones (a poll).
+    pub fn forced(self) -> bool {
+        self == Self::Signal
+    }
 }
 
-/// Takes over SIGHUP (whose default action would end the process) and calls `check` on each
+/// Files checked again on SIGHUP and every poll interval, and what is done with a new set.
+pub trait Reload: Send + 'static {
+    /// Checks the files once; a new valid set is put in use, a bad one refused (the set in
+    /// use stays). Logs either way: this runs in a task of its own, with no caller to tell.
+    fn check(&mut self, prompt: Prompt);
+}
+
+/// Several sets of files (the agent's, one per sink), checked in turn.
+impl<R: Reload> Reload for Vec<R> {
+    fn check(&mut self, prompt: Prompt) {
+        for reload in self {
+            reload.check(prompt);
+        }
+    }
+}
+
+/// Takes over SIGHUP (whose default action would end the process) and checks `reload` on each
 /// one and every `interval`, until `token` is cancelled. Spawn it early: a SIGHUP that comes
 /// before it runs ends the process.
 ///
@@ -65,7 +88,7 @@ impl Prompt {
 pub fn spawn(
     interval: Option<Duration>,
     token: CancellationToken,
-    mut check: impl FnMut(Prompt) + Send + 'static,
+    mut reload: impl Reload,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let mut hangups = signal(SignalKind::hangup())?;
     Ok(tokio::spawn(async move {
@@ -91,7 +114,7 @@ pub fn spawn(
                 },
                 () = poll => Prompt::Poll,
             };
-            check(prompt);
+            reload.check(prompt);
         }
     }))
 }

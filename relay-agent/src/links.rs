@@ -1,0 +1,217 @@
+//! Each configured sink's side of the agent, set up at start: its credentials (and their
+//! reload), its backlog (and spool), the intake task between the batcher and the backlog, and
+//! the link task that sends to the sink, resends and reconnects.
+//!
+//! What a link does once running is `transport`'s; what the backlog keeps is `backlog`'s. This
+//! module only wires one sink's parts together, in the order a failure is best reported in
+//! (certificates first, then the spool directory, then the sink's settings).
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
+use std::time::Duration;
+
+use runtime::ratelimit::RateLimit;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::config::{Config, SinkConfig};
+use crate::metrics::{Metrics, SinkMetrics};
+use crate::reload::SinkReload;
+use crate::{Error, backlog, batch, status, transport};
+
+/// Batches queued between the batcher and a sink's backlog: the backlog takes them at once
+/// (a disk write at most), so a little room for a slow write is all this needs.
+const INTAKE_QUEUE: usize = 256;
+
+/// The running parts of every sink, in the order of `config.sinks`.
+pub(crate) struct Links {
+    /// Each sink's link task (send, resend, reconnect); they end once their backlog is closed
+    /// and acknowledged.
+    pub(crate) links: JoinSet<()>,
+    /// Each sink's intake task (batcher → backlog); they end when the batcher does.
+    pub(crate) intakes: JoinSet<()>,
+    /// The batcher's queue to each sink.
+    pub(crate) queues: Vec<batch::SinkQueue>,
+    /// What the observability endpoint shows of each sink.
+    pub(crate) states: Vec<status::SinkState>,
+    /// Each sink's certificate files, checked again on SIGHUP and every poll interval.
+    pub(crate) reloads: Vec<SinkReload>,
+}
+
+impl Links {
+    /// Loads each sink's credentials, opens its backlog and starts its intake and link tasks.
+    /// Each sink's counters are pushed to `sink_metrics`.
+    ///
+    /// # Errors
+    ///
+    /// When a sink's certificates cannot be loaded, its spool cannot be opened or its
+    /// settings cannot work.
+    pub(crate) fn start(
+        config: &Config,
+        endpoint: &quinn::Endpoint,
+        transport: &Arc<quinn::TransportConfig>,
+        metrics: &Metrics,
+        sink_metrics: &mut Vec<Arc<SinkMetrics>>,
+    ) -> Result<Self, Error> {
+        let n = config.sinks.len();
+        let mut links = Self {
+            links: JoinSet::new(),
+            intakes: JoinSet::new(),
+            queues: Vec::with_capacity(n),
+            states: Vec::with_capacity(n),
+            reloads: Vec::with_capacity(n),
+        };
+        for sink in &config.sinks {
+            let (reloader, credentials, not_after) = load_credentials(sink, transport)?;
+            let link_metrics = Arc::new(metrics.for_sink(&sink.addr));
+            sink_metrics.push(link_metrics.clone());
+            let certificate_not_after = Arc::new(AtomicI64::new(not_after));
+            links.states.push(status::SinkState {
+                addr: sink.addr.clone(),
+                metrics: link_metrics.clone(),
+                spool_max_bytes: config.spool_dir.as_ref().map(|_| config.spool_max_bytes),
+                certificate_not_after: certificate_not_after.clone(),
+            });
+            links.reloads.push(SinkReload {
+                sink: sink.addr.clone(),
+                reloader,
+                credentials: credentials.clone(),
+                transport: transport.clone(),
+                certificate_not_after,
+            });
+            let backlog = Arc::new(open_backlog(config, sink, link_metrics.clone())?);
+            let (tx, rx) = mpsc::channel(INTAKE_QUEUE);
+            links.intakes.spawn(intake(rx, backlog.clone()));
+            links.queues.push(batch::SinkQueue {
+                name: sink.addr.clone(),
+                queue: tx,
+                metrics: link_metrics.clone(),
+                full: RateLimit::new(Duration::from_secs(10)),
+            });
+            let link = link(config, sink, endpoint, credentials, backlog, link_metrics)?;
+            links.links.spawn(link.run());
+        }
+        Ok(links)
+    }
+}
+
+/// Opens the sink's certificate files: the reloader that watches them, the credentials the
+/// link connects with, and the certificate's expiry (Unix seconds). Logs the sink.
+fn load_credentials(
+    sink: &SinkConfig,
+    transport: &Arc<quinn::TransportConfig>,
+) -> Result<(certs::Reloader, Arc<transport::Credentials>, i64), Error> {
+    let files = certs::TlsFiles {
+        ca: sink.ca.clone(),
+        cert: sink.cert.clone(),
+        key: sink.key.clone(),
+    };
+    let (reloader, loaded, chained) = certs::Reloader::open(files, certs::Role::Agent)
+        .map_err(|e| Error::Certs(sink.addr.clone(), e))?;
+    if !chained {
+        tracing::info!(sink = %sink.addr, cert = %sink.cert.display(), ca = %sink.ca.display(), "this agent's certificate is not issued by the CA it checks the sink against; reloads will not check its chain");
+    }
+    let identity = loaded.identity.clone();
+    let credentials = Arc::new(
+        transport::Credentials::new(&loaded, transport)
+            .map_err(|e| Error::Config(sink.addr.clone(), e.to_string()))?,
+    );
+    tracing::info!(
+        sink = %sink.addr,
+        transport = sink.transport.as_str(),
+        server_name = %sink.server_name,
+        identity = identity.name(),
+        expires_in_days = identity.info().seconds_to_expiry() / 86_400,
+        "relaying to sink"
+    );
+    Ok((
+        reloader,
+        credentials,
+        identity.info().not_after.unix_timestamp(),
+    ))
+}
+
+/// The sink's backlog, with its spool in a folder of its own under `--spool-dir` (if set).
+fn open_backlog(
+    config: &Config,
+    sink: &SinkConfig,
+    metrics: Arc<SinkMetrics>,
+) -> Result<backlog::Backlog, Error> {
+    let spool_dir = config
+        .spool_dir
+        .as_ref()
+        .map(|dir| dir.join(spool_name(&sink.addr)));
+    let limits = backlog::Limits {
+        memory_bytes: sink.backlog_bytes,
+        spool_max_bytes: config.spool_max_bytes,
+        spool_max_age: config.spool_max_age,
+    };
+    backlog::Backlog::open(&sink.addr, spool_dir.as_deref(), limits, metrics).map_err(|e| {
+        Error::Spool(
+            spool_dir
+                .as_deref()
+                .unwrap_or(std::path::Path::new(""))
+                .display()
+                .to_string(),
+            e,
+        )
+    })
+}
+
+/// The sink's link: QUIC and gRPC connectors with its credentials, over its backlog.
+fn link(
+    config: &Config,
+    sink: &SinkConfig,
+    endpoint: &quinn::Endpoint,
+    credentials: Arc<transport::Credentials>,
+    backlog: Arc<backlog::Backlog>,
+    metrics: Arc<SinkMetrics>,
+) -> Result<transport::Link, Error> {
+    let quic = transport::quic::Connector {
+        endpoint: endpoint.clone(),
+        tls: credentials.clone(),
+        sink: sink.clone(),
+        metrics: metrics.clone(),
+    };
+    let grpc = transport::grpc::Connector::new(sink.clone(), credentials, config.grpc.clone())
+        .map_err(|e| Error::Config(sink.addr.clone(), e.to_string()))?;
+    Ok(transport::Link {
+        dialer: transport::Dialer {
+            sink: sink.clone(),
+            quic: Arc::new(quic),
+            grpc: Arc::new(grpc),
+            metrics,
+            connect_timeout: config.connect_timeout,
+            quic_fallback_after: config.quic_fallback_after,
+            quic_retry_interval: config.quic_retry_interval,
+        },
+        backlog,
+        backoff: transport::Backoff::new(config.reconnect_min, config.reconnect_max),
+        window_bytes: config.window_bytes,
+        released: 0,
+        sent_through: 0,
+        live_rate: transport::LiveRate::default(),
+    })
+}
+
+/// Takes a sink's batches from the batcher into its backlog (and spool), so that neither the
+/// batcher nor other sinks ever wait on this sink's disk or network.
+async fn intake(mut queue: mpsc::Receiver<batch::Frame>, backlog: Arc<backlog::Backlog>) {
+    while let Some(frame) = queue.recv().await {
+        backlog.append(frame);
+    }
+    backlog.close();
+}
+
+/// A sink's folder in the spool directory: its address, made safe as a file name.
+fn spool_name(addr: &str) -> String {
+    addr.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
