@@ -212,11 +212,8 @@ pub async fn run(
         ready: AtomicBool::new(false),
         certificate_not_after: AtomicI64::new(identity.info().not_after.unix_timestamp()),
     });
-    log_listening(
-        local,
-        grpc_listener.as_ref().map(|(_, addr)| *addr),
-        &identity,
-    );
+    let grpc_addr = grpc_listener.as_ref().map(|(_, addr)| *addr);
+    log_listening(local, grpc_addr, &identity);
 
     let (token, tracker) = (CancellationToken::new(), TaskTracker::new());
     // Served until the very end, so a scrape during the drain still answers.
@@ -255,9 +252,7 @@ pub async fn run(
     let _ = accept.await;
     let _ = reloading.await;
     drop(grpc);
-    drain(tracker, shared, replay_tasks, grace).await;
-    endpoint.close(0u32.into(), b"sink shutting down");
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
+    drain(tracker, shared, replay_tasks, &endpoint, grace).await;
     log_summary(&metrics);
     observing.cancel();
     Ok(())
@@ -391,11 +386,12 @@ fn share(
 }
 
 /// Waits for the connections to finish, then for the replay of what they brought, each at
-/// most `grace`.
+/// most `grace`; then closes the QUIC endpoint.
 async fn drain(
     tracker: TaskTracker,
     shared: Arc<Shared>,
     mut replay_tasks: JoinSet<()>,
+    endpoint: &quinn::Endpoint,
     grace: std::time::Duration,
 ) {
     tracker.close();
@@ -414,6 +410,8 @@ async fn drain(
             "replay did not finish within the shutdown grace period; queued datagrams dropped"
         );
     }
+    endpoint.close(0u32.into(), b"sink shutting down");
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
 }
 
 /// Logs the sink's counters.
