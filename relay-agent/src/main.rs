@@ -61,13 +61,12 @@ fn main() -> ExitCode {
     };
     let mut links = Vec::new();
     let metrics = Arc::new(Metrics::new(config.observe.sflow_max_streams()));
-    let run = relay_agent::run(
-        config,
-        sockets,
-        metrics,
-        &mut links,
-        runtime::shutdown::signal(),
-    );
+    // Signal handlers first: a SIGTERM during start-up stops the agent cleanly.
+    let shutdown = {
+        let _runtime = rt.enter();
+        runtime::shutdown::signal()
+    };
+    let run = relay_agent::run(config, sockets, metrics, &mut links, shutdown);
     match rt.block_on(run) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => cli::fail(PROGRAM, &e),

@@ -24,11 +24,13 @@ fn main() -> ExitCode {
     };
     let metrics = Arc::new(Metrics::new(config.observe.sflow_max_streams()));
     rt.block_on(async {
+        // Signal handlers first: a SIGTERM during start-up stops the sink cleanly.
+        let shutdown = runtime::shutdown::signal();
         let listeners = match relay_sink::bind(&config) {
             Ok(listeners) => listeners,
             Err(e) => return cli::fail(PROGRAM, &e),
         };
-        match relay_sink::run(config, listeners, metrics, runtime::shutdown::signal()).await {
+        match relay_sink::run(config, listeners, metrics, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => cli::fail(PROGRAM, &e),
         }
