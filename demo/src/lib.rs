@@ -63,68 +63,145 @@ pub async fn run(args: Args) -> Result<(), String> {
     let pki = args.dir.join("pki");
     pki::ensure(&pki)
         .map_err(|e| format!("cannot make demo certificates in {}: {e}", pki.display()))?;
+    let shutdown = runtime::shutdown::signal();
+    let relay = Relay::bind(&args, &pki)?;
+    relay.print_banner(&args, &pki);
+    let running = relay.start();
+    report_until_shutdown(&running, &args, shutdown).await;
+    running.stop().await
+}
 
-    let sink_config = sink::Config::try_from(sink::Args {
-        listen: Some(args.sink_listen),
-        ca: Some(pki.join("ca.pem")),
-        cert: Some(pki.join("localhost.pem")),
-        key: Some(pki.join("localhost.key")),
-        forward: vec![args.forward.clone()],
-        ..Default::default()
-    })
-    .map_err(|e| e.to_string())?;
-    let sink_listeners = sink::bind(&sink_config).map_err(|e| format!("sink: {e}"))?;
-    let sink_addr = sink_listeners
-        .quic
-        .local_addr()
-        .map_err(|e| e.to_string())?;
-    let agent_config = agent::Config::try_from(agent::Args {
-        listen: vec![args.listen],
-        sink: Some(agent::config::Sinks::One(sink_addr.to_string())),
-        server_name: Some("localhost".into()),
-        ca: Some(pki.join("ca.pem")),
-        cert: Some(pki.join("demo-agent.pem")),
-        key: Some(pki.join("demo-agent.key")),
-        ..Default::default()
-    })
-    .map_err(|e| e.to_string())?;
-    let agent_sockets = agent::bind_listeners(&agent_config)?;
-    let listen = agent_sockets[0].local_addr().map_err(|e| e.to_string())?;
+/// The sink and the agent, configured and bound, not yet running.
+struct Relay {
+    sink_config: sink::Config,
+    sink_listeners: sink::Listeners,
+    sink_addr: SocketAddr,
+    agent_config: agent::Config,
+    agent_sockets: Vec<std::net::UdpSocket>,
+    listen: SocketAddr,
+}
 
-    println!("sflow-relay demo: sink and agent on this host, mutual TLS over QUIC");
-    println!("  certificates:  {}", pki.display());
-    println!("  send sFlow to: udp {listen}  (the agent)");
-    println!(
-        "  relayed over:  quic {sink_addr}, or gRPC on tcp {sink_addr} if UDP fails  (the sink)"
-    );
-    println!("  replayed to:   udp {}", args.forward);
-    println!("  stop with Ctrl-C");
-
-    let stop_agent = CancellationToken::new();
-    let stop_sink = CancellationToken::new();
-    let agent_metrics = Arc::new(agent::Metrics::default());
-    let sink_metrics = Arc::new(sink::Metrics::default());
-    let sink_task = tokio::spawn(sink::run(
-        sink_config,
-        sink_listeners,
-        sink_metrics.clone(),
-        stop_sink.clone().cancelled_owned(),
-    ));
-    let agent_task = {
-        let (metrics, stop) = (agent_metrics.clone(), stop_agent.clone());
-        tokio::spawn(async move {
-            let mut links = Vec::new();
-            agent::run(
-                agent_config,
-                agent_sockets,
-                metrics,
-                &mut links,
-                stop.cancelled_owned(),
-            )
-            .await
+impl Relay {
+    /// Both ends configured with every option at its default but the addresses and the
+    /// demo certificates; the sink is bound first, so the agent is told its real address.
+    fn bind(args: &Args, pki: &std::path::Path) -> Result<Self, String> {
+        let sink_config = sink::Config::try_from(sink::Args {
+            listen: Some(args.sink_listen),
+            ca: Some(pki.join("ca.pem")),
+            cert: Some(pki.join("localhost.pem")),
+            key: Some(pki.join("localhost.key")),
+            forward: vec![args.forward.clone()],
+            ..Default::default()
         })
-    };
+        .map_err(|e| e.to_string())?;
+        let sink_listeners = sink::bind(&sink_config).map_err(|e| format!("sink: {e}"))?;
+        let sink_addr = sink_listeners
+            .quic
+            .local_addr()
+            .map_err(|e| e.to_string())?;
+        let agent_config = agent::Config::try_from(agent::Args {
+            listen: vec![args.listen],
+            sink: Some(agent::config::Sinks::One(sink_addr.to_string())),
+            server_name: Some("localhost".into()),
+            ca: Some(pki.join("ca.pem")),
+            cert: Some(pki.join("demo-agent.pem")),
+            key: Some(pki.join("demo-agent.key")),
+            ..Default::default()
+        })
+        .map_err(|e| e.to_string())?;
+        let agent_sockets = agent::bind_listeners(&agent_config)?;
+        let listen = agent_sockets[0].local_addr().map_err(|e| e.to_string())?;
+        Ok(Self {
+            sink_config,
+            sink_listeners,
+            sink_addr,
+            agent_config,
+            agent_sockets,
+            listen,
+        })
+    }
 
+    fn print_banner(&self, args: &Args, pki: &std::path::Path) {
+        let (listen, sink_addr) = (self.listen, self.sink_addr);
+        println!("sflow-relay demo: sink and agent on this host, mutual TLS over QUIC");
+        println!("  certificates:  {}", pki.display());
+        println!("  send sFlow to: udp {listen}  (the agent)");
+        println!(
+            "  relayed over:  quic {sink_addr}, or gRPC on tcp {sink_addr} if UDP fails  (the sink)"
+        );
+        println!("  replayed to:   udp {}", args.forward);
+        println!("  stop with Ctrl-C");
+    }
+
+    /// Runs the sink and the agent as tasks of this runtime.
+    fn start(self) -> Running {
+        let stop_agent = CancellationToken::new();
+        let stop_sink = CancellationToken::new();
+        let agent_metrics = Arc::new(agent::Metrics::default());
+        let sink_metrics = Arc::new(sink::Metrics::default());
+        let sink_task = tokio::spawn(sink::run(
+            self.sink_config,
+            self.sink_listeners,
+            sink_metrics.clone(),
+            stop_sink.clone().cancelled_owned(),
+        ));
+        let (metrics, stop) = (agent_metrics.clone(), stop_agent.clone());
+        let (config, sockets) = (self.agent_config, self.agent_sockets);
+        let agent_task = tokio::spawn(async move {
+            let mut links = Vec::new();
+            agent::run(config, sockets, metrics, &mut links, stop.cancelled_owned()).await
+        });
+        Running {
+            stop_agent,
+            stop_sink,
+            agent_metrics,
+            sink_metrics,
+            agent_task,
+            sink_task,
+        }
+    }
+}
+
+/// The running sink and agent.
+struct Running {
+    stop_agent: CancellationToken,
+    stop_sink: CancellationToken,
+    agent_metrics: Arc<agent::Metrics>,
+    sink_metrics: Arc<sink::Metrics>,
+    agent_task: tokio::task::JoinHandle<Result<(), agent::Error>>,
+    sink_task: tokio::task::JoinHandle<Result<(), sink::Error>>,
+}
+
+impl Running {
+    /// Stops the agent first, so what it holds reaches the sink; then the sink finishes its
+    /// replay.
+    async fn stop(self) -> Result<(), String> {
+        self.stop_agent.cancel();
+        self.agent_task
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        self.stop_sink.cancel();
+        self.sink_task
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        println!(
+            "demo: stopped after {} datagrams received, {} replayed",
+            self.agent_metrics.datagrams_received.get(),
+            self.sink_metrics.datagrams_replayed()
+        );
+        Ok(())
+    }
+}
+
+/// Prints the status line until SIGINT/SIGTERM: redrawn in place every second on a terminal,
+/// elsewhere a line every `--report-every` when the totals moved.
+async fn report_until_shutdown(
+    running: &Running,
+    args: &Args,
+    shutdown: impl Future<Output = ()>,
+) {
     let live = std::io::stdout().is_terminal();
     let mut ticker = tokio::time::interval(if live {
         Duration::from_secs(1)
@@ -132,12 +209,11 @@ pub async fn run(args: Args) -> Result<(), String> {
         args.report_every
     });
     let mut last = Totals::default();
-    let shutdown = runtime::shutdown::signal();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = ticker.tick() => {
-                let now = Totals::read(&agent_metrics, &sink_metrics);
+                let now = Totals::read(&running.agent_metrics, &running.sink_metrics);
                 let line = now.status(&last);
                 if live {
                     // Redraw one line in place.
@@ -154,21 +230,4 @@ pub async fn run(args: Args) -> Result<(), String> {
     if live {
         println!();
     }
-    // Agent first, so what it holds reaches the sink; then the sink finishes its replay.
-    stop_agent.cancel();
-    agent_task
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    stop_sink.cancel();
-    sink_task
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    println!(
-        "demo: stopped after {} datagrams received, {} replayed",
-        agent_metrics.datagrams_received.get(),
-        sink_metrics.datagrams_replayed()
-    );
-    Ok(())
 }
