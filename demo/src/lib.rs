@@ -197,11 +197,7 @@ impl Running {
 
 /// Prints the status line until SIGINT/SIGTERM: redrawn in place every second on a terminal,
 /// elsewhere a line every `--report-every` when the totals moved.
-async fn report_until_shutdown(
-    running: &Running,
-    args: &Args,
-    shutdown: impl Future<Output = ()>,
-) {
+async fn report_until_shutdown(running: &Running, args: &Args, shutdown: impl Future<Output = ()>) {
     let live = std::io::stdout().is_terminal();
     let mut ticker = tokio::time::interval(if live {
         Duration::from_secs(1)

@@ -127,6 +127,20 @@ pub struct Listeners {
     pub metrics: Option<TcpListener>,
 }
 
+/// Why the sink could not bind its sockets; each names the address.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    /// The QUIC socket.
+    #[error("cannot listen on {0} (UDP): {1}")]
+    Udp(SocketAddr, #[source] std::io::Error),
+    /// The gRPC listener.
+    #[error("cannot listen on {0} (TCP): {1}")]
+    Tcp(SocketAddr, #[source] std::io::Error),
+    /// The metrics endpoint (`--metrics-listen`).
+    #[error("{0}")]
+    Metrics(String),
+}
+
 /// Binds the QUIC socket (with the configured buffers) and the gRPC listener.
 ///
 /// When both ask for the same address with port 0, they get the same port number: the UDP
@@ -135,8 +149,8 @@ pub struct Listeners {
 /// # Errors
 ///
 /// When an address cannot be bound; the error names it.
-pub fn bind(config: &Config) -> Result<Listeners, String> {
-    let metrics = runtime::observe::bind(&config.observe)?;
+pub fn bind(config: &Config) -> Result<Listeners, BindError> {
+    let metrics = runtime::observe::bind(&config.observe).map_err(BindError::Metrics)?;
     let (quic, grpc) = bind_relay(config)?;
     Ok(Listeners {
         quic,
@@ -145,30 +159,30 @@ pub fn bind(config: &Config) -> Result<Listeners, String> {
     })
 }
 
-fn bind_relay(config: &Config) -> Result<(UdpSocket, Option<TcpListener>), String> {
+fn bind_relay(config: &Config) -> Result<(UdpSocket, Option<TcpListener>), BindError> {
     let buffers = runtime::udp::Buffers {
         recv: Some(config.recv_buffer),
         send: Some(config.recv_buffer),
     };
-    let quic = |addr: SocketAddr| {
-        runtime::udp::bind(addr, buffers).map_err(|e| format!("cannot listen on {addr} (UDP): {e}"))
-    };
-    let grpc = |addr: SocketAddr| {
-        TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr} (TCP): {e}"))
-    };
+    let quic =
+        |addr: SocketAddr| runtime::udp::bind(addr, buffers).map_err(|e| BindError::Udp(addr, e));
+    let grpc = |addr: SocketAddr| TcpListener::bind(addr).map_err(|e| BindError::Tcp(addr, e));
     match config.grpc_listen {
         None => Ok((quic(config.listen)?, None)),
         Some(tcp) if tcp == config.listen && tcp.port() == 0 => {
-            let mut last = String::new();
+            let mut last = None;
             for _ in 0..32 {
                 let udp = quic(config.listen)?;
-                let port = udp.local_addr().map_err(|e| e.to_string())?.port();
+                let port = udp
+                    .local_addr()
+                    .map_err(|e| BindError::Udp(config.listen, e))?
+                    .port();
                 match grpc(SocketAddr::new(tcp.ip(), port)) {
                     Ok(listener) => return Ok((udp, Some(listener))),
-                    Err(e) => last = e,
+                    Err(e) => last = Some(e),
                 }
             }
-            Err(last)
+            Err(last.expect("32 attempts"))
         }
         Some(tcp) => Ok((quic(config.listen)?, Some(grpc(tcp)?))),
     }
@@ -198,8 +212,8 @@ pub async fn run(
         .grpc
         .map(|l| grpc_listener(l, local))
         .transpose()?;
-    let tls =
-        Tls::build(&loaded, &transport, &policy.revocation).map_err(|e| Error::Quic(local, e))?;
+    let tls = Tls::build(&loaded, &transport, &policy.revocation)
+        .map_err(|e| Error::Quic(local, e.to_string()))?;
     let grpc_tls = Arc::new(Swap::new(tls.grpc));
     let endpoint = server_endpoint(socket, tls.quic, &config.key, local)?;
     let mut replay_tasks = JoinSet::new();
@@ -428,4 +442,59 @@ fn log_summary(metrics: &Metrics) {
         connections_refused = metrics.connections_refused_max.get(),
         "sink stopped"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(listen: SocketAddr, grpc: Option<SocketAddr>) -> Config {
+        let mut config = Config::try_from(Args {
+            listen: Some(listen),
+            ca: Some("ca.pem".into()),
+            cert: Some("sink.pem".into()),
+            key: Some("sink.key".into()),
+            forward: vec!["127.0.0.1:6343".into()],
+            ..Default::default()
+        })
+        .expect("config");
+        config.grpc_listen = grpc;
+        config
+    }
+
+    #[test]
+    fn an_address_in_use_is_an_error_that_names_it_and_its_protocol() {
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let taken = udp.local_addr().unwrap();
+        let error = bind(&config(taken, None)).unwrap_err();
+        assert!(matches!(error, BindError::Udp(addr, _) if addr == taken));
+        assert!(
+            error
+                .to_string()
+                .starts_with(&format!("cannot listen on {taken} (UDP): ")),
+            "{error}"
+        );
+
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken = tcp.local_addr().unwrap();
+        let free = SocketAddr::from(([127, 0, 0, 1], 0));
+        let error = bind(&config(free, Some(taken))).unwrap_err();
+        assert!(matches!(error, BindError::Tcp(addr, _) if addr == taken));
+        assert!(
+            error
+                .to_string()
+                .starts_with(&format!("cannot listen on {taken} (TCP): ")),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn port_zero_gives_quic_and_grpc_the_same_port() {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        let listeners = bind(&config(any, Some(any))).expect("bind");
+        let quic = listeners.quic.local_addr().unwrap();
+        let grpc = listeners.grpc.expect("gRPC listener").local_addr().unwrap();
+        assert_ne!(quic.port(), 0);
+        assert_eq!(quic.port(), grpc.port());
+    }
 }

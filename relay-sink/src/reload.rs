@@ -22,23 +22,32 @@ pub(crate) struct Tls {
     pub(crate) grpc: rustls::ServerConfig,
 }
 
+/// Why the TLS configurations could not be built from a set of certificates.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TlsError {
+    /// The certificates, key or CRLs do not make a rustls configuration.
+    #[error(transparent)]
+    Certs(#[from] certs::Error),
+    /// rustls's configuration does not suit QUIC (no TLS 1.3 cipher suite QUIC can use).
+    #[error(transparent)]
+    Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+}
+
 impl Tls {
     /// Both configurations from `loaded`, with the CRLs of `revocation`.
     pub(crate) fn build(
         loaded: &certs::Loaded,
         transport: &Arc<quinn::TransportConfig>,
         revocation: &certs::Revocation,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, TlsError> {
         // An agent that offers compression gets it; an older agent (plain ALPN only) is served
         // as before.
         let server = |alpn: &[&[u8]]| {
             certs::server_config_with_crls(&loaded.ca, &loaded.identity, alpn, revocation)
-                .map_err(|e| e.to_string())
         };
         let tls = server(proto::RELAY_ALPNS)?;
         let grpc = server(&[proto::GRPC_ALPN])?;
-        let crypto =
-            quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| e.to_string())?;
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
         let mut quic = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         quic.transport_config(transport.clone());
         Ok(Self { quic, grpc })
