@@ -18,6 +18,8 @@
 //! - [`threads`] — how many threads run the tasks (one by default, as measured).
 //! - [`ratelimit`] — logging a recurring event at most once per interval.
 //! - [`admission`] — which received datagrams the agent relays (`--accept`, `--allow-sources`).
+//! - [`route`] — which datagrams a sink entry or a forward destination carries (`agents`,
+//!   `sites`, `not-after`), matched on the sFlow agent address and the relay agent's name.
 //! - [`accounting`] — sFlow sequence-gap accounting, per sFlow stream, as Prometheus series.
 //! - [`observe`] — the `/metrics`, `/healthz`, `/readyz` endpoint, and metric registration.
 //!
@@ -33,6 +35,7 @@ pub mod observe;
 pub mod quic;
 pub mod ratelimit;
 pub mod reload;
+pub mod route;
 pub mod shutdown;
 pub mod ssh_hex;
 pub mod telemetry;
