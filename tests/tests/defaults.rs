@@ -179,6 +179,19 @@ fn link_cut_for_30_seconds_while_live_traffic_goes_on(t: Transport) {
         collector.kernel_drops(),
         path_.tally()
     );
+    if report != StreamReport::default() {
+        // Where in the stream the losses were, against the heal, to tell the drain from the
+        // return to live traffic.
+        let received: std::collections::HashSet<_> = collector.positions().into_iter().collect();
+        let missing: Vec<usize> = (sent.iter().enumerate())
+            .filter(|(_, p)| !received.contains(p))
+            .map(|(i, _)| i)
+            .take(20)
+            .collect();
+        eprintln!(
+            "sent by the heal: {sent_by_heal}; first missing (index in send order): {missing:?}"
+        );
+    }
     assert!(arrived, "{} of {n} arrived", collector.len());
     assert_eq!(report, StreamReport::default(), "after a 30 s cut");
     assert_eq!(
