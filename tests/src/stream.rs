@@ -20,6 +20,10 @@ pub type Position = (Ipv4Addr, u32, u32);
 pub struct PositionCapture {
     addr: SocketAddr,
     positions: Arc<Mutex<Vec<Position>>>,
+    /// How many positions there are, readable without taking `positions`' lock: a waiting
+    /// test that polls must never hold up the receiving thread (were the poller descheduled
+    /// while holding the lock, the socket's buffer would fill behind it).
+    count: Arc<AtomicUsize>,
     /// Datagrams that were not sFlow.
     other: Arc<AtomicUsize>,
 }
@@ -36,12 +40,16 @@ impl PositionCapture {
         let addr = socket.local_addr().expect("collector address");
         let positions = Arc::new(Mutex::new(Vec::new()));
         let other = Arc::new(AtomicUsize::new(0));
-        let (store, others) = (positions.clone(), other.clone());
+        let count = Arc::new(AtomicUsize::new(0));
+        let (store, others, counted) = (positions.clone(), other.clone(), count.clone());
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 65_536];
             while let Ok(n) = socket.recv(&mut buf) {
                 match stream_position(&buf[..n]) {
-                    Some(position) => store.lock().unwrap().push(position),
+                    Some(position) => {
+                        store.lock().unwrap().push(position);
+                        counted.fetch_add(1, Ordering::Release);
+                    }
                     None => {
                         others.fetch_add(1, Ordering::Relaxed);
                     }
@@ -51,6 +59,7 @@ impl PositionCapture {
         Self {
             addr,
             positions,
+            count,
             other,
         }
     }
@@ -62,7 +71,7 @@ impl PositionCapture {
 
     /// sFlow datagrams received so far.
     pub fn len(&self) -> usize {
-        self.positions.lock().unwrap().len()
+        self.count.load(Ordering::Acquire)
     }
 
     /// Whether nothing has arrived.
