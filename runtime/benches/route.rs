@@ -6,28 +6,10 @@
 //! an excluded and no prefix, IPv4 and IPv6; and, separately, the header parse that a
 //! caller does once per datagram whatever the number of routes.
 
-use std::hint::black_box;
-use std::net::IpAddr;
-
 use criterion::{Criterion, criterion_group, criterion_main};
-use proto::sflow::parse_header;
+use proto::sflow::{Header, parse_header};
 use relay_runtime::route::{Route, RouteConfig};
-
-fn sflow_from(agent: IpAddr) -> Vec<u8> {
-    let mut d = 5u32.to_be_bytes().to_vec();
-    match agent {
-        IpAddr::V4(v4) => {
-            d.extend(1u32.to_be_bytes());
-            d.extend(v4.octets());
-        }
-        IpAddr::V6(v6) => {
-            d.extend(2u32.to_be_bytes());
-            d.extend(v6.octets());
-        }
-    }
-    d.extend([0u8; 16]);
-    d
-}
+use std::hint::black_box;
 
 fn ten_prefixes() -> Route {
     let agents = [
@@ -62,7 +44,7 @@ fn bench(c: &mut Criterion) {
         "172.31.1.1",
     ]
     .iter()
-    .map(|a| sflow_from(a.parse().unwrap()))
+    .map(|a| Header::from_agent(a.parse().unwrap()).to_bytes())
     .collect();
     let headers: Vec<_> = datagrams.iter().map(|d| parse_header(d)).collect();
     let mut group = c.benchmark_group("route");

@@ -194,15 +194,13 @@ mod tests {
     use super::*;
 
     fn datagram(agent: [u8; 4], sub_agent: u32, sequence: u32) -> Vec<u8> {
-        let mut d = Vec::new();
-        for word in [5u32, 1] {
-            d.extend_from_slice(&word.to_be_bytes());
+        Header {
+            sub_agent,
+            sequence,
+            uptime_ms: 1_000 + sequence,
+            ..Header::from_agent(agent.into())
         }
-        d.extend_from_slice(&agent);
-        for word in [sub_agent, sequence, 1_000 + sequence, 0] {
-            d.extend_from_slice(&word.to_be_bytes());
-        }
-        d
+        .to_bytes()
     }
 
     fn value(registry: &Registry, name: &str, labels: &[(&str, &str)]) -> Option<u64> {

@@ -328,11 +328,12 @@ mod tests {
     }
 
     fn sflow() -> Vec<u8> {
-        let mut d = Vec::new();
-        for word in [5u32, 1, 0xC000_0201, 0, 1, 1_000, 0] {
-            d.extend_from_slice(&word.to_be_bytes());
+        Header {
+            sequence: 1,
+            uptime_ms: 1_000,
+            ..Header::from_agent(ip("192.0.2.1"))
         }
-        d
+        .to_bytes()
     }
 
     #[test]

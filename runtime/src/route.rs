@@ -217,25 +217,8 @@ mod tests {
         .expect("route")
     }
 
-    /// The fixed header of an sFlow v5 datagram from `agent`, sub-agent 0.
-    fn sflow_from(agent: IpAddr) -> Vec<u8> {
-        let mut d = 5u32.to_be_bytes().to_vec();
-        match agent {
-            IpAddr::V4(v4) => {
-                d.extend(1u32.to_be_bytes());
-                d.extend(v4.octets());
-            }
-            IpAddr::V6(v6) => {
-                d.extend(2u32.to_be_bytes());
-                d.extend(v6.octets());
-            }
-        }
-        d.extend([0u8; 16]);
-        d
-    }
-
     fn carries(route: &Route, agent: &str, site: Option<&str>) -> bool {
-        let datagram = sflow_from(agent.parse().unwrap());
+        let datagram = Header::from_agent(agent.parse().unwrap()).to_bytes();
         route.matches(parse_header(&datagram).as_ref(), site)
     }
 

@@ -760,19 +760,13 @@ pub fn datagrams_up_to(n: usize, tag: u8, seed: u64, max_len: usize) -> Vec<Vec<
 /// the caller to fill.
 pub fn tagged_datagram(tag: u8, index: u32, len: usize) -> Vec<u8> {
     let mut d = Vec::with_capacity(len.max(MIN_LEN));
-    for word in [5u32, 1] {
-        d.extend_from_slice(&word.to_be_bytes());
+    proto::sflow::Header {
+        sequence: index.wrapping_add(1),
+        uptime_ms: 3_600_000u32.wrapping_add(index),
+        ..proto::sflow::Header::from_agent([TAG_AGENT[0], TAG_AGENT[1], tag, 1].into())
     }
-    d.extend_from_slice(&[TAG_AGENT[0], TAG_AGENT[1], tag, 1]);
-    for word in [
-        0,
-        index.wrapping_add(1),
-        3_600_000u32.wrapping_add(index),
-        0,
-        index,
-    ] {
-        d.extend_from_slice(&word.to_be_bytes());
-    }
+    .write(&mut d);
+    d.extend_from_slice(&index.to_be_bytes());
     d.resize(len.max(MIN_LEN), 0);
     d
 }
