@@ -31,7 +31,8 @@ pub struct PositionCapture {
 impl PositionCapture {
     /// Binds 127.0.0.1:0 with a receive buffer of `buffer` bytes (as far as
     /// net.core.rmem_max allows), or the kernel's default with `None`: a collector nobody
-    /// tuned.
+    /// tuned. Its receiving thread runs at a raised priority (as root), as a collector with
+    /// CPU of its own would.
     pub fn bind(buffer: Option<usize>) -> Self {
         let socket = UdpSocket::bind("127.0.0.1:0").expect("bind collector");
         if let Some(bytes) = buffer {
@@ -43,6 +44,7 @@ impl PositionCapture {
         let count = Arc::new(AtomicUsize::new(0));
         let (store, others, counted) = (positions.clone(), other.clone(), count.clone());
         std::thread::spawn(move || {
+            crate::procfs::raise_current_thread_priority();
             let mut buf = vec![0u8; 65_536];
             while let Ok(n) = socket.recv(&mut buf) {
                 match stream_position(&buf[..n]) {
