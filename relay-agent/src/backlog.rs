@@ -181,6 +181,10 @@ impl Backlog {
     /// limits.
     pub(crate) fn append(&self, frame: Frame) {
         let mut inner = self.lock();
+        if inner.closed {
+            // Closed: the agent is shutting down, or the sink's feed has ended (discarded).
+            return;
+        }
         let meta = Meta {
             id: inner.next_id,
             session: frame.session,
@@ -308,6 +312,28 @@ impl Backlog {
     pub(crate) fn close(&self) {
         self.lock().closed = true;
         self.grew.notify_waiters();
+    }
+
+    /// Closes the backlog and throws away what it holds, in memory and in the spool (whose
+    /// files are closed; the caller removes its folder): the sink's feed has ended. Returns
+    /// the (batches, datagrams) thrown away.
+    pub(crate) fn discard(&self) -> (u64, u64) {
+        let mut inner = self.lock();
+        inner.closed = true;
+        let batches = inner.entries.len() as u64;
+        let datagrams = inner
+            .entries
+            .iter()
+            .map(|e| u64::from(e.meta.datagrams))
+            .sum();
+        inner.entries.clear();
+        inner.first_in_memory = 0;
+        inner.memory_bytes = 0;
+        inner.spool = None;
+        self.update_gauges(&inner);
+        drop(inner);
+        self.grew.notify_waiters();
+        (batches, datagrams)
     }
 
     /// The oldest batch after `after` (an id; 0 for the start). Waits for one; `None` once the
@@ -534,5 +560,21 @@ mod tests {
             out
         };
         assert_eq!(sequences, [3, 4, 5], "what was not acknowledged survives");
+    }
+
+    #[tokio::test]
+    async fn discarding_empties_memory_and_spool_and_ends_the_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(SinkMetrics::default());
+        let backlog = Backlog::open("s", Some(dir.path()), limits(100), metrics.clone()).unwrap();
+        for sequence in 1..=3 {
+            backlog.append(frame(sequence));
+        }
+        assert_eq!(backlog.discard(), (3, 9));
+        assert_eq!(backlog.pending(), (0, 0, 0));
+        assert_eq!(metrics.spool_bytes.get(), 0);
+        assert!(backlog.next_after(0).await.is_none(), "closed and empty");
+        backlog.append(frame(4));
+        assert_eq!(backlog.pending().0, 0, "nothing is taken after the end");
     }
 }

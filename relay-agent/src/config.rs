@@ -17,6 +17,7 @@ use runtime::grpc::GrpcOptions;
 use runtime::observe::ObserveOptions;
 use runtime::quic::QuicOptions;
 use runtime::reload::ReloadOptions;
+use runtime::route::{Route, RouteConfig, RouteError};
 use runtime::threads::ThreadOptions;
 use serde::{Deserialize, Serialize};
 
@@ -318,6 +319,14 @@ pub struct SinkEntry {
     /// Transport to this sink [default: the top-level `transport`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<TransportMode>,
+    /// Only the sFlow of these agent addresses goes to this sink: prefixes or addresses,
+    /// `!` to exclude [default: everything] (see `runtime::route` for the rules).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agents: Vec<String>,
+    /// When this sink's feed ends (RFC 3339): its link is closed and its backlog and spool
+    /// folder removed [default: never].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<String>,
 }
 
 /// A configuration that cannot work, said so the user can fix it.
@@ -340,6 +349,14 @@ pub enum ConfigError {
         "server-name applies to a single --sink; with [[sink]] entries, give each its own server-name"
     )]
     ServerNameWithList,
+    /// A `[[sink]]` entry's `agents` or `not-after` is wrong.
+    #[error("sink {sink}: {error}")]
+    Route {
+        /// The sink's address.
+        sink: String,
+        /// What is wrong, naming the value.
+        error: RouteError,
+    },
     /// A sink has no CA, certificate or key file, neither its own nor the top-level one.
     #[error("sink {sink}: no {what} file (--{what}, or `{what}` in its [[sink]] entry)")]
     MissingFile {
@@ -411,6 +428,8 @@ pub struct SinkConfig {
     pub backlog_bytes: usize,
     /// Transport.
     pub transport: TransportMode,
+    /// Which datagrams go to this sink, and until when.
+    pub route: Route,
 }
 
 /// The agent's checked configuration.
@@ -465,6 +484,38 @@ pub struct Config {
     /// What the configuration asked for that is deprecated, one line each, for `run` to log
     /// as warnings.
     pub warnings: Vec<String>,
+    /// Where the configuration came from, to read the sinks' routes again on SIGHUP; `None`
+    /// without a config file.
+    pub source: Option<Source>,
+}
+
+/// The command line and the config file a [`Config`] was made of.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// The options given on the command line (they win over the file's).
+    pub cli: Args,
+    /// The config file.
+    pub file: PathBuf,
+}
+
+impl Source {
+    /// The command line `cli` and its `--config` file, if it has one.
+    pub fn of(cli: &Args) -> Option<Self> {
+        cli.daemon.config.clone().map(|file| Self {
+            cli: cli.clone(),
+            file,
+        })
+    }
+
+    /// The configuration as it now reads.
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be read, or its options are wrong (as at start-up).
+    pub fn read(&self) -> Result<Config, String> {
+        let args = runtime::config::load(&self.cli, Some(&self.file)).map_err(|e| e.to_string())?;
+        Config::try_from(args).map_err(|e| e.to_string())
+    }
 }
 
 impl TryFrom<Args> for Config {
@@ -533,6 +584,7 @@ impl TryFrom<Args> for Config {
             reload: args.daemon.reload,
             threads: args.daemon.threads,
             warnings: backlog.warnings,
+            source: None,
         })
     }
 }
@@ -608,6 +660,8 @@ fn sinks(
             backlog_bytes: None,
             queue_batches: None,
             transport: None,
+            agents: Vec::new(),
+            not_after: None,
         }],
         Some(Sinks::Many(entries)) if entries.is_empty() => {
             return Err(ConfigError::NoSinkEntries);
@@ -639,6 +693,15 @@ fn sinks(
                 &format!("sink {}: ", entry.addr),
             ),
             transport: entry.transport.or(args.transport).unwrap_or_default(),
+            route: Route::try_from(&RouteConfig {
+                agents: entry.agents.clone(),
+                sites: Vec::new(),
+                not_after: entry.not_after.clone(),
+            })
+            .map_err(|error| ConfigError::Route {
+                sink: entry.addr.clone(),
+                error,
+            })?,
             addr: entry.addr,
         });
     }
@@ -730,6 +793,45 @@ mod tests {
         assert_eq!(config.sinks[1].server_name, "two.example.com");
         assert_eq!(config.sinks[1].ca, PathBuf::from("other-ca.pem"));
         assert_eq!(config.sinks[1].cert, PathBuf::from("a.pem"));
+    }
+
+    #[test]
+    fn sink_entries_take_an_agents_filter_and_a_not_after() {
+        let base = "ca = \"c\"\ncert = \"a\"\nkey = \"k\"\n[[sink]]\naddr = \"one:1\"\n[[sink]]\naddr = \"consultant:1\"\n";
+        let args: Args = toml::from_str(&format!(
+            "{base}agents = [\"10.1.0.0/24\", \"!10.1.0.99\", \"2001:db8:10::/48\"]\nnot-after = \"2027-01-31T18:00:00Z\"\n"
+        ))
+        .unwrap();
+        let config = Config::try_from(args).unwrap();
+        assert!(!config.sinks[0].route.is_filtered());
+        let route = &config.sinks[1].route;
+        assert_eq!(
+            route.describe(),
+            "agents=10.1.0.0/24,2001:db8:10::/48,!10.1.0.99/32"
+        );
+        assert_eq!(route.not_after().unwrap().as_str(), "2027-01-31T18:00:00Z");
+        let error = |extra: &str| {
+            let parsed = toml::from_str::<Args>(&format!("{base}{extra}"));
+            match parsed {
+                Ok(args) => Config::try_from(args).unwrap_err().to_string(),
+                Err(e) => e.to_string(),
+            }
+        };
+        let e = error("agents = [\"10.1.0.0/33\"]\n");
+        assert!(
+            e.starts_with("sink consultant:1: agents: ") && e.contains("10.1.0.0/33"),
+            "{e}"
+        );
+        let e = error("not-after = \"31 January\"\n");
+        assert!(
+            e.starts_with("sink consultant:1: not-after: ") && e.contains("RFC 3339"),
+            "{e}"
+        );
+        let e = error("sites = [\"site-a\"]\n");
+        assert!(
+            e.contains("unknown field `sites`"),
+            "sites are the sink's: {e}"
+        );
     }
 
     #[test]

@@ -14,7 +14,9 @@
 //!
 //! - [`config`] — command-line and file options, and the checked [`Config`].
 //! - `receive`: the UDP receive loops.
-//! - `batch`: batching and fan-out to the sinks' queues.
+//! - `batch`: batching (one batch per distinct route) and fan-out to the sinks' queues.
+//! - `routes`: which datagrams each sink takes over time: its `agents` filter, the end of its
+//!   feed at `not-after`, and their reload from the config file.
 //! - `links`: each sink's parts set up at start (credentials, backlog, intake, link task).
 //! - `reload`: each sink's certificate files, checked again on SIGHUP and every poll interval.
 //! - `backlog`: per sink, every batch not yet acknowledged (memory, and the spool), read by
@@ -35,6 +37,7 @@ mod links;
 pub mod metrics;
 mod receive;
 mod reload;
+mod routes;
 mod spool;
 mod status;
 mod transport;
@@ -89,7 +92,7 @@ pub enum Error {
 ///
 /// When certificates cannot be loaded or sockets cannot be set up.
 pub async fn run(
-    config: Config,
+    mut config: Config,
     sockets: Vec<std::net::UdpSocket>,
     metrics: Arc<Metrics>,
     sink_metrics: &mut Vec<Arc<SinkMetrics>>,
@@ -98,6 +101,7 @@ pub async fn run(
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
+    routes::skip_ended(&mut config, std::time::SystemTime::now())?;
     let metrics_listener = runtime::observe::bind(&config.observe).map_err(Error::Metrics)?;
     let transport = Arc::new(config.quic.transport_config());
     let endpoint = client_endpoint()?;
@@ -107,15 +111,25 @@ pub async fn run(
         queues,
         states,
         reloads,
+        feeds,
     } = links::Links::start(&config, &endpoint, &transport, &metrics, sink_metrics)?;
+    let table = routes::table(&config.sinks);
+    let mut endings = JoinSet::new();
+    for feed in feeds {
+        endings.spawn(routes::end_at_not_after(feed, table.clone()));
+    }
     let (ingest_tx, ingest_rx) = mpsc::channel(INGEST_QUEUE);
     let batcher = tokio::spawn(batch::batch_loop(
         ingest_rx,
         queues,
-        rand::random(), // a session per run: sinks de-duplicate resends within a session
-        config.batch_bytes,
-        config.batch_delay,
-        config.compression,
+        table.subscribe(),
+        batch::Settings {
+            // A session per run: sinks de-duplicate resends within a session.
+            session: rand::random(),
+            batch_bytes: config.batch_bytes,
+            batch_delay: config.batch_delay,
+            compression: config.compression,
+        },
         metrics.clone(),
     ));
     let token = CancellationToken::new();
@@ -130,8 +144,14 @@ pub async fn run(
         listen: receiving.listening,
         receiving: AtomicBool::new(true),
     });
-    let reloading = runtime::reload::spawn(config.reload.interval(), token.clone(), reloads)
-        .map_err(Error::Socket)?;
+    let addrs = config.sinks.iter().map(|sink| sink.addr.clone()).collect();
+    let routes_reload = routes::RoutesReload::new(config.source.clone(), addrs, table);
+    let reloading = runtime::reload::spawn(
+        config.reload.interval(),
+        token.clone(),
+        (reloads, routes_reload),
+    )
+    .map_err(Error::Socket)?;
     // Served until the very end, so a scrape during the drain still answers.
     let observing = CancellationToken::new();
     let _ = metrics_listener
@@ -140,6 +160,8 @@ pub async fn run(
         .map_err(|e| Error::Metrics(e.to_string()))?;
 
     shutdown.await;
+    // A feed that would end during the drain ends with the rest instead.
+    endings.abort_all();
     status.receiving.store(false, Ordering::Relaxed);
     token.cancel();
     for thread in receiving.threads {

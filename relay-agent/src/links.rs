@@ -6,8 +6,9 @@
 //! module only wires one sink's parts together, in the order a failure is best reported in
 //! (certificates first, then the spool directory, then the sink's settings).
 
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicBool, AtomicI64};
 use std::time::Duration;
 
 use runtime::ratelimit::RateLimit;
@@ -17,6 +18,7 @@ use tokio::task::JoinSet;
 use crate::config::{Config, SinkConfig};
 use crate::metrics::{Metrics, SinkMetrics};
 use crate::reload::SinkReload;
+use crate::routes::{self, Feed};
 use crate::{Error, backlog, batch, status, transport};
 
 /// Batches queued between the batcher and a sink's backlog: the backlog takes them at once
@@ -36,6 +38,8 @@ pub(crate) struct Links {
     pub(crate) states: Vec<status::SinkState>,
     /// Each sink's certificate files, checked again on SIGHUP and every poll interval.
     pub(crate) reloads: Vec<SinkReload>,
+    /// What ending each sink's feed (at its `not-after`) takes away.
+    pub(crate) feeds: Vec<Feed>,
 }
 
 impl Links {
@@ -60,17 +64,20 @@ impl Links {
             queues: Vec::with_capacity(n),
             states: Vec::with_capacity(n),
             reloads: Vec::with_capacity(n),
+            feeds: Vec::with_capacity(n),
         };
-        for sink in &config.sinks {
+        for (index, sink) in config.sinks.iter().enumerate() {
             let (reloader, credentials, not_after) = load_credentials(sink, transport)?;
             let link_metrics = Arc::new(metrics.for_sink(&sink.addr));
             sink_metrics.push(link_metrics.clone());
             let certificate_not_after = Arc::new(AtomicI64::new(not_after));
+            let ended = Arc::new(AtomicBool::new(false));
             links.states.push(status::SinkState {
                 addr: sink.addr.clone(),
                 metrics: link_metrics.clone(),
                 spool_max_bytes: config.spool_dir.as_ref().map(|_| config.spool_max_bytes),
                 certificate_not_after: certificate_not_after.clone(),
+                ended: ended.clone(),
             });
             links.reloads.push(SinkReload {
                 sink: sink.addr.clone(),
@@ -79,17 +86,40 @@ impl Links {
                 transport: transport.clone(),
                 certificate_not_after,
             });
-            let backlog = Arc::new(open_backlog(config, sink, link_metrics.clone())?);
+            let spool_dir =
+                (config.spool_dir.as_deref()).map(|dir| routes::spool_dir(dir, &sink.addr));
+            let backlog = Arc::new(open_backlog(
+                config,
+                sink,
+                spool_dir.as_ref(),
+                link_metrics.clone(),
+            )?);
             let (tx, rx) = mpsc::channel(INTAKE_QUEUE);
-            links.intakes.spawn(intake(rx, backlog.clone()));
+            let intake = links.intakes.spawn(intake(rx, backlog.clone()));
             links.queues.push(batch::SinkQueue {
                 name: sink.addr.clone(),
                 queue: tx,
                 metrics: link_metrics.clone(),
                 full: RateLimit::new(Duration::from_secs(10)),
             });
-            let link = link(config, sink, endpoint, credentials, backlog, link_metrics)?;
-            links.links.spawn(link.run());
+            let link = link(
+                config,
+                sink,
+                endpoint,
+                credentials,
+                backlog.clone(),
+                link_metrics.clone(),
+            )?;
+            links.feeds.push(Feed {
+                index,
+                addr: sink.addr.clone(),
+                link: links.links.spawn(link.run()),
+                intake,
+                backlog,
+                spool_dir,
+                metrics: link_metrics,
+                ended,
+            });
         }
         Ok(links)
     }
@@ -131,31 +161,30 @@ fn load_credentials(
     ))
 }
 
-/// The sink's backlog, with its spool in a folder of its own under `--spool-dir` (if set).
+/// The sink's backlog, with its spool in `spool_dir`, a folder of its own under
+/// `--spool-dir` (if set).
 fn open_backlog(
     config: &Config,
     sink: &SinkConfig,
+    spool_dir: Option<&PathBuf>,
     metrics: Arc<SinkMetrics>,
 ) -> Result<backlog::Backlog, Error> {
-    let spool_dir = config
-        .spool_dir
-        .as_ref()
-        .map(|dir| dir.join(spool_name(&sink.addr)));
     let limits = backlog::Limits {
         memory_bytes: sink.backlog_bytes,
         spool_max_bytes: config.spool_max_bytes,
         spool_max_age: config.spool_max_age,
     };
-    backlog::Backlog::open(&sink.addr, spool_dir.as_deref(), limits, metrics).map_err(|e| {
-        Error::Spool(
-            spool_dir
-                .as_deref()
-                .unwrap_or(std::path::Path::new(""))
-                .display()
-                .to_string(),
-            e,
-        )
-    })
+    backlog::Backlog::open(&sink.addr, spool_dir.map(PathBuf::as_path), limits, metrics).map_err(
+        |e| {
+            Error::Spool(
+                spool_dir
+                    .map_or(std::path::Path::new(""), PathBuf::as_path)
+                    .display()
+                    .to_string(),
+                e,
+            )
+        },
+    )
 }
 
 /// The sink's link: QUIC and gRPC connectors with its credentials, over its backlog.
@@ -201,17 +230,4 @@ async fn intake(mut queue: mpsc::Receiver<batch::Frame>, backlog: Arc<backlog::B
         backlog.append(frame);
     }
     backlog.close();
-}
-
-/// A sink's folder in the spool directory: its address, made safe as a file name.
-fn spool_name(addr: &str) -> String {
-    addr.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
 }

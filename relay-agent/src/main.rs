@@ -47,10 +47,11 @@ fn main() -> ExitCode {
         Ok(args) => args,
         Err(status) => return status,
     };
-    let config = match Config::try_from(args) {
+    let mut config = match Config::try_from(args) {
         Ok(config) => config,
         Err(e) => return cli::usage(PROGRAM, &e),
     };
+    config.source = relay_agent::config::Source::of(&parsed.args);
     let sockets = match relay_agent::bind_listeners(&config) {
         Ok(sockets) => sockets,
         Err(e) => return cli::fail(PROGRAM, &e),

@@ -132,6 +132,8 @@ struct DeliveryFamilies {
     datagrams_acknowledged: IntCounterVec,
     batches_resent: IntCounterVec,
     catch_up_datagrams_sent: IntCounterVec,
+    datagrams_filtered: IntCounterVec,
+    not_after: IntGaugeVec,
 }
 
 /// What waits for an acknowledgement, in memory and in the spool.
@@ -243,6 +245,8 @@ impl Metrics {
             dropped,
             batches_resent: one(&d.batches_resent),
             catch_up_datagrams_sent: one(&d.catch_up_datagrams_sent),
+            datagrams_filtered: one(&d.datagrams_filtered),
+            not_after: d.not_after.with_label_values(&[addr]),
             backlog_batches: b.backlog_batches.with_label_values(&[addr]),
             backlog_memory_bytes: b.backlog_memory_bytes.with_label_values(&[addr]),
             spool_bytes: b.spool_bytes.with_label_values(&[addr]),
@@ -307,6 +311,18 @@ impl DeliveryFamilies {
                 r,
                 "relay_agent_catch_up_datagrams_sent_total",
                 "Datagrams sent marked as catch-up (sent again, read back from the spool, or held back by an outage), which the sink paces.",
+                &["sink"],
+            ),
+            datagrams_filtered: counter_vec(
+                r,
+                "relay_agent_datagrams_filtered_total",
+                "Datagrams received that the sink's `agents` filter kept from it (they never left the site for that sink).",
+                &["sink"],
+            ),
+            not_after: gauge_vec(
+                r,
+                "relay_agent_sink_not_after_seconds",
+                "When the sink entry's feed ends (`not-after`), Unix seconds; 0 when it does not end.",
                 &["sink"],
             ),
         }
@@ -452,6 +468,10 @@ pub struct SinkMetrics {
     pub batches_resent: IntCounter,
     /// Datagrams sent marked as catch-up (paced by the sink).
     pub catch_up_datagrams_sent: IntCounter,
+    /// Datagrams the sink's `agents` filter kept from it.
+    pub datagrams_filtered: IntCounter,
+    /// When the sink's feed ends, Unix seconds (0: never).
+    pub not_after: IntGauge,
     /// Batches not yet acknowledged (gauge).
     pub backlog_batches: IntGauge,
     /// Bytes the backlog holds in memory (gauge).

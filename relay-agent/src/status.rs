@@ -20,6 +20,8 @@ pub(crate) struct SinkState {
     pub(crate) spool_max_bytes: Option<u64>,
     /// When the certificate this link presents expires, Unix seconds (updated on reload).
     pub(crate) certificate_not_after: Arc<AtomicI64>,
+    /// Whether the sink's feed has ended (`not-after`): then it is no longer waited for.
+    pub(crate) ended: Arc<AtomicBool>,
 }
 
 /// The agent as its observability endpoint sees it.
@@ -53,8 +55,8 @@ impl runtime::observe::Status for AgentStatus {
         }
     }
 
-    /// Ready while receiving and, for every sink, connected or spooling within the spool's
-    /// limit: then nothing received is being lost.
+    /// Ready while receiving and, for every sink whose feed goes on, connected or spooling
+    /// within the spool's limit: then nothing received is being lost.
     fn ready(&self) -> Result<(), String> {
         if !self.receiving.load(Ordering::Relaxed) {
             return Err("not receiving (starting or shutting down)".into());
@@ -63,7 +65,7 @@ impl runtime::observe::Status for AgentStatus {
             .sinks
             .iter()
             .filter_map(|sink| {
-                if sink.metrics.transport() != InUse::None {
+                if sink.metrics.transport() != InUse::None || sink.ended.load(Ordering::Relaxed) {
                     return None;
                 }
                 match sink.spool_max_bytes {

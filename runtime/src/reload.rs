@@ -69,6 +69,14 @@ pub trait Reload: Send + 'static {
     fn check(&mut self, prompt: Prompt);
 }
 
+/// Two kinds of files (say, certificates and the configuration file), checked in turn.
+impl<A: Reload, B: Reload> Reload for (A, B) {
+    fn check(&mut self, prompt: Prompt) {
+        self.0.check(prompt);
+        self.1.check(prompt);
+    }
+}
+
 /// Several sets of files (the agent's, one per sink), checked in turn.
 impl<R: Reload> Reload for Vec<R> {
     fn check(&mut self, prompt: Prompt) {

@@ -136,6 +136,12 @@ impl Route {
         self.sites.is_empty() || site.is_some_and(|site| self.sites.iter().any(|s| s == site))
     }
 
+    /// Whether `other` carries exactly the datagrams this route does (their ends aside):
+    /// routes that do can share one batch.
+    pub fn same_filter(&self, other: &Self) -> bool {
+        self.include == other.include && self.exclude == other.exclude && self.sites == other.sites
+    }
+
     /// When the route ends, if it does.
     pub fn not_after(&self) -> Option<&NotAfter> {
         self.not_after.as_ref()
@@ -314,6 +320,17 @@ mod tests {
         assert_eq!(r.remaining(end.at() - second), Some(second));
         assert_eq!(r.remaining(end.at() + second), Some(Duration::ZERO));
         assert_eq!(route(&[], &[]).remaining(end.at()), None);
+    }
+
+    #[test]
+    fn routes_with_the_same_filter_and_other_ends_share_it() {
+        let a = route(&["10.1.0.0/24", "!10.1.0.99"], &[]);
+        let mut b = a.clone();
+        b.not_after = Some(NotAfter::parse("2027-01-31T18:00:00Z").unwrap());
+        assert!(a.same_filter(&b) && a != b);
+        assert!(!a.same_filter(&route(&["10.1.0.0/24"], &[])));
+        assert!(!a.same_filter(&route(&["10.1.0.0/24", "!10.1.0.99"], &["site-a"])));
+        assert!(route(&[], &[]).same_filter(&Route::default()));
     }
 
     #[test]

@@ -72,6 +72,7 @@ fn sink_at(addr: SocketAddr, server_name: &str, transport: TransportMode) -> Sin
         key: "agent.key".into(),
         backlog_bytes: 1 << 20,
         transport,
+        route: runtime::route::Route::default(),
     }
 }
 

@@ -30,6 +30,7 @@ fn sink(transport: TransportMode) -> SinkConfig {
         key: "agent.key".into(),
         backlog_bytes: 1 << 20,
         transport,
+        route: runtime::route::Route::default(),
     }
 }
 
