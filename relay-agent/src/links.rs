@@ -152,6 +152,8 @@ fn load_credentials(
         server_name = %sink.server_name,
         identity = identity.name(),
         expires_in_days = identity.info().seconds_to_expiry() / 86_400,
+        route = %sink.route.describe(),
+        not_after = sink.route.not_after().map_or("never", |end| end.as_str()),
         "relaying to sink"
     );
     Ok((
