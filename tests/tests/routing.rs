@@ -459,3 +459,29 @@ fn switch_point(
     }
     Ok((switch, first_new))
 }
+
+#[test]
+fn a_malformed_route_is_a_configuration_error_that_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let config = dir.path().join("agent.toml");
+    let sink: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    for (entry, names) in [
+        (r#"agents = ["10.1.0.0/33"]"#, "\"10.1.0.0/33\""),
+        (r#"agents = ["10.1.0.1/24"]"#, "10.1.0.0/24"),
+        (r#"not-after = "2027-01-31 18:00""#, "RFC 3339"),
+        (r#"sites = ["site-a"]"#, "unknown field `sites`"),
+    ] {
+        write_config(&config, &pki, Transport::Quic, None, &[(sink, entry)]);
+        let out = Command::new(relay_tests::bin("relay-agent"))
+            .args(["--config", &path(&config)])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{entry}: {err}");
+        assert!(
+            err.contains("configuration error") && err.contains(names),
+            "{entry}: {err}"
+        );
+    }
+}
