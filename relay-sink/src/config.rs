@@ -1,5 +1,8 @@
 //! The sink's options: one struct for the command line and the TOML file, and the checked
-//! [`Config`] that `run` takes.
+//! [`Config`] that `run` takes. The replay destinations (`--forward`, `[[forward]]`) are
+//! [`forward`]'s.
+
+pub mod forward;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,6 +17,8 @@ use runtime::quic::QuicOptions;
 use runtime::reload::ReloadOptions;
 use runtime::threads::ThreadOptions;
 use serde::{Deserialize, Serialize};
+
+pub use forward::{ForwardConfig, ForwardError};
 
 /// Default QUIC listen address (UDP).
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
@@ -94,9 +99,15 @@ pub struct Args {
     pub allowed_agents: Option<PathBuf>,
 
     /// Replay destination HOST:PORT, e.g. an sFlow-RT collector (repeatable: each gets every
-    /// datagram).
+    /// datagram). In a config file, `[[forward]]` tables may also filter by sFlow agent and
+    /// site and end at a time (`addr`, `agents`, `sites`, `not-after`); on the command line
+    /// the same as an inline table, `{ addr = "HOST:PORT", sites = ["site-a"] }`.
     #[arg(long, value_name = "HOST:PORT")]
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "forward::deserialize"
+    )]
     pub forward: Vec<String>,
 
     /// Batches queued per destination; when full, a batch waits up to 5 s for room, then is
@@ -234,9 +245,10 @@ pub enum ConfigError {
     /// No replay destination.
     #[error("at least one --forward HOST:PORT is required: where to replay datagrams")]
     NoForward,
-    /// A replay destination that is not `HOST:PORT`.
-    #[error("--forward {0:?} is not HOST:PORT")]
-    Forward(String),
+    /// A replay destination that is not `HOST:PORT`, a `[[forward]]` entry that does not
+    /// read, or a list whose every entry has ended.
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
     /// `--max-frame-bytes` below what the largest datagram needs.
     #[error(
         "--max-frame-bytes {0} is too small: a frame must hold the largest datagram ({max} bytes)",
@@ -264,8 +276,12 @@ pub struct Config {
     pub crl: Option<PathBuf>,
     /// Allow-list file, if any.
     pub allowed_agents: Option<PathBuf>,
-    /// Replay destinations, as given (resolved at start).
-    pub forward: Vec<String>,
+    /// Replay destinations, checked (resolved at start).
+    pub forward: Vec<ForwardConfig>,
+    /// The config file whose `[[forward]]` filters and `not-after` are applied again on
+    /// reload: set (by `main`) when the destinations came from a file rather than from
+    /// `--forward` on the command line. `None`: not reloaded.
+    pub forward_file: Option<PathBuf>,
     /// Batches queued per destination.
     pub replay_queue: usize,
     /// Send buffer per replay socket.
@@ -312,12 +328,7 @@ impl TryFrom<Args> for Config {
         if args.forward.is_empty() {
             return Err(ConfigError::NoForward);
         }
-        for target in &args.forward {
-            match target.rsplit_once(':') {
-                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
-                _ => return Err(ConfigError::Forward(target.clone())),
-            }
-        }
+        let forward = forward::parse_all(&args.forward, std::time::SystemTime::now())?;
         let max_frame_bytes = args
             .max_frame_bytes
             .unwrap_or(proto::wire::DEFAULT_MAX_FRAME_LEN);
@@ -340,7 +351,8 @@ impl TryFrom<Args> for Config {
             key: need(args.key, "key")?,
             crl: args.crl,
             allowed_agents: args.allowed_agents,
-            forward: args.forward,
+            forward,
+            forward_file: None,
             replay_queue: args.replay_queue.unwrap_or(DEFAULT_REPLAY_QUEUE).max(1),
             send_buffer: args.send_buffer.unwrap_or(DEFAULT_SEND_BUFFER),
             catch_up_max_pps: args.catch_up_max_pps.unwrap_or(DEFAULT_CATCH_UP_MAX_PPS),

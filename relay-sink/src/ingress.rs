@@ -39,7 +39,8 @@ impl Delivery {
     }
 }
 
-/// Hands a batch from an agent's `connection` to replay, unless this agent's session has
+/// Hands a batch from an agent's `connection` to replay (each destination its share: the
+/// site a route's `sites` match is the agent's certificate name), unless this agent's session has
 /// already had it replayed (a resend after a reconnect), which is counted and not replayed
 /// again.
 pub(crate) async fn deliver(
@@ -82,7 +83,7 @@ pub(crate) async fn deliver(
         .sflow
         .observe(batch.datagrams.iter().map(|d| &d.payload[..]));
     let replaying = match Paced::of(&batch) {
-        None => shared.replay.submit(batch).await,
+        None => shared.replay.submit(batch, agent, &connection.lane).await,
         Some(paced) => catch_up(shared, connection, paced, batch).await,
     };
     shared
@@ -127,7 +128,10 @@ async fn catch_up(
             datagrams,
             ..batch.clone()
         };
-        let replaying = shared.replay.submit(part).await;
+        let replaying = shared
+            .replay
+            .submit(part, &connection.agent, &connection.lane)
+            .await;
         if rest.is_empty() {
             return replaying;
         }

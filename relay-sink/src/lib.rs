@@ -19,8 +19,9 @@
 //!    - [`metrics`] — Prometheus counters and gauges (labels from `labels`, `catch_up`).
 //!    - `authz`: who may connect beyond "signed by our CA" (allow-list, CRL).
 //! 3. State the connections share:
-//!    - [`replay`] — per-destination UDP senders with bounded queues (its start-up errors are
-//!      the root's [`Error`]).
+//!    - [`replay`] — per-destination UDP senders with bounded queues, and the matching of each
+//!      batch against the destinations' routes before them (its start-up errors are the
+//!      root's [`Error`]).
 //!    - `status`: the connected agents (`/agents`, the per-identity limit), readiness, values
 //!      refreshed at each scrape.
 //! 4. Per-agent bookkeeping:
@@ -34,7 +35,8 @@
 //!    - `ingress`: the path of a batch to replay that both transports share, and the
 //!      transports (`ingress::quic`, `ingress::grpc`).
 //!    - `reload`: the TLS configurations, and their reload with the certificate and
-//!      authorization files (closing, through `admission`, what a new policy refuses).
+//!      authorization files (closing, through `admission`, what a new policy refuses); and
+//!      the reload of the destinations' routes from the config file.
 //! 6. This root: [`bind`], [`run`] and `Shared`, which wires the layers together.
 //!
 //! [`run`] takes sockets bound by [`bind`] and a shutdown future, so tests and the demo can
@@ -219,13 +221,18 @@ pub async fn run(
     let mut replay_tasks = JoinSet::new();
     let replay = start_replay(&config, &metrics, &mut replay_tasks).await?;
     let (grace, reload_interval) = (config.shutdown_grace, config.reload.interval());
-    let shared = share(config, replay, &metrics, policy);
+    let forward_reload = config.forward_file.clone().map(|file| {
+        let started = config.forward.iter().map(|f| f.addr.clone()).collect();
+        reload::forward::ForwardReload::new(file, started, replay.states())
+    });
     let status = Arc::new(status::SinkStatus {
         metrics: metrics.clone(),
-        agents: shared.agents.clone(),
+        agents: Arc::new(status::Agents::new(metrics.clone())),
         ready: AtomicBool::new(false),
         certificate_not_after: AtomicI64::new(identity.info().not_after.unix_timestamp()),
+        destinations: replay.states(),
     });
+    let shared = share(config, replay, &metrics, policy, status.agents.clone());
     let grpc_addr = grpc_listener.as_ref().map(|(_, addr)| *addr);
     log_listening(local, grpc_addr, &identity);
 
@@ -256,6 +263,7 @@ pub async fn run(
         grpc_tls,
         status: status.clone(),
         shared: shared.clone(),
+        forward: forward_reload,
     };
     let reloading = runtime::reload::spawn(reload_interval, token.clone(), reload)
         .map_err(|e| Error::Quic(local, format!("cannot handle SIGHUP: {e}")))?;
@@ -377,6 +385,7 @@ fn share(
     replay: Replay,
     metrics: &Arc<Metrics>,
     policy: authz::Policy,
+    agents: Arc<status::Agents>,
 ) -> Arc<Shared> {
     let max_connections = config.max_connections;
     let catch_up_max_pps = config.catch_up_max_pps;
@@ -390,7 +399,7 @@ fn share(
         metrics: metrics.clone(),
         refusals: refusal::Refusals::default(),
         replayed: dedup::Replayed::default(),
-        agents: Arc::new(status::Agents::new(metrics.clone())),
+        agents,
         slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
         limits_log: runtime::ratelimit::RateLimit::new(std::time::Duration::from_secs(1)),
         paces: limits::Paces::default(),
@@ -434,6 +443,7 @@ fn log_summary(metrics: &Metrics) {
         datagrams_received = metrics.datagrams_received.get(),
         datagrams_replayed = metrics.datagrams_replayed(),
         datagrams_duplicate = metrics.datagrams_duplicate.get(),
+        datagrams_unmatched = metrics.datagrams_unmatched.get(),
         replay_errors = metrics.replay_errors(),
         replay_queue_drops = metrics.replay_queue_drops(),
         connections_accepted = metrics.connections_accepted(),

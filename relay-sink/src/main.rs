@@ -10,14 +10,20 @@ use runtime::cli;
 const PROGRAM: &str = "relay-sink";
 
 fn main() -> ExitCode {
-    let args = match cli::prepare(PROGRAM, &Args::parse()) {
+    let command_line = Args::parse();
+    let args = match cli::prepare(PROGRAM, &command_line) {
         Ok(args) => args,
         Err(status) => return status,
     };
-    let config = match Config::try_from(args) {
+    let mut config = match Config::try_from(args) {
         Ok(config) => config,
         Err(e) => return cli::usage(PROGRAM, &e),
     };
+    // `--forward` on the command line replaces the file's list, and a reload of the file
+    // would not change it.
+    if command_line.forward.is_empty() {
+        config.forward_file = command_line.daemon.config;
+    }
     let rt = match config.threads.runtime() {
         Ok(rt) => rt,
         Err(e) => return cli::fail(PROGRAM, &format!("cannot start the runtime: {e}")),

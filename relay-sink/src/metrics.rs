@@ -39,6 +39,8 @@ pub struct Metrics {
     pub catch_up_wait_seconds: prometheus::Counter,
     /// Connections refused because `--max-connections` were open.
     pub connections_refused_max: IntCounter,
+    /// Datagrams no destination's filter took (`destination=""`, `reason="unmatched"`).
+    pub datagrams_unmatched: IntCounter,
     destinations: DestinationFamilies,
     agents: AgentFamilies,
     /// Seconds until each connected agent's certificate expires, by `agent`.
@@ -55,6 +57,8 @@ struct DestinationFamilies {
     replayed: IntCounterVec,
     bytes: IntCounterVec,
     dropped: IntCounterVec,
+    filtered: IntCounterVec,
+    not_after: IntGaugeVec,
 }
 
 /// The families labelled by `agent`, whose series each agent creates when it first connects.
@@ -77,6 +81,12 @@ pub struct DestinationMetrics {
     pub errors: IntCounter,
     /// Datagrams dropped because the destination's queue stayed full.
     pub queue_drops: IntCounter,
+    /// Datagrams queued for the destination when its `not-after` came, discarded.
+    pub expired: IntCounter,
+    /// Datagrams the destination's filter left out.
+    pub filtered: IntCounter,
+    /// When the destination ends, Unix seconds; 0 when it does not.
+    pub not_after: IntGauge,
 }
 
 /// The handles of one agent identity's series (shared by its connections).
@@ -105,6 +115,10 @@ impl Metrics {
     /// sFlow streams one by one.
     pub fn new(sflow_max_streams: usize) -> Self {
         let r = Registry::new();
+        let destinations = DestinationFamilies::register(&r);
+        // In the destinations' drop family, with an empty `destination` (which Prometheus
+        // reads as no such label): no destination took these.
+        let datagrams_unmatched = destinations.dropped.with_label_values(&["", "unmatched"]);
         Self {
             accepted: accepted(&r),
             refused: refused(&r),
@@ -143,7 +157,6 @@ impl Metrics {
             protocol_errors: protocol_errors(&r),
             catch_up_datagrams: catch_up_datagrams(&r),
             catch_up_wait_seconds: catch_up_wait_seconds(&r),
-            destinations: DestinationFamilies::register(&r),
             agents: AgentFamilies::register(&r),
             agent_certificate_expiry: float_gauge_vec(
                 &r,
@@ -157,6 +170,8 @@ impl Metrics {
                 "Seconds until the sink's own certificate expires (negative once expired).",
             ),
             sflow: SflowAccounting::new(&r, "relay_sink", sflow_max_streams),
+            datagrams_unmatched,
+            destinations,
             registry: r,
         }
     }
@@ -220,6 +235,15 @@ impl Metrics {
                 .destinations
                 .dropped
                 .with_label_values(&[destination, "queue_full"]),
+            expired: self
+                .destinations
+                .dropped
+                .with_label_values(&[destination, "expired"]),
+            filtered: self.destinations.filtered.with_label_values(&[destination]),
+            not_after: self
+                .destinations
+                .not_after
+                .with_label_values(&[destination]),
         }
     }
 
@@ -353,8 +377,20 @@ impl DestinationFamilies {
             dropped: counter_vec(
                 r,
                 "relay_sink_datagrams_dropped_total",
-                "Datagrams not replayed to a destination, by reason (queue_full, destination_error).",
+                "Datagrams not replayed, by destination and reason (queue_full, destination_error, expired: queued when its not-after came; unmatched, with an empty destination: taken by no destination's filter).",
                 &["destination", "reason"],
+            ),
+            filtered: counter_vec(
+                r,
+                "relay_sink_datagrams_filtered_total",
+                "Datagrams a destination's filter (agents, sites) left out.",
+                &["destination"],
+            ),
+            not_after: gauge_vec(
+                r,
+                "relay_sink_destination_not_after_seconds",
+                "When a destination's replay ends (its not-after), Unix seconds; 0 when it does not end.",
+                &["destination"],
             ),
         }
     }

@@ -1,7 +1,8 @@
 //! The sink's TLS configurations, and their reload: the certificate files and the
 //! authorization files (allow-list, CRL) are checked again on SIGHUP and every
 //! `--cert-reload-interval`; a new valid set is used for new connections, and a changed
-//! allow-list or CRL also closes the open connections it no longer admits.
+//! allow-list or CRL also closes the open connections it no longer admits. The destinations'
+//! routes are reloaded at the same moments, from the config file ([`forward`]).
 //!
 //! When the checks run is `runtime::reload`'s; what a file set must satisfy is
 //! `certs::Reloader`'s and `authz::PolicyFiles`'. The agent's counterpart is
@@ -13,6 +14,8 @@ use std::sync::atomic::Ordering;
 use runtime::reload::{Prompt, Reload, Swap};
 
 use crate::{Shared, admission, authz, status};
+
+pub(crate) mod forward;
 
 /// The sink's TLS configurations, from one checked set of files.
 pub(crate) struct Tls {
@@ -72,10 +75,15 @@ pub(crate) struct SinkReload {
     pub(crate) status: Arc<status::SinkStatus>,
     /// Takes the new policy; its open connections are checked against it.
     pub(crate) shared: Arc<Shared>,
+    /// The destinations' routes, when they came from a config file.
+    pub(crate) forward: Option<forward::ForwardReload>,
 }
 
 impl Reload for SinkReload {
     fn check(&mut self, prompt: Prompt) {
+        if let Some(forward) = &mut self.forward {
+            forward.check(prompt);
+        }
         let certificates = match self.reloader_check(prompt) {
             Ok(loaded) => loaded,
             Err(error) => {

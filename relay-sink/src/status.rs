@@ -1,6 +1,8 @@
 //! What the sink tells about itself on `--metrics-listen`: which agents are connected
-//! (`/agents`, JSON), whether it is ready, and the values brought up to date at each scrape
-//! (certificate expiry). The counters themselves live in [`crate::metrics`].
+//! (`/agents`, JSON), where it replays (`/destinations`, JSON: each destination's filter and
+//! end), whether it is ready (not once every destination has ended), and the values brought
+//! up to date at each scrape (certificate expiry). The counters themselves live in
+//! [`crate::metrics`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -15,6 +17,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use crate::authz::Policy;
 use crate::labels::{RefusalKind, Transport};
 use crate::metrics::{AgentMetrics, Metrics};
+use crate::replay::DestinationState;
 
 /// The agent connections open now, and what each has sent.
 #[derive(Debug)]
@@ -47,6 +50,8 @@ pub(crate) struct Connection {
     handles: AgentMetrics,
     /// This connection's share of the catch-up pace: its agent's live rate.
     pub(crate) catch_up: crate::catch_up::Allowance,
+    /// Its place in the destinations' queues.
+    pub(crate) lane: crate::replay::Lane,
 }
 
 impl Connection {
@@ -169,6 +174,7 @@ impl Agents {
             last_seen_ms: AtomicU64::new(unix_ms(now)),
             handles,
             catch_up: crate::catch_up::Allowance::default(),
+            lane: crate::replay::Lane::default(),
         });
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         live.insert(id, connection.clone());
@@ -255,6 +261,35 @@ pub(crate) struct SinkStatus {
     pub(crate) ready: AtomicBool,
     /// When the certificate in use expires, Unix seconds.
     pub(crate) certificate_not_after: AtomicI64,
+    /// The replay destinations.
+    pub(crate) destinations: Vec<Arc<DestinationState>>,
+}
+
+impl SinkStatus {
+    /// The `/destinations` page: one object per destination replayed to at start, in the
+    /// configured order.
+    fn destinations_page(&self) -> serde_json::Value {
+        let now = SystemTime::now();
+        let list: Vec<_> = self
+            .destinations
+            .iter()
+            .map(|d| {
+                let route = d.route();
+                let end = route.not_after();
+                json!({
+                    "destination": &d.name,
+                    "address": d.addr.to_string(),
+                    "filter": route.describe(),
+                    "not_after": end.map(|end| end.as_str()),
+                    "seconds_left": route.remaining(now).map(|left| left.as_secs()),
+                    "state": if d.ended() { "ended" } else { "replaying" },
+                    "datagrams_replayed": d.metrics.replayed.get(),
+                    "datagrams_filtered": d.metrics.filtered.get(),
+                })
+            })
+            .collect();
+        serde_json::Value::Array(list)
+    }
 }
 
 impl runtime::observe::Status for SinkStatus {
@@ -271,15 +306,21 @@ impl runtime::observe::Status for SinkStatus {
     }
 
     fn ready(&self) -> Result<(), String> {
-        if self.ready.load(Ordering::Relaxed) {
-            Ok(())
-        } else {
+        if !self.ready.load(Ordering::Relaxed) {
             Err("starting or shutting down".into())
+        } else if self.destinations.iter().all(|d| d.ended()) {
+            Err("every replay destination has ended (not-after): nothing is replayed".into())
+        } else {
+            Ok(())
         }
     }
 
     fn page(&self, path: &str) -> Option<serde_json::Value> {
-        (path == "/agents").then(|| self.agents.page())
+        match path {
+            "/agents" => Some(self.agents.page()),
+            "/destinations" => Some(self.destinations_page()),
+            _ => None,
+        }
     }
 }
 

@@ -17,18 +17,20 @@ pub(crate) enum PathKind {
     PythonHex,
     SshHex,
     Quic,
+    QuicFiltered,
     QuicPlain,
     Grpc,
 }
 
 impl PathKind {
     /// Every path, in the default order: the baselines first.
-    pub(crate) const ALL: [Self; 7] = [
+    pub(crate) const ALL: [Self; 8] = [
         Self::Direct,
         Self::Forwarder,
         Self::PythonHex,
         Self::SshHex,
         Self::Quic,
+        Self::QuicFiltered,
         Self::QuicPlain,
         Self::Grpc,
     ];
@@ -40,6 +42,7 @@ impl PathKind {
             Self::PythonHex => "python-hex",
             Self::SshHex => "ssh-hex",
             Self::Quic => "quic",
+            Self::QuicFiltered => "quic-filtered",
             Self::QuicPlain => "quic-plain",
             Self::Grpc => "grpc",
         }
@@ -52,6 +55,7 @@ impl PathKind {
             Self::PythonHex => "sflow_fwd.py | sflow_fwd.py -s (Python, no ssh)",
             Self::SshHex => "relay-agent --ssh-hex | relay-sink --ssh-hex -s (no ssh)",
             Self::Quic => "relay-agent → QUIC + mTLS → relay-sink",
+            Self::QuicFiltered => "the same, relay-sink with three filtered [[forward]] entries",
             Self::QuicPlain => "the same, relay-agent --compression none",
             Self::Grpc => "relay-agent → gRPC (HTTP/2 + mTLS, TCP) → relay-sink",
         }
@@ -60,7 +64,7 @@ impl PathKind {
     /// The agent-to-sink transport of a relay path over the network.
     fn transport(self) -> Option<Transport> {
         match self {
-            Self::Quic | Self::QuicPlain => Some(Transport::Quic),
+            Self::Quic | Self::QuicFiltered | Self::QuicPlain => Some(Transport::Quic),
             Self::Grpc => Some(Transport::Grpc),
             Self::Direct | Self::Forwarder | Self::PythonHex | Self::SshHex => None,
         }
@@ -177,17 +181,23 @@ pub(crate) fn start(kind: PathKind, output: SocketAddr, rcvbuf: usize, extra: &E
                 _dir: None,
             }
         }
-        PathKind::Quic | PathKind::QuicPlain | PathKind::Grpc => {
+        PathKind::Quic | PathKind::QuicFiltered | PathKind::QuicPlain | PathKind::Grpc => {
             let transport = kind.transport().expect("a relay path has a transport");
             let dir = tempfile::tempdir().expect("temp dir");
             let pki = Pki::new(dir.path());
+            let (forward, mut sink_args) = if kind == PathKind::QuicFiltered {
+                (Vec::new(), filtered_forward(output))
+            } else {
+                (vec![output], Vec::new())
+            };
+            sink_args.extend(extra.sink.iter().cloned());
             // The sink serves gRPC on TCP at its QUIC port number, so one address serves both.
             let (sink, sink_addr) = start_sink(
                 &pki,
                 &pki.sink_cert("sink"),
-                &[output],
+                &forward,
                 None,
-                &as_strs(&extra.sink),
+                &as_strs(&sink_args),
             );
             let mut agent_args = vec!["--recv-buffer", &rcvbuf_arg];
             if kind == PathKind::QuicPlain {
@@ -220,6 +230,28 @@ pub(crate) fn start(kind: PathKind, output: SocketAddr, rcvbuf: usize, extra: &E
             }
         }
     }
+}
+
+/// The sink's destinations on `quic-filtered`: three `[[forward]]` entries (inline tables)
+/// whose filters split the generator's agents (192.0.2.1 to .8) between them, one also by
+/// site, so that each datagram is matched against every entry and replayed exactly once, as
+/// on `quic`, and the receiver's count of loss means the same. Destinations are told apart
+/// by their `addr`, so the receiver's address is spelled three ways (`127.1` and `127.0.1`
+/// are 127.0.0.1 to the resolver).
+fn filtered_forward(output: SocketAddr) -> Vec<String> {
+    assert!(
+        output.ip().is_loopback() && output.is_ipv4(),
+        "the receiver is on 127.0.0.1"
+    );
+    let port = output.port();
+    [
+        format!(r#"{{ addr = "127.0.0.1:{port}", agents = ["192.0.2.0/30"] }}"#),
+        format!(r#"{{ addr = "127.1:{port}", agents = ["192.0.2.0/24", "!192.0.2.0/30", "!192.0.2.8/29"] }}"#),
+        format!(r#"{{ addr = "127.0.1:{port}", agents = ["192.0.2.8/29"], sites = ["site"] }}"#),
+    ]
+    .into_iter()
+    .flat_map(|entry| ["--forward".to_owned(), entry])
+    .collect()
 }
 
 fn as_strs(v: &[String]) -> Vec<&str> {

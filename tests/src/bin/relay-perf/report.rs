@@ -20,6 +20,9 @@ const CPU_BUDGET_US: f64 = 3.0;
 const SAMPLICATOR_US: f64 = 3.5;
 /// The issue's bound on QUIC wire bytes per payload byte with compression on.
 const WIRE_BUDGET: f64 = 0.6;
+/// Issue 17's bound on the sink's CPU per replayed datagram with three filtered destinations
+/// (`quic-filtered`) against one unfiltered destination (`quic`).
+const FILTERED_CPU_BUDGET: f64 = 1.2;
 /// The issue's latency budget on top of the batch delay, for QUIC at 10,000/s.
 const ADDED_P99_BUDGET: Duration = Duration::from_millis(5);
 
@@ -265,9 +268,15 @@ pub(crate) fn print(args: &BenchArgs, results: &[PathResult], info: &RunInfo) {
         );
     }
 
+    if let Some((f, q, r)) = filtered_vs_quic(results) {
+        println!(
+            "\nquic-filtered / quic: sink CPU per replayed datagram {f:.2} µs / {q:.2} µs = {r:.2} × (issue 17: ≤ {FILTERED_CPU_BUDGET} ×)"
+        );
+    }
+
     let checks = checks(args, results);
     if !checks.is_empty() {
-        println!("\nIssue 7 acceptance, this run:");
+        println!("\nAcceptance checks (issues 7 and 17), this run:");
         for c in &checks {
             println!(
                 "- {}: {} ({})",
@@ -283,9 +292,28 @@ pub(crate) fn print(args: &BenchArgs, results: &[PathResult], info: &RunInfo) {
     }
 }
 
+/// The sink's CPU µs per replayed datagram on `quic-filtered` and on `quic`, and their ratio,
+/// when both ran at the same rate.
+fn filtered_vs_quic(results: &[PathResult]) -> Option<(f64, f64, f64)> {
+    let sink_us = |r: &PathResult| {
+        let sink = r.processes.iter().find(|p| p.name == "sink")?;
+        Some((sink.cpu_us, r.cpu_rate))
+    };
+    let (f, f_rate) = sink_us(find(results, PathKind::QuicFiltered)?)?;
+    let (q, q_rate) = sink_us(find(results, PathKind::Quic)?)?;
+    (f_rate == q_rate && q > 0.0).then(|| (f, q, f / q))
+}
+
 /// The issue's acceptance criteria that this run measured.
 fn checks(args: &BenchArgs, results: &[PathResult]) -> Vec<Value> {
     let mut out = Vec::new();
+    if let Some((f, q, r)) = filtered_vs_quic(results) {
+        out.push(json!({
+            "check": format!("sink CPU per replayed datagram with three filtered [[forward]] entries ≤ {FILTERED_CPU_BUDGET} × one unfiltered destination (issue 17)"),
+            "pass": r <= FILTERED_CPU_BUDGET,
+            "measured": format!("{f:.2} µs against {q:.2} µs = {r:.2} ×"),
+        }));
+    }
     let Some(quic) = find(results, PathKind::Quic) else {
         return out;
     };
