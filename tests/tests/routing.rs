@@ -485,3 +485,74 @@ fn a_malformed_route_is_a_configuration_error_that_names_it() {
         );
     }
 }
+
+/// The README's "Sharing with a consultant", chained: the company's sink picks site-a's core
+/// switches with a `[[forward]]` entry (given inline on the command line) and replays them on
+/// the loopback to a relay-agent beside it, which streams them to the consultant's own sink;
+/// the two sides exchanged only CA certificates. The consultant's collector gets exactly the
+/// included agents' datagrams of site-a, and the company's own collector everything.
+#[test]
+fn a_consultant_gets_only_their_share_through_a_chained_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ours, theirs) = (dir.path().join("ours"), dir.path().join("theirs"));
+    let (ours, theirs) = (Pki::new(&ours), Pki::new(&theirs));
+    // The consultant's sink: their certificate, our CA, our chained agent's name only.
+    let allowed = dir.path().join("allowed-agents.txt");
+    std::fs::write(&allowed, "acme-to-consultant\n").unwrap();
+    let consultant = UdpCapture::bind();
+    let (_their_sink, their_addr) = start_sink(
+        &ours,
+        &theirs.sink_cert("relay-consultant"),
+        &[consultant.addr()],
+        None,
+        &["--allowed-agents", &path(&allowed)],
+    );
+    // The chained agent beside our sink.
+    let chain_listen = relay_tests::free_udp_port();
+    let (chain_cert, chain_key) = ours.agent_cert("acme-to-consultant");
+    let chain = Daemon::spawn(
+        "relay-agent",
+        &[
+            "--log-format",
+            "json",
+            "--listen",
+            &chain_listen.to_string(),
+            "--sink",
+            &their_addr.to_string(),
+            "--server-name",
+            "localhost",
+            "--ca",
+            &path(&theirs.ca()),
+            "--cert",
+            &path(&chain_cert),
+            "--key",
+            &path(&chain_key),
+        ],
+    );
+    chain.wait_for("connected to sink");
+    // Our sink: everything to our collector, site-a's core switches to the chained agent.
+    let everything = UdpCapture::bind();
+    let share = format!(
+        r#"{{ addr = "{chain_listen}", sites = ["site-a"], agents = ["10.1.0.0/24", "!10.1.0.99", "2001:db8:10::/48"] }}"#
+    );
+    let (_our_sink, our_addr) = start_sink(
+        &ours,
+        &ours.sink_cert("sink"),
+        &[everything.addr()],
+        None,
+        &["--forward", &share],
+    );
+    let (site, listen) = relay_tests::start_agent(
+        &ours.ca(),
+        &ours.agent_cert("site-a"),
+        our_addr,
+        "localhost",
+        &[],
+    );
+    site.wait_for("connected to sink");
+    let sent = mixed(1_200, &AGENTS);
+    let all: Vec<Vec<u8>> = sent.iter().map(|(_, d)| d.clone()).collect();
+    send_paced(listen, &all, 200, || everything.len());
+    everything.assert_exactly(&all);
+    consultant.assert_exactly(&only(&sent, in_filter));
+}
