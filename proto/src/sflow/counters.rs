@@ -54,7 +54,8 @@
 //!   nothing in it is trusted.
 //! - A generic or Ethernet record longer than its layout is read for its fields and skipped
 //!   by its declared length. One shorter than its layout is skipped unread and counted in
-//!   [`CounterSample::short_records`].
+//!   [`CounterSample::short_records`]. A sample holding two records of one kind yields the
+//!   first.
 //! - Bytes after the last announced sample are ignored.
 //!
 //! Every step moves forward by at least 8 bytes, so a walk ends within `len / 8` steps.
@@ -125,7 +126,8 @@ pub struct CounterSample {
     pub generic: Option<IfCounters>,
     /// The first Ethernet interface record (0:2) of the sample, if any.
     pub ethernet: Option<EthernetCounters>,
-    /// Generic or Ethernet records shorter than their layout, skipped unread.
+    /// Generic or Ethernet records shorter than their layout, skipped unread. Once a record of
+    /// a kind has been read, later ones of that kind are skipped without a look.
     pub short_records: u32,
 }
 
@@ -551,6 +553,26 @@ impl EthernetCounters {
             self.internal_mac_receive_errors,
             self.symbol_errors,
         ]
+    }
+
+    /// The counters from thirteen values in wire order ([`Self::to_array`] undone).
+    pub fn from_array(values: [Option<u32>; 13]) -> Self {
+        let [a, b, c, d, e, f, g, h, i, j, k, l, m] = values;
+        Self {
+            alignment_errors: a,
+            fcs_errors: b,
+            single_collision_frames: c,
+            multiple_collision_frames: d,
+            sqe_test_errors: e,
+            deferred_transmissions: f,
+            late_collisions: g,
+            excessive_collisions: h,
+            internal_mac_transmit_errors: i,
+            carrier_sense_errors: j,
+            frame_too_longs: k,
+            internal_mac_receive_errors: l,
+            symbol_errors: m,
+        }
     }
 
     /// Appends the record's [`ETHERNET_COUNTERS_LEN`] bytes of fields (no format or length)

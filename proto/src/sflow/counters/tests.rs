@@ -344,7 +344,11 @@ fn all_ones_is_unknown_never_a_number() {
         ..ethernet(0)
     };
     let all_ones = EthernetCounters::read(&[0xff; ETHERNET_COUNTERS_LEN]).unwrap();
-    assert!(all_ones.to_array().iter().all(Option::is_none));
+    assert_eq!(all_ones, EthernetCounters::from_array([None; 13]));
+    assert_eq!(
+        EthernetCounters::from_array(ethernet(4).to_array()),
+        ethernet(4)
+    );
     let records = [generic_record(&unknown), ethernet_record(&no_ethernet)];
     let d = datagram(A, 1, 1, &[counter_sample(1, 9, &records)]);
     let bytes_of_record = &d[28 + 8 + 12 + 8..][..IF_COUNTERS_LEN];
