@@ -48,14 +48,12 @@ pub fn sflow_counters(data: &[u8]) {
     assert_eq!(*walk.header(), header);
 
     // One step per 8 bytes at most, plus an error: room enough that pushing never allocates.
-    let mut steps: Vec<Step> = Vec::with_capacity(d.len() / 8 + 2);
+    let most = d.len() / 8 + 1;
+    let mut steps: Vec<Step> = Vec::with_capacity(most + 1);
     let ((), usage) = crate::alloc::measure(|| {
         let mut walk = walk;
         while let Some(item) = walk.next() {
-            assert!(
-                steps.len() < steps.capacity(),
-                "more steps than 8-byte units"
-            );
+            assert!(steps.len() < most, "more steps than 8-byte units");
             steps.push((item, walk.offset()));
         }
         let end = walk.offset();
