@@ -18,8 +18,9 @@
 //!
 //! # Layout
 //!
-//! - [`target`] — the five targets: [`target::frame`], [`target::batch`],
-//!   [`target::hex_lines`], [`target::sflow`], [`target::expand`], and [`TARGETS`] by name.
+//! - [`target`] — the six targets: [`target::frame`], [`target::batch`],
+//!   [`target::hex_lines`], [`target::sflow`], [`target::sflow_counters`], [`target::expand`],
+//!   and [`TARGETS`] by name.
 //! - [`driver`] — the stable-toolchain mutator.
 //! - [`alloc`] — the counting global allocator.
 //! - `corpus/<target>/` — the checked-in seeds, written by `tests/corpus.rs`.
@@ -37,6 +38,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("batch", target::batch),
     ("hex_lines", target::hex_lines),
     ("sflow", target::sflow),
+    ("sflow_counters", target::sflow_counters),
     ("expand", target::expand),
 ];
 

@@ -9,12 +9,14 @@ mod expand;
 mod frame;
 mod hex_lines;
 mod sflow;
+mod sflow_counters;
 
 pub use batch::batch;
 pub use expand::expand;
 pub use frame::frame;
 pub use hex_lines::hex_lines;
 pub use sflow::sflow;
+pub use sflow_counters::sflow_counters;
 
 use crate::alloc::Usage;
 

@@ -94,6 +94,11 @@ fn sflow() {
 }
 
 #[test]
+fn sflow_counters() {
+    fuzz("sflow_counters");
+}
+
+#[test]
 fn expand() {
     fuzz("expand");
 }
@@ -102,7 +107,15 @@ fn expand() {
 fn every_target_has_a_test_and_a_corpus() {
     for (name, _) in TARGETS {
         assert!(
-            ["frame", "batch", "hex_lines", "sflow", "expand"].contains(name),
+            [
+                "frame",
+                "batch",
+                "hex_lines",
+                "sflow",
+                "sflow_counters",
+                "expand"
+            ]
+            .contains(name),
             "{name} has no test here"
         );
         assert!(corpus_dir(name).is_dir(), "no corpus for {name}");

@@ -15,6 +15,7 @@ use bytes::{Bytes, BytesMut};
 use prost::Message;
 use proto::compression::{Compressor, DEFAULT_LEVEL};
 use proto::pb;
+use proto::sflow::counters::{EthernetCounters, IfCounters, counter_samples};
 use proto::wire::{Datagram, encode_frame, hex::encode_line};
 use relay_fuzz::{TARGETS, corpus_dir};
 use relay_tests::sflow::SflowGen;
@@ -75,6 +76,63 @@ fn with(selector: u8, rest: &[u8]) -> Vec<u8> {
     [&[selector][..], rest].concat()
 }
 
+/// An XDR sample or record declaring `len` bytes: format, length, `data`, zeros up to 4.
+fn xdr(format: u32, len: usize, data: &[u8]) -> Vec<u8> {
+    let mut out = [format, len as u32].map(u32::to_be_bytes).concat();
+    out.extend_from_slice(data);
+    out.resize(out.len().next_multiple_of(4), 0);
+    out
+}
+
+/// A counter sample of `format` (2 or 4): its leading words, then its records.
+fn counter_sample(format: u32, words: &[u32], records: &[Vec<u8>]) -> Vec<u8> {
+    let mut body: Vec<u8> = words.iter().flat_map(|w| w.to_be_bytes()).collect();
+    body.extend((records.len() as u32).to_be_bytes());
+    body.extend(records.concat());
+    xdr(format, body.len(), &body)
+}
+
+fn if_counters(if_index: u32, octets: Option<u64>, count: Option<u32>) -> IfCounters {
+    IfCounters {
+        if_index,
+        if_type: 6,
+        if_speed: octets.map(|_| 1_000_000_000),
+        if_direction: 1,
+        if_status: 3,
+        in_octets: octets,
+        in_ucast_pkts: count,
+        in_multicast_pkts: count,
+        in_broadcast_pkts: count,
+        in_discards: count,
+        in_errors: count,
+        in_unknown_protos: count,
+        out_octets: octets,
+        out_ucast_pkts: count,
+        out_multicast_pkts: count,
+        out_broadcast_pkts: count,
+        out_discards: count,
+        out_errors: count,
+        promiscuous_mode: 0,
+    }
+}
+
+/// A generic interface record (0:1) declaring `len` bytes (88 is the layout).
+fn generic_record(c: &IfCounters, len: usize) -> Vec<u8> {
+    let mut data = Vec::new();
+    c.write(&mut data);
+    data.resize(len, 0xa5);
+    xdr(1, len, &data)
+}
+
+/// An Ethernet interface record (0:2) declaring `len` bytes (52 is the layout).
+fn ethernet_record(value: Option<u32>, len: usize) -> Vec<u8> {
+    let e = EthernetCounters::from_array([value; 13]);
+    let mut data = Vec::new();
+    e.write(&mut data);
+    data.resize(len, 0x5a);
+    xdr(2, len, &data)
+}
+
 fn zstd_of(plain: &[u8], with_size: bool) -> Vec<u8> {
     let mut encoder = zstd::stream::Encoder::new(Vec::new(), 1).unwrap();
     encoder.include_contentsize(with_size).unwrap();
@@ -85,6 +143,126 @@ fn zstd_of(plain: &[u8], with_size: bool) -> Vec<u8> {
     }
     std::io::Write::write_all(&mut encoder, plain).unwrap();
     encoder.finish().unwrap()
+}
+
+/// The selector of an `sflow_counters` input of `n` samples behind a built header.
+fn samples(n: u8, v6: bool) -> u8 {
+    1 | u8::from(v6) << 1 | n << 2
+}
+
+/// The seeds of `sflow_counters`: selector (bit 0: samples behind a built header, bit 1: IPv6
+/// agent, bits 2-7: samples announced, 63 for `u32::MAX`), then a datagram or its samples.
+fn sflow_counters_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let mut out = Vec::new();
+    let with_counters = datagrams(16, 11, usize::MAX)
+        .into_iter()
+        .find(|d| {
+            counter_samples(d)
+                .unwrap()
+                .any(|s| s.unwrap().generic.is_some())
+        })
+        .expect("the generator sends a counter sample in 4 datagrams");
+    out.push(("generator", with(0, &with_counters)));
+    // Cut inside its flow samples, as by a recv(2048) of a larger datagram.
+    out.push(("generator-cut", with(0, &with_counters[..700])));
+    let generic = if_counters(7, Some(1 << 40), Some(u32::MAX - 1));
+    out.push((
+        "expanded-padded-ipv6",
+        with(
+            samples(2, true),
+            &[
+                counter_sample(
+                    4,
+                    &[11, 0, 7],
+                    &[
+                        generic_record(&generic, 91),
+                        ethernet_record(Some(3), 60),
+                        xdr(0x1005, 5, &[1, 2, 3, 4, 5]),
+                    ],
+                ),
+                counter_sample(2, &[12, 8], &[generic_record(&generic, 88)]),
+            ]
+            .concat(),
+        ),
+    ));
+    let flow = |format: u32| xdr(format, 44, &[0x11; 44]);
+    out.push((
+        "flows-then-counters",
+        with(
+            samples(4, false),
+            &[
+                flow(1),
+                flow(3),
+                xdr((4413 << 12) | 2, 16, &[0xff; 16]),
+                counter_sample(
+                    2,
+                    &[1, 0x0000_0003],
+                    &[ethernet_record(Some(0), 52), generic_record(&generic, 88)],
+                ),
+            ]
+            .concat(),
+        ),
+    ));
+    out.extend(sflow_counters_malformed_seeds());
+    out
+}
+
+/// The malformed and edge cases among the `sflow_counters` seeds.
+fn sflow_counters_malformed_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let mut out = Vec::new();
+    let generic = if_counters(7, Some(1 << 40), Some(u32::MAX - 1));
+    out.push((
+        "all-ones",
+        with(
+            samples(1, false),
+            &counter_sample(
+                2,
+                &[u32::MAX, u32::MAX],
+                &[
+                    generic_record(&if_counters(u32::MAX, None, None), 88),
+                    ethernet_record(None, 52),
+                ],
+            ),
+        ),
+    ));
+    let mut overrun = counter_sample(2, &[2, 1], &[generic_record(&generic, 88)]);
+    overrun[8 + 12 + 4..8 + 12 + 8].copy_from_slice(&200u32.to_be_bytes());
+    out.push((
+        "record-overrun",
+        with(
+            samples(3, false),
+            &[
+                counter_sample(2, &[1, 1], &[generic_record(&generic, 88)]),
+                overrun,
+                counter_sample(2, &[3, 1], &[]),
+            ]
+            .concat(),
+        ),
+    ));
+    out.push((
+        "short-records",
+        with(
+            samples(1, true),
+            &counter_sample(
+                4,
+                &[5, 0, 9],
+                &[
+                    generic_record(&generic, 80),
+                    ethernet_record(Some(1), 48),
+                    ethernet_record(Some(2), 52),
+                ],
+            ),
+        ),
+    ));
+    out.push((
+        "announces-max-samples",
+        with(
+            samples(63, false),
+            &counter_sample(2, &[1, 1], &[generic_record(&generic, 88)]),
+        ),
+    ));
+
+    out
 }
 
 /// Every seed, by target and name.
@@ -321,6 +499,10 @@ fn seeds() -> BTreeMap<&'static str, Vec<(String, Vec<u8>)>> {
         ),
     );
 
+    for (name, bytes) in sflow_counters_seeds() {
+        add("sflow_counters", name, bytes);
+    }
+
     // expand: selector (the limit), then the compressed bytes of a batch.
     let list = |b: &pb::Batch| {
         pb::Datagrams {
@@ -446,4 +628,52 @@ fn sflow_seeds_come_from_a_real_generator() {
             [192, 0, 2]
         );
     }
+}
+
+#[test]
+fn sflow_counters_seeds_reach_what_they_are_named_for() {
+    use proto::sflow::Header;
+    use proto::sflow::counters::Malformed;
+
+    let seeds: BTreeMap<_, _> = sflow_counters_seeds().into_iter().collect();
+    let walk = |name: &str| {
+        let (&selector, rest) = seeds[name].split_first().unwrap();
+        let mut d = Vec::new();
+        if selector & 1 == 1 {
+            let agent = if selector & 2 == 0 {
+                "192.0.2.9".parse().unwrap()
+            } else {
+                "2001:db8::9".parse().unwrap()
+            };
+            let samples = if selector >> 2 == 63 {
+                u32::MAX
+            } else {
+                u32::from(selector >> 2)
+            };
+            d = Header {
+                samples,
+                ..Header::from_agent(agent)
+            }
+            .to_bytes();
+        }
+        d.extend_from_slice(rest);
+        counter_samples(&d).unwrap().collect::<Vec<_>>()
+    };
+    let ok = |items: &[Result<_, Malformed>]| items.iter().filter(|s| s.is_ok()).count();
+
+    assert!(ok(&walk("generator")) >= 1);
+    let cut = walk("generator-cut");
+    assert_eq!(cut.last(), Some(&Err(Malformed::Truncated)));
+    assert!(cut[0].unwrap().generic.is_some());
+    let expanded = walk("expanded-padded-ipv6");
+    assert_eq!(ok(&expanded), 2);
+    assert!(expanded[0].unwrap().expanded && expanded[0].unwrap().ethernet.is_some());
+    assert_eq!(ok(&walk("flows-then-counters")), 1);
+    let ones = walk("all-ones")[0].unwrap();
+    assert_eq!(ones.generic.unwrap().in_octets, None);
+    let overrun = walk("record-overrun");
+    assert_eq!(overrun.len(), 2);
+    assert_eq!(overrun[1], Err(Malformed::RecordOverrun));
+    assert_eq!(walk("short-records")[0].unwrap().short_records, 2);
+    assert_eq!(walk("announces-max-samples")[1], Err(Malformed::Truncated));
 }

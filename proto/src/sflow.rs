@@ -6,9 +6,10 @@
 //! each stream's `sequence_number` into counts of datagrams missing, late (reordered or
 //! duplicated) and of agent restarts. Agent and sink call it once per datagram, on bytes they
 //! forward unchanged whatever it says: it only reads. It deliberately does not decode sample
-//! records or check anything past the header, does not look at UDP source addresses, and has
-//! no I/O, clock or metrics of its own: callers keep their counters, in a `Vec` indexed by
-//! [`StreamId`], and it never decides whether a datagram is relayed.
+//! records or check anything past the header (reading counter samples is [`counters`]'
+//! job), does not look at UDP source addresses, and has no I/O, clock or metrics of its own:
+//! callers keep their counters, in a `Vec` indexed by [`StreamId`], and it never decides
+//! whether a datagram is relayed.
 //!
 //! # Header
 //!
@@ -65,6 +66,8 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
+
+pub mod counters;
 
 /// The only datagram version this module reads (sFlow v5). sflowtool also reads v2 and v4,
 /// whose header has no sub-agent id; the relay forwards them, but they are not accounted.
