@@ -14,6 +14,10 @@ use relay_tests::{
     Daemon, Pki, UdpCapture, agent_listen_addr, bin, datagrams, field, path, send_paced, start_sink,
 };
 
+use proto::sflow::parse_header;
+use runtime::route::{Route, RouteConfig};
+use time::format_description::well_known::Rfc3339;
+
 use super::config::{installed_as, toml_table};
 use super::{deploy, read, system_tool};
 
@@ -255,7 +259,11 @@ fn example_sink_config(root: &Root, forward: SocketAddr) -> String {
 /// The example agent configuration as a site sets it up: its two `[[sink]]` entries pointed at
 /// `sinks`, the spool enabled at the example's own `spool-dir`; plus an ephemeral listen port
 /// and JSON logs.
-fn example_agent_config(root: &Root, sinks: [SocketAddr; 2]) -> (String, String) {
+/// The example agent configuration, rerooted, with `sinks` as its two sinks' addresses; its
+/// spool directory; and each sink's route, as the example gives it. A consultant's `not-after`
+/// that has passed by the time the test runs is moved a day ahead (the example's date is an
+/// example), so the site relays to both.
+fn example_agent_config(root: &Root, sinks: [SocketAddr; 2]) -> (String, String, Vec<Route>) {
     let text = read(&deploy("config/agent.example.toml"));
     let spool_line = text
         .lines()
@@ -276,24 +284,45 @@ fn example_agent_config(root: &Root, sinks: [SocketAddr; 2]) -> (String, String)
         2,
         "the example's own sink and the consultant's"
     );
+    let mut routes = Vec::new();
     for (entry, addr) in entries.iter_mut().zip(sinks) {
         let entry = entry.as_table_mut().unwrap();
         set(entry, "addr", addr.to_string());
+        let mut route: RouteConfig = toml::Value::Table(entry.clone()).try_into().unwrap();
+        let ended = (Route::try_from(&route).expect("the example's route"))
+            .expired(std::time::SystemTime::now());
+        if ended {
+            let tomorrow = time::OffsetDateTime::now_utc() + time::Duration::days(1);
+            let tomorrow = tomorrow.format(&Rfc3339).unwrap();
+            set(entry, "not-after", tomorrow.clone());
+            route.not_after = Some(tomorrow);
+        }
+        routes.push(Route::try_from(&route).expect("the example's route"));
     }
     let mut value = toml::Value::Table(config);
     reroot_config(root, &mut value);
-    (toml::to_string(&value).unwrap(), spool)
+    (toml::to_string(&value).unwrap(), spool, routes)
 }
 
-/// Sends numbered datagrams to `agent` and checks that each capture gets all of them, byte for
-/// byte and in order.
-fn relay_and_check(agent: SocketAddr, captures: &[&UdpCapture], tag: u8) {
-    let sent = datagrams(1_500, tag, u64::from(tag));
-    send_paced(agent, &sent, 32, || {
-        captures.iter().map(|c| c.len()).min().unwrap_or(0)
-    });
-    for capture in captures {
-        capture.assert_exactly(&sent);
+/// Sends numbered datagrams from three sFlow agents (one inside the example consultant's
+/// `agents`, one it excludes, one outside) to `agent`, and checks that each capture gets the
+/// share its sink's route passes, byte for byte and in order. The first capture's route is
+/// the company's own: everything.
+fn relay_and_check(agent: SocketAddr, captures: &[(&UdpCapture, &Route)], tag: u8) {
+    const AGENTS: [[u8; 4]; 3] = [[10, 1, 0, 1], [10, 1, 0, 99], [192, 0, 2, 7]];
+    let mut sent = datagrams(1_500, tag, u64::from(tag));
+    for (i, datagram) in sent.iter_mut().enumerate() {
+        // The agent address of an IPv4 sFlow v5 header.
+        datagram[8..12].copy_from_slice(&AGENTS[i % AGENTS.len()]);
+    }
+    send_paced(agent, &sent, 32, || captures[0].0.len());
+    for (capture, route) in captures {
+        let share: Vec<Vec<u8>> = (sent.iter())
+            .filter(|d| route.matches(parse_header(d).as_ref(), None))
+            .cloned()
+            .collect();
+        assert!(!share.is_empty());
+        capture.assert_exactly(&share);
     }
 }
 
@@ -354,7 +383,11 @@ pub(super) fn run_example_site(root: &Root, sink: &Launch, agent: &Launch) {
     );
 
     // The agent: its files, including the consultant's under /etc/sflow-relay/consultant.
-    let (config, spool) = example_agent_config(root, [sink_addr, consultant_addr]);
+    let (config, spool, routes) = example_agent_config(root, [sink_addr, consultant_addr]);
+    assert!(
+        !routes[0].is_filtered() && routes[1].is_filtered(),
+        "{routes:?}"
+    );
     let table = toml_table(&config);
     let g = group(agent);
     root.dir("/etc/sflow-relay", 0o750, (0, g));
@@ -390,7 +423,11 @@ pub(super) fn run_example_site(root: &Root, sink: &Launch, agent: &Launch) {
     let agent_addr = agent_listen_addr(&agent_daemon);
     assert_runs_as(&agent_daemon, agent);
 
-    relay_and_check(agent_addr, &[&capture, &consultant_capture], 0xE1);
+    relay_and_check(
+        agent_addr,
+        &[(&capture, &routes[0]), (&consultant_capture, &routes[1])],
+        0xE1,
+    );
 
     // The spool is in use: a folder per sink, made by the agent's user.
     let spooled: Vec<_> = fs::read_dir(root.at(&spool))
