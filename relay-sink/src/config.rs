@@ -188,6 +188,26 @@ pub struct Args {
     #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
     pub shutdown_grace: Option<Duration>,
 
+    /// Export the interface counters of the sFlow the agents send (counter samples: generic
+    /// and Ethernet interface records) as Prometheus metrics, at /metrics/sflow on
+    /// --metrics-listen. [default: off]
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sflow_metrics: bool,
+
+    /// With --sflow-metrics: the series of an interface not heard from for this long
+    /// disappear. [default: 5m]
+    #[arg(long, value_parser = duration::parse, value_name = "DURATION")]
+    #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
+    pub sflow_metrics_expiry: Option<Duration>,
+
+    /// With --sflow-metrics: most series exported; counter samples of new interfaces beyond
+    /// it are not taken (counted in relay_sink_sflow_metrics_series_dropped_total).
+    /// [default: 100000]
+    #[arg(long, value_name = "N")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sflow_metrics_max_series: Option<usize>,
+
     /// The options both ends share (`--config`, `--log-format`, QUIC, gRPC, metrics, reload,
     /// threads, `--ssh-hex`).
     #[command(flatten)]
@@ -308,6 +328,8 @@ pub struct Config {
     pub max_connections_per_agent: usize,
     /// Time to finish replaying on shutdown.
     pub shutdown_grace: Duration,
+    /// sFlow interface metrics (`--sflow-metrics`): `None` when off.
+    pub sflow_metrics: Option<SflowMetricsOptions>,
     /// QUIC tuning.
     pub quic: QuicOptions,
     /// gRPC tuning.
@@ -318,6 +340,15 @@ pub struct Config {
     pub reload: ReloadOptions,
     /// Worker threads.
     pub threads: ThreadOptions,
+}
+
+/// `--sflow-metrics` and its limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SflowMetricsOptions {
+    /// An interface silent this long disappears.
+    pub expiry: Duration,
+    /// Most series exported.
+    pub max_series: usize,
 }
 
 impl TryFrom<Args> for Config {
@@ -374,6 +405,11 @@ impl TryFrom<Args> for Config {
             agent_max_pps: args.agent_max_pps.unwrap_or(0),
             max_connections_per_agent: args.max_connections_per_agent.unwrap_or(0),
             shutdown_grace: args.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+            sflow_metrics: args.sflow_metrics.then(|| SflowMetricsOptions {
+                expiry: (args.sflow_metrics_expiry).unwrap_or(crate::sflow_metrics::DEFAULT_EXPIRY),
+                max_series: (args.sflow_metrics_max_series)
+                    .unwrap_or(crate::sflow_metrics::DEFAULT_MAX_SERIES),
+            }),
             quic: args.daemon.quic,
             grpc: args.daemon.grpc,
             observe: args.daemon.observe,

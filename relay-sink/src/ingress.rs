@@ -82,6 +82,9 @@ pub(crate) async fn deliver(
     metrics
         .sflow
         .observe(batch.datagrams.iter().map(|d| &d.payload[..]));
+    if let Some(sflow_metrics) = &shared.sflow_metrics {
+        sflow_metrics.observe(&connection.agent, &batch.datagrams);
+    }
     let replaying = match Paced::of(&batch) {
         None => shared.replay.submit(batch, agent, &connection.lane).await,
         Some(paced) => catch_up(shared, connection, paced, batch).await,

@@ -54,6 +54,7 @@ pub mod metrics;
 mod refusal;
 mod reload;
 pub mod replay;
+mod sflow_metrics;
 mod status;
 
 use std::future::Future;
@@ -116,6 +117,8 @@ pub(crate) struct Shared {
     catch_up: catch_up::CatchUp,
     /// The allow-list and revocation list in force (swapped on reload).
     policy: Swap<authz::Policy>,
+    /// The sFlow interface counters (`--sflow-metrics`), when on.
+    sflow_metrics: Option<Arc<sflow_metrics::SflowMetrics>>,
 }
 
 /// The sink's bound sockets.
@@ -225,14 +228,23 @@ pub async fn run(
         let started = config.forward.iter().map(|f| f.addr.clone()).collect();
         reload::forward::ForwardReload::new(file, started, replay.states())
     });
+    let sflow_metrics = sflow_metrics(&config, &metrics);
     let status = Arc::new(status::SinkStatus {
         metrics: metrics.clone(),
         agents: Arc::new(status::Agents::new(metrics.clone())),
         ready: AtomicBool::new(false),
         certificate_not_after: AtomicI64::new(identity.info().not_after.unix_timestamp()),
         destinations: replay.states(),
+        sflow_metrics: sflow_metrics.clone(),
     });
-    let shared = share(config, replay, &metrics, policy, status.agents.clone());
+    let shared = share(
+        config,
+        replay,
+        &metrics,
+        policy,
+        status.agents.clone(),
+        sflow_metrics,
+    );
     let grpc_addr = grpc_listener.as_ref().map(|(_, addr)| *addr);
     log_listening(local, grpc_addr, &identity);
 
@@ -379,6 +391,26 @@ async fn start_replay(
     Ok(replay)
 }
 
+/// The sFlow interface metrics, with `--sflow-metrics` (said in the log either way when on).
+fn sflow_metrics(config: &Config, metrics: &Metrics) -> Option<Arc<sflow_metrics::SflowMetrics>> {
+    let options = config.sflow_metrics?;
+    if config.observe.metrics_listen.is_none() {
+        tracing::warn!(
+            "--sflow-metrics is on but --metrics-listen is not set: /metrics/sflow is served nowhere"
+        );
+    }
+    tracing::info!(
+        expiry = ?options.expiry,
+        max_series = options.max_series,
+        "sFlow interface counters exported at /metrics/sflow"
+    );
+    Some(Arc::new(sflow_metrics::SflowMetrics::new(
+        metrics.registry(),
+        options.expiry,
+        options.max_series,
+    )))
+}
+
 /// What the connection tasks share, from the configuration and the parts set up so far.
 fn share(
     config: Config,
@@ -386,6 +418,7 @@ fn share(
     metrics: &Arc<Metrics>,
     policy: authz::Policy,
     agents: Arc<status::Agents>,
+    sflow_metrics: Option<Arc<sflow_metrics::SflowMetrics>>,
 ) -> Arc<Shared> {
     let max_connections = config.max_connections;
     let catch_up_max_pps = config.catch_up_max_pps;
@@ -405,6 +438,7 @@ fn share(
         paces: limits::Paces::default(),
         catch_up: catch_up::CatchUp::new(catch_up_max_pps),
         policy: Swap::new(policy),
+        sflow_metrics,
     })
 }
 

@@ -263,6 +263,8 @@ pub(crate) struct SinkStatus {
     pub(crate) certificate_not_after: AtomicI64,
     /// The replay destinations.
     pub(crate) destinations: Vec<Arc<DestinationState>>,
+    /// The sFlow interface counters served at `/metrics/sflow` (`--sflow-metrics`).
+    pub(crate) sflow_metrics: Option<Arc<crate::sflow_metrics::SflowMetrics>>,
 }
 
 impl SinkStatus {
@@ -319,6 +321,13 @@ impl runtime::observe::Status for SinkStatus {
         match path {
             "/agents" => Some(self.agents.page()),
             "/destinations" => Some(self.destinations_page()),
+            _ => None,
+        }
+    }
+
+    fn exposition(&self, path: &str) -> Option<String> {
+        match path {
+            "/metrics/sflow" => self.sflow_metrics.as_ref().map(|m| m.render()),
             _ => None,
         }
     }

@@ -118,6 +118,13 @@ pub trait Status: Send + Sync + 'static {
     fn page(&self, _path: &str) -> Option<serde_json::Value> {
         None
     }
+
+    /// A metrics page other than `/metrics`, by path (`/metrics/sflow`), in the Prometheus
+    /// text format, if the binary has it: for metrics Prometheus is to scrape as a job of
+    /// their own.
+    fn exposition(&self, _path: &str) -> Option<String> {
+        None
+    }
 }
 
 /// Serves `status` on `listener` until `token` is cancelled.
@@ -196,6 +203,14 @@ fn respond(status: &dyn Status, request: &Request<Incoming>) -> Response<Full<By
                 format!("not ready: {why}\n"),
             ),
         },
+        path if let Some(text) = status.exposition(path) => {
+            let mut response = Response::new(Full::new(Bytes::from(text)));
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
         path => match status.page(path) {
             Some(value) => {
                 let mut body = serde_json::to_vec_pretty(&value).unwrap_or_default();

@@ -584,6 +584,37 @@ impl EthernetCounters {
     }
 }
 
+/// A datagram of `header` (its `samples` field set to the count) holding one standard
+/// counter sample (format 2, source type 0) per `(sequence, generic, ethernet)`: the
+/// interface's generic record, and its Ethernet record when given. What the decoder reads
+/// back; for tests and generators.
+pub fn counter_datagram(
+    header: &Header,
+    samples: &[(u32, &IfCounters, Option<&EthernetCounters>)],
+) -> Vec<u8> {
+    let mut header = *header;
+    header.samples = u32::try_from(samples.len()).unwrap_or(u32::MAX);
+    let mut out = header.to_bytes();
+    for (sequence, generic, ethernet) in samples {
+        let mut records = Vec::with_capacity(IF_COUNTERS_LEN + ETHERNET_COUNTERS_LEN + 16);
+        put32(&mut records, FORMAT_IF_COUNTERS);
+        put32(&mut records, IF_COUNTERS_LEN as u32);
+        generic.write(&mut records);
+        if let Some(ethernet) = ethernet {
+            put32(&mut records, FORMAT_ETHERNET_COUNTERS);
+            put32(&mut records, ETHERNET_COUNTERS_LEN as u32);
+            ethernet.write(&mut records);
+        }
+        put32(&mut out, FORMAT_COUNTER_SAMPLE);
+        put32(&mut out, 12 + records.len() as u32);
+        put32(&mut out, *sequence);
+        put32(&mut out, generic.if_index & 0x00FF_FFFF);
+        put32(&mut out, 1 + u32::from(ethernet.is_some()));
+        out.extend_from_slice(&records);
+    }
+    out
+}
+
 fn put32(out: &mut Vec<u8>, v: u32) {
     out.extend_from_slice(&v.to_be_bytes());
 }

@@ -768,3 +768,24 @@ fn random_mutations_never_panic_and_always_end() {
         );
     }
 }
+
+#[test]
+fn a_built_counter_datagram_reads_back() {
+    let mut header = Header::from_agent(A);
+    header.uptime_ms = 77;
+    let (g, e) = (generic(3, 1_000), ethernet(40));
+    let g2 = generic(4, 2_000);
+    let d = counter_datagram(&header, &[(9, &g, Some(&e)), (10, &g2, None)]);
+    let walk = counter_samples(&d).unwrap();
+    assert_eq!(walk.header().uptime_ms, 77);
+    assert_eq!(walk.header().samples, 2);
+    let got: Vec<CounterSample> = walk.map(Result::unwrap).collect();
+    assert_eq!(got.len(), 2);
+    assert_eq!((got[0].sequence, got[0].source_id_index), (9, 3));
+    assert_eq!(got[0].generic, Some(g));
+    assert_eq!(got[0].ethernet, Some(e));
+    assert_eq!(
+        (got[1].sequence, got[1].generic, got[1].ethernet),
+        (10, Some(g2), None)
+    );
+}
