@@ -199,6 +199,20 @@ impl Prometheus {
     ///
     /// When it is installed but does not become ready within [`WAIT`], with its log.
     pub fn start(targets: &[(&str, SocketAddr)]) -> Result<Self, String> {
+        let targets: Vec<_> = targets
+            .iter()
+            .map(|(job, addr)| (*job, *addr, "/metrics"))
+            .collect();
+        Self::launch(&targets, false)
+    }
+
+    /// As [`start`](Self::start), each target scraped at its own path (such as the sink's
+    /// `/metrics/sflow`): (job, address, path).
+    ///
+    /// # Errors
+    ///
+    /// As [`start`](Self::start).
+    pub fn start_paths(targets: &[(&str, SocketAddr, &str)]) -> Result<Self, String> {
         Self::launch(targets, false)
     }
 
@@ -209,12 +223,16 @@ impl Prometheus {
     ///
     /// As [`start`](Self::start).
     pub fn start_with_self(targets: &[(&str, SocketAddr)]) -> Result<Self, String> {
-        Self::launch(targets, true)
+        let targets: Vec<_> = targets
+            .iter()
+            .map(|(job, addr)| (*job, *addr, "/metrics"))
+            .collect();
+        Self::launch(&targets, true)
     }
 
-    fn launch(targets: &[(&str, SocketAddr)], scrape_self: bool) -> Result<Self, String> {
+    fn launch(targets: &[(&str, SocketAddr, &str)], scrape_self: bool) -> Result<Self, String> {
         installed()?;
-        let mut jobs: Vec<&str> = targets.iter().map(|(job, _)| *job).collect();
+        let mut jobs: Vec<&str> = targets.iter().map(|(job, _, _)| *job).collect();
         if scrape_self {
             jobs.push(SELF_JOB);
         }
@@ -238,14 +256,14 @@ impl Prometheus {
 
     fn try_start(
         addr: SocketAddr,
-        targets: &[(&str, SocketAddr)],
+        targets: &[(&str, SocketAddr, &str)],
         scrape_self: bool,
     ) -> Result<Self, StartError> {
         let failed = |what: &str, e: std::io::Error| StartError::Failed(format!("{what}: {e}"));
         let dir = tempfile::tempdir().map_err(|e| failed("temporary directory", e))?;
-        let mut jobs: Vec<(&str, SocketAddr)> = targets.to_vec();
+        let mut jobs: Vec<(&str, SocketAddr, &str)> = targets.to_vec();
         if scrape_self {
-            jobs.push((SELF_JOB, addr));
+            jobs.push((SELF_JOB, addr, "/metrics"));
         }
         let config = dir.path().join("prometheus.yml");
         // JSON is YAML, and serde_json quotes whatever a job name holds.
@@ -322,7 +340,27 @@ impl Prometheus {
     /// When the request fails, Prometheus rejects the expression (its message), or the
     /// result is a range vector or a string.
     pub fn query(&self, promql: &str) -> Result<Vec<Sample>, String> {
-        let path = format!("/api/v1/query?query={}", http::encode_component(promql));
+        self.query_path(
+            promql,
+            format!("/api/v1/query?query={}", http::encode_component(promql)),
+        )
+    }
+
+    /// As [`query`](Self::query), evaluated at `unix` (seconds since the Unix epoch) rather
+    /// than now: say, just after a scrape, so a range ends on a sample.
+    ///
+    /// # Errors
+    ///
+    /// As [`query`](Self::query).
+    pub fn query_at(&self, promql: &str, unix: f64) -> Result<Vec<Sample>, String> {
+        let path = format!(
+            "/api/v1/query?query={}&time={unix:.3}",
+            http::encode_component(promql)
+        );
+        self.query_path(promql, path)
+    }
+
+    fn query_path(&self, promql: &str, path: String) -> Result<Vec<Sample>, String> {
         let body =
             http::get_json(self.addr, &path).map_err(|e| format!("query {promql:?}: {e}"))?;
         parse_query(&body).map_err(|e| format!("query {promql:?}: {e}: {body}"))
@@ -449,17 +487,17 @@ impl Drop for Prometheus {
 }
 
 /// The configuration: every target scraped at `/metrics` every [`SCRAPE_INTERVAL`].
-fn config_text(jobs: &[(&str, SocketAddr)]) -> String {
+fn config_text(jobs: &[(&str, SocketAddr, &str)]) -> String {
     let interval = format!("{}ms", SCRAPE_INTERVAL.as_millis());
     // Below the interval, as Prometheus requires.
     let timeout = format!("{}ms", SCRAPE_INTERVAL.as_millis() * 4 / 5);
     let scrape_configs: Vec<Value> = jobs
         .iter()
-        .map(|(job, addr)| {
+        .map(|(job, addr, path)| {
             json!({
                 "job_name": job,
                 "scheme": "http",
-                "metrics_path": "/metrics",
+                "metrics_path": path,
                 "static_configs": [{ "targets": [addr.to_string()] }],
             })
         })
@@ -552,14 +590,21 @@ mod tests {
     #[test]
     fn config_is_json_with_one_job_per_target() {
         let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
-        let config: Value =
-            serde_json::from_str(&config_text(&[("a\"b", addr), ("c", addr)])).unwrap();
+        let config: Value = serde_json::from_str(&config_text(&[
+            ("a\"b", addr, "/metrics"),
+            ("c", addr, "/metrics/sflow"),
+        ]))
+        .unwrap();
         assert_eq!(config["global"]["scrape_interval"], "1000ms");
         assert_eq!(config["global"]["scrape_timeout"], "800ms");
         assert_eq!(config["scrape_configs"][0]["job_name"], "a\"b");
         assert_eq!(
             config["scrape_configs"][1]["static_configs"][0]["targets"][0],
             "127.0.0.1:9"
+        );
+        assert_eq!(
+            config["scrape_configs"][1]["metrics_path"],
+            "/metrics/sflow"
         );
     }
 }
