@@ -400,6 +400,19 @@ impl Daemon {
         self.wait_exit(WAIT)
     }
 
+    /// Sends SIGHUP (reload the configuration and certificates).
+    ///
+    /// # Panics
+    ///
+    /// When `kill` fails.
+    pub fn hangup(&self) {
+        let status = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -HUP");
+    }
+
     /// Kills the process at once (SIGKILL) and reaps it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

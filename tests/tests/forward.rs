@@ -344,14 +344,6 @@ fn at_not_after_a_feed_stops_the_others_lose_nothing_and_a_restart_skips_it() {
 
 // === reload ===
 
-fn hangup(daemon: &Daemon) {
-    let status = Command::new("kill")
-        .args(["-HUP", &daemon.pid().to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -HUP");
-}
-
 #[test]
 fn a_filter_changed_by_sighup_applies_from_the_next_batch_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -377,7 +369,7 @@ fn a_filter_changed_by_sighup_applies_from_the_next_batch_and_loses_nothing() {
     let started = Instant::now();
     assert!(all.wait_until(WAIT, |r| r.len() >= 7_000));
     write_config(&config, &pki, &forward(new));
-    hangup(&sink);
+    sink.hangup();
     let reloaded = sink.wait_for("destination route reloaded");
     assert_eq!(field(&reloaded, "destination"), changed.addr().to_string());
     assert_eq!(field(&reloaded, "filter"), "agents=2001:db8:10::/48");

@@ -5,24 +5,15 @@
 //! naming the file, and the certificate in use stays.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use relay_tests::{
-    Daemon, Pki, Transport, UdpCapture, WAIT, datagrams, field, http, metrics_addr, send_at_rate,
+    Pki, Transport, UdpCapture, WAIT, datagrams, field, http, metrics_addr, send_at_rate,
     start_agent_over, start_sink, wait_until,
 };
 
 const RELOADED: &str = "certificates reloaded";
 const REFUSED: &str = "certificate reload refused";
-
-fn hangup(daemon: &Daemon) {
-    let status = Command::new("kill")
-        .args(["-HUP", &daemon.pid().to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -HUP");
-}
 
 fn sink_cert(pki: &Pki, days: &str, force: bool) -> (std::path::PathBuf, std::path::PathBuf) {
     let mut extra = vec!["--dns", "localhost", "--ip", "127.0.0.1", "--days", days];
@@ -89,7 +80,7 @@ fn rotated_certificates_serve_new_connections_and_the_stream_loses_nothing() {
 
         // 1. The sink's certificate is renewed (90 days instead of 30): SIGHUP.
         sink_cert(&pki, "90", true);
-        hangup(&sink);
+        sink.hangup();
         let reloaded = sink.wait_for(RELOADED);
         let new_sink_expiry = field(&reloaded, "expires").to_owned();
         assert_ne!(new_sink_expiry, first_sink_expiry, "{reloaded}");
@@ -107,11 +98,11 @@ fn rotated_certificates_serve_new_connections_and_the_stream_loses_nothing() {
         // 2. The agent's certificate is renewed (60 days): SIGHUP; then a corrupt key and
         // SIGHUP again, which is refused.
         agent_cert(&pki, "60", true);
-        hangup(&agent);
+        agent.hangup();
         let renewed = agent.wait_for(RELOADED);
         let new_agent_expiry = field(&renewed, "expires").to_owned();
         corrupt(&agent_files.1);
-        hangup(&agent);
+        agent.hangup();
         let refused = agent.wait_for(REFUSED);
         assert!(
             field(&refused, "error").contains(agent_files.1.to_str().expect("UTF-8")),
@@ -151,7 +142,7 @@ fn rotated_certificates_serve_new_connections_and_the_stream_loses_nothing() {
         // 3. A corrupt key for the sink: refused, and new agents still get the sink's
         // certificate in use.
         corrupt(&sink_files.1);
-        hangup(&sink);
+        sink.hangup();
         let refused = sink.wait_for(REFUSED);
         assert!(
             field(&refused, "error").contains(sink_files.1.to_str().expect("UTF-8")),

@@ -332,14 +332,6 @@ fn not_after_ends_a_feed_within_a_second_and_a_restart_skips_it() {
     );
 }
 
-fn hangup(daemon: &Daemon) {
-    let status = Command::new("kill")
-        .args(["-HUP", &daemon.pid().to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -HUP");
-}
-
 #[test]
 fn a_filter_changed_by_sighup_at_5000_a_second_applies_from_one_datagram_on() {
     const RATE: u32 = 5_000;
@@ -369,7 +361,7 @@ fn a_filter_changed_by_sighup_at_5000_a_second_applies_from_one_datagram_on() {
     std::thread::sleep(Duration::from_millis(1500));
     write(new);
     let sent_before_hup = count.load(Ordering::Acquire);
-    hangup(&agent);
+    agent.hangup();
     agent.wait_for("sink route reloaded");
     let sent_after_reload = count.load(Ordering::Acquire);
     sender.join().unwrap();
