@@ -5,9 +5,10 @@
 //! sflow.org SFLOW-DATAGRAM5.txt, `sample_datagram_v5`) and, in [`SequenceTracker`], turning
 //! each stream's `sequence_number` into counts of datagrams missing, late (reordered or
 //! duplicated) and of agent restarts. Agent and sink call it once per datagram, on bytes they
-//! forward unchanged whatever it says: it only reads. It deliberately does not decode sample
-//! records or check anything past the header (reading counter samples is [`counters`]'
-//! job), does not look at UDP source addresses, and has no I/O, clock or metrics of its own:
+//! forward unchanged whatever it says: it only reads. Past the header, it only checks, with
+//! [`is_truncated`], that the sample records fit in the datagram (by way of [`counters`]' walk,
+//! which skips them by their lengths); it deliberately does not decode them (reading counter
+//! samples is [`counters`]' job), does not look at UDP source addresses, and has no I/O, clock or metrics of its own:
 //! callers keep their counters, in a `Vec` indexed by [`StreamId`], and it never decides
 //! whether a datagram is relayed.
 //!
@@ -342,6 +343,21 @@ impl Header {
         self.write(&mut out);
         out
     }
+}
+
+/// Whether an sFlow v5 datagram was cut: its sample records, skipped by their declared
+/// lengths, run past its end, or it ends before the `num_samples` its header announces. That
+/// is what a `recv` into a buffer shorter than the datagram leaves (the original
+/// `sflow_fwd.py` reads 2,048 bytes). `false` when the header cannot be read (see
+/// [`parse_header`]), and when a counter sample's own framing is broken before the cut
+/// ([`counters::Malformed::RecordOverrun`] ends the walk).
+///
+/// Reads each sample's 8-byte format and length, and the fields of counter samples; no
+/// allocation. Never panics, whatever the bytes.
+pub fn is_truncated(datagram: &[u8]) -> bool {
+    counters::counter_samples(datagram).is_ok_and(|mut samples| {
+        samples.any(|sample| sample == Err(counters::Malformed::Truncated))
+    })
 }
 
 /// The big-endian `u32` at `at`, if the bytes reach that far.
@@ -813,6 +829,40 @@ mod tests {
             assert!(!(o.late && o.missing > 0));
             assert!(!o.duplicate || o.late);
             assert!(o.missing < HALF);
+        }
+    }
+
+    #[test]
+    fn a_datagram_cut_inside_its_samples_is_truncated() {
+        // Three samples of 1,000 bytes each (opaque data of an unknown format, skipped by
+        // length), as a recv(2048) leaves them: cut inside the second.
+        let mut d = Header {
+            samples: 3,
+            ..Header::from_agent(A)
+        }
+        .to_bytes();
+        for i in 0..3u32 {
+            d.extend_from_slice(&(1000 + i).to_be_bytes());
+            d.extend_from_slice(&992u32.to_be_bytes());
+            d.extend_from_slice(&[0xab; 992]);
+        }
+        assert_eq!(d.len(), 28 + 3 * 1000);
+        assert!(!is_truncated(&d));
+        assert!(is_truncated(&d[..2048]));
+        // Cut exactly after a sample: the third is missing.
+        assert!(is_truncated(&d[..28 + 2000]));
+        // Cut inside the header: not sFlow, so not "truncated" here.
+        assert!(!is_truncated(&d[..20]));
+        assert!(
+            !is_truncated(&Header::from_agent(A).to_bytes()),
+            "no samples"
+        );
+        assert!(
+            is_truncated(&datagram(A, 0, 1, 1)),
+            "7 samples announced, none there"
+        );
+        for cut in 28..d.len() {
+            assert!(is_truncated(&d[..cut]), "cut at {cut}");
         }
     }
 
