@@ -5,9 +5,10 @@
 //! sflow.org SFLOW-DATAGRAM5.txt, `sample_datagram_v5`) and, in [`SequenceTracker`], turning
 //! each stream's `sequence_number` into counts of datagrams missing, late (reordered or
 //! duplicated) and of agent restarts. Agent and sink call it once per datagram, on bytes they
-//! forward unchanged whatever it says: it only reads. It deliberately does not decode sample
-//! records or check anything past the header (reading counter samples is [`counters`]'
-//! job), does not look at UDP source addresses, and has no I/O, clock or metrics of its own:
+//! forward unchanged whatever it says: it only reads. Past the header, it only checks, with
+//! [`is_truncated`], that the sample records fit in the datagram (by way of [`counters`]' walk,
+//! which skips them by their lengths); it deliberately does not decode them (reading counter
+//! samples is [`counters`]' job), does not look at UDP source addresses, and has no I/O, clock or metrics of its own:
 //! callers keep their counters, in a `Vec` indexed by [`StreamId`], and it never decides
 //! whether a datagram is relayed.
 //!
@@ -32,36 +33,74 @@
 //! A *stream* is one (agent address, sub-agent id) pair ([`StreamKey`]): each sub-agent
 //! numbers its own datagrams, so that is where a gap means loss. The agent address is the one
 //! inside the datagram, not the UDP source, as sFlow analyzers key agents. For each stream the
-//! tracker remembers the highest sequence number seen (the *front*), the uptime that came with
-//! it, and which of the [`REORDER_WINDOW`] numbers up to the front have arrived. The first
+//! tracker remembers the highest sequence number seen (the *front*), which of the
+//! [`REORDER_WINDOW`] numbers up to the front have arrived, and the uptime each of those came
+//! with (256 bytes per stream). The first
 //! datagram of a stream is its baseline; each later one is exactly one of:
 //!
 //! - **next**: ahead of the front. [`Observation::missing`] is the count of numbers skipped
 //!   (0 when in order). A big forward jump is real loss and is counted in full.
-//! - **late**: behind the front by less than [`REORDER_WINDOW`]: a reordered datagram, or a
-//!   duplicate when its number had already arrived ([`Observation::duplicate`]). The front
-//!   does not move. A reordered datagram's number was already reported missing when its gap
-//!   opened, and counters only go up, so what never arrived is
-//!   `Σ missing − Σ (late and not duplicate)`, give or take datagrams reordered across a
-//!   baseline (late, with no gap counted for them).
+//! - **late**: behind the front by less than [`REORDER_WINDOW`], and fitting in the run since
+//!   the baseline (below): a reordered datagram, or a duplicate when its number had already
+//!   arrived ([`Observation::duplicate`]). The front does not move. A reordered datagram's
+//!   number was already reported missing when its gap opened, and counters only go up, so
+//!   what never arrived is `Σ missing − Σ (late and not duplicate)`, give or take datagrams
+//!   reordered across a baseline (late, with no gap counted for them).
 //! - **reset**: the agent restarted, which restarts its sequence numbers at 1 and its uptime
-//!   at 0. It shows as an uptime more than [`RESTART_UPTIME_MS`] behind the front's, or a
-//!   sequence number [`REORDER_WINDOW`] or more behind the front (a far jump backwards,
-//!   which also catches agents whose uptime field is useless). The datagram becomes the new
-//!   baseline; nothing is counted missing.
+//!   at 0 (or, when only the sFlow process restarted, leaves the uptime running on). It shows
+//!   as an uptime more than [`RESTART_UPTIME_MS`] behind the front's, as a sequence number
+//!   [`REORDER_WINDOW`] or more behind the front (a far jump backwards, which also catches
+//!   agents whose uptime field is useless), or as a datagram behind the front that does not
+//!   fit the run. The datagram becomes the new baseline; nothing is counted missing.
+//!
+//! # What a late datagram looks like
+//!
+//! The tracker keeps the uptime of each number seen within [`REORDER_WINDOW`] of the front.
+//! An agent stamps its datagrams in the order it numbers them, so a genuinely late datagram
+//! numbered `n`, behind the front, is one of two things:
+//!
+//! - a copy of datagram `n` (a duplicate): it carries the uptime `n` came with, to the
+//!   millisecond;
+//! - datagram `n` itself, not seen yet: it was sent after the nearest lower number seen and
+//!   before the nearest higher one (the front at most), so its uptime lies between theirs.
+//!
+//! and, either way, it trails the front's uptime by no more than [`LATE_UPTIME_MS`]: it spent
+//! that much longer on the way than the front did, which reordering in a network never
+//! comes near. A datagram behind the front that breaks any of this is a **reset**: an agent
+//! that restarted with its uptime near 0 stamps its new `n` with an uptime other than the old
+//! `n`'s, and earlier than the old numbers below it; one whose uptime ran on stamps it later
+//! than the front; and a stream replayed from its start (a capture played again, a generator
+//! run again) brings back datagrams whose uptime trails the front by the length of the run.
+//! So a short stream that starts over counts one reset, and its new numbers count as next,
+//! not as late or duplicate datagrams.
 //!
 //! Sequence numbers wrap at `u32`, and so does the uptime (every 49.7 days); both are compared
 //! modulo 2³², "ahead" meaning less than half the number space ahead. So `u32::MAX` → 0 is
 //! the next number, and an uptime wrapping to 0 is progress, not a restart.
 //!
-//! What this cannot tell apart, by design: a datagram delayed behind [`REORDER_WINDOW`] or
-//! more newer ones, or by more than [`RESTART_UPTIME_MS`] of agent uptime, reads as a restart,
-//! and the next in-order datagram then counts the distance back as missing; neither happens on
-//! a LAN, nor behind the relay, which keeps each agent's order. An agent that restarts less
-//! than [`RESTART_UPTIME_MS`] after it started, having sent fewer than [`REORDER_WINDOW`]
-//! datagrams, reads as late datagrams until its new numbers pass the old front. An uptime
-//! more than 2³¹ ms (24.8 days) behind reads as progress, so a restart after that long is
-//! caught by its sequence number alone (which by then has gone far back).
+//! What this cannot tell apart, by design:
+//!
+//! - A datagram delayed behind [`REORDER_WINDOW`] or more newer ones, by more than
+//!   [`LATE_UPTIME_MS`] of agent uptime, or across a step of the agent's clock that puts it
+//!   out of order with its neighbours, reads as a restart, and the next in-order datagram
+//!   then counts the distance back as missing; none of these happens on a LAN, nor behind
+//!   the relay, which keeps each agent's order.
+//! - A byte-identical replay of a run shorter than [`REORDER_WINDOW`] datagrams and
+//!   [`LATE_UPTIME_MS`] of uptime is, datagram for datagram, what duplicates are: it counts
+//!   as late duplicates. (A replay of a generator whose uptime is not real time, such as one
+//!   that adds a few ms per datagram however fast it sends, can span less uptime than its
+//!   run took.)
+//! - A restarted agent whose new datagrams carry the same uptimes as the old ones with the
+//!   same numbers (an agent whose uptime is always 0, say) is caught only once its new
+//!   numbers go [`REORDER_WINDOW`] behind, or by the uptime; until then they read as
+//!   duplicates.
+//! - A restart whose first datagrams were lost so that the first one seen is ahead of the
+//!   old front reads as next (with the numbers skipped counted missing), unless its uptime
+//!   is more than [`RESTART_UPTIME_MS`] behind the front's: ahead of the front, only that
+//!   much tells a restart from a small step of the agent's clock.
+//! - An uptime more than 2³¹ ms (24.8 days) behind reads as progress, so a restart after
+//!   that long is caught by its sequence number alone (which by then has gone far back), or
+//!   by its datagrams not fitting the run.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -89,6 +128,13 @@ pub const REORDER_WINDOW: u32 = 64;
 /// reordered by; 10 s tolerates that and small clock steps, and is far less than a restarted
 /// agent's uptime usually falls back.
 pub const RESTART_UPTIME_MS: u32 = 10_000;
+
+/// How far behind the uptime of a stream's front (in ms) a datagram *behind the front* may be
+/// and still be late (reordered or duplicated) rather than a restart or a replay. A late
+/// datagram is one that spent longer on the way than a datagram sent after it, and its uptime
+/// trails the front's by at least that difference: reordering in a network spans microseconds
+/// to milliseconds, and the relay keeps each agent's order; a second is a wide margin.
+pub const LATE_UPTIME_MS: u32 = 1_000;
 
 /// A default cap on tracked streams: far above the sub-agents one relay serves, low enough
 /// to bound the metric series a caller keeps per stream.
@@ -217,10 +263,11 @@ struct Tracked {
 struct Sequence {
     /// Highest sequence number since the baseline.
     front: u32,
-    /// The uptime that came with `front`.
-    front_uptime: u32,
     /// Bit `i` set: number `front - i` has arrived since the baseline.
     seen: u64,
+    /// The uptime that came with number `n`, at `slot(n)`, for the numbers `seen` marks (the
+    /// other slots hold stale values and are never read).
+    uptimes: [u32; REORDER_WINDOW as usize],
 }
 
 /// What a datagram did to its stream's sequence.
@@ -296,6 +343,21 @@ impl Header {
         self.write(&mut out);
         out
     }
+}
+
+/// Whether an sFlow v5 datagram was cut: its sample records, skipped by their declared
+/// lengths, run past its end, or it ends before the `num_samples` its header announces. That
+/// is what a `recv` into a buffer shorter than the datagram leaves (the original
+/// `sflow_fwd.py` reads 2,048 bytes). `false` when the header cannot be read (see
+/// [`parse_header`]), and when a counter sample's own framing is broken before the cut
+/// ([`counters::Malformed::RecordOverrun`] ends the walk).
+///
+/// Reads each sample's 8-byte format and length, and the fields of counter samples; no
+/// allocation. Never panics, whatever the bytes.
+pub fn is_truncated(datagram: &[u8]) -> bool {
+    counters::counter_samples(datagram).is_ok_and(|mut samples| {
+        samples.any(|sample| sample == Err(counters::Malformed::Truncated))
+    })
 }
 
 /// The big-endian `u32` at `at`, if the bytes reach that far.
@@ -485,18 +547,30 @@ impl SequenceTracker {
 
 impl Sequence {
     fn baseline(sequence: u32, uptime: u32) -> Self {
+        let mut uptimes = [0; REORDER_WINDOW as usize];
+        uptimes[slot(sequence)] = uptime;
         Self {
             front: sequence,
-            front_uptime: uptime,
             seen: 1,
+            uptimes,
         }
+    }
+
+    /// The uptime that came with the front.
+    fn front_uptime(&self) -> u32 {
+        self.uptimes[slot(self.front)]
+    }
+
+    /// The uptime that came with the number `i` behind the front (bit `i` of `seen`).
+    fn uptime_behind_front(&self, i: u32) -> u32 {
+        self.uptimes[slot(self.front.wrapping_sub(i))]
     }
 
     fn step(&mut self, sequence: u32, uptime: u32) -> Step {
         // Distances modulo 2^32; the half of the space behind the front is "behind".
         let ahead = sequence.wrapping_sub(self.front);
         let behind = self.front.wrapping_sub(sequence);
-        let uptime_behind = self.front_uptime.wrapping_sub(uptime);
+        let uptime_behind = self.front_uptime().wrapping_sub(uptime);
         let uptime_went_back = (RESTART_UPTIME_MS + 1..=HALF).contains(&uptime_behind);
         let far_back = (REORDER_WINDOW..=HALF).contains(&behind);
         if uptime_went_back || far_back {
@@ -506,15 +580,62 @@ impl Sequence {
         if ahead != 0 && ahead < HALF {
             self.seen = self.seen.checked_shl(ahead).unwrap_or(0) | 1;
             self.front = sequence;
-            self.front_uptime = uptime;
+            self.uptimes[slot(sequence)] = uptime;
             return Step::Next { missing: ahead - 1 };
         }
         // 0 <= behind < REORDER_WINDOW here.
+        if !self.fits(behind, uptime) {
+            *self = Self::baseline(sequence, uptime);
+            return Step::Reset;
+        }
         let bit = 1u64 << behind;
         let duplicate = self.seen & bit != 0;
-        self.seen |= bit;
+        if !duplicate {
+            self.seen |= bit;
+            self.uptimes[slot(sequence)] = uptime;
+        }
         Step::Late { duplicate }
     }
+
+    /// Whether a datagram `behind` numbers behind the front (less than [`REORDER_WINDOW`]),
+    /// stamped `uptime`, can belong to the run since the baseline: a copy of a datagram seen
+    /// (the same uptime), or one sent between the nearest numbers seen on either side of it
+    /// (an uptime between theirs), and in either case not more than [`LATE_UPTIME_MS`] before
+    /// the front. Anything else was numbered by a restarted agent, or replayed.
+    fn fits(&self, behind: u32, uptime: u32) -> bool {
+        let uptime_behind = self.front_uptime().wrapping_sub(uptime);
+        if (LATE_UPTIME_MS + 1..=HALF).contains(&uptime_behind) {
+            return false;
+        }
+        let bit = 1u64 << behind;
+        if self.seen & bit != 0 {
+            return self.uptime_behind_front(behind) == uptime;
+        }
+        // Not seen, so behind >= 1, and the front (bit 0) is a later number seen.
+        let later = self.seen & (bit - 1);
+        let Some(nearest_later) = later.checked_ilog2() else {
+            return true;
+        };
+        if is_after(uptime, self.uptime_behind_front(nearest_later)) {
+            return false;
+        }
+        let earlier = self.seen.checked_shr(behind + 1).unwrap_or(0);
+        earlier == 0 || {
+            let nearest_earlier = behind + 1 + earlier.trailing_zeros();
+            !is_after(self.uptime_behind_front(nearest_earlier), uptime)
+        }
+    }
+}
+
+/// Where number `n`'s uptime is kept: numbers within [`REORDER_WINDOW`] of each other get
+/// distinct slots.
+fn slot(n: u32) -> usize {
+    (n % REORDER_WINDOW) as usize
+}
+
+/// Whether uptime `a` is later than `b` (modulo 2³², less than half the space ahead).
+fn is_after(a: u32, b: u32) -> bool {
+    (1..HALF).contains(&a.wrapping_sub(b))
 }
 
 #[cfg(test)]
@@ -712,6 +833,40 @@ mod tests {
     }
 
     #[test]
+    fn a_datagram_cut_inside_its_samples_is_truncated() {
+        // Three samples of 1,000 bytes each (opaque data of an unknown format, skipped by
+        // length), as a recv(2048) leaves them: cut inside the second.
+        let mut d = Header {
+            samples: 3,
+            ..Header::from_agent(A)
+        }
+        .to_bytes();
+        for i in 0..3u32 {
+            d.extend_from_slice(&(1000 + i).to_be_bytes());
+            d.extend_from_slice(&992u32.to_be_bytes());
+            d.extend_from_slice(&[0xab; 992]);
+        }
+        assert_eq!(d.len(), 28 + 3 * 1000);
+        assert!(!is_truncated(&d));
+        assert!(is_truncated(&d[..2048]));
+        // Cut exactly after a sample: the third is missing.
+        assert!(is_truncated(&d[..28 + 2000]));
+        // Cut inside the header: not sFlow, so not "truncated" here.
+        assert!(!is_truncated(&d[..20]));
+        assert!(
+            !is_truncated(&Header::from_agent(A).to_bytes()),
+            "no samples"
+        );
+        assert!(
+            is_truncated(&datagram(A, 0, 1, 1)),
+            "7 samples announced, none there"
+        );
+        for cut in 28..d.len() {
+            assert!(is_truncated(&d[..cut]), "cut at {cut}");
+        }
+    }
+
+    #[test]
     fn in_order_has_no_gaps() {
         let mut tracker = SequenceTracker::default();
         let steps: Vec<_> = (1..=100).map(|i| (i, i * 10)).collect();
@@ -795,7 +950,9 @@ mod tests {
             &[(u32::MAX - 1, 1), (u32::MAX, 2), (0, 3), (1, 4)],
         );
         assert!(obs.iter().all(plain), "{obs:?}");
-        let obs = run(&mut tracker, &[(u32::MAX, 5)]);
+        // A duplicate is a copy, so it carries its number's uptime (2, not a later one: a
+        // different datagram with an old number is a restart since late datagrams must fit).
+        let obs = run(&mut tracker, &[(u32::MAX, 2)]);
         assert!(obs[0].late && obs[0].duplicate);
 
         let mut tracker = SequenceTracker::default();
@@ -880,6 +1037,115 @@ mod tests {
         let mut tracker = SequenceTracker::default();
         let obs = run(&mut tracker, &[(u32::MAX - 6, 900_000_000), (2, 2000)]);
         assert!(obs[1].reset && obs[1].missing == 0);
+    }
+
+    /// Counts of (reset, late, duplicate, missing) over `obs`.
+    fn tally(obs: &[Observation]) -> (usize, usize, usize, u32) {
+        (
+            obs.iter().filter(|o| o.reset).count(),
+            obs.iter().filter(|o| o.late).count(),
+            obs.iter().filter(|o| o.duplicate).count(),
+            obs.iter().map(|o| o.missing).sum(),
+        )
+    }
+
+    #[test]
+    fn a_short_stream_started_over_is_one_reset_and_no_duplicates() {
+        // An agent that ran 3 s (30 datagrams) and restarted with its uptime near 0: its new
+        // numbers are all behind the old front (by less than the window), and its uptimes
+        // are less than 10 s behind the front's. Each new datagram carries another uptime than
+        // the old one of its number did.
+        let mut tracker = SequenceTracker::default();
+        let old: Vec<_> = (1..=30).map(|i| (i, 1_000 + i * 100)).collect();
+        let new: Vec<_> = (1..=30).map(|i| (i, 20 + i * 100)).collect();
+        let obs = run(&mut tracker, &old);
+        assert_eq!(tally(&obs), (0, 0, 0, 0));
+        let obs = run(&mut tracker, &new);
+        assert!(obs[0].reset, "{:?}", obs[0]);
+        assert_eq!(tally(&obs), (1, 0, 0, 0), "one reset, then in order");
+        // The new run goes on past the old front as next, with gaps counted again.
+        let obs = run(&mut tracker, &[(31, 3_120), (33, 3_320)]);
+        assert_eq!(tally(&obs), (0, 0, 0, 1));
+
+        // Shorter than LATE_UPTIME_MS too: 10 datagrams 10 ms apart, restarted 2 ms earlier
+        // in its uptime than it first started.
+        let mut tracker = SequenceTracker::default();
+        let old: Vec<_> = (1..=10).map(|i| (i, 5 + i * 10)).collect();
+        let new: Vec<_> = (1..=10).map(|i| (i, 3 + i * 10)).collect();
+        let obs = run(&mut tracker, &[old, new].concat());
+        assert_eq!(tally(&obs), (1, 0, 0, 0));
+        assert!(obs[10].reset);
+    }
+
+    #[test]
+    fn a_restart_whose_uptime_ran_on_is_a_reset() {
+        // Only the sFlow process restarted: its numbers start again at 1, its uptime (the
+        // host's) goes on, so the new datagrams are stamped after the old front.
+        let mut tracker = SequenceTracker::default();
+        let old: Vec<_> = (1..=20).map(|i| (i, 500_000 + i * 100)).collect();
+        let new: Vec<_> = (1..=20).map(|i| (i, 503_000 + i * 100)).collect();
+        let obs = run(&mut tracker, &[old, new].concat());
+        assert!(obs[20].reset, "{:?}", obs[20]);
+        assert_eq!(tally(&obs), (1, 0, 0, 0));
+    }
+
+    #[test]
+    fn a_late_datagram_fits_between_the_numbers_seen_around_it() {
+        let steps = [(1, 100), (2, 110), (4, 130), (6, 150)];
+        // Sent between 2 and 4, as the agent numbered it: late.
+        let mut tracker = SequenceTracker::default();
+        let obs = run(&mut tracker, &[&steps[..], &[(3, 120), (5, 140)]].concat());
+        assert!(obs[4].late && obs[5].late, "{obs:?}");
+        assert_eq!(tally(&obs), (0, 2, 0, 2));
+        // Stamped before 2 or after 4, its neighbours: not of this run.
+        for uptime in [105, 135] {
+            let mut tracker = SequenceTracker::default();
+            let obs = run(&mut tracker, &[&steps[..], &[(3, uptime)]].concat());
+            assert!(obs[4].reset, "uptime {uptime}: {:?}", obs[4]);
+        }
+        // Equal to a neighbour's (an agent that stamps in seconds, or not at all): late.
+        let mut tracker = SequenceTracker::default();
+        let obs = run(&mut tracker, &[(1, 7), (2, 7), (4, 7), (3, 7), (3, 7)]);
+        assert!(obs[3].late && !obs[3].duplicate);
+        assert!(obs[4].duplicate);
+        // More than LATE_UPTIME_MS before the front, even between its neighbours: too old to
+        // have been reordered.
+        let mut tracker = SequenceTracker::default();
+        let late = 5_000 - LATE_UPTIME_MS - 1;
+        let obs = run(&mut tracker, &[(1, 0), (3, 5_000), (2, late)]);
+        assert!(obs[2].reset, "{:?}", obs[2]);
+        let obs = run(
+            &mut tracker,
+            &[(4, 5_000 - 1), (3, 5_000 - 1 - LATE_UPTIME_MS)],
+        );
+        assert!(
+            obs[1].late,
+            "exactly LATE_UPTIME_MS behind is still late: {obs:?}"
+        );
+    }
+
+    #[test]
+    fn a_copy_with_another_uptime_is_no_duplicate() {
+        let mut tracker = SequenceTracker::default();
+        let obs = run(&mut tracker, &[(1, 10), (2, 20), (3, 30), (2, 20), (2, 21)]);
+        assert!(obs[3].duplicate);
+        assert!(obs[4].reset, "same number, another uptime: {:?}", obs[4]);
+    }
+
+    #[test]
+    fn a_replay_from_the_start_is_one_reset() {
+        // A capture of 40 datagrams, 50 ms apart (2 s of uptime), played twice, byte for byte.
+        let capture: Vec<_> = (1..=40).map(|i| (1_000 + i, 3_600_000 + i * 50)).collect();
+        let mut tracker = SequenceTracker::default();
+        let obs = run(&mut tracker, &[&capture[..], &capture[..]].concat());
+        assert!(obs[40].reset);
+        assert_eq!(tally(&obs), (1, 0, 0, 0));
+
+        // Within LATE_UPTIME_MS, a replay is what duplicates are (documented).
+        let capture: Vec<_> = (1..=10).map(|i| (i, 3_600_000 + i * 7)).collect();
+        let mut tracker = SequenceTracker::default();
+        let obs = run(&mut tracker, &[&capture[..], &capture[..]].concat());
+        assert_eq!(tally(&obs), (0, 10, 10, 0));
     }
 
     #[test]

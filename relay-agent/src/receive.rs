@@ -18,7 +18,9 @@
 //! `relay_agent_not_sflow_datagrams_total`, logged (one warning per 10 s at most) and never
 //! reaches the batcher. Everything received, refused or not, counts in
 //! `relay_agent_datagrams_received_total`. The sFlow header is read once per datagram, for
-//! both the check and the sequence accounting, into a list reused across calls.
+//! both the check and the sequence accounting, into a list reused across calls; the
+//! accounting also walks the samples by their lengths, to count and warn about a datagram
+//! that was cut before it got here (relayed as it is).
 //!
 //! The receive loop never waits on the network: it hands each chunk to the batcher with a
 //! non-blocking send, and when the batcher's queue is full the chunk is dropped, counted and
@@ -191,8 +193,9 @@ struct Check {
     local: Option<SocketAddr>,
     /// Where payloads are copied to.
     arena: BytesMut,
-    /// The sFlow headers of one call, for the sequence accounting (reused).
-    headers: Vec<Result<Header, NotSflow>>,
+    /// The sFlow headers of one call, each with its datagram's slot, for the sequence
+    /// accounting (reused).
+    headers: Vec<(Result<Header, NotSflow>, usize)>,
     /// Logging of refused datagrams: one warning per interval.
     refusals: RateLimit,
 }
@@ -216,7 +219,7 @@ impl Check {
             let verdict = self.admission.check(source, data);
             match verdict {
                 Verdict::Relay(header) => {
-                    self.headers.push(header);
+                    self.headers.push((header, i));
                     if chunk.capacity() == 0 {
                         chunk.reserve_exact(n - i);
                     }
@@ -230,7 +233,7 @@ impl Check {
                     );
                     continue;
                 }
-                Verdict::NotSflow(reason) => self.headers.push(Err(reason)),
+                Verdict::NotSflow(reason) => self.headers.push((Err(reason), i)),
                 Verdict::SourceNotAllowed => not_allowed += 1,
             }
             self.log_refusal(verdict, source, data.len());
@@ -240,7 +243,11 @@ impl Check {
         if not_allowed > 0 {
             metrics.source_not_allowed.inc_by(not_allowed);
         }
-        metrics.sflow.observe_parsed(self.headers.drain(..));
+        metrics.sflow.observe_parsed(
+            self.headers
+                .drain(..)
+                .map(|(header, i)| (header, slots.datagram(i))),
+        );
         chunk
     }
 

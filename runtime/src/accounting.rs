@@ -8,13 +8,21 @@
 //! an `other` series. Datagrams that are not sFlow v5 are counted by reason; whether they are
 //! relayed is the caller's business (the agent drops them unless `--accept any`, and adds a
 //! reason of its own to the same family, [`SflowAccounting::not_sflow_reason`]).
+//!
+//! sFlow datagrams whose sample records run past their end (cut on the way, as by the original
+//! `sflow_fwd.py`'s `recv(2048)`) are sFlow all the same: they count in their stream like any
+//! other, and also in `{prefix}_sflow_truncated_datagrams_total`, with a warning
+//! ([`Truncation`], at most one per 10 s); they are relayed as they are. The `--ssh-hex` mode,
+//! which has no metrics, uses [`Truncation`] alone and reports the count in its summary.
 
 use std::sync::Mutex;
+use std::time::Duration;
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Registry};
-use proto::sflow::{Header, NotSflow, SequenceTracker, Stream, parse_header};
+use proto::sflow::{Header, NotSflow, SequenceTracker, Stream, is_truncated, parse_header};
 
 use crate::observe::{counter_vec, gauge};
+use crate::ratelimit::RateLimit;
 
 /// The label value of the series shared by streams beyond the cap.
 pub const OTHER: &str = "other";
@@ -28,6 +36,15 @@ pub struct SflowAccounting {
     not_sflow: [IntCounter; NotSflow::ALL.len()],
     tracked: IntGauge,
     other: IntCounter,
+    other_truncated: IntCounter,
+    truncation: Truncation,
+}
+
+/// Spots sFlow datagrams cut short ([`is_truncated`]) and warns about them, one warning per
+/// interval at most (with the count held back); the caller counts them.
+#[derive(Debug)]
+pub struct Truncation {
+    reports: RateLimit,
 }
 
 #[derive(Debug)]
@@ -43,6 +60,7 @@ struct Families {
     late: IntCounterVec,
     duplicates: IntCounterVec,
     resets: IntCounterVec,
+    truncated: IntCounterVec,
 }
 
 /// One stream's series.
@@ -53,6 +71,7 @@ struct Handles {
     late: IntCounter,
     duplicates: IntCounter,
     resets: IntCounter,
+    truncated: IntCounter,
 }
 
 impl SflowAccounting {
@@ -92,7 +111,13 @@ impl SflowAccounting {
             resets: counter_vec(
                 registry,
                 &format!("{prefix}_sflow_sequence_resets_total"),
-                "Times an sFlow stream started over (its agent restarted): a new baseline, no gap counted.",
+                "Times an sFlow stream started over (its agent restarted, or the stream was replayed): a new baseline, no gap counted.",
+                labels,
+            ),
+            truncated: counter_vec(
+                registry,
+                &format!("{prefix}_sflow_truncated_datagrams_total"),
+                "sFlow datagrams whose samples run past their end (cut on the way, e.g. by a recv(2048)); relayed as they are.",
                 labels,
             ),
         };
@@ -103,6 +128,7 @@ impl SflowAccounting {
             &["reason"],
         );
         let other = families.datagrams.with_label_values(&[OTHER, OTHER]);
+        let other_truncated = families.truncated.with_label_values(&[OTHER, OTHER]);
         Self {
             inner: Mutex::new(Inner {
                 tracker: SequenceTracker::new(max_streams),
@@ -116,6 +142,8 @@ impl SflowAccounting {
                 "sFlow streams followed one by one (at most --sflow-max-streams).",
             ),
             other,
+            other_truncated,
+            truncation: Truncation::new(),
             families,
         }
     }
@@ -128,57 +156,70 @@ impl SflowAccounting {
 
     /// Accounts for each of `datagrams`, in order.
     pub fn observe<'a>(&self, datagrams: impl IntoIterator<Item = &'a [u8]>) {
-        self.observe_parsed(datagrams.into_iter().map(parse_header));
+        self.observe_parsed(datagrams.into_iter().map(|d| (parse_header(d), d)));
     }
 
-    /// Accounts for datagrams whose headers the caller has already read, in order: each
-    /// `Err` counts under its reason.
-    pub fn observe_parsed(&self, headers: impl IntoIterator<Item = Result<Header, NotSflow>>) {
+    /// Accounts for datagrams whose headers the caller has already read, in order, each with
+    /// its bytes (to check that its samples fit): each `Err` counts under its reason.
+    pub fn observe_parsed<'a>(
+        &self,
+        datagrams: impl IntoIterator<Item = (Result<Header, NotSflow>, &'a [u8])>,
+    ) {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let Inner { tracker, streams } = &mut *inner;
-        for parsed in headers {
-            let seen = match parsed {
-                Ok(header) => tracker.observe_header(&header),
-                Err(reason) => {
-                    self.count_not_sflow(reason);
-                    continue;
+        for (parsed, datagram) in datagrams {
+            match parsed {
+                Ok(header) => self.count(&mut inner, &header, datagram),
+                Err(reason) => self.count_not_sflow(reason),
+            }
+        }
+    }
+
+    /// Accounts for one sFlow datagram.
+    fn count(&self, inner: &mut Inner, header: &Header, datagram: &[u8]) {
+        let Inner { tracker, streams } = inner;
+        let seen = tracker.observe_header(header);
+        let truncated = self.truncation.check(header, datagram);
+        let id = match seen.stream {
+            Stream::Tracked(id) => id,
+            Stream::Other => {
+                self.other.inc();
+                if truncated {
+                    self.other_truncated.inc();
                 }
-            };
-            match seen.stream {
-                Stream::Tracked(id) => {
-                    if seen.new_stream {
-                        let key = tracker.key(id);
-                        let (agent, sub) = (key.agent.to_string(), key.sub_agent.to_string());
-                        let labels = [agent.as_str(), sub.as_str()];
-                        let f = &self.families;
-                        streams.push(Handles {
-                            datagrams: f.datagrams.with_label_values(&labels),
-                            gaps: f.gaps.with_label_values(&labels),
-                            late: f.late.with_label_values(&labels),
-                            duplicates: f.duplicates.with_label_values(&labels),
-                            resets: f.resets.with_label_values(&labels),
-                        });
-                        self.tracked.set(streams.len() as i64);
-                    }
-                    let Some(h) = streams.get(id.index()) else {
-                        continue;
-                    };
-                    h.datagrams.inc();
-                    if seen.missing > 0 {
-                        h.gaps.inc_by(u64::from(seen.missing));
-                    }
-                    if seen.late {
-                        h.late.inc();
-                    }
-                    if seen.duplicate {
-                        h.duplicates.inc();
-                    }
-                    if seen.reset {
-                        h.resets.inc();
-                    }
-                }
-                Stream::Other => self.other.inc(),
-                Stream::NotSflow(reason) => self.count_not_sflow(reason),
+                return;
+            }
+            Stream::NotSflow(reason) => return self.count_not_sflow(reason),
+        };
+        if seen.new_stream {
+            let key = tracker.key(id);
+            let (agent, sub) = (key.agent.to_string(), key.sub_agent.to_string());
+            let labels = [agent.as_str(), sub.as_str()];
+            let f = &self.families;
+            streams.push(Handles {
+                datagrams: f.datagrams.with_label_values(&labels),
+                gaps: f.gaps.with_label_values(&labels),
+                late: f.late.with_label_values(&labels),
+                duplicates: f.duplicates.with_label_values(&labels),
+                resets: f.resets.with_label_values(&labels),
+                truncated: f.truncated.with_label_values(&labels),
+            });
+            self.tracked.set(streams.len() as i64);
+        }
+        let Some(h) = streams.get(id.index()) else {
+            return;
+        };
+        h.datagrams.inc();
+        if seen.missing > 0 {
+            h.gaps.inc_by(u64::from(seen.missing));
+        }
+        for (happened, counter) in [
+            (seen.late, &h.late),
+            (seen.duplicate, &h.duplicates),
+            (seen.reset, &h.resets),
+            (truncated, &h.truncated),
+        ] {
+            if happened {
+                counter.inc();
             }
         }
     }
@@ -186,6 +227,43 @@ impl SflowAccounting {
     fn count_not_sflow(&self, reason: NotSflow) {
         let i = NotSflow::ALL.iter().position(|&r| r == reason).unwrap_or(0);
         self.not_sflow[i].inc();
+    }
+}
+
+// === impl Truncation ===
+
+impl Default for Truncation {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Truncation {
+    /// One warning per 10 s at most.
+    pub const fn new() -> Self {
+        Self {
+            reports: RateLimit::new(Duration::from_secs(10)),
+        }
+    }
+
+    /// Whether `datagram`, whose header is `header`, was cut ([`is_truncated`]); warns when it
+    /// was, unless a warning went out less than the interval ago.
+    pub fn check(&self, header: &Header, datagram: &[u8]) -> bool {
+        if !is_truncated(datagram) {
+            return false;
+        }
+        if let Some(more) = self.reports.check() {
+            tracing::warn!(
+                sflow_agent = %header.agent,
+                sub_agent = header.sub_agent,
+                sequence = header.sequence,
+                samples = header.samples,
+                len = datagram.len(),
+                earlier_truncations_not_logged = more,
+                "sflow datagram truncated: its samples run past its end (cut on the way, e.g. by a recv(2048)); relayed as it is"
+            );
+        }
+        true
     }
 }
 
@@ -232,8 +310,9 @@ mod tests {
             )
         };
         assert_eq!(reason("source_not_allowed"), Some(0));
-        let parsed = [1, 2, 4].map(|seq| parse_header(&datagram([192, 0, 2, 1], 0, seq)));
-        accounting.observe_parsed(parsed.into_iter().chain([Err(NotSflow::AddressType)]));
+        let bytes = [1, 2, 4].map(|seq| datagram([192, 0, 2, 1], 0, seq));
+        let parsed = bytes.iter().map(|d| (parse_header(d), d.as_slice()));
+        accounting.observe_parsed(parsed.chain([(Err(NotSflow::AddressType), &b"xyz"[..])]));
         own.inc_by(3);
         let a = [("sflow_agent", "192.0.2.1"), ("sub_agent", "0")];
         assert_eq!(value(&registry, "test_sflow_datagrams_total", &a), Some(3));
@@ -244,6 +323,51 @@ mod tests {
         assert_eq!(reason("address_type"), Some(1));
         assert_eq!(reason("version"), Some(0));
         assert_eq!(reason("source_not_allowed"), Some(3));
+    }
+
+    #[test]
+    fn a_cut_datagram_counts_in_its_stream_and_as_truncated() {
+        let registry = Registry::new();
+        let accounting = SflowAccounting::new(&registry, "test", 1);
+        // One sample of 100 bytes announced; cut inside it.
+        let whole = |agent: [u8; 4], sequence: u32| {
+            let mut d = Header {
+                sequence,
+                samples: 1,
+                ..Header::from_agent(agent.into())
+            }
+            .to_bytes();
+            d.extend_from_slice(&1u32.to_be_bytes());
+            d.extend_from_slice(&92u32.to_be_bytes());
+            d.extend_from_slice(&[0; 92]);
+            d
+        };
+        let (a, b) = ([192, 0, 2, 1], [192, 0, 2, 2]);
+        let datagrams = [whole(a, 1), whole(a, 2), whole(a, 3), whole(b, 1)];
+        let cut = [
+            &datagrams[0][..],
+            &datagrams[1][..60],
+            &datagrams[2][..],
+            &datagrams[3][..60],
+        ];
+        accounting.observe(cut);
+        let a = [("sflow_agent", "192.0.2.1"), ("sub_agent", "0")];
+        assert_eq!(value(&registry, "test_sflow_datagrams_total", &a), Some(3));
+        assert_eq!(
+            value(&registry, "test_sflow_truncated_datagrams_total", &a),
+            Some(1)
+        );
+        assert_eq!(
+            value(&registry, "test_sflow_sequence_gaps_total", &a),
+            Some(0)
+        );
+        // Beyond the cap, in the other series.
+        let other = [("sflow_agent", OTHER)];
+        assert_eq!(
+            value(&registry, "test_sflow_truncated_datagrams_total", &other),
+            Some(1)
+        );
+        assert!(!Truncation::new().check(&parse_header(&datagrams[0]).unwrap(), &datagrams[0]));
     }
 
     #[test]

@@ -39,7 +39,7 @@ pub trait DaemonArgs: Serialize + DeserializeOwned + clap::CommandFactory {
 /// # Errors
 ///
 /// The exit status when the configuration is wrong (64, said on stderr) or the ssh-hex mode
-/// ran (0, or 1 with its error).
+/// ran (0 at the end of its input or on SIGTERM or SIGINT, or 1 with its error).
 pub fn prepare<A: DaemonArgs>(program: &str, cli: &A) -> Result<A, ExitCode> {
     let config_file = cli.daemon().config.as_deref();
     let args = crate::config::load(cli, config_file).map_err(|e| usage(program, &e))?;

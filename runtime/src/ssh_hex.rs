@@ -12,15 +12,25 @@
 //! sink's collector admits everything). The line format is `relay_proto::wire::hex`'s. What this mode does not give: no buffering
 //! across a broken ssh session, no acknowledgements, and hex doubles the bytes on the wire.
 //! The QUIC relay exists for that.
+//!
+//! Both sides spot sFlow datagrams whose samples run past their end (the original script's
+//! collector cuts datagrams to 2,048 bytes), count them and warn (at most once per 10 s,
+//! [`Truncation`]); they still pass them on as they are. Both end on SIGTERM or SIGINT with
+//! status 0 and a summary line of their counts, as the normal modes do: [`run`] takes the
+//! signals in a thread of its own ([`Stop`]), and each side looks at it at least every
+//! [`STOP_CHECK`] between datagrams, so no line is left half written.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use proto::sflow::parse_header;
 use proto::wire::hex::{Line, LineDecoder, encode_line};
 use serde::{Deserialize, Serialize};
 
+use crate::accounting::Truncation;
 use crate::admission::{Admission, Verdict};
 use crate::ratelimit::RateLimit;
 use crate::udp::{self, Buffers};
@@ -39,6 +49,11 @@ const UNSPECIFIED: SocketAddr =
 const BURST_BYTES: usize = 1 << 20;
 /// The first malformed lines are each reported; past this many, one report per interval.
 const REPORT_EACH: u64 = 1000;
+/// The longest either side waits for input before it looks at [`Stop`] again.
+pub const STOP_CHECK: Duration = Duration::from_millis(100);
+/// How long a side has, after the signal, to finish what it is writing (a write to a stalled
+/// ssh session can block): then the process exits all the same, with status 0.
+const STOP_GRACE: Duration = crate::daemon::DEFAULT_SHUTDOWN_GRACE;
 
 /// Options of the `--ssh-hex` mode (flags and config keys of both binaries).
 #[derive(Debug, Clone, Default, clap::Args, Serialize, Deserialize)]
@@ -103,7 +118,15 @@ pub struct Counters {
     pub malformed: AtomicU64,
     /// Datagrams the UDP socket refused to send.
     pub send_errors: AtomicU64,
+    /// sFlow datagrams whose samples run past their end (cut on the way), passed on as they
+    /// are.
+    pub truncated: AtomicU64,
 }
+
+/// Whether SIGTERM or SIGINT has come: set by the thread [`Stop::on_signals`] starts, read by
+/// the loops of both sides.
+#[derive(Debug, Clone, Default)]
+pub struct Stop(Arc<AtomicBool>);
 
 /// Errors that end the mode.
 #[derive(Debug, thiserror::Error)]
@@ -123,17 +146,20 @@ pub enum SshHexError {
 }
 
 /// Runs the side `opts` asks for on the process's stdin or stdout; the collector side writes
-/// what `admission` admits.
+/// what `admission` admits. Takes SIGTERM and SIGINT ([`Stop::on_signals`]), so call it before
+/// any other thread is started.
 ///
 /// # Errors
 ///
-/// [`SshHexError`]; the collector side returns only on an error.
+/// [`SshHexError`]; the collector side returns `Ok` only on a signal, the server side on a
+/// signal or at the end of its input.
 pub fn run(
     opts: &SshHexOptions,
     recv_buffer: usize,
     admission: &Admission,
     counters: &Counters,
 ) -> Result<(), SshHexError> {
+    let stop = Stop::on_signals();
     match &opts.server {
         Some(_) => grow_pipe(&io::stdin()),
         None => {
@@ -145,8 +171,9 @@ pub fn run(
         Some(server) => serve(
             server,
             opts.port.unwrap_or(DEFAULT_PORT),
-            io::stdin().lock(),
+            StopRead { stdin: io::stdin() },
             counters,
+            &stop,
         ),
         None => {
             let host = opts
@@ -155,8 +182,75 @@ pub fn run(
                 .filter(|c| !c.is_empty())
                 .unwrap_or("0.0.0.0");
             let addr = resolve(host, opts.port.unwrap_or(DEFAULT_PORT))?;
-            collect(addr, recv_buffer, admission, io::stdout(), counters)
+            collect(addr, recv_buffer, admission, io::stdout(), counters, &stop)
         }
+    }
+}
+
+// === impl Stop ===
+
+impl Stop {
+    /// Blocks SIGTERM and SIGINT in the calling thread (and so in every thread it starts
+    /// from now on) and starts a thread that waits for them: the first sets the flag, and if
+    /// the process is still there [`STOP_GRACE`] later, it exits with status 0. Without the
+    /// signals blocked (they could not be), the default action stays: the process dies on
+    /// them, as before.
+    pub fn on_signals() -> Self {
+        use nix::sys::signal::{SigSet, Signal};
+        let stop = Self::default();
+        let mut signals = SigSet::empty();
+        signals.add(Signal::SIGTERM);
+        signals.add(Signal::SIGINT);
+        if let Err(error) = signals.thread_block() {
+            tracing::warn!(%error, "ssh-hex: cannot take SIGTERM and SIGINT; they end the process at once");
+            return stop;
+        }
+        let flag = stop.clone();
+        std::thread::spawn(move || {
+            let Ok(signal) = signals.wait() else { return };
+            tracing::info!(signal = signal.as_str(), "shutting down");
+            flag.0.store(true, Ordering::Relaxed);
+            std::thread::sleep(STOP_GRACE);
+            tracing::warn!(grace = ?STOP_GRACE, "ssh-hex: still busy after the shutdown grace (a write to a stalled stdout?); exiting");
+            std::process::exit(0);
+        });
+        stop
+    }
+
+    /// Whether a signal has come.
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Sets the flag, as a signal does (for callers that stop the mode themselves).
+    pub fn set(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// stdin, read only once poll says there is something (or the end), so that a read returns
+/// within [`STOP_CHECK`] with `TimedOut` when nothing comes, and the server looks at [`Stop`].
+struct StopRead {
+    stdin: io::Stdin,
+}
+
+impl Read for StopRead {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let timeout = PollTimeout::try_from(STOP_CHECK).unwrap_or(PollTimeout::NONE);
+        let ready = {
+            let mut fds = [PollFd::new(
+                std::os::fd::AsFd::as_fd(&self.stdin),
+                PollFlags::POLLIN,
+            )];
+            poll(&mut fds, timeout).map_err(io::Error::from)?
+        };
+        if ready == 0 {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        // Readable, at its end, or in error: a read says which without blocking. The raw
+        // descriptor, not Stdin's buffer, which could hold bytes that poll does not see.
+        nix::unistd::read(&self.stdin, buf).map_err(io::Error::from)
     }
 }
 
@@ -220,8 +314,9 @@ fn resolve(host: &str, port: u16) -> Result<SocketAddr, SshHexError> {
 // === collector side ===
 
 /// Receives datagrams on `addr` and writes those `admission` admits to `out` as hex lines,
-/// until writing fails. The others are counted (`refused`) and logged, one warning per 10 s
-/// at most.
+/// until `stop` is set (then it logs its counts and returns `Ok`) or writing fails. The others
+/// are counted (`refused`) and logged, one warning per 10 s at most; so are sFlow datagrams
+/// cut short (`truncated`), which are written all the same.
 ///
 /// One thread: wait for a datagram, take every other one already queued without waiting,
 /// and write the lot in one call. A lone datagram leaves at once; under load, datagrams that
@@ -240,6 +335,7 @@ pub fn collect<W: Write>(
     admission: &Admission,
     mut out: W,
     counters: &Counters,
+    stop: &Stop,
 ) -> Result<(), SshHexError> {
     let socket = udp::bind(
         addr,
@@ -249,6 +345,8 @@ pub fn collect<W: Write>(
         },
     )
     .and_then(|s| s.set_nonblocking(false).map(|()| s))
+    // A blocked receive gives up after STOP_CHECK, to look at `stop`.
+    .and_then(|s| s.set_read_timeout(Some(STOP_CHECK)).map(|()| s))
     .map_err(|e| SshHexError::Socket(addr.to_string(), e))?;
     let local = socket.local_addr().unwrap_or(addr);
     tracing::info!(listen = %local, "ssh-hex: writing received datagrams to stdout as hex lines");
@@ -259,9 +357,10 @@ pub fn collect<W: Write>(
         slots: udp::RecvBatch::default(),
         burst: Vec::with_capacity(BURST_BYTES),
         refusals: RateLimit::new(Duration::from_secs(10)),
+        truncation: Truncation::new(),
         kernel_drops: KernelDrops::new(local),
     };
-    loop {
+    while !stop.is_set() {
         let count = collector.receive_burst();
         if count == 0 {
             continue;
@@ -277,6 +376,14 @@ pub fn collect<W: Write>(
         }
         collector.kernel_drops.check(counters);
     }
+    tracing::info!(
+        datagrams = counters.datagrams.load(Ordering::Relaxed),
+        refused = counters.refused.load(Ordering::Relaxed),
+        truncated = counters.truncated.load(Ordering::Relaxed),
+        dropped = counters.dropped.load(Ordering::Relaxed),
+        "ssh-hex: stopped"
+    );
+    Ok(())
 }
 
 /// The collector's receiving half: the socket, and the hex lines of the current burst.
@@ -288,6 +395,7 @@ struct Collector<'a> {
     /// Hex lines of the admitted datagrams of the current burst, written out in one call.
     burst: Vec<u8>,
     refusals: RateLimit,
+    truncation: Truncation,
     kernel_drops: KernelDrops,
 }
 
@@ -326,7 +434,14 @@ impl Collector<'_> {
         let datagram = self.slots.datagram(i);
         let source = self.slots.source(i).unwrap_or(UNSPECIFIED);
         match self.admission.check(source, datagram) {
-            Verdict::Relay(_) => encode_line(datagram, &mut self.burst),
+            Verdict::Relay(header) => {
+                if let Ok(header) = header
+                    && self.truncation.check(&header, datagram)
+                {
+                    self.counters.truncated.fetch_add(1, Ordering::Relaxed);
+                }
+                encode_line(datagram, &mut self.burst);
+            }
             refused => {
                 self.counters.refused.fetch_add(1, Ordering::Relaxed);
                 if let Some(more) = self.refusals.check() {
@@ -384,7 +499,9 @@ impl KernelDrops {
 // === server side ===
 
 /// Reads hex lines from `input` and sends each datagram to (`host`, `port`), until end of
-/// input. Malformed lines are reported (with their line number), counted and skipped.
+/// input or until `stop` is set (looked at whenever a read returns, `TimedOut` included); then
+/// logs its counts. Malformed lines are reported (with their line number), counted and
+/// skipped; sFlow datagrams cut short are counted, reported and sent as they are.
 ///
 /// # Errors
 ///
@@ -394,6 +511,7 @@ pub fn serve<R: Read>(
     port: u16,
     mut input: R,
     counters: &Counters,
+    stop: &Stop,
 ) -> Result<(), SshHexError> {
     let dest = resolve(host, port)?;
     let local: SocketAddr = if dest.is_ipv4() {
@@ -415,12 +533,25 @@ pub fn serve<R: Read>(
         ends: Vec::with_capacity(SEND_BATCH),
         reports: RateLimit::new(Duration::from_secs(10)),
         send_errors: RateLimit::new(Duration::from_secs(10)),
+        truncation: Truncation::new(),
     };
+    let mut stopped = false;
     loop {
+        if stop.is_set() {
+            stopped = true;
+            break;
+        }
         let n = match input.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted | io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue;
+            }
             Err(e) => return Err(SshHexError::Stdin(e)),
         };
         let mut rest = &buf[..n];
@@ -431,15 +562,34 @@ pub fn serve<R: Read>(
         }
         sender.flush();
     }
-    sender.handle(decoder.finish());
-    sender.flush();
-    tracing::info!(
-        lines = decoder.lines(),
-        datagrams = counters.datagrams.load(Ordering::Relaxed),
-        malformed = counters.malformed.load(Ordering::Relaxed),
-        send_errors = counters.send_errors.load(Ordering::Relaxed),
-        "ssh-hex: end of input"
-    );
+    // At a signal, a line still without its end is incomplete: it is not sent.
+    if !stopped {
+        sender.handle(decoder.finish());
+        sender.flush();
+    }
+    let (lines, datagrams) = (decoder.lines(), counters.datagrams.load(Ordering::Relaxed));
+    let malformed = counters.malformed.load(Ordering::Relaxed);
+    let truncated = counters.truncated.load(Ordering::Relaxed);
+    let send_errors = counters.send_errors.load(Ordering::Relaxed);
+    if stopped {
+        tracing::info!(
+            lines,
+            datagrams,
+            malformed,
+            truncated,
+            send_errors,
+            "ssh-hex: stopped"
+        );
+    } else {
+        tracing::info!(
+            lines,
+            datagrams,
+            malformed,
+            truncated,
+            send_errors,
+            "ssh-hex: end of input"
+        );
+    }
     Ok(())
 }
 
@@ -454,6 +604,7 @@ struct Sender<'a> {
     ends: Vec<usize>,
     reports: RateLimit,
     send_errors: RateLimit,
+    truncation: Truncation,
 }
 
 impl Sender<'_> {
@@ -464,6 +615,11 @@ impl Sender<'_> {
             None => {}
             Some(Line::Datagram(datagram)) => {
                 self.counters.datagrams.fetch_add(1, Ordering::Relaxed);
+                if let Ok(header) = parse_header(datagram)
+                    && self.truncation.check(&header, datagram)
+                {
+                    self.counters.truncated.fetch_add(1, Ordering::Relaxed);
+                }
                 self.batch.extend_from_slice(datagram);
                 self.ends.push(self.batch.len());
                 if self.ends.len() == SEND_BATCH {
@@ -518,7 +674,7 @@ mod tests {
         let port = receiver.local_addr().unwrap().port();
         let input = b"0102\nzz\n\nABCD\r\n0\n".to_vec();
         let counters = Counters::default();
-        serve("127.0.0.1", port, &input[..], &counters).unwrap();
+        serve("127.0.0.1", port, &input[..], &counters, &Stop::default()).unwrap();
         let mut buf = [0u8; 16];
         let n = receiver.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], &[1, 2]);
@@ -526,6 +682,80 @@ mod tests {
         assert_eq!(&buf[..n], &[0xab, 0xcd]);
         assert_eq!(counters.datagrams.load(Ordering::Relaxed), 2);
         assert_eq!(counters.malformed.load(Ordering::Relaxed), 2);
+    }
+
+    /// An sFlow v5 datagram of one 1,000-byte sample (skipped by its length), cut to `len`.
+    fn sflow_cut_to(len: usize) -> Vec<u8> {
+        let mut d = proto::sflow::Header {
+            samples: 1,
+            ..proto::sflow::Header::from_agent([192, 0, 2, 9].into())
+        }
+        .to_bytes();
+        d.extend_from_slice(&1u32.to_be_bytes());
+        d.extend_from_slice(&992u32.to_be_bytes());
+        d.extend_from_slice(&[0x5a; 992]);
+        d.truncate(len);
+        d
+    }
+
+    #[test]
+    fn serve_counts_a_cut_sflow_datagram_and_sends_it_as_it_is() {
+        let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
+        receiver
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let port = receiver.local_addr().unwrap().port();
+        let (whole, cut) = (sflow_cut_to(usize::MAX), sflow_cut_to(600));
+        let mut input = Vec::new();
+        for d in [&whole, &cut] {
+            encode_line(d, &mut input);
+        }
+        let counters = Counters::default();
+        serve("127.0.0.1", port, &input[..], &counters, &Stop::default()).unwrap();
+        let mut buf = [0u8; 2048];
+        let n = receiver.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &whole[..]);
+        let n = receiver.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &cut[..], "sent as it is");
+        assert_eq!(counters.datagrams.load(Ordering::Relaxed), 2);
+        assert_eq!(counters.truncated.load(Ordering::Relaxed), 1);
+    }
+
+    /// A reader with nothing to say yet, as stdin is between lines.
+    struct Quiet;
+    impl Read for Quiet {
+        fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+            std::thread::sleep(Duration::from_millis(5));
+            Err(io::ErrorKind::TimedOut.into())
+        }
+    }
+
+    #[test]
+    fn both_sides_end_with_ok_once_stop_is_set() {
+        let stop = Stop::default();
+        let counters = Counters::default();
+        let setter = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                stop.set();
+            })
+        };
+        serve("127.0.0.1", 9, Quiet, &counters, &stop).expect("stopped, not failed");
+        setter.join().unwrap();
+        // The collector, with nothing arriving, looks at `stop` every STOP_CHECK.
+        let started = std::time::Instant::now();
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        collect(
+            addr,
+            1 << 20,
+            &Admission::default(),
+            io::sink(),
+            &counters,
+            &stop,
+        )
+        .expect("stopped, not failed");
+        assert!(started.elapsed() < STOP_CHECK * 5);
     }
 
     /// A writer that fails like a pipe whose reader went away.
@@ -545,7 +775,7 @@ mod tests {
         let addr = probe.local_addr().unwrap();
         drop(probe);
         let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
         let feeder = {
             let stop = stop.clone();
             std::thread::spawn(move || {
@@ -559,7 +789,15 @@ mod tests {
             })
         };
         let counters = Counters::default();
-        let err = collect(addr, 1 << 20, &Admission::default(), ClosedPipe, &counters).unwrap_err();
+        let err = collect(
+            addr,
+            1 << 20,
+            &Admission::default(),
+            ClosedPipe,
+            &counters,
+            &Stop::default(),
+        )
+        .unwrap_err();
         stop.store(true, Ordering::Relaxed);
         feeder.join().unwrap();
         assert!(matches!(err, SshHexError::StdoutClosed(_)), "{err}");

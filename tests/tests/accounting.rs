@@ -22,11 +22,16 @@
 //! are what each saw; nothing is late, duplicated or reset. Cross-checks: the agent's
 //! `backlog_full` drop counter is `K − Q`, and the capture holds exactly the datagrams that
 //! should have got through, byte for byte, in order.
+//!
+//! A second test restarts a short sFlow stream (20 datagrams, 2 s of uptime, then numbers
+//! and uptime from the start again) and sends one datagram cut inside its samples: both
+//! binaries count one reset and nothing late or duplicated, and one truncated datagram,
+//! relayed as it is.
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use relay_tests::fixture::Relay;
+use relay_tests::fixture::{METRICS, Relay};
 use relay_tests::impair::{Impairment, UdpProxy};
 use relay_tests::metrics::{self, Scrape};
 use relay_tests::{Transport, WAIT, send_paced};
@@ -336,4 +341,65 @@ fn agent_counts_gaps_before_it_and_sink_adds_what_the_relay_dropped() {
     let tally = path_.tally();
     assert!(tally.dropped > 0, "the path was cut: {tally:?}");
     eprintln!("took {:?}; proxy: {tally:?}", started.elapsed());
+}
+
+/// An sFlow v5 datagram of `agent` (sub-agent 0) with the given number and uptime, carrying
+/// one 200-byte sample of an unknown format (skipped by its length), cut to `len` bytes.
+fn sflow_at(agent: Ipv4Addr, sequence: u32, uptime_ms: u32, len: usize) -> Vec<u8> {
+    let mut d = Vec::with_capacity(28 + 208);
+    for word in [5, 1, u32::from(agent), 0, sequence, uptime_ms, 1, 77, 200] {
+        d.extend_from_slice(&word.to_be_bytes());
+    }
+    d.extend((0..200).map(|i| (i as u8) ^ (sequence as u8)));
+    d.truncate(len);
+    d
+}
+
+#[test]
+fn a_short_stream_that_starts_over_counts_one_reset_and_a_cut_datagram_counts_as_truncated() {
+    const C: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 3);
+    let relay = Relay::over(Transport::Quic)
+        .sink(&METRICS)
+        .agent(&METRICS)
+        .start();
+    let (capture, listen) = (&relay.capture, relay.listen);
+    // 20 datagrams 100 ms of uptime apart, the agent's first 3 s; then it restarts: numbers
+    // from 1 again, uptime from near 0, all behind the old front by less than the reorder
+    // window and less than 10 s of uptime.
+    let old = (1..=20).map(|i| sflow_at(C, i, 1_000 + i * 100, usize::MAX));
+    let new = (1..=20).map(|i| sflow_at(C, i, 20 + i * 100, usize::MAX));
+    // Then one cut inside its sample, as a recv into a short buffer leaves it.
+    let cut = sflow_at(C, 21, 2_120, 28 + 8 + 50);
+    let sent: Vec<Vec<u8>> = old.chain(new).chain([cut]).collect();
+    send_paced(listen, &sent, 1, || capture.len());
+    capture.assert_exactly(&sent);
+
+    let label = C.to_string();
+    let c = [("sflow_agent", label.as_str()), ("sub_agent", "0")];
+    for (prefix, addr) in [
+        ("agent", relay.agent_metrics()),
+        ("sink", relay.sink_metrics()),
+    ] {
+        let name = |what: &str| format!("relay_{prefix}_sflow_{what}");
+        wait_metric(addr, &name("datagrams_total"), &c, sent.len() as f64);
+        let scrape = Scrape::of(addr);
+        for (what, want) in [
+            ("sequence_resets_total", 1.0),
+            ("late_datagrams_total", 0.0),
+            ("duplicate_datagrams_total", 0.0),
+            ("sequence_gaps_total", 0.0),
+            ("truncated_datagrams_total", 1.0),
+        ] {
+            assert_eq!(
+                scrape.value(&name(what), &c),
+                Some(want),
+                "{prefix} {what}:\n{scrape}"
+            );
+        }
+    }
+    for daemon in [&relay.agent, &relay.sink] {
+        let warning = daemon.wait_for("sflow datagram truncated");
+        assert_eq!(relay_tests::field(&warning, "sflow_agent"), label);
+        assert_eq!(warning["len"].as_u64(), Some(28 + 8 + 50), "{warning}");
+    }
 }

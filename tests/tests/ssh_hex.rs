@@ -1,5 +1,7 @@
 //! `--ssh-hex`: the hex-lines-over-ssh protocol, end to end through real pipes and UDP
-//! sockets, against the Python port of the original script and through a real sshd.
+//! sockets, against the Python port of the original script and through a real sshd; and
+//! what each end says about it: malformed lines, cut sFlow datagrams, and its counts when a
+//! signal stops it.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -278,6 +280,139 @@ fn collector_exits_non_zero_as_soon_as_stdout_closes() {
         output.contains("stdout closed") && output.contains("ssh session ended"),
         "{output}"
     );
+}
+
+/// An sFlow v5 datagram (agent 192.0.2.7, sub-agent 0) numbered `sequence`, carrying
+/// `samples` flow samples of 1,000 bytes each (opaque here; walked by their lengths).
+fn sflow_with_samples(sequence: u32, samples: u32) -> Vec<u8> {
+    let mut d = Vec::new();
+    for word in [
+        5,
+        1,
+        u32::from_be_bytes([192, 0, 2, 7]),
+        0,
+        sequence,
+        10_000 + sequence,
+        samples,
+    ] {
+        d.extend_from_slice(&word.to_be_bytes());
+    }
+    for s in 0..samples {
+        d.extend_from_slice(&1u32.to_be_bytes());
+        d.extend_from_slice(&992u32.to_be_bytes());
+        d.extend((0..992u32).map(|i| (i ^ s ^ sequence) as u8));
+    }
+    d
+}
+
+/// A number field of a log event.
+fn number(event: &Value, name: &str) -> u64 {
+    event[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no number {name} in {event}"))
+}
+
+/// Sends `signal` (TERM, INT) to `daemon` and waits for its exit.
+fn signal(daemon: &mut Daemon, signal: &str) -> std::process::ExitStatus {
+    let sent = Command::new("kill")
+        .args([&format!("-{signal}"), &daemon.pid().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "kill -{signal}");
+    daemon.wait_exit(WAIT)
+}
+
+/// The original script's collector cuts a 3,028-byte datagram to 2,048 bytes; `relay-sink
+/// --ssh-hex -s` sends it on as it is, warns that it was cut, and counts it in the summary it
+/// logs when SIGTERM stops it (status 0).
+#[test]
+fn a_datagram_cut_by_the_python_collector_is_counted_and_warned_about_by_the_sink() {
+    let capture = UdpCapture::bind();
+    let collector = free_udp_port();
+    let port = collector.port().to_string();
+    let cap_port = capture.addr().port().to_string();
+    let (_python, mut sink) = pipe(
+        python(&["-c", "127.0.0.1", "-p", &port]),
+        relay(
+            "relay-sink",
+            &["-s", "127.0.0.1", "-p", &cap_port, "--log-format", "json"],
+        ),
+    );
+    wait_udp_bound(collector);
+    // Two whole datagrams around one of three samples (3,028 bytes), which arrives cut.
+    let sent = [
+        sflow_with_samples(1, 1),
+        sflow_with_samples(2, 3),
+        sflow_with_samples(3, 2),
+    ];
+    assert_eq!(sent[1].len(), 3_028);
+    send_paced(collector, &sent, 1, || capture.len());
+    let expected = [sent[0].clone(), sent[1][..2_048].to_vec(), sent[2].clone()];
+    capture.assert_exactly(&expected);
+
+    let warning = sink.wait_for("sflow datagram truncated");
+    assert_eq!(field(&warning, "sflow_agent"), "192.0.2.7");
+    assert_eq!(
+        (number(&warning, "sequence"), number(&warning, "len")),
+        (2, 2_048)
+    );
+    assert_eq!(sink.count("sflow datagram truncated"), 1);
+
+    let status = signal(&mut sink, "TERM");
+    assert_eq!(status.code(), Some(0), "SIGTERM ends it with status 0");
+    let summary = sink.wait_for("ssh-hex: stopped");
+    assert_eq!(number(&summary, "datagrams"), 3, "{summary}");
+    assert_eq!(number(&summary, "truncated"), 1, "{summary}");
+    assert_eq!(number(&summary, "malformed"), 0, "{summary}");
+}
+
+/// SIGTERM or SIGINT stops `relay-agent --ssh-hex` with status 0 and its counts, after the
+/// last line it wrote is whole: the server behind it then reads the end of its input, sends
+/// everything and exits 0 with the same count. And `relay-sink --ssh-hex` as a collector
+/// stops the same way.
+#[test]
+fn both_ends_stop_on_sigterm_and_sigint_with_status_0_and_their_counts() {
+    for (collector_bin, sig) in [
+        ("relay-agent", "TERM"),
+        ("relay-agent", "INT"),
+        ("relay-sink", "INT"),
+    ] {
+        let capture = UdpCapture::bind();
+        let cap_port = capture.addr().port().to_string();
+        let (mut left, mut right) = pipe(
+            relay(
+                collector_bin,
+                &["-c", "127.0.0.1", "-p", "0", "--log-format", "json"],
+            ),
+            relay(
+                "relay-sink",
+                &["-s", "127.0.0.1", "-p", &cap_port, "--log-format", "json"],
+            ),
+        );
+        let collector = reported_collector(&left);
+        let sent = datagrams_up_to(50, 0x5D, 5, 1_400);
+        send_paced(collector, &sent, 8, || capture.len());
+        capture.assert_exactly(&sent);
+
+        let status = signal(&mut left, sig);
+        assert_eq!(status.code(), Some(0), "{collector_bin}, SIG{sig}: status");
+        let summary = left.wait_for("ssh-hex: stopped");
+        assert_eq!(
+            number(&summary, "datagrams"),
+            50,
+            "{collector_bin}: {summary}"
+        );
+        assert_eq!(number(&summary, "refused"), 0, "{collector_bin}: {summary}");
+        let shutdown = left.wait_for("shutting down");
+        assert_eq!(field(&shutdown, "signal"), format!("SIG{sig}"));
+
+        let status = right.wait_exit(WAIT);
+        assert_eq!(status.code(), Some(0), "the server at the end of its input");
+        let end = right.wait_for("ssh-hex: end of input");
+        assert_eq!(number(&end, "datagrams"), 50, "{end}");
+        assert_eq!(number(&end, "malformed"), 0, "{end}");
+        assert_eq!(capture.len(), 50, "nothing more, nothing cut");
+    }
 }
 
 /// sshd on an ephemeral loopback port with throwaway host and user keys, as root.

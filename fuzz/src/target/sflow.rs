@@ -12,14 +12,15 @@
 //! parsed header written back gives the bytes it was read from; each observation keeps the
 //! documented rules (one of next, late or reset; duplicates are late; a stream's first datagram
 //! is new and counts nothing), agrees with a model of each stream (its front, the numbers seen
-//! since its baseline) and with the stream cap, and ids are dense and stable.
+//! since its baseline with their uptimes, and whether a datagram behind the front fits
+//! between them) and with the stream cap, and ids are dense and stable.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use proto::sflow::{
-    HEADER_LEN_IPV4, HEADER_LEN_IPV6, Header, NotSflow, Observation, REORDER_WINDOW,
-    RESTART_UPTIME_MS, SequenceTracker, Stream, StreamKey, parse_header,
+    HEADER_LEN_IPV4, HEADER_LEN_IPV6, Header, LATE_UPTIME_MS, NotSflow, Observation,
+    REORDER_WINDOW, RESTART_UPTIME_MS, SequenceTracker, Stream, StreamKey, parse_header,
 };
 
 use super::assert_within;
@@ -120,8 +121,9 @@ fn write(header: &Header) -> Vec<u8> {
 struct Expected {
     front: u32,
     front_uptime: u32,
-    /// Numbers within [`REORDER_WINDOW`] of the front arrived since the baseline.
-    seen: HashSet<u32>,
+    /// Numbers within [`REORDER_WINDOW`] of the front arrived since the baseline, with the
+    /// uptime each came with.
+    seen: HashMap<u32, u32>,
 }
 
 impl Expected {
@@ -129,8 +131,36 @@ impl Expected {
         Self {
             front: sequence,
             front_uptime: uptime,
-            seen: HashSet::from([sequence]),
+            seen: HashMap::from([(sequence, uptime)]),
         }
+    }
+
+    /// Whether a datagram behind the front can belong to the run since the baseline: not
+    /// more than LATE_UPTIME_MS before the front, and either a copy of a datagram seen (its
+    /// uptime) or stamped between the nearest numbers seen on either side of it.
+    fn fits(&self, sequence: u32, uptime: u32) -> bool {
+        let later_than = |a: u32, b: u32| (1..1 << 31).contains(&a.wrapping_sub(b));
+        let trails = self.front_uptime.wrapping_sub(uptime);
+        if trails > LATE_UPTIME_MS && trails <= 1 << 31 {
+            return false;
+        }
+        if let Some(&seen) = self.seen.get(&sequence) {
+            return seen == uptime;
+        }
+        let to_front = |n: u32| self.front.wrapping_sub(n);
+        let d = to_front(sequence);
+        let nearest_later = self
+            .seen
+            .iter()
+            .filter(|(n, _)| to_front(**n) < d)
+            .max_by_key(|(n, _)| to_front(**n));
+        let nearest_earlier = self
+            .seen
+            .iter()
+            .filter(|(n, _)| to_front(**n) > d)
+            .min_by_key(|(n, _)| to_front(**n));
+        nearest_later.is_none_or(|(_, &u)| !later_than(uptime, u))
+            && nearest_earlier.is_none_or(|(_, &u)| !later_than(u, uptime))
     }
 }
 
@@ -260,16 +290,27 @@ impl Model {
             assert_eq!(o.missing, ahead - 1, "{stream:?} {header:?}");
             stream.front = sequence;
             stream.front_uptime = uptime;
-            stream.seen.insert(sequence);
+            stream.seen.insert(sequence, uptime);
             // Only the window up to the front is remembered (numbers wrap).
             stream
                 .seen
-                .retain(|&n| sequence.wrapping_sub(n) < REORDER_WINDOW);
+                .retain(|&n, _| sequence.wrapping_sub(n) < REORDER_WINDOW);
+        } else if !stream.fits(sequence, uptime) {
+            assert!(behind < REORDER_WINDOW);
+            assert!(
+                o.reset,
+                "a datagram that does not fit not reset: {o:?} {stream:?} {header:?}"
+            );
+            *stream = Expected::baseline(sequence, uptime);
         } else {
             assert!(behind < REORDER_WINDOW);
             assert!(o.late && !o.reset, "{o:?} {stream:?} {header:?}");
-            assert_eq!(o.duplicate, stream.seen.contains(&sequence), "{stream:?}");
-            stream.seen.insert(sequence);
+            assert_eq!(
+                o.duplicate,
+                stream.seen.contains_key(&sequence),
+                "{stream:?}"
+            );
+            stream.seen.entry(sequence).or_insert(uptime);
         }
     }
 }
