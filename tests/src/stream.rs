@@ -105,6 +105,20 @@ impl PositionCapture {
         self.len() >= n
     }
 
+    /// Waits until `n` datagrams have arrived or been dropped at this socket for a full
+    /// buffer (its kernel drops), or `timeout`; returns whether they had.
+    pub fn wait_until_accounted(&self, n: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.len() + (self.kernel_drops() as usize) < n {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            // Polling the count and /proc/net/udp while datagrams arrive.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+
     /// Waits until `n` datagrams have arrived, or `timeout`; returns whether they did.
     pub fn wait_until_len(&self, n: usize, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
