@@ -38,6 +38,9 @@
 //!   filter by sFlow agent (one also by site) and split the datagrams between them, each
 //!   replayed once: the cost of routing, read as the sink's CPU per datagram against `quic`'s
 //!   (issue 17: at most 1.2 ×). `--paths quic,quic-filtered` runs just the two.
+//! - `quic-sflow-metrics`: the same, the sink with `--sflow-metrics` (interface counters of
+//!   the counter samples exported for Prometheus): its CPU per datagram against `quic`'s
+//!   (issue 18: at most 1.15 ×).
 //! - `grpc`: the same, over gRPC (HTTP/2 + mutual TLS on TCP, the sink's QUIC port number).
 //!
 //! The agent of `quic` and `grpc` is pinned to its transport (`--transport`), so neither
@@ -50,12 +53,16 @@
 //! net.core.rmem_max, which the report shows. The receiver (the instrument, not a path) forces
 //! a large buffer past that cap where it may (root), so that it never is the bottleneck.
 //!
+//! `--sflow-interfaces N` is another: the sink's memory for N interfaces of
+//! `--sflow-metrics` (see [`interfaces`]; issue 18: 10,000 within 16 MiB).
+//!
 //! `--scale` is a separate mode: 1,000 agents (the agent's library, in this process) connect
 //! at once to one relay-sink process and each relays `--scale-rate` datagrams a second for
 //! `--scale-duration`; it reports delivery and the sink's CPU and memory. See [`scale`].
 
 mod bench;
 mod forwarder;
+mod interfaces;
 mod load;
 mod paths;
 mod procs;
@@ -81,6 +88,8 @@ struct Cli {
     bench: BenchArgs,
     #[command(flatten)]
     scale: scale::ScaleArgs,
+    #[command(flatten)]
+    interfaces: interfaces::InterfacesArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -147,6 +156,14 @@ fn main() {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Forward(args)) => forwarder::run(&args),
+        None if cli.interfaces.sflow_interfaces.is_some() => {
+            let json = cli
+                .bench
+                .json
+                .unwrap_or_else(|| "target/relay-perf-sflow-interfaces.json".into());
+            let n = cli.interfaces.sflow_interfaces.unwrap_or(10_000);
+            write_json(&json, &interfaces::run(n));
+        }
         None if cli.scale.scale => {
             let json = cli
                 .bench

@@ -18,19 +18,21 @@ pub(crate) enum PathKind {
     SshHex,
     Quic,
     QuicFiltered,
+    QuicSflowMetrics,
     QuicPlain,
     Grpc,
 }
 
 impl PathKind {
     /// Every path, in the default order: the baselines first.
-    pub(crate) const ALL: [Self; 8] = [
+    pub(crate) const ALL: [Self; 9] = [
         Self::Direct,
         Self::Forwarder,
         Self::PythonHex,
         Self::SshHex,
         Self::Quic,
         Self::QuicFiltered,
+        Self::QuicSflowMetrics,
         Self::QuicPlain,
         Self::Grpc,
     ];
@@ -43,6 +45,7 @@ impl PathKind {
             Self::SshHex => "ssh-hex",
             Self::Quic => "quic",
             Self::QuicFiltered => "quic-filtered",
+            Self::QuicSflowMetrics => "quic-sflow-metrics",
             Self::QuicPlain => "quic-plain",
             Self::Grpc => "grpc",
         }
@@ -56,6 +59,9 @@ impl PathKind {
             Self::SshHex => "relay-agent --ssh-hex | relay-sink --ssh-hex -s (no ssh)",
             Self::Quic => "relay-agent → QUIC + mTLS → relay-sink",
             Self::QuicFiltered => "the same, relay-sink with three filtered [[forward]] entries",
+            Self::QuicSflowMetrics => {
+                "the same, relay-sink --sflow-metrics (interface counters to Prometheus)"
+            }
             Self::QuicPlain => "the same, relay-agent --compression none",
             Self::Grpc => "relay-agent → gRPC (HTTP/2 + mTLS, TCP) → relay-sink",
         }
@@ -64,7 +70,9 @@ impl PathKind {
     /// The agent-to-sink transport of a relay path over the network.
     fn transport(self) -> Option<Transport> {
         match self {
-            Self::Quic | Self::QuicFiltered | Self::QuicPlain => Some(Transport::Quic),
+            Self::Quic | Self::QuicFiltered | Self::QuicSflowMetrics | Self::QuicPlain => {
+                Some(Transport::Quic)
+            }
             Self::Grpc => Some(Transport::Grpc),
             Self::Direct | Self::Forwarder | Self::PythonHex | Self::SshHex => None,
         }
@@ -181,7 +189,11 @@ pub(crate) fn start(kind: PathKind, output: SocketAddr, rcvbuf: usize, extra: &E
                 _dir: None,
             }
         }
-        PathKind::Quic | PathKind::QuicFiltered | PathKind::QuicPlain | PathKind::Grpc => {
+        PathKind::Quic
+        | PathKind::QuicFiltered
+        | PathKind::QuicSflowMetrics
+        | PathKind::QuicPlain
+        | PathKind::Grpc => {
             let transport = kind.transport().expect("a relay path has a transport");
             let dir = tempfile::tempdir().expect("temp dir");
             let pki = Pki::new(dir.path());
@@ -190,6 +202,11 @@ pub(crate) fn start(kind: PathKind, output: SocketAddr, rcvbuf: usize, extra: &E
             } else {
                 (vec![output], Vec::new())
             };
+            if kind == PathKind::QuicSflowMetrics {
+                sink_args.extend(
+                    ["--metrics-listen", "127.0.0.1:0", "--sflow-metrics"].map(String::from),
+                );
+            }
             sink_args.extend(extra.sink.iter().cloned());
             // The sink serves gRPC on TCP at its QUIC port number, so one address serves both.
             let (sink, sink_addr) = start_sink(

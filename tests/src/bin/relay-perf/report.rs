@@ -20,6 +20,10 @@ const CPU_BUDGET_US: f64 = 3.0;
 const SAMPLICATOR_US: f64 = 3.5;
 /// The issue's bound on QUIC wire bytes per payload byte with compression on.
 const WIRE_BUDGET: f64 = 0.6;
+/// Issue 18's bound on the sink's CPU per replayed datagram with `--sflow-metrics` on
+/// (`quic-sflow-metrics`) against off (`quic`).
+const SFLOW_METRICS_CPU_BUDGET: f64 = 1.15;
+
 /// Issue 17's bound on the sink's CPU per replayed datagram with three filtered destinations
 /// (`quic-filtered`) against one unfiltered destination (`quic`).
 const FILTERED_CPU_BUDGET: f64 = 1.2;
@@ -268,15 +272,20 @@ pub(crate) fn print(args: &BenchArgs, results: &[PathResult], info: &RunInfo) {
         );
     }
 
-    if let Some((f, q, r)) = filtered_vs_quic(results) {
+    if let Some((f, q, r)) = sink_cpu_vs_quic(results, PathKind::QuicFiltered) {
         println!(
             "\nquic-filtered / quic: sink CPU per replayed datagram {f:.2} µs / {q:.2} µs = {r:.2} × (issue 17: ≤ {FILTERED_CPU_BUDGET} ×)"
+        );
+    }
+    if let Some((m, q, r)) = sink_cpu_vs_quic(results, PathKind::QuicSflowMetrics) {
+        println!(
+            "quic-sflow-metrics / quic: sink CPU per replayed datagram {m:.2} µs / {q:.2} µs = {r:.2} × (issue 18: ≤ {SFLOW_METRICS_CPU_BUDGET} ×)"
         );
     }
 
     let checks = checks(args, results);
     if !checks.is_empty() {
-        println!("\nAcceptance checks (issues 7 and 17), this run:");
+        println!("\nAcceptance checks (issues 7, 17 and 18), this run:");
         for c in &checks {
             println!(
                 "- {}: {} ({})",
@@ -292,14 +301,14 @@ pub(crate) fn print(args: &BenchArgs, results: &[PathResult], info: &RunInfo) {
     }
 }
 
-/// The sink's CPU µs per replayed datagram on `quic-filtered` and on `quic`, and their ratio,
-/// when both ran at the same rate.
-fn filtered_vs_quic(results: &[PathResult]) -> Option<(f64, f64, f64)> {
+/// The sink's CPU µs per replayed datagram on `kind` and on `quic`, and their ratio, when
+/// both ran at the same rate.
+fn sink_cpu_vs_quic(results: &[PathResult], kind: PathKind) -> Option<(f64, f64, f64)> {
     let sink_us = |r: &PathResult| {
         let sink = r.processes.iter().find(|p| p.name == "sink")?;
         Some((sink.cpu_us, r.cpu_rate))
     };
-    let (f, f_rate) = sink_us(find(results, PathKind::QuicFiltered)?)?;
+    let (f, f_rate) = sink_us(find(results, kind)?)?;
     let (q, q_rate) = sink_us(find(results, PathKind::Quic)?)?;
     (f_rate == q_rate && q > 0.0).then(|| (f, q, f / q))
 }
@@ -307,7 +316,14 @@ fn filtered_vs_quic(results: &[PathResult]) -> Option<(f64, f64, f64)> {
 /// The issue's acceptance criteria that this run measured.
 fn checks(args: &BenchArgs, results: &[PathResult]) -> Vec<Value> {
     let mut out = Vec::new();
-    if let Some((f, q, r)) = filtered_vs_quic(results) {
+    if let Some((m, q, r)) = sink_cpu_vs_quic(results, PathKind::QuicSflowMetrics) {
+        out.push(json!({
+            "check": format!("sink CPU per replayed datagram with --sflow-metrics ≤ {SFLOW_METRICS_CPU_BUDGET} × without (issue 18)"),
+            "pass": r <= SFLOW_METRICS_CPU_BUDGET,
+            "measured": format!("{m:.2} µs against {q:.2} µs = {r:.2} ×"),
+        }));
+    }
+    if let Some((f, q, r)) = sink_cpu_vs_quic(results, PathKind::QuicFiltered) {
         out.push(json!({
             "check": format!("sink CPU per replayed datagram with three filtered [[forward]] entries ≤ {FILTERED_CPU_BUDGET} × one unfiltered destination (issue 17)"),
             "pass": r <= FILTERED_CPU_BUDGET,
