@@ -47,8 +47,8 @@ pub(crate) const DEFAULT_MAX_SERIES: usize = 100_000;
 /// Half the `u32` number space: a sequence distance above it points backwards.
 const HALF: u32 = 1 << 31;
 
-/// The raw counters kept per interface, in [`Raw`] order.
-const RAW: usize = 16;
+/// The raw counters kept per interface, in the order of [`Raw::ALL`].
+const RAW: usize = Raw::ALL.len();
 
 /// One raw counter: its place, and whether the agent counts it in 32 bits.
 #[derive(Debug, Clone, Copy)]
@@ -72,9 +72,57 @@ enum Raw {
 }
 
 impl Raw {
+    /// Every raw counter, in declaration order (so `raw as usize` is its place).
+    const ALL: [Self; 16] = [
+        Self::InOctets,
+        Self::OutOctets,
+        Self::InUcast,
+        Self::InMulticast,
+        Self::InBroadcast,
+        Self::OutUcast,
+        Self::OutMulticast,
+        Self::OutBroadcast,
+        Self::InDiscards,
+        Self::InErrors,
+        Self::OutDiscards,
+        Self::OutErrors,
+        Self::FcsErrors,
+        Self::AlignmentErrors,
+        Self::SymbolErrors,
+        Self::FrameTooLongs,
+    ];
+
     /// The 64-bit ones (the octet counters); the rest wrap at 2³².
     fn is_64(self) -> bool {
         matches!(self, Self::InOctets | Self::OutOctets)
+    }
+
+    /// This counter's value in a sample's records, `None` where unknown or not sent.
+    fn value(
+        self,
+        generic: Option<&IfCounters>,
+        ethernet: Option<&EthernetCounters>,
+    ) -> Option<u64> {
+        let g = |f: fn(&IfCounters) -> Option<u32>| generic.and_then(f).map(u64::from);
+        let e = |f: fn(&EthernetCounters) -> Option<u32>| ethernet.and_then(f).map(u64::from);
+        match self {
+            Self::InOctets => generic.and_then(|c| c.in_octets),
+            Self::OutOctets => generic.and_then(|c| c.out_octets),
+            Self::InUcast => g(|c| c.in_ucast_pkts),
+            Self::InMulticast => g(|c| c.in_multicast_pkts),
+            Self::InBroadcast => g(|c| c.in_broadcast_pkts),
+            Self::OutUcast => g(|c| c.out_ucast_pkts),
+            Self::OutMulticast => g(|c| c.out_multicast_pkts),
+            Self::OutBroadcast => g(|c| c.out_broadcast_pkts),
+            Self::InDiscards => g(|c| c.in_discards),
+            Self::InErrors => g(|c| c.in_errors),
+            Self::OutDiscards => g(|c| c.out_discards),
+            Self::OutErrors => g(|c| c.out_errors),
+            Self::FcsErrors => e(|c| c.fcs_errors),
+            Self::AlignmentErrors => e(|c| c.alignment_errors),
+            Self::SymbolErrors => e(|c| c.symbol_errors),
+            Self::FrameTooLongs => e(|c| c.frame_too_longs),
+        }
     }
 }
 
@@ -152,52 +200,13 @@ const COUNTERS: [Family; 12] = [
 /// Gauges per interface (speed, admin and oper state, last sample time).
 const GAUGES: usize = 4;
 
-/// The raw values of one sample, `None` where unknown or not sent.
+/// The raw values of one sample, in the order of [`Raw::ALL`].
 fn raw_values(
     generic: Option<&IfCounters>,
     ethernet: Option<&EthernetCounters>,
 ) -> [Option<u64>; RAW] {
-    let g = |f: fn(&IfCounters) -> Option<u32>| generic.and_then(f).map(u64::from);
-    let e = |f: fn(&EthernetCounters) -> Option<u32>| ethernet.and_then(f).map(u64::from);
-    [
-        generic.and_then(|c| c.in_octets),
-        generic.and_then(|c| c.out_octets),
-        g(|c| c.in_ucast_pkts),
-        g(|c| c.in_multicast_pkts),
-        g(|c| c.in_broadcast_pkts),
-        g(|c| c.out_ucast_pkts),
-        g(|c| c.out_multicast_pkts),
-        g(|c| c.out_broadcast_pkts),
-        g(|c| c.in_discards),
-        g(|c| c.in_errors),
-        g(|c| c.out_discards),
-        g(|c| c.out_errors),
-        e(|c| c.fcs_errors),
-        e(|c| c.alignment_errors),
-        e(|c| c.symbol_errors),
-        e(|c| c.frame_too_longs),
-    ]
+    Raw::ALL.map(|raw| raw.value(generic, ethernet))
 }
-
-/// The order of [`raw_values`], as [`Raw`]s.
-const RAW_ORDER: [Raw; RAW] = [
-    Raw::InOctets,
-    Raw::OutOctets,
-    Raw::InUcast,
-    Raw::InMulticast,
-    Raw::InBroadcast,
-    Raw::OutUcast,
-    Raw::OutMulticast,
-    Raw::OutBroadcast,
-    Raw::InDiscards,
-    Raw::InErrors,
-    Raw::OutDiscards,
-    Raw::OutErrors,
-    Raw::FcsErrors,
-    Raw::AlignmentErrors,
-    Raw::SymbolErrors,
-    Raw::FrameTooLongs,
-];
 
 /// An interface, as the exposition names it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -328,7 +337,7 @@ impl Interface {
             return Taken::Stale;
         }
         let went_back =
-            RAW_ORDER
+            Raw::ALL
                 .iter()
                 .zip(raw)
                 .zip(&self.counters)
@@ -340,7 +349,7 @@ impl Interface {
             *self = Self::new(sample, raw);
             return Taken::Reset;
         }
-        for ((kind, now), counter) in RAW_ORDER.iter().zip(raw).zip(self.counters.iter_mut()) {
+        for ((kind, now), counter) in Raw::ALL.iter().zip(raw).zip(self.counters.iter_mut()) {
             let Some(now) = *now else { continue };
             counter.total = match counter.last {
                 Some(last) => counter.total.wrapping_add(difference(*kind, last, now)),

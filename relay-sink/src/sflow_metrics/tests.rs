@@ -258,3 +258,10 @@ fn sites_and_agents_are_labels_and_sites_are_escaped() {
         )
     );
 }
+
+#[test]
+fn raw_counters_are_listed_in_declaration_order() {
+    for (i, raw) in Raw::ALL.iter().enumerate() {
+        assert_eq!(*raw as usize, i);
+    }
+}
