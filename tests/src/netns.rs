@@ -19,6 +19,8 @@ pub struct Netns {
     pub host_addr: Ipv4Addr,
     /// The namespace's end.
     pub ns_addr: Ipv4Addr,
+    /// The name of the namespace's end of the veth pair (for a capture inside it).
+    pub ns_if: String,
 }
 
 const TABLE: &str = "sflow_relay_test";
@@ -60,11 +62,12 @@ impl Netns {
             host_if: format!("sfr{id}h"),
             host_addr: Ipv4Addr::from(base + 1),
             ns_addr: Ipv4Addr::from(base + 2),
+            ns_if: format!("sfr{id}n"),
         };
         // Left over from a run that was killed: remove first.
         let _ = run(&["ip", "link", "del", &ns.host_if]);
         let _ = run(&["ip", "netns", "del", &ns.name]);
-        let peer = format!("sfr{id}n");
+        let peer = ns.ns_if.clone();
         let host_cidr = format!("{}/30", ns.host_addr);
         let ns_cidr = format!("{}/30", ns.ns_addr);
         run(&["ip", "netns", "add", &ns.name])?;

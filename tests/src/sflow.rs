@@ -151,6 +151,11 @@ impl SflowGen {
         sample
     }
 
+    /// A counter sample of one of the stream's 48 interfaces (ifIndex 1 to 48 for sub-agent
+    /// 0, 49 to 96 for sub-agent 1, …: a data source belongs to one sub-agent), with the
+    /// generic and the ethernet interface records. Its discards counter starts near 2³² and
+    /// wraps within the first 150 samples of a stream; the last interface of each 48 is
+    /// administratively up and operationally down.
     fn counter_sample(&mut self, stream: usize) -> Vec<u8> {
         let add = self.rand() % 10_000_000;
         let s = &mut self.streams[stream];
@@ -158,26 +163,51 @@ impl SflowGen {
         s.octets = s.octets.wrapping_add(add);
         s.packets = s.packets.wrapping_add((add / 900) as u32);
         let (seq, octets, packets) = (s.counter_sequence, s.octets, s.packets);
-        let if_index = 1 + seq % 48;
+        let port = seq % 48;
+        let if_index = 1 + s.sub_agent * 48 + port;
+        let discards = (u32::MAX - 4_000).wrapping_add(seq.wrapping_mul(37));
         let mut c = Vec::new();
         put(&mut c, if_index);
         put(&mut c, 6); // ethernetCsmacd
         put64(&mut c, 10_000_000_000);
         put(&mut c, 1); // full duplex
-        put(&mut c, 3); // admin and oper up
+        put(&mut c, if port == 47 { 1 } else { 3 }); // admin up; oper up but on the last
         put64(&mut c, octets);
-        for v in [packets, 1_200, 300, 0, 0, 0] {
+        for v in [packets, 1_200 + seq, 300 + seq / 2, discards, seq / 9, 0] {
             put(&mut c, v);
         }
         put64(&mut c, octets / 3 * 2);
-        for v in [packets / 3 * 2, 900, 200, 0, 0, 0] {
+        for v in [packets / 3 * 2, 900, 200, seq / 4, 0] {
             put(&mut c, v);
+        }
+        put(&mut c, 0); // promiscuous mode: off
+        // dot3Stats: alignment, FCS, single, multiple collision, SQE test, deferred, late,
+        // excessive collisions, internal MAC transmit, carrier sense, frame too long,
+        // internal MAC receive, symbol errors.
+        let mut e = Vec::new();
+        for v in [
+            seq / 7,
+            seq * 3,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            seq / 5,
+            0,
+            seq / 3,
+        ] {
+            put(&mut e, v);
         }
         let mut body = Vec::new();
         put(&mut body, seq);
         put(&mut body, if_index);
-        put(&mut body, 1);
+        put(&mut body, 2);
         record(&mut body, 1, &c);
+        record(&mut body, 2, &e);
         let mut sample = Vec::new();
         record(&mut sample, 2, &body);
         sample
