@@ -13,8 +13,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use proto::sflow::Header;
 use proto::sflow::counters::{IfCounters, counter_datagram};
+use relay_tests::http;
 use relay_tests::prometheus::{self, Prometheus};
-use relay_tests::{Pki, UdpCapture, http, metrics_addr, start_agent, start_sink};
+
+use crate::Relay;
 
 /// The interface: sFlow agent, ifIndex.
 const AGENT: &str = "10.9.0.1";
@@ -160,25 +162,8 @@ fn prometheus_rates_over_the_exported_counters_match_across_a_wrap_and_a_restart
         println!("SKIPPED: {why}");
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(dir.path());
-    let collector = UdpCapture::bind();
-    let (sink, sink_addr) = start_sink(
-        &pki,
-        &pki.sink_cert("sink"),
-        &[collector.addr()],
-        None,
-        &["--metrics-listen", "127.0.0.1:0", "--sflow-metrics"],
-    );
-    let metrics = metrics_addr(&sink);
-    let (agent, listen) = start_agent(
-        &pki.ca(),
-        &pki.agent_cert("site-a"),
-        sink_addr,
-        "localhost",
-        &[],
-    );
-    agent.wait_for("connected to sink");
+    let relay = Relay::start("site-a", &[]);
+    let (metrics, listen, collector) = (relay.metrics, relay.listen, &relay.collector);
     let prometheus = Prometheus::start_paths(&[("sflow", metrics, "/metrics/sflow")])
         .expect("installed, checked above");
     let start = Instant::now();

@@ -26,10 +26,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use proto::sflow::counters::counter_samples;
 use relay_tests::netns::{Netns, is_root};
 use relay_tests::sflow::SflowGen;
-use relay_tests::{
-    Daemon, Pki, UdpCapture, field, http, message, metrics_addr, send_paced, start_agent,
-    start_sink, tshark,
-};
+use relay_tests::{Daemon, field, http, message, send_paced, tshark};
+
+use crate::Relay;
 
 /// The header fields read per datagram.
 const AGENT: &str = "sflow_245.agent";
@@ -398,37 +397,15 @@ fn the_generators_counters_are_exported_as_tshark_reads_them() {
     if runs(tshark::available()).is_none() {
         return;
     }
+    let relay = Relay::start("site-gen", &[]);
     let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(dir.path());
-    let collector = UdpCapture::bind();
-    let (sink, sink_addr) = start_sink(
-        &pki,
-        &pki.sink_cert("sink"),
-        &[collector.addr()],
-        None,
-        &["--metrics-listen", "127.0.0.1:0", "--sflow-metrics"],
-    );
-    let metrics = metrics_addr(&sink);
-    let (agent, listen) = start_agent(
-        &pki.ca(),
-        &pki.agent_cert("site-gen"),
-        sink_addr,
-        "localhost",
-        &[],
-    );
-    agent.wait_for("connected to sink");
     let mut generator = SflowGen::new(3, 2, 18);
     let sent: Vec<Vec<u8>> = (0..GENERATED).map(|_| generator.datagram()).collect();
     let since = unix_now();
-    send_paced(listen, &sent, 64, || collector.len());
-    collector.assert_exactly(&sent);
-    let m = check(
-        metrics,
-        &collector.received(),
-        "site-gen",
-        dir.path(),
-        since,
-    );
+    send_paced(relay.listen, &sent, 64, || relay.collector.len());
+    relay.collector.assert_exactly(&sent);
+    let received = relay.collector.received();
+    let m = check(relay.metrics, &received, "site-gen", dir.path(), since);
     assert_eq!(m.interfaces, 3 * 2 * 48);
     assert_eq!(m.counter_samples, GENERATED / 4);
     assert_eq!(m.ethernet_samples, m.counter_samples);
@@ -487,26 +464,10 @@ fn pmacctds_counters_are_exported_as_tshark_reads_them() {
     let Some(ns) = runs(Netns::create()) else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(dir.path());
-    let collector = UdpCapture::bind();
-    let (sink, sink_addr) = start_sink(
-        &pki,
-        &pki.sink_cert("sink"),
-        &[collector.addr()],
-        None,
-        &["--metrics-listen", "127.0.0.1:0", "--sflow-metrics"],
-    );
-    let metrics = metrics_addr(&sink);
     // The agent receives on the host's end of the veth too, where pmacctd sends.
-    let (agent, _) = start_agent(
-        &pki.ca(),
-        &pki.agent_cert("site-pm"),
-        sink_addr,
-        "localhost",
-        &["--listen", &format!("{}:0", ns.host_addr)],
-    );
-    agent.wait_for("connected to sink");
+    let relay = Relay::start("site-pm", &["--listen", &format!("{}:0", ns.host_addr)]);
+    let (agent, collector) = (&relay.agent, &relay.collector);
+    let dir = tempfile::tempdir().unwrap();
     let host_listen = format!("{}:", ns.host_addr);
     assert!(
         agent.wait_events(Duration::from_secs(10), |events| events.iter().any(|e| {
@@ -586,7 +547,13 @@ fn pmacctds_counters_are_exported_as_tshark_reads_them() {
         }
         seen = collector.len();
     }
-    let m = check(metrics, &collector.received(), "site-pm", dir.path(), since);
+    let m = check(
+        relay.metrics,
+        &collector.received(),
+        "site-pm",
+        dir.path(),
+        since,
+    );
     assert_eq!(m.interfaces, 1, "pmacctd's one interface");
     let octets = format!(
         "sflow_if_in_octets_total{{agent=\"{PMACCTD_AGENT}\",ifindex=\"{PMACCTD_IF_INDEX}\",\
