@@ -26,6 +26,8 @@
 //! # Layout
 //!
 //! - [`pb`] — generated protobuf types and the tonic client and server for the gRPC service.
+//! - [`enroll_pb`] — the same for enrollment (`relay-sink --enroll-listen`, `relay-agent
+//!   enroll`, renewal).
 //! - [`wire`] — [`wire::Datagram`], frame encoding and decoding, [`wire::FrameReader`].
 //! - [`wire::hex`] — one datagram per line of hex, the protocol of the older ssh pipe.
 //! - [`compression`] — zstd over a batch's datagrams, negotiated per connection.
@@ -40,6 +42,15 @@ pub mod wire;
 #[allow(missing_docs, unreachable_pub, unused_qualifications, clippy::use_self)]
 pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/sflow_relay.v1.rs"));
+}
+
+/// Types and gRPC service of enrollment, generated from `enroll.proto` (package
+/// `sflow_relay.enroll.v1`): a one-time token and a signing request in, a certificate chain
+/// out, and renewal with the current certificate. Served by `relay-sink --enroll-listen` on a
+/// port of its own, never on the relay port.
+#[allow(missing_docs, unreachable_pub, unused_qualifications, clippy::use_self)]
+pub mod enroll_pb {
+    include!(concat!(env!("OUT_DIR"), "/sflow_relay.enroll.v1.rs"));
 }
 
 /// ALPN protocol name: the relay protocol and its major version. A peer that speaks another
