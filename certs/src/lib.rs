@@ -14,11 +14,14 @@
 //!   error's text so the sink can log who was refused ([`presented_subject`]).
 //! - [`revocation`] — certificate revocation lists: signing them (`relay-certs revoke`) and
 //!   reading them for the sink's verifier ([`Revocation`]).
+//! - [`enroll_tls`] — the TLS of the enrollment port: the sink's chain with its root, and
+//!   the enrolling agent's trust in the one root a token names by fingerprint.
 //! - [`store`] — writing PEM files (keys with mode 0600, no overwriting without `--force`).
 //!
 //! Nothing here opens a socket: the QUIC and gRPC layers take the configs built here.
 #![warn(missing_docs)]
 
+pub mod enroll_tls;
 pub mod inspect;
 pub mod issue;
 pub mod load;

@@ -113,6 +113,11 @@ impl Identity {
         &self.chain
     }
 
+    /// The private key.
+    pub(crate) fn key(&self) -> &PrivateKeyDer<'static> {
+        &self.key
+    }
+
     /// What the leaf certificate says.
     pub fn info(&self) -> &CertInfo {
         &self.info
