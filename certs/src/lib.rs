@@ -34,7 +34,7 @@ pub use inspect::CertInfo;
 pub use issue::{Ca, Issued, Leaf, Role};
 pub use load::{Identity, TrustAnchors, client_config, server_config, server_config_with_crls};
 pub use refusal::{Refusal, presented_subject};
-pub use reload::{Loaded, Reloader, TlsFiles};
+pub use reload::{Loaded, Reloader, TlsFiles, check_chain};
 pub use revocation::Revocation;
 
 use std::path::PathBuf;

@@ -237,6 +237,16 @@ impl fmt::Debug for Reloader {
     }
 }
 
+/// Checks that `identity`'s chain leads to `ca` with the usage of `role`, as the peer of that
+/// end would (except for a sink's name, which its peers check against the name they dialled).
+///
+/// # Errors
+///
+/// rustls's reason when it does not.
+pub fn check_chain(ca: &TrustAnchors, identity: &Identity, role: Role) -> Result<(), Error> {
+    verify_chain(ca, identity.chain(), role)
+}
+
 /// Verifies `chain` as the peer of this end would, except for the name (a sink's peers verify
 /// the name they dialled, which is theirs to know).
 fn verify_chain(
