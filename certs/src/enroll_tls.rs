@@ -4,7 +4,7 @@
 //!   an agent holding nothing but a token (which names the root by its SHA-256 fingerprint)
 //!   can check whom it talks to. Client certificates are asked for but optional: enrolling
 //!   needs none (the token is the credential), renewing needs the agent's current one, checked
-//!   against the CA file and the CRLs like on the relay port.
+//!   against the CA file (and, by the renewal call, against the revocation list).
 //! - The agent that enrolls trusts exactly one root: the certificate in the sink's chain whose
 //!   fingerprint is the token's. The rest of the chain and the server name are then verified
 //!   by webpki as on the relay port. Nothing is sent before that check passes.
@@ -21,7 +21,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 
 use crate::load::provider;
-use crate::{Error, Identity, Revocation, TrustAnchors};
+use crate::{Error, Identity, TrustAnchors};
 
 /// ALPN of the enrollment port: gRPC's HTTP/2.
 const H2: &[u8] = b"h2";
@@ -42,7 +42,11 @@ pub fn fingerprint_text(fingerprint: &[u8; 32]) -> String {
 
 /// The sink's configuration for the enrollment port: `identity`'s chain with `root` appended
 /// (unless already its last), client certificates optional and, when presented, verified
-/// against `ca` and `revocation`.
+/// against `ca`.
+///
+/// Revocation is not checked here but by the renewal call, against the revocation list in
+/// force, so that a revoked agent gets a refusal that says so (and a security event) rather
+/// than a failed handshake.
 ///
 /// # Errors
 ///
@@ -51,12 +55,8 @@ pub fn enrollment_server_config(
     ca: &TrustAnchors,
     root: &CertificateDer<'static>,
     identity: &Identity,
-    revocation: &Revocation,
 ) -> Result<rustls::ServerConfig, Error> {
     let verifier = WebPkiClientVerifier::builder_with_provider(ca.roots(), provider())
-        .with_crls(revocation.crls().iter().cloned())
-        .only_check_end_entity_revocation()
-        .allow_unknown_revocation_status()
         .allow_unauthenticated()
         .build()?;
     let mut chain = identity.chain().to_vec();
@@ -238,13 +238,7 @@ mod tests {
     }
 
     fn server(p: &Pki) -> rustls::ServerConfig {
-        enrollment_server_config(
-            &p.anchors,
-            &der(p.root.cert_pem()),
-            &p.sink,
-            &Revocation::none(),
-        )
-        .unwrap()
+        enrollment_server_config(&p.anchors, &der(p.root.cert_pem()), &p.sink).unwrap()
     }
 
     #[test]
