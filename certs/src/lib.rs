@@ -15,6 +15,8 @@
 //! - [`revocation`] — certificate revocation lists: signing them (`relay-certs revoke`) and
 //!   reading them for the sink's verifier ([`Revocation`]).
 //! - [`store`] — writing PEM files (keys with mode 0600, no overwriting without `--force`).
+//! - [`token`] — one-time enrollment tokens (`sfr1.…`): minting, parsing, verifying, the
+//!   root fingerprint they bind, and the [`Ledger`] of used ones.
 //!
 //! Nothing here opens a socket: the QUIC and gRPC layers take the configs built here.
 #![warn(missing_docs)]
@@ -26,6 +28,7 @@ pub mod refusal;
 pub mod reload;
 pub mod revocation;
 pub mod store;
+pub mod token;
 
 pub use inspect::CertInfo;
 pub use issue::{Ca, Issued, Leaf, Role};
@@ -33,6 +36,7 @@ pub use load::{Identity, TrustAnchors, client_config, server_config, server_conf
 pub use refusal::{Refusal, presented_subject};
 pub use reload::{Loaded, Reloader, TlsFiles};
 pub use revocation::Revocation;
+pub use token::{Claim, Ledger, LedgerError, Token, TokenError};
 
 use std::path::PathBuf;
 
