@@ -162,6 +162,8 @@ impl Token {
         let mut out = Vec::with_capacity(FIXED_PAYLOAD_LEN + self.name.len());
         out.push(VERSION);
         out.extend_from_slice(&self.id);
+        // Tokens are minted for agents only; a sink token would be written as role 2, which
+        // `parse` refuses (`TokenError::WrongRole`).
         out.push(match self.role {
             Role::Agent => ROLE_AGENT,
             Role::Sink => 2,
