@@ -17,6 +17,8 @@
 //! - [`enroll_tls`] — the TLS of the enrollment port: the sink's chain with its root, and
 //!   the enrolling agent's trust in the one root a token names by fingerprint.
 //! - [`store`] — writing PEM files (keys with mode 0600, no overwriting without `--force`).
+//! - [`token`] — one-time enrollment tokens (`sfr1.…`): minting, parsing, verifying, the
+//!   root fingerprint they bind, and the [`Ledger`] of used ones.
 //!
 //! Nothing here opens a socket: the QUIC and gRPC layers take the configs built here.
 #![warn(missing_docs)]
@@ -29,6 +31,7 @@ pub mod refusal;
 pub mod reload;
 pub mod revocation;
 pub mod store;
+pub mod token;
 
 pub use inspect::CertInfo;
 pub use issue::{Ca, Issued, Leaf, Role};
@@ -36,6 +39,7 @@ pub use load::{Identity, TrustAnchors, client_config, server_config, server_conf
 pub use refusal::{Refusal, presented_subject};
 pub use reload::{Loaded, Reloader, TlsFiles, check_chain};
 pub use revocation::Revocation;
+pub use token::{Claim, Ledger, LedgerError, Token, TokenError};
 
 use std::path::PathBuf;
 

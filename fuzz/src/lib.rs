@@ -1,5 +1,5 @@
-//! Fuzz targets for the decoders of `relay-proto`: everything that reads bytes a peer, a pipe
-//! or an sFlow agent controls.
+//! Fuzz targets for the decoders of `relay-proto` and the token reader of `relay-certs`:
+//! everything that reads bytes a peer, a pipe, an sFlow agent or an enrolling client controls.
 //!
 //! Each target is a plain `fn(&[u8])` that panics on a finding and returns otherwise. Two
 //! engines run them:
@@ -18,9 +18,9 @@
 //!
 //! # Layout
 //!
-//! - [`target`] — the six targets: [`target::frame`], [`target::batch`],
+//! - [`target`] — the seven targets: [`target::frame`], [`target::batch`],
 //!   [`target::hex_lines`], [`target::sflow`], [`target::sflow_counters`], [`target::expand`],
-//!   and [`TARGETS`] by name.
+//!   [`target::token`], and [`TARGETS`] by name.
 //! - [`driver`] — the stable-toolchain mutator.
 //! - [`alloc`] — the counting global allocator.
 //! - `corpus/<target>/` — the checked-in seeds, written by `tests/corpus.rs`.
@@ -40,6 +40,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("sflow", target::sflow),
     ("sflow_counters", target::sflow_counters),
     ("expand", target::expand),
+    ("token", target::token),
 ];
 
 /// The checked-in corpus folder of `target` (`fuzz/corpus/<target>`).

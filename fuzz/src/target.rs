@@ -2,7 +2,8 @@
 //!
 //! Inputs are raw bytes. Where a decoder takes a parameter (a frame or expansion limit, a
 //! largest datagram, how a stream is cut into reads), the first byte of the input chooses it,
-//! so the fuzzer explores the parameters as it explores the bytes.
+//! so the fuzzer explores the parameters as it explores the bytes (`token` has none: its input
+//! is the text).
 
 mod batch;
 mod expand;
@@ -10,6 +11,7 @@ mod frame;
 mod hex_lines;
 mod sflow;
 mod sflow_counters;
+mod token;
 
 pub use batch::batch;
 pub use expand::expand;
@@ -17,6 +19,7 @@ pub use frame::frame;
 pub use hex_lines::hex_lines;
 pub use sflow::sflow;
 pub use sflow_counters::sflow_counters;
+pub use token::token;
 
 use crate::alloc::Usage;
 

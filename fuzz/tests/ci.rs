@@ -104,6 +104,11 @@ fn expand() {
 }
 
 #[test]
+fn token() {
+    fuzz("token");
+}
+
+#[test]
 fn every_target_has_a_test_and_a_corpus() {
     for (name, _) in TARGETS {
         assert!(
@@ -113,7 +118,8 @@ fn every_target_has_a_test_and_a_corpus() {
                 "hex_lines",
                 "sflow",
                 "sflow_counters",
-                "expand"
+                "expand",
+                "token"
             ]
             .contains(name),
             "{name} has no test here"

@@ -1,6 +1,7 @@
 //! The seeds of the checked-in corpus (`fuzz/corpus/<target>/seed-*`): real frames, batches,
-//! hex lines, sFlow datagrams and compressed batches, made here from `relay_tests::sflow::SflowGen`
-//! and the codecs themselves, plus the malformed cases each decoder must refuse.
+//! hex lines, sFlow datagrams, compressed batches and enrollment tokens, made here from
+//! `relay_tests::sflow::SflowGen` and the codecs themselves, plus the malformed cases each
+//! decoder must refuse.
 //!
 //! `seeds_are_up_to_date` fails when the files differ from what this file makes;
 //! `RELAY_FUZZ_WRITE_SEEDS=1 cargo test -p relay-fuzz --test corpus` writes them again.
@@ -12,6 +13,7 @@ use std::fs;
 use std::net::Ipv4Addr;
 
 use bytes::{Bytes, BytesMut};
+use certs::token::{Token, encode_text};
 use prost::Message;
 use proto::compression::{Compressor, DEFAULT_LEVEL};
 use proto::pb;
@@ -262,6 +264,105 @@ fn sflow_counters_malformed_seeds() -> Vec<(&'static str, Vec<u8>)> {
         ),
     ));
 
+    out
+}
+
+/// A token's fields, fixed so the seeds do not change from run to run.
+fn seed_token(name: &str) -> Token {
+    let start = time::OffsetDateTime::from_unix_timestamp(1_764_000_000).unwrap();
+    Token {
+        id: *b"\x5e\xed token id 0001",
+        role: certs::Role::Agent,
+        name: name.to_owned(),
+        not_before: start,
+        not_after: start + time::Duration::hours(1),
+        root_fingerprint: [0xa4; 32],
+    }
+}
+
+/// An ECDSA P-256 signature's shape (DER SEQUENCE of two 32-byte INTEGERs): parsing does not
+/// check it, `verify` would refuse it.
+fn seed_signature(len: usize) -> Vec<u8> {
+    let mut out = vec![0x30, 0x44, 0x02, 0x20];
+    out.extend([0x5a; 32]);
+    out.extend([0x02, 0x20]);
+    out.extend([0x3c; 32]);
+    out.resize(len, 0x11);
+    out
+}
+
+/// The seeds of `token`: a valid text (but for its signature), and one per refusal.
+fn token_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let sig = seed_signature(70);
+    let text = |payload: &[u8]| encode_text(payload, &sig).into_bytes();
+    let payload = seed_token("site-b").payload();
+    let with = |at: usize, bytes: &[u8]| {
+        let mut p = payload.clone();
+        p[at..at + bytes.len()].copy_from_slice(bytes);
+        text(&p)
+    };
+    let valid = text(&payload);
+    let mut no_name = payload[..67].to_vec();
+    no_name[66] = 0;
+    let mut out = vec![
+        ("valid", valid.clone()),
+        (
+            "valid-64-byte-utf8-name",
+            text(&seed_token(&"é".repeat(32)).payload()),
+        ),
+        ("wrong-prefix", [b"sfr2", &valid[4..]].concat()),
+        ("truncated-in-payload", valid[..valid.len() / 2].to_vec()),
+        ("truncated-by-one", valid[..valid.len() - 1].to_vec()),
+        (
+            "trailing-payload-byte",
+            text(&[&payload[..], &[0]].concat()),
+        ),
+        ("trailing-text", [&valid[..], b".AAAA"].concat()),
+        ("padded", {
+            let dot = valid.iter().rposition(|&b| b == b'.').unwrap();
+            [&valid[..dot], b"==", &valid[dot..]].concat()
+        }),
+        (
+            "signature-73-bytes",
+            encode_text(&payload, &seed_signature(73)).into_bytes(),
+        ),
+        ("signature-empty", encode_text(&payload, &[]).into_bytes()),
+        ("role-2", with(17, &[2])),
+        ("version-2", with(0, &[2])),
+        (
+            "ttl-over-7-days",
+            with(26, &(1_764_000_000i64 + 7 * 86_400 + 1).to_be_bytes()),
+        ),
+        (
+            "ends-before-start",
+            with(26, &1_763_999_999i64.to_be_bytes()),
+        ),
+        ("time-out-of-range", with(18, &i64::MIN.to_be_bytes())),
+        ("name-empty", text(&no_name)),
+        (
+            "name-too-long",
+            text(&seed_token(&"a".repeat(65)).payload()),
+        ),
+        ("name-not-utf8", with(67, &[0xff])),
+        ("name-with-slash", with(67, b"s/")),
+        ("name-with-control", with(67, b"s\n")),
+        (
+            "not-utf8-text",
+            [&valid[..10], &[0xff, 0xfe], &valid[12..]].concat(),
+        ),
+    ];
+    let mut long = valid.clone();
+    long.resize(1025, b'A');
+    out.push(("over-1024-bytes", long));
+    // The last payload digit with a bit the decoder must not drop.
+    let mut noncanonical = valid.clone();
+    let dot = 5 + noncanonical[5..].iter().position(|&b| b == b'.').unwrap();
+    noncanonical[dot - 1] = if noncanonical[dot - 1] == b'B' {
+        b'C'
+    } else {
+        b'B'
+    };
+    out.push(("noncanonical-base64", noncanonical));
     out
 }
 
@@ -571,6 +672,10 @@ fn seeds() -> BTreeMap<&'static str, Vec<(String, Vec<u8>)>> {
     let cut = &packed.zstd_datagrams[..packed.zstd_datagrams.len() / 2];
     add("expand", "truncated", with(DEFAULT_LIMIT, cut));
 
+    for (name, bytes) in token_seeds() {
+        add("token", name, bytes);
+    }
+
     for (name, _) in TARGETS {
         assert!(out.contains_key(name), "no seeds for {name}");
     }
@@ -676,4 +781,45 @@ fn sflow_counters_seeds_reach_what_they_are_named_for() {
     assert_eq!(overrun[1], Err(Malformed::RecordOverrun));
     assert_eq!(walk("short-records")[0].unwrap().short_records, 2);
     assert_eq!(walk("announces-max-samples")[1], Err(Malformed::Truncated));
+}
+
+#[test]
+fn token_seeds_reach_what_they_are_named_for() {
+    use certs::token::{TokenError, parse};
+
+    for (name, bytes) in token_seeds() {
+        let text = String::from_utf8_lossy(&bytes);
+        let outcome = parse(&text);
+        let reason = match &outcome {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        };
+        let expected = match name {
+            "valid" | "valid-64-byte-utf8-name" => "",
+            "wrong-prefix" => "does not start with",
+            "truncated-in-payload" => "no signature part",
+            "truncated-by-one" | "padded" | "trailing-text" | "noncanonical-base64" => "base64url",
+            "not-utf8-text" => "not base64url",
+            "trailing-payload-byte" => "announced as 6 bytes, and 7 follow",
+            "signature-73-bytes" => "signature of 73 bytes",
+            "signature-empty" => "signature of 0 bytes",
+            "role-2" => "role 2",
+            "version-2" => "version 2",
+            "ttl-over-7-days" | "ends-before-start" => "not within 1 second to 7 days",
+            "time-out-of-range" => "out of range",
+            "name-empty" => "it is empty",
+            "name-too-long" => "65 bytes, over the limit of 64",
+            "name-not-utf8" => "not UTF-8",
+            "name-with-slash" => "contains / or",
+            "name-with-control" => "control character",
+            "over-1024-bytes" => "1025 bytes, over the limit of 1024",
+            other => panic!("no expectation for seed {other}"),
+        };
+        if expected.is_empty() {
+            assert!(outcome.is_ok(), "{name}: {reason}");
+        } else {
+            assert!(reason.contains(expected), "{name}: {reason:?}");
+            assert!(!matches!(outcome, Err(TokenError::BadSignature)));
+        }
+    }
 }
