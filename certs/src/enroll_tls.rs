@@ -21,24 +21,11 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 
 use crate::load::provider;
+use crate::token::{fingerprint, fingerprint_display};
 use crate::{Error, Identity, TrustAnchors};
 
 /// ALPN of the enrollment port: gRPC's HTTP/2.
 const H2: &[u8] = b"h2";
-
-/// The SHA-256 fingerprint of a certificate (of its DER encoding), as tokens name the root.
-pub fn fingerprint(cert_der: &[u8]) -> [u8; 32] {
-    let digest = ring::digest::digest(&ring::digest::SHA256, cert_der);
-    let mut out = [0; 32];
-    out.copy_from_slice(digest.as_ref());
-    out
-}
-
-/// `SHA256:` and the fingerprint in lowercase hex, as `relay-certs` prints it.
-pub fn fingerprint_text(fingerprint: &[u8; 32]) -> String {
-    let hex: String = fingerprint.iter().map(|b| format!("{b:02x}")).collect();
-    format!("SHA256:{hex}")
-}
 
 /// The sink's configuration for the enrollment port: `identity`'s chain with `root` appended
 /// (unless already its last), client certificates optional and, when presented, verified
@@ -126,7 +113,7 @@ impl ServerCertVerifier for PinnedRoot {
                 rustls::Error::General(format!(
                     "the sink's certificate chain does not hold the root CA the token names \
                      ({}): this is not the sink the token was made for",
-                    fingerprint_text(&self.fingerprint)
+                    fingerprint_display(&self.fingerprint)
                 ))
             })?;
         let mut roots = RootCertStore::empty();
@@ -285,14 +272,5 @@ mod tests {
             Identity::from_pem(&theirs.cert_pem, &theirs.key_pem, "s.pem", "s.key").unwrap();
         let renewing = renewal_client_config(&p.anchors, &theirs).unwrap();
         assert!(handshake(renewing, server(&p), "sink.example").is_err());
-    }
-
-    #[test]
-    fn the_fingerprint_is_the_sha256_of_the_der_in_hex() {
-        let f = fingerprint(b"abc");
-        assert_eq!(
-            fingerprint_text(&f),
-            "SHA256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
     }
 }
