@@ -227,7 +227,39 @@ pub fn mint(
     name: &str,
     ttl: Duration,
 ) -> Result<String, TokenError> {
+    if ttl < Duration::seconds(1) || ttl > MAX_TTL {
+        return Err(TokenError::InvalidTtl(ttl));
+    }
+    let now = OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .expect("0 is a valid nanosecond");
+    mint_between(
+        signer,
+        root_fingerprint,
+        name,
+        now,
+        now + Duration::seconds(ttl.whole_seconds()),
+    )
+}
+
+/// [`mint`] with the token's times given (whole seconds are kept): for a token made ahead of
+/// its use, and for tests of expiry.
+///
+/// # Errors
+///
+/// As [`mint`]; [`TokenError::InvalidTtl`] when `not_after - not_before` is under 1 second or
+/// over 7 days.
+pub fn mint_between(
+    signer: &Ca,
+    root_fingerprint: [u8; 32],
+    name: &str,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<String, TokenError> {
     check_name(name)?;
+    let whole = |t: OffsetDateTime| t.replace_nanosecond(0).expect("0 is a valid nanosecond");
+    let (not_before, not_after) = (whole(not_before), whole(not_after));
+    let ttl = not_after - not_before;
     if ttl < Duration::seconds(1) || ttl > MAX_TTL {
         return Err(TokenError::InvalidTtl(ttl));
     }
@@ -237,15 +269,12 @@ pub fn mint(
             "the CA key is not ECDSA P-256 (make the CA with relay-certs)".into(),
         ));
     }
-    let now = OffsetDateTime::now_utc()
-        .replace_nanosecond(0)
-        .expect("0 is a valid nanosecond");
     let token = Token {
         id: rand::random(),
         role: Role::Agent,
         name: name.to_owned(),
-        not_before: now,
-        not_after: now + Duration::seconds(ttl.whole_seconds()),
+        not_before,
+        not_after,
         root_fingerprint,
     };
     let payload = token.payload();
