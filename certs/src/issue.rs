@@ -276,7 +276,7 @@ impl Ca {
     }
 
     /// The certificate's path length constraint (`None`: unconstrained) and its expiry.
-    fn constraints(&self) -> Result<(Option<u32>, OffsetDateTime), Error> {
+    pub(crate) fn constraints(&self) -> Result<(Option<u32>, OffsetDateTime), Error> {
         let der = CertificateDer::from_pem_slice(self.cert_pem.as_bytes())
             .map_err(|e| Error::InvalidCertificate(e.to_string()))?;
         let (_, cert) = X509Certificate::from_der(&der)
@@ -305,46 +305,57 @@ impl Ca {
     /// When a name is not a valid DNS name, or signing fails.
     pub fn issue(&self, leaf: &Leaf) -> Result<Issued, Error> {
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::default();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, leaf.name.as_str());
-        let mut sans = Vec::new();
-        // The name doubles as a DNS SAN when it is one, so `--name sink.example.com` is enough.
-        for dns in std::iter::once(&leaf.name).chain(&leaf.dns) {
-            let valid = rustls::pki_types::DnsName::try_from(dns.as_str()).is_ok();
-            if valid {
-                sans.push(SanType::DnsName(dns.clone().try_into()?));
-            } else if dns != &leaf.name {
-                return Err(Error::InvalidName(dns.clone()));
-            }
-        }
-        // A name that is an address (`--name 192.0.2.7`) is verified as an IP SAN.
-        let name_ip = leaf.name.parse::<IpAddr>().ok();
-        sans.extend(
-            name_ip
-                .iter()
-                .chain(&leaf.ips)
-                .map(|ip| SanType::IpAddress(*ip)),
-        );
-        sans.dedup();
-        params.subject_alt_names = sans;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![match leaf.role {
-            Role::Agent => ExtendedKeyUsagePurpose::ClientAuth,
-            Role::Sink => ExtendedKeyUsagePurpose::ServerAuth,
-        }];
-        params.use_authority_key_identifier_extension = true;
-        params.not_before = leaf.not_before;
-        params.not_after = leaf.not_after;
-        params.serial_number = Some(random_serial());
-        let cert = params.signed_by(&key, &self.issuer)?;
+        let cert = leaf_params(leaf)?.signed_by(&key, &self.issuer)?;
         Ok(Issued {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
         })
     }
+}
+
+/// The certificate parameters of `leaf`: its name (also a DNS or IP subject alternative name
+/// when it is one), its extra names, one key usage (digitalSignature) and one extended key
+/// usage for its role, a random serial. The same for `issue` and for signed requests.
+///
+/// # Errors
+///
+/// When an extra name is not a valid DNS name.
+pub(crate) fn leaf_params(leaf: &Leaf) -> Result<CertificateParams, Error> {
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, leaf.name.as_str());
+    let mut sans = Vec::new();
+    // The name doubles as a DNS SAN when it is one, so `--name sink.example.com` is enough.
+    for dns in std::iter::once(&leaf.name).chain(&leaf.dns) {
+        let valid = rustls::pki_types::DnsName::try_from(dns.as_str()).is_ok();
+        if valid {
+            sans.push(SanType::DnsName(dns.clone().try_into()?));
+        } else if dns != &leaf.name {
+            return Err(Error::InvalidName(dns.clone()));
+        }
+    }
+    // A name that is an address (`--name 192.0.2.7`) is verified as an IP SAN.
+    let name_ip = leaf.name.parse::<IpAddr>().ok();
+    sans.extend(
+        name_ip
+            .iter()
+            .chain(&leaf.ips)
+            .map(|ip| SanType::IpAddress(*ip)),
+    );
+    sans.dedup();
+    params.subject_alt_names = sans;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![match leaf.role {
+        Role::Agent => ExtendedKeyUsagePurpose::ClientAuth,
+        Role::Sink => ExtendedKeyUsagePurpose::ServerAuth,
+    }];
+    params.use_authority_key_identifier_extension = true;
+    params.not_before = leaf.not_before;
+    params.not_after = leaf.not_after;
+    params.serial_number = Some(random_serial());
+    Ok(params)
 }
 
 /// A CA certificate's parameters: `common_name`, path length `path_len`, valid from an hour

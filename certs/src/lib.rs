@@ -14,6 +14,8 @@
 //!   error's text so the sink can log who was refused ([`presented_subject`]).
 //! - [`revocation`] — certificate revocation lists: signing them (`relay-certs revoke`) and
 //!   reading them for the sink's verifier ([`Revocation`]).
+//! - [`request`] — certificate signing requests: made at the site with its key, checked and
+//!   signed at the CA ([`Ca::sign_request`]), so private keys never travel.
 //! - [`store`] — writing PEM files (keys with mode 0600, no overwriting without `--force`).
 //!
 //! Nothing here opens a socket: the QUIC and gRPC layers take the configs built here.
@@ -24,6 +26,7 @@ pub mod issue;
 pub mod load;
 pub mod refusal;
 pub mod reload;
+pub mod request;
 pub mod revocation;
 pub mod store;
 
@@ -32,6 +35,7 @@ pub use issue::{Ca, Issued, Leaf, Role};
 pub use load::{Identity, TrustAnchors, client_config, server_config, server_config_with_crls};
 pub use refusal::{Refusal, presented_subject};
 pub use reload::{Loaded, Reloader, TlsFiles};
+pub use request::{Request, Requested, Signed, Validity};
 pub use revocation::Revocation;
 
 use std::path::PathBuf;
