@@ -147,24 +147,12 @@ impl Ca {
     /// [`Error::UnusableCertificate`] when `root` is itself an issuing CA or was made with
     /// path length 0 (before issuing CAs existed); [`Error::Rcgen`] when signing fails.
     pub fn generate_issuer(root: &Self, common_name: &str, days: u32) -> Result<Self, Error> {
-        let refuse = |reason: String| Error::UnusableCertificate {
-            origin: files::ROOT_CERT.into(),
-            reason,
-        };
-        if root.intermediate {
-            return Err(refuse(
-                "is an issuing CA, not a root: give the root's folder (made by `relay-certs init`)"
-                    .into(),
-            ));
-        }
-        let (path_len, root_not_after) = root.constraints()?;
-        if path_len == Some(0) {
-            return Err(refuse(
-                "was made with path length 0, so it cannot sign an issuing CA; make a new root \
-                 with `relay-certs init` (roots made since can), and re-issue the certificates"
-                    .into(),
-            ));
-        }
+        root.may_sign_issuer()
+            .map_err(|reason| Error::UnusableCertificate {
+                origin: files::ROOT_CERT.into(),
+                reason: reason.into(),
+            })?;
+        let (_, root_not_after) = root.constraints()?;
         let key = KeyPair::generate()?;
         let now = OffsetDateTime::now_utc();
         let mut params = ca_params(common_name, 0, now, days);
@@ -272,6 +260,29 @@ impl Ca {
             self.root_pem.as_deref()
         } else {
             Some(&self.cert_pem)
+        }
+    }
+
+    /// Whether this CA may sign an issuing CA: `Err` with the reason (in words that follow the
+    /// root certificate's file name) when it is an issuing CA itself, or a root made with path
+    /// length 0.
+    ///
+    /// # Errors
+    ///
+    /// As above.
+    pub fn may_sign_issuer(&self) -> Result<(), &'static str> {
+        if self.intermediate {
+            return Err(
+                "is an issuing CA, not a root: give the root's folder (made by \
+                 `relay-certs init`)",
+            );
+        }
+        match self.constraints() {
+            Ok((Some(0), _)) => Err("was made with path length 0, so it cannot sign an issuing \
+                 CA; make a new root with `relay-certs init` (roots made since can), and \
+                 re-issue the certificates"),
+            Ok(_) => Ok(()),
+            Err(_) => Err("does not parse as a certificate"),
         }
     }
 

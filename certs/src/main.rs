@@ -256,6 +256,9 @@ fn init_issuer(args: InitIssuerArgs) -> anyhow::Result<()> {
     }
     let root_pem = read_ca_file(&dir, files::ROOT_CERT)?;
     let root = Ca::from_pem(&root_pem, &read_ca_file(&dir, files::ROOT_KEY)?)?;
+    if let Err(reason) = root.may_sign_issuer() {
+        bail!("{} {reason}", dir.join(files::ROOT_CERT).display());
+    }
     let issuer = Ca::generate_issuer(&root, &name, days)
         .with_context(|| format!("cannot make an issuing CA under {}", dir.display()))?;
     let out = out.unwrap_or_else(|| dir.join("issuer"));
