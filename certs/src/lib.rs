@@ -16,6 +16,8 @@
 //!   reading them for the sink's verifier ([`Revocation`]).
 //! - [`enroll_tls`] — the TLS of the enrollment port: the sink's chain with its root, and
 //!   the enrolling agent's trust in the one root a token names by fingerprint.
+//! - [`request`] — certificate signing requests: made at the site with its key, checked and
+//!   signed at the CA ([`Ca::sign_request`]), so private keys never travel.
 //! - [`store`] — writing PEM files (keys with mode 0600, no overwriting without `--force`).
 //! - [`token`] — one-time enrollment tokens (`sfr1.…`): minting, parsing, verifying, the
 //!   root fingerprint they bind, and the [`Ledger`] of used ones.
@@ -29,6 +31,7 @@ pub mod issue;
 pub mod load;
 pub mod refusal;
 pub mod reload;
+pub mod request;
 pub mod revocation;
 pub mod store;
 pub mod token;
@@ -38,6 +41,7 @@ pub use issue::{Ca, Issued, Leaf, Role};
 pub use load::{Identity, TrustAnchors, client_config, server_config, server_config_with_crls};
 pub use refusal::{Refusal, presented_subject};
 pub use reload::{Loaded, Reloader, TlsFiles, check_chain};
+pub use request::{Request, Requested, Signed, Validity};
 pub use revocation::Revocation;
 pub use token::{Claim, Ledger, LedgerError, Token, TokenError};
 

@@ -3,14 +3,23 @@
 //! Usage: `relay-certs init`, then `relay-certs issue --role sink --name sink.example.com` and
 //! `relay-certs issue --role agent --name site-a`; `relay-certs show FILE` to inspect;
 //! `relay-certs revoke --cert FILE` to add a certificate to `crl.pem`.
+//!
+//! Without moving keys: `relay-certs request --name site-b --out DIR` at the site (the key
+//! stays there), `relay-certs sign --csr site-b.csr` at the CA (no key is read or written).
+//! `relay-certs init-issuer` makes an issuing CA under the root, so the root's key can stay
+//! offline; a folder holding `issuer.pem` and `issuer.key` issues and signs as that CA, and its
+//! certificates are written as chains.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use relay_certs::issue::files;
 use relay_certs::store::{self, Secrecy};
-use relay_certs::{Ca, CertInfo, Leaf, Role, revocation};
+use relay_certs::{Ca, CertInfo, Leaf, Role, Validity, request, revocation};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 
 /// Make and inspect the certificates of sflow-relay's private CA.
 #[derive(Debug, Parser)]
@@ -22,16 +31,81 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Make a new CA: DIR/ca.pem (give to agents and sinks) and DIR/ca.key (keep offline, 0600).
+    /// Make a new CA: DIR/ca.pem (give to agents and sinks), DIR/ca.key (keep offline, 0600)
+    /// and DIR/crl.pem (an empty revocation list, for the sinks' --crl).
     Init(InitArgs),
+    /// Make an issuing CA signed by the root in DIR, so the root's key can stay offline:
+    /// OUT/issuer.pem, OUT/issuer.key (0600), OUT/ca.pem (the root) and OUT/crl.pem.
+    InitIssuer(InitIssuerArgs),
     /// Issue a certificate signed by the CA in DIR: OUT/NAME.pem and OUT/NAME.key (0600).
     Issue(IssueArgs),
+    /// At the site: make a key and a signing request, OUT/NAME.key (0600, stays here) and
+    /// OUT/NAME.csr (send it to the CA for `relay-certs sign`).
+    Request(RequestArgs),
+    /// At the CA: issue an agent certificate for a signing request, NAME.pem next to it. The
+    /// name comes from the request; what else it asks for is refused with the reason.
+    Sign(SignArgs),
     /// Revoke a certificate: add it to DIR/crl.pem (created if missing), re-signed by the CA
     /// with the next CRL number. Give the file to sinks as --crl; they reload it like their
     /// certificates.
     Revoke(RevokeArgs),
-    /// Print a certificate's subject, names, usage and expiry.
+    /// Print each certificate's subject, names, usage and expiry (every one of a chain).
     Show(ShowArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct InitIssuerArgs {
+    /// Folder holding the root CA (ca.pem and ca.key).
+    #[arg(long, default_value = "pki")]
+    dir: PathBuf,
+    /// The issuing CA's common name.
+    #[arg(long)]
+    name: String,
+    /// Folder for the issuing CA's files [default: DIR/issuer].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Validity in days (no longer than the root's).
+    #[arg(long, default_value_t = 1825)]
+    days: u32,
+    /// Overwrite existing files.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct RequestArgs {
+    /// agent (sinks are issued with `relay-certs issue --role sink`).
+    #[arg(long, value_enum, default_value = "agent")]
+    role: RoleArg,
+    /// The agent's name: the common name of the certificate asked for.
+    #[arg(long)]
+    name: String,
+    /// Folder for the key and the request.
+    #[arg(long, default_value = ".")]
+    out: PathBuf,
+    /// Overwrite existing files.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct SignArgs {
+    /// The signing request (PEM or DER), from `relay-certs request` or any PKCS#10 tool.
+    #[arg(long, value_name = "FILE")]
+    csr: PathBuf,
+    /// Folder of the CA that signs: a root (ca.pem, ca.key) or an issuing CA (issuer.pem,
+    /// issuer.key).
+    #[arg(long, default_value = "pki")]
+    dir: PathBuf,
+    /// Validity in days (no longer than the CA's).
+    #[arg(long, default_value_t = 365)]
+    days: u32,
+    /// The certificate file to write [default: NAME.pem next to the request].
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Overwrite an existing certificate file.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -68,7 +142,8 @@ struct IssueArgs {
     /// Validity in days.
     #[arg(long, default_value_t = 365)]
     days: u32,
-    /// Folder holding ca.pem and ca.key.
+    /// Folder of the CA: a root (ca.pem, ca.key) or an issuing CA (issuer.pem, issuer.key;
+    /// the certificate is then written as a chain).
     #[arg(long, default_value = "pki")]
     dir: PathBuf,
     /// Folder for the new files (default: the CA folder).
@@ -96,14 +171,15 @@ struct RevokeArgs {
     /// past that date: it is advice to other readers, not an expiry.
     #[arg(long, default_value_t = 30)]
     days: u32,
-    /// Folder holding ca.pem and ca.key; the list is DIR/crl.pem.
+    /// Folder of the CA that issued the certificate (root or issuing CA); the list is
+    /// DIR/crl.pem.
     #[arg(long, default_value = "pki")]
     dir: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
 struct ShowArgs {
-    /// PEM certificate files.
+    /// PEM certificate files (a chain file shows each of its certificates, leaf first).
     #[arg(required = true)]
     files: Vec<PathBuf>,
 }
@@ -118,7 +194,10 @@ fn main() {
     let cli = Cli::parse();
     let done = match cli.command {
         Command::Init(args) => init(args),
+        Command::InitIssuer(args) => init_issuer(args),
         Command::Issue(args) => issue(args),
+        Command::Request(args) => make_request(args),
+        Command::Sign(args) => sign(args),
         Command::Revoke(args) => revoke(args),
         Command::Show(args) => show(&args.files),
     };
@@ -139,11 +218,78 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
     let name = name.unwrap_or_else(|| format!("sflow-relay CA {:08x}", rand::random::<u32>()));
     let ca = Ca::generate(&name, days)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let (cert, key) = (dir.join("ca.pem"), dir.join("ca.key"));
-    store::refuse_overwrite(&[&cert, &key], force)?;
+    let (cert, key, crl) = (
+        dir.join(files::ROOT_CERT),
+        dir.join(files::ROOT_KEY),
+        dir.join(files::CRL),
+    );
+    store::refuse_overwrite(&[&cert, &key, &crl], force)?;
     store::write(&key, ca.key_pem().as_bytes(), Secrecy::Private)?;
     store::write(&cert, ca.cert_pem().as_bytes(), Secrecy::Public)?;
-    println!("wrote {} and {}", cert.display(), key.display());
+    store::write(&crl, ca.empty_crl(CRL_DAYS)?.as_bytes(), Secrecy::Public)?;
+    println!(
+        "wrote {}, {} and {} (empty revocation list)",
+        cert.display(),
+        key.display(),
+        crl.display()
+    );
+    Ok(())
+}
+
+/// Days until an empty list's nextUpdate, as `revoke --days`' default.
+const CRL_DAYS: u32 = 30;
+
+/// `relay-certs init-issuer`: an issuing CA under the root in `--dir`, in a folder of its own.
+fn init_issuer(args: InitIssuerArgs) -> anyhow::Result<()> {
+    let InitIssuerArgs {
+        dir,
+        name,
+        out,
+        days,
+        force,
+    } = args;
+    if dir.join(files::ISSUER_CERT).exists() {
+        bail!(
+            "{} holds an issuing CA; give the root's folder (made by `relay-certs init`)",
+            dir.display()
+        );
+    }
+    let root_pem = read_ca_file(&dir, files::ROOT_CERT)?;
+    let root = Ca::from_pem(&root_pem, &read_ca_file(&dir, files::ROOT_KEY)?)?;
+    if let Err(reason) = root.may_sign_issuer() {
+        bail!("{} {reason}", dir.join(files::ROOT_CERT).display());
+    }
+    let issuer = Ca::generate_issuer(&root, &name, days)
+        .with_context(|| format!("cannot make an issuing CA under {}", dir.display()))?;
+    let out = out.unwrap_or_else(|| dir.join("issuer"));
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let [cert, key, root_copy, crl] = [
+        files::ISSUER_CERT,
+        files::ISSUER_KEY,
+        files::ROOT_CERT,
+        files::CRL,
+    ]
+    .map(|f| out.join(f));
+    store::refuse_overwrite(&[&cert, &key, &root_copy, &crl], force)?;
+    store::write(&key, issuer.key_pem().as_bytes(), Secrecy::Private)?;
+    store::write(&cert, issuer.cert_pem().as_bytes(), Secrecy::Public)?;
+    store::write(&root_copy, root_pem.as_bytes(), Secrecy::Public)?;
+    store::write(
+        &crl,
+        issuer.empty_crl(CRL_DAYS)?.as_bytes(),
+        Secrecy::Public,
+    )?;
+    let info = CertInfo::from_pem(issuer.cert_pem())?;
+    println!(
+        "wrote {} (issuing CA {}, signed by {}, expires {}), {}, {} (the root) and {}",
+        cert.display(),
+        info.subject,
+        info.issuer,
+        relay_certs::inspect::rfc3339(info.not_after),
+        key.display(),
+        root_copy.display(),
+        crl.display()
+    );
     Ok(())
 }
 
@@ -159,8 +305,8 @@ fn issue(args: IssueArgs) -> anyhow::Result<()> {
         out,
         force,
     } = args;
-    if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
-        bail!("--name {name:?} cannot be used as a file name");
+    if let Err(reason) = request::check_name(&name) {
+        bail!("--name {name:?} {reason}");
     }
     let ca = load_ca(&dir)?;
     let role = match role {
@@ -179,12 +325,83 @@ fn issue(args: IssueArgs) -> anyhow::Result<()> {
     );
     store::refuse_overwrite(&[&cert, &key], force)?;
     store::write(&key, issued.key_pem.as_bytes(), Secrecy::Private)?;
-    store::write(&cert, issued.cert_pem.as_bytes(), Secrecy::Public)?;
+    let chain = ca.leaf_chain(&issued.cert_pem);
+    store::write(&cert, chain.as_bytes(), Secrecy::Public)?;
     println!(
-        "wrote {} ({} certificate) and {}",
+        "wrote {} ({} certificate{}) and {}",
         cert.display(),
         role.as_str(),
+        if ca.is_issuer() {
+            ", followed by the issuing CA's"
+        } else {
+            ""
+        },
         key.display()
+    );
+    Ok(())
+}
+
+/// `relay-certs request`: a key and a signing request, made where the key is used.
+fn make_request(args: RequestArgs) -> anyhow::Result<()> {
+    let RequestArgs {
+        role,
+        name,
+        out,
+        force,
+    } = args;
+    if let RoleArg::Sink = role {
+        bail!(
+            "--role sink: requests are for agents only; a sink's names are what agents verify, \
+             so the CA operator issues it: `relay-certs issue --role sink --name NAME`"
+        );
+    }
+    let made = request::make(&name)?;
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let (key, csr) = (
+        out.join(format!("{name}.key")),
+        out.join(format!("{name}.csr")),
+    );
+    store::refuse_overwrite(&[&key, &csr], force)?;
+    store::write(&key, made.key_pem.as_bytes(), Secrecy::Private)?;
+    store::write(&csr, made.csr_pem.as_bytes(), Secrecy::Public)?;
+    println!(
+        "wrote {} (keep it here) and {} (send it to the CA: relay-certs sign --csr {}.csr)",
+        key.display(),
+        csr.display(),
+        name
+    );
+    Ok(())
+}
+
+/// `relay-certs sign`: an agent certificate for a signing request. Reads no key but the CA's,
+/// writes none.
+fn sign(args: SignArgs) -> anyhow::Result<()> {
+    let SignArgs {
+        csr,
+        dir,
+        days,
+        out,
+        force,
+    } = args;
+    let bytes = std::fs::read(&csr).with_context(|| format!("cannot read {}", csr.display()))?;
+    let ca = load_ca(&dir)?;
+    let signed = ca
+        .sign_request(&bytes, Validity::Days(days))
+        .with_context(|| csr.display().to_string())?;
+    let out = out.unwrap_or_else(|| csr.with_file_name(format!("{}.pem", signed.name)));
+    store::refuse_overwrite(&[&out], force)?;
+    store::write(&out, signed.chain_pem.as_bytes(), Secrecy::Public)?;
+    println!(
+        "wrote {}: agent certificate CN={}, serial {}, expires {}{}",
+        out.display(),
+        signed.name,
+        signed.serial,
+        relay_certs::inspect::rfc3339(signed.not_after),
+        if ca.is_issuer() {
+            ", followed by the issuing CA's certificate"
+        } else {
+            ""
+        }
     );
     Ok(())
 }
@@ -242,30 +459,56 @@ fn revoked_serial(cert: Option<&Path>, serial: Option<&str>) -> anyhow::Result<(
     }
 }
 
-/// `relay-certs show`: each certificate's subject, names, usage and expiry.
-fn show(files: &[PathBuf]) -> anyhow::Result<()> {
-    for (i, file) in files.iter().enumerate() {
-        let pem = std::fs::read_to_string(file)
-            .with_context(|| format!("cannot read {}", file.display()))?;
-        let info = CertInfo::from_pem(&pem).with_context(|| file.display().to_string())?;
-        if i > 0 {
-            println!();
+/// `relay-certs show`: each certificate's subject, names, usage and expiry; every
+/// certificate of a chain file, in its order.
+fn show(paths: &[PathBuf]) -> anyhow::Result<()> {
+    for (i, file) in paths.iter().enumerate() {
+        let pem = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+        let chain = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("{}: not PEM: {e}", file.display()))?;
+        if chain.is_empty() {
+            bail!(
+                "{}: no certificate found (expected a PEM \"CERTIFICATE\" block)",
+                file.display()
+            );
         }
-        println!("file:         {}\n{info}", file.display());
+        for (n, der) in chain.iter().enumerate() {
+            let info = CertInfo::from_der(der).with_context(|| file.display().to_string())?;
+            if i > 0 || n > 0 {
+                println!();
+            }
+            print!("file:         {}", file.display());
+            if chain.len() > 1 {
+                let what = if n == 0 { "the leaf" } else { "a CA" };
+                print!(" (certificate {} of {}: {what})", n + 1, chain.len());
+            }
+            println!("\n{info}");
+        }
     }
     Ok(())
 }
 
+/// The CA of `dir`: its issuing CA when it holds one, else its root.
 fn load_ca(dir: &Path) -> anyhow::Result<Ca> {
-    let read = |name: &str| {
-        let path = dir.join(name);
-        std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "cannot read {} (run `relay-certs init --dir {}` first)",
-                path.display(),
-                dir.display()
-            )
-        })
-    };
-    Ok(Ca::from_pem(&read("ca.pem")?, &read("ca.key")?)?)
+    Ca::load_dir(dir).map_err(|e| match e {
+        relay_certs::Error::Read { path, source } => anyhow::anyhow!(
+            "cannot read {}: {source} (run `relay-certs init --dir {}` first)",
+            path.display(),
+            dir.display()
+        ),
+        other => other.into(),
+    })
+}
+
+/// A file of the CA folder `dir`, as text.
+fn read_ca_file(dir: &Path, name: &str) -> anyhow::Result<String> {
+    let path = dir.join(name);
+    std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "cannot read {} (run `relay-certs init --dir {}` first)",
+            path.display(),
+            dir.display()
+        )
+    })
 }

@@ -3,7 +3,9 @@
 //! the open connections of an agent revoked while connected (which needs the list of serials,
 //! [`Revocation::is_revoked`]).
 //!
-//! One CRL per CA, next to it: `DIR/crl.pem`. Each `revoke` re-signs the whole list with the
+//! One CRL per CA, next to it: `DIR/crl.pem`. `relay-certs init` (and `init-issuer`) write an
+//! empty one ([`Ca::empty_crl`], CRL number 1), so a sink can be given `--crl` from the first
+//! day. Each `revoke` re-signs the whole list with the
 //! previous entries plus the new one, a CRL number one higher than the last, `thisUpdate` now
 //! and `nextUpdate` `days` later. The sink does not refuse a CRL past its `nextUpdate`: an
 //! outdated list still revokes what it lists, and refusing every agent because nobody re-ran
@@ -13,8 +15,14 @@
 //! CA file (by subject and signature). A CRL that fails is refused as a whole, so a corrupt or
 //! foreign list can neither lock out every agent nor silently revoke nothing.
 //!
-//! What this deliberately does not do: fetch CRLs (no distribution points, no OCSP), or revoke
-//! CA certificates (the CA signs leaves only; to distrust a CA, take it out of the CA file).
+//! An issuing CA keeps its own `crl.pem` (signed by it) for the leaves it issued. The sink
+//! checks a CRL against the CA certificates of its CA file, which holds the root only, so it
+//! can use the root's list; an issuing CA's list is for its own records until the sink learns
+//! the issuing CA's certificate.
+//!
+//! What this deliberately does not do: fetch CRLs (no distribution points, no OCSP), or check
+//! CA certificates against a list (only the agent's own certificate is checked; to distrust an
+//! issuing CA, make a new root).
 
 use std::collections::HashSet;
 
@@ -125,6 +133,19 @@ pub struct Crl {
 }
 
 impl Ca {
+    /// An empty CRL (nothing revoked), CRL number 1, due again in `days`: what `relay-certs
+    /// init` writes, so that sinks can point `--crl` at it before anything is revoked.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Rcgen`] when signing fails.
+    pub fn empty_crl(&self, days: u32) -> Result<String, Error> {
+        let now = OffsetDateTime::now_utc();
+        self.sign_crl(now, Vec::new(), 1, days)?
+            .pem()
+            .map_err(Error::from)
+    }
+
     /// Signs a new CRL: the entries of `previous` (a CRL this CA signed, PEM), if any, plus
     /// `serial` (raw bytes, as in the certificate), numbered one higher, due again in `days`.
     ///
@@ -173,24 +194,35 @@ impl Ca {
             });
         }
         let number = number + 1;
-        let next_update = now + Duration::days(i64::from(days.max(1)));
         let entries = revoked_certs.len();
-        let params = CertificateRevocationListParams {
-            this_update: now,
-            next_update,
-            crl_number: SerialNumber::from(number),
-            issuing_distribution_point: None,
-            revoked_certs,
-            key_identifier_method: KeyIdMethod::Sha256,
-        };
-        let crl = params.signed_by(self.issuer())?;
+        let crl = self.sign_crl(now, revoked_certs, number, days)?;
         Ok(Crl {
             pem: crl.pem()?,
             number,
             entries,
             already_listed,
-            next_update,
+            next_update: now + Duration::days(i64::from(days.max(1))),
         })
+    }
+
+    /// A CRL of `revoked_certs` numbered `number`, issued `now`, due again in `days` (at least
+    /// one).
+    fn sign_crl(
+        &self,
+        now: OffsetDateTime,
+        revoked_certs: Vec<RevokedCertParams>,
+        number: u64,
+        days: u32,
+    ) -> Result<rcgen::CertificateRevocationList, Error> {
+        let params = CertificateRevocationListParams {
+            this_update: now,
+            next_update: now + Duration::days(i64::from(days.max(1))),
+            crl_number: SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(self.issuer())?)
     }
 }
 
@@ -275,6 +307,20 @@ mod tests {
         verifier
             .verify_client_cert(&der(&c.cert_pem), &[], UnixTime::now())
             .unwrap();
+    }
+
+    #[test]
+    fn an_empty_crl_revokes_nothing_and_revoking_continues_its_numbers() {
+        let ca = Ca::generate("relay CA", 30).unwrap();
+        let empty = ca.empty_crl(30).unwrap();
+        let revocation =
+            Revocation::from_pem(empty.as_bytes(), ca.cert_pem().as_bytes(), "crl.pem").unwrap();
+        assert!(revocation.is_empty());
+        let a = ca.issue(&Leaf::new(Role::Agent, "site-a", 1)).unwrap();
+        let next = ca
+            .revoke(Some(&empty), &serial_of(&a.cert_pem).unwrap(), 30)
+            .unwrap();
+        assert_eq!((next.number, next.entries), (2, 1));
     }
 
     #[test]

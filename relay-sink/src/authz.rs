@@ -15,6 +15,12 @@
 //! before use: a CRL must be signed by a CA of the CA file, an allow-list must be readable. A
 //! bad file is refused, logged, and the lists in use stay.
 //!
+//! A CRL file that does not exist yet is not an error: a deployment can name `--crl` before
+//! anything is revoked (`relay-certs init` writes an empty list, but the sink may start before
+//! it is copied over). The sink warns once, revokes nothing, and loads the list when it
+//! appears. Once a list has been loaded, its disappearance is an error like any other bad
+//! file: the list in use stays, so deleting the file never un-revokes an agent.
+//!
 //! What this deliberately does not do: authorise per destination or per sFlow source (every
 //! accepted agent's datagrams are replayed alike), or match names by pattern (a list of exact
 //! names is easy to audit).
@@ -66,6 +72,10 @@ pub(crate) struct PolicyFiles {
     allowed: Option<PathBuf>,
     /// The contents at the last check.
     seen: Option<Contents>,
+    /// Whether a CRL has been loaded from `crl` (after which a missing file is an error).
+    crl_loaded: bool,
+    /// Whether the missing CRL file has been warned about.
+    crl_missing_warned: bool,
 }
 
 /// What was read of the CA, CRL and allow-list files: `None` for a file not configured, the
@@ -107,6 +117,8 @@ impl PolicyFiles {
             crl,
             allowed,
             seen: None,
+            crl_loaded: false,
+            crl_missing_warned: false,
         }
     }
 
@@ -141,29 +153,62 @@ impl PolicyFiles {
         }
         let result = self.parse(&contents);
         self.seen = Some(contents);
-        result.map(Some)
+        let (policy, crl) = result?;
+        match crl {
+            CrlState::Loaded => self.crl_loaded = true,
+            CrlState::NotYet(path) if !self.crl_missing_warned => {
+                self.crl_missing_warned = true;
+                tracing::warn!(crl = %path.display(), "revocation list not found: nothing is revoked until it appears (checked with the certificates)");
+            }
+            CrlState::NotYet(_) | CrlState::None => {}
+        }
+        Ok(Some(policy))
     }
 
-    fn parse(&self, contents: &Contents) -> Result<Policy, PolicyError> {
+    fn parse(&self, contents: &Contents) -> Result<(Policy, CrlState), PolicyError> {
         let [ca, crl, allowed] = contents;
-        let revocation = match (ca, crl, &self.crl) {
+        let (revocation, state) = match (ca, crl, &self.crl) {
+            (_, Some(Err(missing)), Some(path)) if missing.not_found() && !self.crl_loaded => {
+                (certs::Revocation::none(), CrlState::NotYet(path.clone()))
+            }
             (Some(ca), Some(crl), Some(path)) => {
                 let (ca, crl) = (
                     ca.as_ref().map_err(Clone::clone)?,
                     crl.as_ref().map_err(Clone::clone)?,
                 );
-                certs::Revocation::from_pem(crl, ca, &path.display().to_string())?
+                let revocation = certs::Revocation::from_pem(crl, ca, &path.display().to_string())?;
+                (revocation, CrlState::Loaded)
             }
-            _ => certs::Revocation::none(),
+            _ => (certs::Revocation::none(), CrlState::None),
         };
         let allowed = match allowed {
             Some(text) => Some(parse_allow_list(text.as_ref().map_err(Clone::clone)?)),
             None => None,
         };
-        Ok(Policy {
-            allowed,
-            revocation,
-        })
+        Ok((
+            Policy {
+                allowed,
+                revocation,
+            },
+            state,
+        ))
+    }
+}
+
+/// What became of the CRL file at a check.
+enum CrlState {
+    /// None configured.
+    None,
+    /// Configured, and does not exist yet (none loaded before).
+    NotYet(PathBuf),
+    /// Read and checked.
+    Loaded,
+}
+
+impl ReadError {
+    /// Whether the file does not exist.
+    fn not_found(&self) -> bool {
+        self.source.kind() == std::io::ErrorKind::NotFound
     }
 }
 
@@ -199,6 +244,51 @@ mod tests {
         };
         assert_eq!(listed.check("site-a", None), Ok(()));
         assert_eq!(listed.check("site-b", None), Err(RefusalKind::NotAllowed));
+    }
+
+    #[test]
+    fn a_crl_may_appear_later_but_once_loaded_its_loss_keeps_it() {
+        let dir = std::env::temp_dir().join(format!("relay-authz-crl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = certs::Ca::generate("relay CA", 1).unwrap();
+        let (ca_file, crl) = (dir.join("ca.pem"), dir.join("crl.pem"));
+        std::fs::write(&ca_file, ca.cert_pem()).unwrap();
+        let mut files = PolicyFiles::new(ca_file, Some(crl.clone()), None);
+
+        // Not there at start: nothing revoked, warned once, no error.
+        let first = files.check(true).unwrap().expect("a policy");
+        assert!(first.revocation.is_empty());
+        assert!(files.crl_missing_warned);
+        assert!(files.check(false).unwrap().is_none(), "unchanged");
+        assert!(files.check(true).unwrap().is_some(), "SIGHUP: still fine");
+
+        // It appears: loaded.
+        let agent = ca
+            .issue(&certs::Leaf::new(certs::Role::Agent, "site-b", 1))
+            .unwrap();
+        let serial = certs::revocation::serial_of(&agent.cert_pem).unwrap();
+        let listed = ca.revoke(None, &serial, 30).unwrap();
+        std::fs::write(&crl, &listed.pem).unwrap();
+        let loaded = files.check(false).unwrap().expect("the new list");
+        assert_eq!(loaded.revocation.len(), 1);
+        let info = certs::CertInfo::from_pem(&agent.cert_pem).unwrap();
+        assert_eq!(
+            loaded.check("site-b", Some(&info)),
+            Err(RefusalKind::Revoked)
+        );
+
+        // It disappears: an error (the caller keeps the list in use), reported once.
+        std::fs::remove_file(&crl).unwrap();
+        let error = files.check(false).unwrap_err();
+        assert!(matches!(error, PolicyError::Read(_)), "{error:?}");
+        assert!(files.check(false).unwrap().is_none(), "reported once");
+        assert!(files.check(true).is_err(), "also on SIGHUP");
+
+        // It comes back damaged: an error too.
+        std::fs::write(&crl, "not a CRL").unwrap();
+        let error = files.check(false).unwrap_err();
+        assert!(matches!(error, PolicyError::Crl(_)), "{error:?}");
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

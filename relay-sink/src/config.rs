@@ -84,9 +84,11 @@ pub struct Args {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<PathBuf>,
 
-    /// Certificate revocation list (PEM, from `relay-certs revoke`): agents it lists are
-    /// refused at the handshake, and closed if connected when a changed list is reloaded.
-    /// Reloaded with the certificates. [default: none]
+    /// Certificate revocation list (PEM, from `relay-certs init` or `revoke`): agents it lists
+    /// are refused at the handshake, and closed if connected when a changed list is reloaded.
+    /// Reloaded with the certificates. A file that does not exist yet is warned about and
+    /// loaded when it appears; one that disappears or breaks later is an error, and the list
+    /// in use stays. [default: none]
     #[arg(long, value_name = "FILE")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crl: Option<PathBuf>,
