@@ -187,29 +187,17 @@ pub fn encode_text(payload: &[u8], signature: &[u8]) -> String {
     )
 }
 
-/// Checks a name against the rules of `relay-certs issue --name` plus a token's bounds: 1 to
-/// 64 bytes, no `/` or `\`, not starting with `.`, no control characters.
+/// Checks a name against the rules of a certificate's name (`certs::request::check_name`: 1
+/// to 64 bytes, no `/` or `\`, not starting with `.`, no control characters, no space at
+/// either end), as a token's error.
 ///
 /// # Errors
 ///
 /// [`TokenError::InvalidName`] with the reason.
 pub fn check_name(name: &str) -> Result<(), TokenError> {
-    let reason = if name.is_empty() {
-        "it is empty".to_owned()
-    } else if name.len() > MAX_NAME_LEN {
-        format!("{} bytes, over the limit of {MAX_NAME_LEN}", name.len())
-    } else if name.contains(['/', '\\']) {
-        "it contains / or \\".to_owned()
-    } else if name.starts_with('.') {
-        "it starts with '.'".to_owned()
-    } else if name.chars().any(char::is_control) {
-        "it contains a control character".to_owned()
-    } else {
-        return Ok(());
-    };
-    Err(TokenError::InvalidName {
+    crate::request::check_name(name).map_err(|reason| TokenError::InvalidName {
         name: name.to_owned(),
-        reason,
+        reason: format!("it {reason}"),
     })
 }
 

@@ -132,7 +132,8 @@ fn model(text: &[u8]) -> Result<Fields, Refusal> {
     })
 }
 
-/// 1 to 64 bytes of UTF-8, no `/` or `\`, no leading `.`, no control character.
+/// 1 to 64 bytes of UTF-8, no `/` or `\`, no leading `.`, no control character, no space at
+/// either end.
 fn name_ok(name: &[u8]) -> bool {
     let Ok(name) = std::str::from_utf8(name) else {
         return false;
@@ -141,6 +142,7 @@ fn name_ok(name: &[u8]) -> bool {
         && !name.contains(['/', '\\'])
         && !name.starts_with('.')
         && !name.chars().any(char::is_control)
+        && name.trim() == name
 }
 
 /// RFC 4648 §5 without padding, canonical: the unused bits of the last digit are zero.
