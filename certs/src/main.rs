@@ -45,12 +45,30 @@ enum Command {
     /// At the CA: issue an agent certificate for a signing request, NAME.pem next to it. The
     /// name comes from the request; what else it asks for is refused with the reason.
     Sign(SignArgs),
+    /// Print a one-time enrollment token for an agent named NAME: signed by the CA in DIR,
+    /// valid for --ttl, for one key, at a sink serving enrollment under this CA's root
+    /// (`relay-agent enroll --token …`). The token goes to stdout, what it allows to stderr.
+    Token(TokenArgs),
     /// Revoke a certificate: add it to DIR/crl.pem (created if missing), re-signed by the CA
     /// with the next CRL number. Give the file to sinks as --crl; they reload it like their
     /// certificates.
     Revoke(RevokeArgs),
     /// Print each certificate's subject, names, usage and expiry (every one of a chain).
     Show(ShowArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct TokenArgs {
+    /// The CA folder that signs the token: an issuing CA's (issuer.pem, issuer.key) or the
+    /// root's (ca.pem, ca.key).
+    #[arg(long, default_value = "pki")]
+    dir: PathBuf,
+    /// The name the token allows (the agent certificate's common name).
+    #[arg(long)]
+    name: String,
+    /// How long the token may be used, at most 7d.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    ttl: std::time::Duration,
 }
 
 #[derive(Debug, clap::Args)]
@@ -198,6 +216,7 @@ fn main() {
         Command::Issue(args) => issue(args),
         Command::Request(args) => make_request(args),
         Command::Sign(args) => sign(args),
+        Command::Token(args) => token(&args),
         Command::Revoke(args) => revoke(args),
         Command::Show(args) => show(&args.files),
     };
@@ -486,6 +505,26 @@ fn show(paths: &[PathBuf]) -> anyhow::Result<()> {
             println!("\n{info}");
         }
     }
+    Ok(())
+}
+
+/// `relay-certs token`: a one-time token on stdout, what it allows on stderr.
+fn token(args: &TokenArgs) -> anyhow::Result<()> {
+    let ca = load_ca(&args.dir)?;
+    let root_pem = ca.root_pem().unwrap_or(ca.cert_pem());
+    let root =
+        CertificateDer::from_pem_slice(root_pem.as_bytes()).context("the root CA certificate")?;
+    let fingerprint = relay_certs::token::fingerprint(&root);
+    let ttl = time::Duration::try_from(args.ttl).context("--ttl")?;
+    let token = relay_certs::token::mint(&ca, fingerprint, &args.name, ttl)?;
+    let (allowed, _) = relay_certs::token::parse(&token)?;
+    eprintln!(
+        "token for one agent certificate named {:?}, for one key, until {}, at a sink under root {}",
+        allowed.name,
+        relay_certs::inspect::rfc3339(allowed.not_after),
+        relay_certs::token::fingerprint_display(&fingerprint)
+    );
+    println!("{token}");
     Ok(())
 }
 

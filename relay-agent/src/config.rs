@@ -253,6 +253,14 @@ pub struct Args {
     #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
     pub shutdown_grace: Option<Duration>,
 
+    /// Renew the certificate over this sink enrollment address (its --enroll-listen),
+    /// HOST:PORT, at two thirds of its lifetime, authenticated by the certificate itself.
+    /// A certificate from `relay-agent enroll` renews without it (the agent.renew file next
+    /// to it says where). [default: none]
+    #[arg(long, value_name = "HOST:PORT")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renew_from: Option<String>,
+
     /// The options both ends share (`--config`, `--log-format`, QUIC, gRPC, metrics, reload,
     /// threads, `--ssh-hex`).
     #[command(flatten)]
@@ -481,6 +489,9 @@ pub struct Config {
     pub reload: ReloadOptions,
     /// Worker threads.
     pub threads: ThreadOptions,
+    /// Where the certificates renew (`--renew-from`), besides those an `agent.renew` file
+    /// says.
+    pub renew_from: Option<String>,
     /// What the configuration asked for that is deprecated, one line each, for `run` to log
     /// as warnings.
     pub warnings: Vec<String>,
@@ -583,6 +594,7 @@ impl TryFrom<Args> for Config {
             observe: args.daemon.observe,
             reload: args.daemon.reload,
             threads: args.daemon.threads,
+            renew_from: args.renew_from,
             warnings: backlog.warnings,
             source: None,
         })

@@ -19,6 +19,9 @@
 //!   feed at `not-after`, and their reload from the config file.
 //! - `links`: each sink's parts set up at start (credentials, backlog, intake, link task).
 //! - `reload`: each sink's certificate files, checked again on SIGHUP and every poll interval.
+//! - [`enroll`] — `relay-agent enroll`: a certificate from a sink's enrollment port with a
+//!   one-time token, the key made here; and the renewal call.
+//! - `renew`: automatic renewal of the certificates at two thirds of their lifetime.
 //! - `backlog`: per sink, every batch not yet acknowledged (memory, and the spool), read by
 //!   the link from any point, released on acknowledgement.
 //! - `spool`: the backlog's crash-safe copy on disk (checksummed segment files).
@@ -33,10 +36,12 @@
 mod backlog;
 mod batch;
 pub mod config;
+pub mod enroll;
 mod links;
 pub mod metrics;
 mod receive;
 mod reload;
+mod renew;
 mod routes;
 mod spool;
 mod status;
@@ -81,6 +86,33 @@ pub enum Error {
     /// The metrics endpoint could not be started.
     #[error("metrics endpoint: {0}")]
     Metrics(String),
+    /// Where a certificate renews cannot be read.
+    #[error("certificate renewal: {0}")]
+    Renew(String),
+}
+
+/// Starts a renewal task per certificate that renews (`--renew-from`, or an `agent.renew`
+/// file next to it).
+fn start_renewals(
+    config: &Config,
+    metrics: &Metrics,
+    token: &CancellationToken,
+) -> Result<tokio_util::task::TaskTracker, Error> {
+    let tasks = tokio_util::task::TaskTracker::new();
+    let plans = renew::plan(&config.sinks, config.renew_from.as_deref()).map_err(Error::Renew)?;
+    if plans.is_empty() {
+        return Ok(tasks);
+    }
+    let renew_metrics = renew::RenewMetrics::register(metrics.registry());
+    for plan in plans {
+        tracing::info!(
+            cert = %plan.cert.display(),
+            renew_from = %plan.from.renew_from,
+            "the certificate renews automatically at two thirds of its lifetime"
+        );
+        tasks.spawn(renew::run(plan, renew_metrics.clone(), token.clone()));
+    }
+    Ok(tasks)
 }
 
 /// Runs the agent on the bound UDP `sockets` until `shutdown` resolves, then stops receiving,
@@ -152,6 +184,8 @@ pub async fn run(
         (reloads, routes_reload),
     )
     .map_err(Error::Socket)?;
+    // After the reload task, whose SIGHUP handler a renewal prompts.
+    let renewing = start_renewals(&config, &metrics, &token)?;
     // Served until the very end, so a scrape during the drain still answers.
     let observing = CancellationToken::new();
     let _ = metrics_listener
@@ -169,6 +203,8 @@ pub async fn run(
         let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     }
     let _ = reloading.await;
+    renewing.close();
+    renewing.wait().await;
     // The receive loops held the last ingest senders: the batcher now flushes and ends, which
     // closes the sinks' queues; each backlog takes the rest and closes, and each link sends
     // what is left and waits for its acks.

@@ -28,6 +28,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Obtain this site's certificate from a sink's enrollment port with a one-time token
+    /// (`relay-certs token`): the key is made here and never leaves; writes DIR/ca.pem,
+    /// DIR/agent.pem and DIR/agent.key, and DIR/agent.renew so that the agent renews it.
+    Enroll(relay_agent::enroll::EnrollArgs),
     /// Moved to `relay-demo` (the quick start): runs the relay-demo program installed next to
     /// this one, with these arguments.
     #[command(disable_help_flag = true)]
@@ -40,8 +44,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let parsed = Cli::parse();
-    if let Some(Command::Demo { args }) = parsed.command {
-        return run_relay_demo(args);
+    match parsed.command {
+        Some(Command::Demo { args }) => return run_relay_demo(args),
+        Some(Command::Enroll(args)) => return enroll(&args),
+        None => {}
     }
     let args = match cli::prepare(PROGRAM, &parsed.args) {
         Ok(args) => args,
@@ -70,6 +76,34 @@ fn main() -> ExitCode {
     let run = relay_agent::run(config, sockets, metrics, &mut links, shutdown);
     match rt.block_on(run) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) => cli::fail(PROGRAM, &e),
+    }
+}
+
+/// `relay-agent enroll`: exit 0 when enrolled (or already), 1 with the reason otherwise.
+fn enroll(args: &relay_agent::enroll::EnrollArgs) -> ExitCode {
+    use relay_agent::enroll::{CA_FILE, CERT_FILE, Enrolled, KEY_FILE};
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return cli::fail(PROGRAM, &format!("cannot start the runtime: {e}")),
+    };
+    let dir = args.dir.display();
+    match rt.block_on(relay_agent::enroll::enroll(args)) {
+        Ok(Enrolled::Done { name, not_after }) => {
+            println!(
+                "enrolled as {name}: {dir}/{CERT_FILE} (valid until {not_after}), {dir}/{KEY_FILE} (made here, never sent) and {dir}/{CA_FILE}; it renews automatically.\nstart the agent with: --ca {dir}/{CA_FILE} --cert {dir}/{CERT_FILE} --key {dir}/{KEY_FILE}"
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(Enrolled::Already { name, not_after }) => {
+            println!(
+                "already enrolled as {name} in {dir} (certificate valid until {not_after}): nothing to do"
+            );
+            ExitCode::SUCCESS
+        }
         Err(e) => cli::fail(PROGRAM, &e),
     }
 }

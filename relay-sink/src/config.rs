@@ -210,6 +210,27 @@ pub struct Args {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sflow_metrics_max_series: Option<usize>,
 
+    /// Serve enrollment on this TCP address: agents obtain a certificate with a one-time
+    /// token (`relay-certs token`) and renew it with the one they hold, their keys made at the
+    /// site (`relay-agent enroll`). gRPC over TLS, the sink's certificate; a port of its own,
+    /// the relay ports stay mutual-TLS only. Needs --enroll-issuer. [default: off]
+    #[arg(long, value_name = "ADDR")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enroll_listen: Option<SocketAddr>,
+
+    /// The issuing CA folder enrollment signs with (`relay-certs init-issuer`: issuer.pem,
+    /// issuer.key, ca.pem); the sink keeps the ledger of used tokens there (tokens.log), so
+    /// the folder must be writable by the sink's user.
+    #[arg(long, value_name = "DIR")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enroll_issuer: Option<PathBuf>,
+
+    /// Validity of the certificates enrollment and renewal issue; agents renew at two
+    /// thirds of it. [default: 30d]
+    #[arg(long, value_parser = duration::parse, value_name = "DURATION")]
+    #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
+    pub enroll_validity: Option<Duration>,
+
     /// The options both ends share (`--config`, `--log-format`, QUIC, gRPC, metrics, reload,
     /// threads, `--ssh-hex`).
     #[command(flatten)]
@@ -332,6 +353,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// sFlow interface metrics (`--sflow-metrics`): `None` when off.
     pub sflow_metrics: Option<SflowMetricsOptions>,
+    /// Enrollment (`--enroll-listen`): `None` when off.
+    pub enroll: Option<EnrollOptions>,
     /// QUIC tuning.
     pub quic: QuicOptions,
     /// gRPC tuning.
@@ -343,6 +366,20 @@ pub struct Config {
     /// Worker threads.
     pub threads: ThreadOptions,
 }
+
+/// `--enroll-listen` and what it signs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnrollOptions {
+    /// Where enrollment is served (TCP).
+    pub listen: SocketAddr,
+    /// The issuing CA folder.
+    pub issuer: PathBuf,
+    /// Validity of the certificates issued.
+    pub validity: Duration,
+}
+
+/// Default of `--enroll-validity`: 30 days.
+pub const DEFAULT_ENROLL_VALIDITY: Duration = Duration::from_secs(30 * 86_400);
 
 /// `--sflow-metrics` and its limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -412,6 +449,18 @@ impl TryFrom<Args> for Config {
                 max_series: (args.sflow_metrics_max_series)
                     .unwrap_or(crate::sflow_metrics::DEFAULT_MAX_SERIES),
             }),
+            enroll: match (args.enroll_listen, args.enroll_issuer) {
+                (Some(listen), Some(issuer)) => Some(EnrollOptions {
+                    listen,
+                    issuer,
+                    validity: args
+                        .enroll_validity
+                        .unwrap_or(DEFAULT_ENROLL_VALIDITY)
+                        .max(Duration::from_secs(60)),
+                }),
+                (Some(_), None) => return Err(ConfigError::Missing("enroll-issuer")),
+                (None, _) => None,
+            },
             quic: args.daemon.quic,
             grpc: args.daemon.grpc,
             observe: args.daemon.observe,

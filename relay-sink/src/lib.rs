@@ -47,6 +47,7 @@ mod authz;
 mod catch_up;
 pub mod config;
 mod dedup;
+mod enroll;
 mod ingress;
 mod labels;
 mod limits;
@@ -92,6 +93,9 @@ pub enum Error {
     /// The metrics endpoint could not be started.
     #[error("metrics endpoint: {0}")]
     Metrics(String),
+    /// Enrollment could not be set up (the issuing CA folder, or the port).
+    #[error("enrollment (--enroll-listen): {0}")]
+    Enroll(String),
 }
 
 /// What the connection tasks share.
@@ -130,6 +134,8 @@ pub struct Listeners {
     pub grpc: Option<TcpListener>,
     /// The metrics endpoint (TCP), when `--metrics-listen` is set.
     pub metrics: Option<TcpListener>,
+    /// The enrollment port (TCP), when `--enroll-listen` is set.
+    pub enroll: Option<TcpListener>,
 }
 
 /// Why the sink could not bind its sockets; each names the address.
@@ -157,10 +163,16 @@ pub enum BindError {
 pub fn bind(config: &Config) -> Result<Listeners, BindError> {
     let metrics = runtime::observe::bind(&config.observe).map_err(BindError::Metrics)?;
     let (quic, grpc) = bind_relay(config)?;
+    let enroll = config
+        .enroll
+        .as_ref()
+        .map(|e| TcpListener::bind(e.listen).map_err(|error| BindError::Tcp(e.listen, error)))
+        .transpose()?;
     Ok(Listeners {
         quic,
         grpc,
         metrics,
+        enroll,
     })
 }
 
@@ -247,6 +259,10 @@ pub async fn run(
     );
     let grpc_addr = grpc_listener.as_ref().map(|(_, addr)| *addr);
     log_listening(local, grpc_addr, &identity);
+    let enrollment = listeners
+        .enroll
+        .map(|listener| start_enrollment(listener, &loaded, &shared))
+        .transpose()?;
 
     let (token, tracker) = (CancellationToken::new(), TaskTracker::new());
     // Served until the very end, so a scrape during the drain still answers.
@@ -266,6 +282,20 @@ pub async fn run(
         let serve = ingress::grpc::serve(listener, grpc_tls.clone(), shared.clone(), token.clone());
         tracker.spawn(serve)
     });
+    let enroll_tls = enrollment.map(|(listener, tls, enrollments)| {
+        let timeout = shared.config.handshake_timeout;
+        tracker.spawn(enroll::serve(
+            listener,
+            tls.clone(),
+            enrollments.clone(),
+            timeout,
+            token.clone(),
+        ));
+        reload::EnrollTls {
+            swap: tls,
+            root: enrollments.issuer().root().clone(),
+        }
+    });
     let reload = reload::SinkReload {
         reloader,
         policy_files,
@@ -276,6 +306,7 @@ pub async fn run(
         status: status.clone(),
         shared: shared.clone(),
         forward: forward_reload,
+        enroll_tls,
     };
     let reloading = runtime::reload::spawn(reload_interval, token.clone(), reload)
         .map_err(|e| Error::Quic(local, format!("cannot handle SIGHUP: {e}")))?;
@@ -301,6 +332,46 @@ fn log_listening(local: SocketAddr, grpc: Option<SocketAddr>, identity: &certs::
         expires_in_days = identity.info().seconds_to_expiry() / 86_400,
         "sink listening for agents (mutual TLS)"
     );
+}
+
+/// What enrollment runs with: its listener, its TLS configuration (swapped on reload), and
+/// its state.
+type Enrollment = (
+    tokio::net::TcpListener,
+    Arc<Swap<rustls::ServerConfig>>,
+    Arc<enroll::Enrollments>,
+);
+
+/// Opens the issuing CA folder and sets up the enrollment port on `listener`.
+fn start_enrollment(
+    listener: TcpListener,
+    loaded: &certs::Loaded,
+    shared: &Arc<Shared>,
+) -> Result<Enrollment, Error> {
+    let options = shared
+        .config
+        .enroll
+        .as_ref()
+        .ok_or_else(|| Error::Enroll("no --enroll-issuer".into()))?;
+    let issuer =
+        enroll::issuer::Issuer::open(&options.issuer, options.validity).map_err(Error::Enroll)?;
+    let tls =
+        certs::enroll_tls::enrollment_server_config(&loaded.ca, issuer.root(), &loaded.identity)?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::Enroll(e.to_string()))?;
+    let listener = listener
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpListener::from_std(listener))
+        .map_err(|e| Error::Enroll(format!("{addr}: {e}")))?;
+    tracing::info!(
+        enroll_listen = %addr,
+        issuer = issuer.name(),
+        validity = ?options.validity,
+        "serving enrollment (one-time tokens, renewal)"
+    );
+    let enrollments = enroll::Enrollments::new(issuer, shared.clone(), shared.metrics.registry());
+    Ok((listener, Arc::new(Swap::new(tls)), Arc::new(enrollments)))
 }
 
 /// Opens the sink's certificate files: the reloader that watches them, and what they hold.

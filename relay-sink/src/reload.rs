@@ -77,6 +77,14 @@ pub(crate) struct SinkReload {
     pub(crate) shared: Arc<Shared>,
     /// The destinations' routes, when they came from a config file.
     pub(crate) forward: Option<forward::ForwardReload>,
+    /// The enrollment port's configuration, when it is served.
+    pub(crate) enroll_tls: Option<EnrollTls>,
+}
+
+/// Where the enrollment port's TLS configuration is put in use, and the root it serves.
+pub(crate) struct EnrollTls {
+    pub(crate) swap: Arc<Swap<rustls::ServerConfig>>,
+    pub(crate) root: rustls::pki_types::CertificateDer<'static>,
 }
 
 impl Reload for SinkReload {
@@ -140,6 +148,18 @@ impl SinkReload {
             Ok(tls) => {
                 self.endpoint.set_server_config(Some(tls.quic));
                 self.grpc_tls.set(tls.grpc);
+                if let Some(enroll) = &self.enroll_tls {
+                    match certs::enroll_tls::enrollment_server_config(
+                        &loaded.ca,
+                        &enroll.root,
+                        &loaded.identity,
+                    ) {
+                        Ok(config) => enroll.swap.set(config),
+                        Err(error) => {
+                            tracing::error!(%error, "the enrollment port keeps its certificate: the new one does not make its configuration");
+                        }
+                    }
+                }
                 true
             }
             Err(error) => {

@@ -127,6 +127,16 @@ pub fn spawn(
     }))
 }
 
+/// Prompts the reload of this process now, as a SIGHUP does (for a process that has just
+/// replaced its own certificate file, say). Needs [`spawn`]'s handler in place.
+///
+/// # Errors
+///
+/// When the signal cannot be sent.
+pub fn prompt() -> std::io::Result<()> {
+    nix::sys::signal::raise(nix::sys::signal::Signal::SIGHUP).map_err(std::io::Error::from)
+}
+
 /// A value swapped whole while readers take it (a TLS configuration): readers get the one
 /// current when they ask and keep it as long as they need it.
 #[derive(Debug)]

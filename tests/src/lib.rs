@@ -15,6 +15,7 @@
 //! - [`procfs`] reads what `/proc` says of a process: memory, CPU time, threads, fds.
 //! - [`prometheus`] runs a real Prometheus server scraping the binaries, and `promtool`.
 //! - [`tshark`] writes datagrams to a capture file and has Wireshark decode them.
+//! - [`enroll`] runs a sink that serves enrollment, with a root and an issuing CA.
 //!
 //! Every wait has a deadline and fails with the daemon's logs attached.
 
@@ -28,6 +29,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod bare;
+pub mod enroll;
 pub mod fixture;
 pub mod http;
 pub mod impair;
