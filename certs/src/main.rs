@@ -295,7 +295,7 @@ fn init_issuer(args: InitIssuerArgs) -> anyhow::Result<()> {
     store::write(&root_copy, root_pem.as_bytes(), Secrecy::Public)?;
     store::write(
         &crl,
-        issuer.empty_crl(CRL_DAYS)?.as_bytes(),
+        crl_file(&issuer, &issuer.empty_crl(CRL_DAYS)?).as_bytes(),
         Secrecy::Public,
     )?;
     let info = CertInfo::from_pem(issuer.cert_pem())?;
@@ -438,7 +438,7 @@ fn revoke(args: RevokeArgs) -> anyhow::Result<()> {
     let crl = ca
         .revoke(previous.as_deref(), &serial, args.days)
         .with_context(|| path.display().to_string())?;
-    store::write(&path, crl.pem.as_bytes(), Secrecy::Public)?;
+    store::write(&path, crl_file(&ca, &crl.pem).as_bytes(), Secrecy::Public)?;
     println!(
         "{} {what}: wrote {} (CRL number {}, {} revoked, next update {})",
         if crl.already_listed {
@@ -526,6 +526,16 @@ fn token(args: &TokenArgs) -> anyhow::Result<()> {
     );
     println!("{token}");
     Ok(())
+}
+
+/// What `crl.pem` holds: the list, and for an issuing CA its certificate after it, so that a
+/// sink that trusts only the root can check who signed the list.
+fn crl_file(ca: &Ca, crl_pem: &str) -> String {
+    if ca.is_issuer() {
+        format!("{crl_pem}{}", ca.cert_pem())
+    } else {
+        crl_pem.to_owned()
+    }
 }
 
 /// The CA of `dir`: its issuing CA when it holds one, else its root.

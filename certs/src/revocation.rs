@@ -15,10 +15,10 @@
 //! CA file (by subject and signature). A CRL that fails is refused as a whole, so a corrupt or
 //! foreign list can neither lock out every agent nor silently revoke nothing.
 //!
-//! An issuing CA keeps its own `crl.pem` (signed by it) for the leaves it issued. The sink
-//! checks a CRL against the CA certificates of its CA file, which holds the root only, so it
-//! can use the root's list; an issuing CA's list is for its own records until the sink learns
-//! the issuing CA's certificate.
+//! An issuing CA keeps its own `crl.pem` (signed by it) for the leaves it issued, with its
+//! certificate after the list. The sink accepts a list signed by a CA certificate of its CA
+//! file, or by a CA certificate in the CRL file itself that one of those signed (so a sink
+//! that trusts only the root can use the issuing CA's list).
 //!
 //! What this deliberately does not do: fetch CRLs (no distribution points, no OCSP), or check
 //! CA certificates against a list (only the agent's own certificate is checked; to distrust an
@@ -73,19 +73,21 @@ impl Revocation {
                 "no CRL found (expected a PEM \"X509 CRL\" block)".into(),
             ));
         }
+        let signers = signers(&cas, crl_pem);
         let mut revoked = HashSet::new();
         for der in &crls {
             let (_, crl) = CertificateRevocationList::from_der(der)
                 .map_err(|e| refuse(format!("not a CRL: {e}")))?;
             let issuer = crl.issuer().to_string();
-            let signed = cas.iter().any(|ca| {
+            let signed = signers.iter().any(|ca| {
                 X509Certificate::from_der(ca).is_ok_and(|(_, ca)| {
                     ca.subject() == crl.issuer() && crl.verify_signature(ca.public_key()).is_ok()
                 })
             });
             if !signed {
                 return Err(refuse(format!(
-                    "not signed by a CA of the CA file (CRL issuer {issuer:?})"
+                    "not signed by a CA of the CA file, nor by an issuing CA of it whose \
+                     certificate the file holds (CRL issuer {issuer:?})"
                 )));
             }
             for entry in crl.iter_revoked_certificates() {
@@ -115,6 +117,28 @@ impl Revocation {
     pub fn is_empty(&self) -> bool {
         self.revoked.is_empty()
     }
+}
+
+/// Who may sign a CRL: the CA certificates of the CA file, and the CA certificates found in
+/// the CRL file that one of them signed (an issuing CA's, written after its list).
+fn signers<'a>(cas: &'a [CertificateDer<'static>], crl_pem: &[u8]) -> Vec<CertificateDer<'a>> {
+    let mut signers: Vec<CertificateDer<'a>> = cas.to_vec();
+    for cert in CertificateDer::pem_slice_iter(crl_pem).flatten() {
+        let Ok((_, issuing)) = X509Certificate::from_der(&cert) else {
+            continue;
+        };
+        let vouched = issuing.is_ca()
+            && cas.iter().any(|ca| {
+                X509Certificate::from_der(ca).is_ok_and(|(_, ca)| {
+                    ca.subject() == issuing.issuer()
+                        && issuing.verify_signature(Some(ca.public_key())).is_ok()
+                })
+            });
+        if vouched {
+            signers.push(cert);
+        }
+    }
+    signers
 }
 
 /// A CRL written by [`Ca::revoke`].
@@ -344,6 +368,46 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("no CRL found"), "{error}");
+    }
+
+    #[test]
+    fn an_issuing_cas_list_with_its_certificate_is_used_under_the_root_alone() {
+        let root = Ca::generate("relay root", 30).unwrap();
+        let issuer = Ca::generate_issuer(&root, "relay issuer", 30).unwrap();
+        let leaf = issuer.issue(&Leaf::new(Role::Agent, "site-a", 1)).unwrap();
+        let crl = issuer
+            .revoke(None, &serial_of(&leaf.cert_pem).unwrap(), 30)
+            .unwrap();
+        let root_pem = root.cert_pem().as_bytes();
+        // The list alone: its signer is not in the CA file.
+        let error = Revocation::from_pem(crl.pem.as_bytes(), root_pem, "crl.pem")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("not signed by a CA"), "{error}");
+        // With the issuing CA's certificate after it, as relay-certs writes it.
+        let file = format!("{}{}", crl.pem, issuer.cert_pem());
+        let revocation = Revocation::from_pem(file.as_bytes(), root_pem, "crl.pem").unwrap();
+        assert!(revocation.is_revoked(&CertInfo::from_pem(&leaf.cert_pem).unwrap()));
+        let anchors = TrustAnchors::from_pem(root.cert_pem(), "ca.pem").unwrap();
+        let verifier = load::client_verifier(&anchors, &revocation).unwrap();
+        let refused = verifier
+            .verify_client_cert(
+                &der(&leaf.cert_pem),
+                &[der(issuer.cert_pem())],
+                UnixTime::now(),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("Revoked"), "{refused}");
+        // An issuing CA of another root, appended, vouches for nothing.
+        let other_root = Ca::generate("relay root", 30).unwrap();
+        let other = Ca::generate_issuer(&other_root, "relay issuer", 30).unwrap();
+        let stranger = other.issue(&Leaf::new(Role::Agent, "x", 1)).unwrap();
+        let theirs = other
+            .revoke(None, &serial_of(&stranger.cert_pem).unwrap(), 30)
+            .unwrap();
+        let file = format!("{}{}", theirs.pem, other.cert_pem());
+        assert!(Revocation::from_pem(file.as_bytes(), root_pem, "crl.pem").is_err());
     }
 
     #[test]
