@@ -40,6 +40,9 @@ pub(crate) use service::Enrollments;
 /// Connections open at once on the enrollment port, handshakes included.
 const MAX_CONNECTIONS: usize = 256;
 
+/// Calls in progress at once on one connection (an agent makes one).
+const MAX_CALLS_PER_CONNECTION: u32 = 16;
+
 /// The largest request accepted: a token and a signing request are a few kilobytes.
 const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
@@ -69,7 +72,7 @@ pub(crate) async fn serve(
     )
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let served = tonic::transport::Server::builder()
-        .max_concurrent_streams(4)
+        .max_concurrent_streams(MAX_CALLS_PER_CONNECTION)
         .timeout(Duration::from_secs(10))
         .serve_with_incoming_shutdown(
             service,

@@ -74,7 +74,8 @@ fn the_enrollment_port_survives_garbage_and_a_burst_of_bad_tokens() {
         assert!(closed_after(e.enroll_addr, get), "plaintext HTTP: closed");
     }
 
-    // 1,000 bad tokens, 16 calls at a time, over TLS to the right sink.
+    // 1,000 bad tokens, 16 calls at a time (the most the port takes on one connection), over
+    // TLS to the right sink.
     let root = CertificateDer::from_pem_slice(&std::fs::read(e.pki.ca()).unwrap()).unwrap();
     let tls = pinned_client_config(fingerprint(&root)).unwrap();
     let csr = certs::request::make("site-b").unwrap().csr_pem;
