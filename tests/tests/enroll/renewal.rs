@@ -3,9 +3,9 @@
 //! agent's renewal is refused and it keeps its certificate until it expires.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use relay_tests::enroll::{Enrollment, certs};
+use relay_tests::enroll::{Enrollment, certs as run_certs};
 use relay_tests::sflow::{SflowGen, StreamReport, stream_position};
 use relay_tests::stream::send_stream;
 use relay_tests::{Daemon, field, message, metrics, metrics_addr, start_agent};
@@ -98,7 +98,7 @@ fn a_revoked_agents_renewal_is_refused_and_it_keeps_its_certificate_until_it_exp
     let site = e.dir.path().join("site");
     let (agent, _) = enrolled_agent(&e, "site-x", &site);
     let held = std::fs::read_to_string(site.join("agent.pem")).unwrap();
-    certs(&[
+    run_certs(&[
         "revoke",
         "--dir",
         &relay_tests::path(&e.issuer),
@@ -115,15 +115,29 @@ fn a_revoked_agents_renewal_is_refused_and_it_keeps_its_certificate_until_it_exp
     );
     assert!(field(&refusal, "error").contains("revoked"), "{refusal}");
     e.wait_decision("revoked");
-    let started = Instant::now();
-    // Until its expiry (at most 60 s from its issue), the certificate in use stays.
-    while started.elapsed() < Duration::from_secs(5) {
+    // Until its expiry (60 s from its issue), the certificate in use stays; then the agent
+    // says it must enroll again.
+    let not_after = certs::CertInfo::from_pem(&held).unwrap().not_after;
+    while time::OffsetDateTime::now_utc() < not_after + time::Duration::seconds(1) {
         assert_eq!(
             std::fs::read_to_string(site.join("agent.pem")).unwrap(),
             held
         );
         std::thread::sleep(Duration::from_millis(500));
     }
+    agent.wait_for_event("the expiry", Duration::from_secs(10), |ev| {
+        message(ev).contains("has expired and cannot renew")
+    });
+    let scrape = metrics::Scrape::of(metrics_addr(&agent));
+    let renewals = |outcome| {
+        scrape.value_or_zero(
+            "relay_agent_certificate_renewals_total",
+            &[("outcome", outcome)],
+        )
+    };
+    assert!(renewals("refused") >= 1.0);
+    assert_eq!(renewals("expired"), 1.0);
+    assert_eq!(renewals("renewed"), 0.0);
     assert!(
         !agent
             .events()
