@@ -68,6 +68,7 @@ pub use metrics::Metrics;
 use reload::Tls;
 use replay::Replay;
 use runtime::reload::Swap;
+use rustls::pki_types::pem::PemObject as _;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -355,6 +356,27 @@ fn start_enrollment(
         .ok_or_else(|| Error::Enroll("no --enroll-issuer".into()))?;
     let issuer =
         enroll::issuer::Issuer::open(&options.issuer, options.validity).map_err(Error::Enroll)?;
+    // Agents that enroll trust this root alone: the sink's own certificate must lead to it.
+    let root = certs::TrustAnchors::from_pem(issuer.root_pem(), "the issuer's ca.pem")?;
+    certs::check_chain(&root, &loaded.identity, certs::Role::Sink).map_err(|e| {
+        Error::Enroll(format!(
+            "this sink's certificate is not under the root CA of {} ({e}): agents that enroll would refuse it",
+            options.issuer.display()
+        ))
+    })?;
+    // And the agents it enrolls must get in: --ca must hold that root.
+    let ca_file = std::fs::read(&shared.config.ca).unwrap_or_default();
+    let root_fingerprint = certs::token::fingerprint(issuer.root());
+    let trusted = rustls::pki_types::CertificateDer::pem_slice_iter(&ca_file)
+        .flatten()
+        .any(|ca| certs::token::fingerprint(&ca) == root_fingerprint);
+    if !trusted {
+        return Err(Error::Enroll(format!(
+            "--ca {} does not hold the root CA of {}: the agents it enrolls could not connect",
+            shared.config.ca.display(),
+            options.issuer.display()
+        )));
+    }
     let tls =
         certs::enroll_tls::enrollment_server_config(&loaded.ca, issuer.root(), &loaded.identity)?;
     let addr = listener

@@ -284,6 +284,11 @@ impl Issuer {
         })
     }
 
+    /// The root CA certificate, PEM.
+    pub(crate) fn root_pem(&self) -> &str {
+        &self.root_pem
+    }
+
     /// The root CA certificate (appended to the chain the enrollment port serves).
     pub(crate) fn root(&self) -> &CertificateDer<'static> {
         &self.root

@@ -252,3 +252,42 @@ fn call(
             .map(tonic::Response::into_inner)
     })
 }
+
+#[test]
+fn a_sink_not_under_the_issuers_root_does_not_start_enrollment() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&dir.path().join("pki"));
+    let other_dir = dir.path().join("other");
+    let _other = Pki::new(&other_dir);
+    certs(&[
+        "init-issuer",
+        "--dir",
+        &relay_tests::path(&other_dir),
+        "--name",
+        "theirs",
+    ]);
+    let (cert, key) = pki.sink_cert("sink");
+    let mut sink = relay_tests::Daemon::spawn(
+        "relay-sink",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--ca",
+            &relay_tests::path(&pki.ca()),
+            "--cert",
+            &relay_tests::path(&cert),
+            "--key",
+            &relay_tests::path(&key),
+            "--forward",
+            "127.0.0.1:9",
+            "--enroll-listen",
+            "127.0.0.1:0",
+            "--enroll-issuer",
+            &relay_tests::path(&other_dir.join("issuer")),
+        ],
+    );
+    let status = sink.wait_exit(std::time::Duration::from_secs(10));
+    assert!(!status.success());
+    let said = sink.lines().join("\n");
+    assert!(said.contains("not under the root CA"), "{said}");
+}
