@@ -164,7 +164,11 @@ pub(crate) async fn run(renewal: Renewal, metrics: RenewMetrics, token: Cancella
             tracing::error!(cert = %label, expired = %certs::inspect::rfc3339(info.not_after), "the certificate has expired and cannot renew: enroll again with a new token (relay-agent enroll)");
             return;
         }
-        match attempt(&renewal, &held).await {
+        let attempted = tokio::select! {
+            attempted = attempt(&renewal, &held) => attempted,
+            () = token.cancelled() => return,
+        };
+        match attempted {
             Ok(not_after) => {
                 metrics.outcomes.with_label_values(&["renewed"]).inc();
                 tracing::info!(cert = %label, agent = held.identity.name(), until = %not_after, "certificate renewed; the next connections use it");
