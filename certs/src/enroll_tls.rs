@@ -167,37 +167,9 @@ impl ServerCertVerifier for PinnedRoot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::handshake;
     use crate::{Ca, Leaf, Role};
     use rustls::pki_types::pem::PemObject;
-    use rustls::{ClientConnection, ServerConnection};
-
-    /// Runs a handshake in memory; the error of the side that failed.
-    fn handshake(
-        client: rustls::ClientConfig,
-        server: rustls::ServerConfig,
-        name: &str,
-    ) -> Result<ServerConnection, rustls::Error> {
-        let mut c = ClientConnection::new(Arc::new(client), name.to_owned().try_into().unwrap())?;
-        let mut s = ServerConnection::new(Arc::new(server))?;
-        for _ in 0..10 {
-            let mut buf = Vec::new();
-            while c.wants_write() {
-                c.write_tls(&mut buf).unwrap();
-            }
-            s.read_tls(&mut buf.as_slice()).unwrap();
-            s.process_new_packets()?;
-            let mut back = Vec::new();
-            while s.wants_write() {
-                s.write_tls(&mut back).unwrap();
-            }
-            c.read_tls(&mut back.as_slice()).unwrap();
-            c.process_new_packets()?;
-            if !c.is_handshaking() && !s.is_handshaking() {
-                return Ok(s);
-            }
-        }
-        panic!("handshake did not finish");
-    }
 
     struct Pki {
         root: Ca,

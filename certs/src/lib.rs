@@ -34,6 +34,8 @@ pub mod reload;
 pub mod request;
 pub mod revocation;
 pub mod store;
+#[cfg(test)]
+mod testing;
 pub mod token;
 
 pub use inspect::CertInfo;

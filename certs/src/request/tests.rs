@@ -1,8 +1,6 @@
 //! Requests: made, read, refused, signed; and a leaf signed by an issuing CA accepted through
 //! its chain by the relay's own TLS configurations with only the root as CA.
 
-use std::sync::Arc;
-
 use rcgen::{
     BasicConstraints, CertificateParams, CustomExtension, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose, SanType,
@@ -11,6 +9,7 @@ use rustls::pki_types::CertificateSigningRequestDer;
 use rustls::pki_types::pem::PemObject;
 
 use super::*;
+use crate::testing::handshake;
 use crate::{Identity, TrustAnchors, client_config, server_config};
 
 /// A request for `name` by a fresh key, after `edit` changed its parameters.
@@ -225,35 +224,6 @@ fn a_signed_request_is_an_agent_certificate_for_its_name_and_key() {
         )
         .unwrap_err();
     assert!(matches!(error, Error::Validity(_)), "{error}");
-}
-
-/// Runs a TLS handshake in memory between the relay's own client and server configurations.
-fn handshake(
-    client: rustls::ClientConfig,
-    server: rustls::ServerConfig,
-    server_name: &str,
-) -> Result<(), rustls::Error> {
-    let name = rustls::pki_types::ServerName::try_from(server_name.to_owned()).unwrap();
-    let mut client = rustls::ClientConnection::new(Arc::new(client), name)?;
-    let mut server = rustls::ServerConnection::new(Arc::new(server))?;
-    for _ in 0..10 {
-        let mut buf = Vec::new();
-        while client.wants_write() {
-            client.write_tls(&mut buf).unwrap();
-        }
-        server.read_tls(&mut buf.as_slice()).unwrap();
-        server.process_new_packets()?;
-        let mut buf = Vec::new();
-        while server.wants_write() {
-            server.write_tls(&mut buf).unwrap();
-        }
-        client.read_tls(&mut buf.as_slice()).unwrap();
-        client.process_new_packets()?;
-        if !client.is_handshaking() && !server.is_handshaking() {
-            return Ok(());
-        }
-    }
-    panic!("the handshake did not finish in 10 rounds");
 }
 
 #[test]
