@@ -56,6 +56,10 @@
 //! `--sflow-interfaces N` is another: the sink's memory for N interfaces of
 //! `--sflow-metrics` (see [`interfaces`]; issue 18: 10,000 within 16 MiB).
 //!
+//! `--wire-ratio` is another: the bytes QUIC puts on the wire for the sFlow bytes carried, on
+//! random and on text payloads, beside one-shot `zstd -1` of the same datagrams (see [`wire`];
+//! issue 20).
+//!
 //! `--scale` is a separate mode: 1,000 agents (the agent's library, in this process) connect
 //! at once to one relay-sink process and each relays `--scale-rate` datagrams a second for
 //! `--scale-duration`; it reports delivery and the sink's CPU and memory. See [`scale`].
@@ -68,6 +72,7 @@ mod paths;
 mod procs;
 mod report;
 mod scale;
+mod wire;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -90,6 +95,8 @@ struct Cli {
     scale: scale::ScaleArgs,
     #[command(flatten)]
     interfaces: interfaces::InterfacesArgs,
+    #[command(flatten)]
+    wire: wire::WireArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -163,6 +170,13 @@ fn main() {
                 .unwrap_or_else(|| "target/relay-perf-sflow-interfaces.json".into());
             let n = cli.interfaces.sflow_interfaces.unwrap_or(10_000);
             write_json(&json, &interfaces::run(n));
+        }
+        None if cli.wire.wire_ratio => {
+            let json = cli
+                .bench
+                .json
+                .unwrap_or_else(|| "target/relay-perf-wire.json".into());
+            write_json(&json, &wire::run(&cli.wire));
         }
         None if cli.scale.scale => {
             let json = cli
