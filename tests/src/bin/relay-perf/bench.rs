@@ -162,14 +162,15 @@ impl PathResult {
 
 /// Runs every path of `args` and reports.
 pub(crate) fn run(args: &BenchArgs, json: &Path) {
-    let mut sflow = SflowGen::new(8, 2, 7);
+    let mut sflow = SflowGen::new(8, 2, 7).with_payload(args.payload.into());
     let pool: Vec<Vec<u8>> = (0..16_384).map(|_| sflow.datagram()).collect();
     let mean_len = pool.iter().map(Vec::len).sum::<usize>() / pool.len();
     eprintln!(
-        "relay-perf: {} paths, {} searches each, trials of {:?}, datagrams of {mean_len} bytes on average",
+        "relay-perf: {} paths, {} searches each, trials of {:?}, datagrams of {mean_len} bytes on average, {:?} payloads",
         args.paths.len(),
         args.repeats,
-        args.trial
+        args.trial,
+        args.payload
     );
     // Build (or find) the release binaries before timing anything.
     let _ = bin("relay-agent");

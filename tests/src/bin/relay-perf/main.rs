@@ -99,6 +99,22 @@ struct Cli {
     wire: wire::WireArgs,
 }
 
+/// `--payload`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum PayloadArg {
+    Text,
+    Random,
+}
+
+impl From<PayloadArg> for relay_tests::sflow::Payload {
+    fn from(p: PayloadArg) -> Self {
+        match p {
+            PayloadArg::Text => Self::Text,
+            PayloadArg::Random => Self::Random,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// The plain UDP forwarder of the `forwarder` path (run by the benchmark itself).
@@ -109,6 +125,11 @@ enum Command {
 /// Options of the default run (all paths).
 #[derive(Debug, Clone, clap::Args)]
 struct BenchArgs {
+    /// What the generator's sampled packets carry: `text` (its first profile, which
+    /// compresses far better than real traffic) or `random` (incompressible payloads, as
+    /// encrypted traffic; issue 20's generator).
+    #[arg(long, value_enum, default_value_t = PayloadArg::Text)]
+    payload: PayloadArg,
     /// Paths to measure, in order.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = PathKind::ALL)]
     paths: Vec<PathKind>,
