@@ -8,11 +8,11 @@
 //! bytes). Beside it, what one-shot `zstd -1` makes of the same datagrams as one stream: the
 //! bar issue 20 sets (at most 0.9 × that on random payloads, at most 0.45 on text).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use relay_tests::metrics::Scrape;
 use relay_tests::sflow::{Payload, SflowGen};
-use relay_tests::{Pki, UdpCapture, metrics_addr, start_agent, start_sink};
+use relay_tests::{Pki, UdpCapture, metrics_addr, send_at_rate, start_agent, start_sink};
 use serde_json::{Value, json};
 
 /// Options of `--wire-ratio`.
@@ -57,16 +57,7 @@ fn relay(datagrams: &[Vec<u8>], rate: u32, agent_args: &[&str]) -> Measured {
     );
     agent.wait_for("connected to sink");
     let metrics = metrics_addr(&agent);
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind sender");
-    let start = Instant::now();
-    for (i, d) in datagrams.iter().enumerate() {
-        let due = start + Duration::from_secs_f64(i as f64 / f64::from(rate));
-        if let Some(wait) = due.checked_duration_since(Instant::now()) {
-            // Pacing the sender at `rate`.
-            std::thread::sleep(wait);
-        }
-        socket.send_to(d, listen).expect("send");
-    }
+    send_at_rate(listen, datagrams, rate);
     assert!(
         receiver.wait_until(Duration::from_secs(30), |r| r.len() >= datagrams.len()),
         "only {} of {} arrived",
