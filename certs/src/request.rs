@@ -149,6 +149,15 @@ pub fn make(name: &str) -> Result<Request, Error> {
     request(&key, name)
 }
 
+/// A new ECDSA P-256 private key, PEM (PKCS#8), for [`with_key`].
+///
+/// # Errors
+///
+/// [`Error::Certs`] when key generation fails.
+pub fn new_key() -> Result<String, Error> {
+    Ok(KeyPair::generate()?.serialize_pem())
+}
+
 /// A request for `name` signed by an existing key (PEM), to keep the key across a retry or a
 /// renewal.
 ///
@@ -410,7 +419,20 @@ impl Ca {
     /// As [`read`]; [`Error::Validity`] for an empty window; [`Error::Certs`] when signing
     /// fails.
     pub fn sign_request(&self, csr: &[u8], validity: Validity) -> Result<Signed, Error> {
-        let requested = read(csr)?;
+        self.sign_requested(read(csr)?, validity)
+    }
+
+    /// [`sign_request`](Self::sign_request) for a request already [`read`] (so that a caller
+    /// that checks it first, for its name, does not parse and verify it twice).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Validity`] for an empty window; [`Error::Certs`] when signing fails.
+    pub fn sign_requested(
+        &self,
+        requested: Requested,
+        validity: Validity,
+    ) -> Result<Signed, Error> {
         let key = rcgen::SubjectPublicKeyInfo::from_der(&requested.public_key_der)?;
         let (not_before, not_after) = validity.window(OffsetDateTime::now_utc())?;
         let (_, ca_not_after) = self.constraints()?;

@@ -243,10 +243,10 @@ fn key(dir: &Path) -> Result<String, EnrollError> {
             Ok(pem)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let request = certs::request::make("key")
+            let key_pem = certs::request::new_key()
                 .map_err(|e| EnrollError::Usage(format!("cannot make a key: {e}")))?;
-            write(&path, request.key_pem.as_bytes(), Secrecy::Private)?;
-            Ok(request.key_pem)
+            write(&path, key_pem.as_bytes(), Secrecy::Private)?;
+            Ok(key_pem)
         }
         Err(e) => Err(EnrollError::Files(format!(
             "cannot read {}: {e}",

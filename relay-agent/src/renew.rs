@@ -212,10 +212,19 @@ struct Held {
 impl Held {
     fn read(renewal: &Renewal) -> Result<Self, String> {
         let ca = certs::TrustAnchors::load(&renewal.ca).map_err(|e| e.to_string())?;
-        let identity =
-            certs::Identity::load(&renewal.cert, &renewal.key).map_err(|e| e.to_string())?;
-        let key_pem = std::fs::read_to_string(&renewal.key)
-            .map_err(|e| format!("cannot read {}: {e}", renewal.key.display()))?;
+        let read = |path: &Path| {
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))
+        };
+        // Each file read once: the key is needed as text too, for the signing request.
+        let key_pem = read(&renewal.key)?;
+        let identity = certs::Identity::from_pem(
+            &read(&renewal.cert)?,
+            &key_pem,
+            &renewal.cert.display().to_string(),
+            &renewal.key.display().to_string(),
+        )
+        .map_err(|e| e.to_string())?;
         Ok(Self {
             ca,
             identity,

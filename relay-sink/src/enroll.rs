@@ -99,58 +99,65 @@ async fn accept(
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let full = runtime::ratelimit::RateLimit::new(Duration::from_secs(60));
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = token.cancelled() => return,
-        };
-        let (tcp, remote) = match accepted {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                tracing::warn!(%error, "cannot accept a connection on the enrollment port");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+    let watch = token.clone();
+    runtime::grpc::accept_until(&listener, &watch, "enroll", |tcp, remote| {
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             drop(tcp);
             if let Some(more) = full.check() {
                 tracing::warn!(%remote, limit = MAX_CONNECTIONS, earlier_not_logged = more, "enrollment port: too many connections, closing a new one");
             }
-            continue;
+            return;
         };
         let acceptor = TlsAcceptor::from(tls.get());
-        let (connections, token) = (connections.clone(), token.clone());
-        handshakes.spawn(async move {
-            let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp));
-            let tls = tokio::select! {
-                result = handshake => match result {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(error)) => {
-                        tracing::debug!(%remote, %error, "enrollment port: TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => return,
-                },
-                () = token.cancelled() => return,
-            };
-            let chain = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
-            let io = CallerIo {
-                tls,
-                _slot: slot,
-                caller: Caller {
-                    remote,
-                    chain: chain.map(Arc::new),
-                },
-                deadline: Box::pin(tokio::time::sleep(CONNECTION_LIFETIME)),
-            };
-            let _ = connections.send(io).await;
-        });
-    }
+        handshakes.spawn(handshake(
+            tcp,
+            remote,
+            slot,
+            acceptor,
+            handshake_timeout,
+            connections.clone(),
+            token.clone(),
+        ));
+    })
+    .await;
+}
+
+/// Handshakes one connection (within `timeout`) and hands it to the server with its caller.
+async fn handshake(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    slot: tokio::sync::OwnedSemaphorePermit,
+    acceptor: TlsAcceptor,
+    timeout: Duration,
+    connections: mpsc::Sender<CallerIo>,
+    token: CancellationToken,
+) {
+    let tls = tokio::select! {
+        result = tokio::time::timeout(timeout, acceptor.accept(tcp)) => match result {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(error)) => {
+                tracing::debug!(%remote, %error, "enrollment port: TLS handshake failed");
+                return;
+            }
+            Err(_) => return,
+        },
+        () = token.cancelled() => return,
+    };
+    let chain = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
+    let io = CallerIo {
+        tls,
+        _slot: slot,
+        caller: Caller {
+            remote,
+            chain: chain.map(Arc::new),
+        },
+        deadline: Box::pin(tokio::time::sleep(CONNECTION_LIFETIME)),
+    };
+    let _ = connections.send(io).await;
 }
 
 /// Who called: where from, and the certificate chain presented, if any (verified by the

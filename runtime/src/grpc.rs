@@ -4,6 +4,8 @@
 //! are full of NATs and load balancers that forget an idle TCP flow after a few minutes (AWS
 //! NLB 350 s, Azure LB 4 min, many home and corporate NATs less), so both ends send HTTP/2
 //! PINGs while the link is idle, and give up on a peer that stops answering them.
+//!
+//! [`accept_until`] is the accept loop of the sink's gRPC ports (the relay's and enrollment's).
 
 use std::time::Duration;
 
@@ -65,4 +67,29 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
         source = inner.source();
     }
     text
+}
+
+/// Accepts TCP connections on `listener` until `token` is cancelled, handing each to
+/// `accepted` (which must not wait: spawn the handshake). An accept error (out of file
+/// descriptors, usually) is logged, naming `port`, and retried after 100 ms rather than spun
+/// on.
+pub async fn accept_until(
+    listener: &tokio::net::TcpListener,
+    token: &tokio_util::sync::CancellationToken,
+    port: &str,
+    mut accepted: impl FnMut(tokio::net::TcpStream, std::net::SocketAddr),
+) {
+    loop {
+        let result = tokio::select! {
+            result = listener.accept() => result,
+            () = token.cancelled() => return,
+        };
+        match result {
+            Ok((tcp, remote)) => accepted(tcp, remote),
+            Err(error) => {
+                tracing::warn!(%error, port, "cannot accept a TCP connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }

@@ -354,7 +354,7 @@ impl Issuer {
             Err(e) => return refuse(Outcome::LedgerUnavailable, e.to_string()),
         };
         let mut granted = self
-            .sign(csr_der)
+            .sign(requested)
             .map_err(|r| r.about(&token.name, Some(&id)))?;
         granted.token_id = Some(id);
         granted.again = again;
@@ -375,18 +375,19 @@ impl Issuer {
             )
             .about(name, None));
         }
-        self.sign(csr_der).map_err(|r| r.about(name, None))
+        self.sign(requested).map_err(|r| r.about(name, None))
     }
 
-    fn sign(&self, csr_der: &[u8]) -> Result<Granted, Refusal> {
+    /// Signs a request already read (and checked by the caller for its name).
+    fn sign(&self, requested: certs::Requested) -> Result<Granted, Refusal> {
         let now = OffsetDateTime::now_utc();
         // Backdated a little for clocks behind ours, by at most a tenth of the lifetime.
         let validity = time::Duration::try_from(self.validity).unwrap_or(time::Duration::DAY);
         let backdate = (validity / 10_i32).min(time::Duration::minutes(5));
         let signed = self
             .ca
-            .sign_request(
-                csr_der,
+            .sign_requested(
+                requested,
                 certs::Validity::Between {
                     not_before: now - backdate,
                     not_after: now + validity,

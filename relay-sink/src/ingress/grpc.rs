@@ -104,25 +104,13 @@ async fn accept(
     token: CancellationToken,
     handshakes: TaskTracker,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = token.cancelled() => return,
-        };
-        let (tcp, remote) = match accepted {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                // Out of file descriptors, usually: wait a little rather than spin.
-                tracing::warn!(%error, "cannot accept a TCP connection");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+    let watch = token.clone();
+    runtime::grpc::accept_until(&listener, &watch, "grpc", |tcp, remote| {
         // A slot for the whole connection, handshake included; none left: closed at once.
         let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
             drop(tcp);
             admission::over_limit(&shared, GRPC, remote);
-            continue;
+            return;
         };
         let span = tracing::info_span!("agent", %remote);
         handshakes.spawn(
@@ -138,7 +126,8 @@ async fn accept(
             )
             .instrument(span),
         );
-    }
+    })
+    .await;
 }
 
 async fn handshake(
