@@ -60,10 +60,11 @@ fn batch(payloads: &[Vec<u8>], source: &str) -> pb::Batch {
 }
 
 fn compressed(b: &pb::Batch) -> pb::Batch {
-    let mut frame = BytesMut::new();
-    Compressor::new(DEFAULT_LEVEL)
+    let mut plain = BytesMut::new();
+    encode_frame(b, &mut plain);
+    let frame = Compressor::new(DEFAULT_LEVEL)
         .unwrap()
-        .encode_frame(&mut b.clone(), &mut frame)
+        .compress_frame(&plain.freeze(), false)
         .unwrap();
     pb::Batch::decode(&frame[4..]).unwrap()
 }

@@ -62,13 +62,23 @@ pub const ALPN: &[u8] = b"sflow-relay/1";
 /// can decompress prefers it; an older sink picks [`ALPN`] and gets plain batches.
 pub const ALPN_ZSTD: &[u8] = b"sflow-relay/1+zstd";
 
+/// ALPN protocol name of the same protocol with compressed batches accepted, also those made
+/// against the stream's history ([`compression::HISTORY_LEN`] bytes; `pb::Batch::zstd_prefix`).
+/// A sink older than it picks [`ALPN_ZSTD`], and gets batches compressed each on its own.
+pub const ALPN_ZSTD_HISTORY: &[u8] = b"sflow-relay/1+zstd-history";
+
 /// The relay protocols a peer of this release speaks, in order of preference: QUIC's ALPN list
 /// on both sides.
-pub const RELAY_ALPNS: &[&[u8]] = &[ALPN_ZSTD, ALPN];
+pub const RELAY_ALPNS: &[&[u8]] = &[ALPN_ZSTD_HISTORY, ALPN_ZSTD, ALPN];
 
 /// gRPC response header by which a sink accepts compressed batches (value `zstd`): the gRPC
 /// twin of [`ALPN_ZSTD`].
 pub const GRPC_COMPRESSION_HEADER: &str = "sflow-relay-compression";
+
+/// gRPC response header by which a sink accepts batches compressed against the call's history
+/// (value: the bytes of history it keeps, [`compression::HISTORY_LEN`]): the gRPC twin of
+/// [`ALPN_ZSTD_HISTORY`]. An older agent ignores it.
+pub const GRPC_HISTORY_HEADER: &str = "sflow-relay-zstd-history";
 
 /// ALPN protocol name on the gRPC (TCP) port: HTTP/2, as gRPC requires.
 pub const GRPC_ALPN: &[u8] = b"h2";

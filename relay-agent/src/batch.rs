@@ -61,8 +61,6 @@ pub(crate) struct Settings {
     pub(crate) session: u64,
     pub(crate) batch_bytes: usize,
     pub(crate) batch_delay: Duration,
-    /// zstd level; `None`: plain.
-    pub(crate) compression: Option<i32>,
 }
 
 /// Sinks that take the same datagrams, and the batch being made for them.
@@ -87,7 +85,6 @@ struct Batcher {
     filtering: bool,
     sinks: Vec<SinkQueue>,
     settings: Settings,
-    compressor: Option<proto::compression::Compressor>,
     metrics: Arc<Metrics>,
     /// The session of the next lane made (the first one's is given).
     next_session: Option<u64>,
@@ -103,21 +100,12 @@ pub(crate) async fn batch_loop(
     settings: Settings,
     metrics: Arc<Metrics>,
 ) {
-    // The level was checked at start-up; should zstd still refuse it, batches go plain.
-    let compressor = settings.compression.and_then(|level| {
-        proto::compression::Compressor::new(level)
-            .inspect_err(
-                |error| tracing::error!(%error, "zstd unavailable: batches go uncompressed"),
-            )
-            .ok()
-    });
     let mut batcher = Batcher {
         lanes: Vec::new(),
         filtering: false,
         next_session: Some(settings.session),
         sinks,
         settings,
-        compressor,
         metrics,
     };
     batcher.regroup(&routes.borrow_and_update());
@@ -272,7 +260,6 @@ impl Batcher {
             &mut lane.pending,
             lane.session,
             lane.sequence,
-            self.compressor.as_mut(),
             &self.metrics,
         );
         for &sink in &lane.sinks {
@@ -281,18 +268,17 @@ impl Batcher {
     }
 }
 
-/// Encodes `pending` as the batch (`session`, `sequence`), leaving `pending` empty for
-/// reuse.
+/// Encodes `pending` as the batch (`session`, `sequence`), plain (each link compresses what
+/// it sends, against its connection's history), leaving `pending` empty for reuse.
 fn encode(
     pending: &mut Vec<pb::Datagram>,
     session: u64,
     sequence: u64,
-    compressor: Option<&mut proto::compression::Compressor>,
     metrics: &Metrics,
 ) -> Frame {
     let datagrams = std::mem::take(pending);
     let count = datagrams.len() as u64;
-    let mut batch = pb::Batch {
+    let batch = pb::Batch {
         session,
         sequence,
         datagrams,
@@ -301,20 +287,10 @@ fn encode(
         timing: pb::Timing::Live.into(),
         ..Default::default()
     };
-    let mut buf = BytesMut::new();
-    let compressed = compressor.is_some_and(|compressor| {
-        compressor
-            .encode_frame(&mut batch, &mut buf)
-            .inspect_err(|error| {
-                tracing::warn!(%error, "batch compression failed: sent uncompressed");
-            })
-            .is_ok()
-    });
-    if !compressed {
-        buf.clear();
-        proto::wire::encode_frame(&batch, &mut buf);
-    }
-    metrics.frame_bytes.inc_by(buf.len() as u64);
+    let mut buf = BytesMut::with_capacity(
+        proto::wire::FRAME_HEADER_LEN + prost::Message::encoded_len(&batch),
+    );
+    proto::wire::encode_frame(&batch, &mut buf);
     // The datagrams' payloads are now copied into the frame; hand their vector back for reuse.
     *pending = batch.datagrams;
     pending.clear();
@@ -397,7 +373,6 @@ mod tests {
             session: 9,
             batch_bytes: 4000,
             batch_delay: Duration::from_millis(5),
-            compression: None,
         }
     }
 

@@ -160,7 +160,6 @@ pub async fn run(
             session: rand::random(),
             batch_bytes: config.batch_bytes,
             batch_delay: config.batch_delay,
-            compression: config.compression,
         },
         metrics.clone(),
     ));

@@ -109,6 +109,7 @@ impl Links {
                 credentials,
                 backlog.clone(),
                 link_metrics.clone(),
+                metrics.frame_bytes.clone(),
             )?;
             links.feeds.push(Feed {
                 index,
@@ -197,6 +198,7 @@ fn link(
     credentials: Arc<transport::Credentials>,
     backlog: Arc<backlog::Backlog>,
     metrics: Arc<SinkMetrics>,
+    frame_bytes: prometheus::IntCounter,
 ) -> Result<transport::Link, Error> {
     let quic = transport::quic::Connector {
         endpoint: endpoint.clone(),
@@ -222,6 +224,8 @@ fn link(
         released: 0,
         sent_through: 0,
         live_rate: transport::LiveRate::default(),
+        compressor: transport::compressor(config.compression),
+        frame_bytes,
     })
 }
 

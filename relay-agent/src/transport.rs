@@ -37,6 +37,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use proto::compression::{Accepts, Compressor};
 use runtime::reload::Swap;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -91,8 +92,8 @@ pub(crate) trait Wire: Send + Sync {
     /// The certificate chain the sink presented.
     fn peer_chain(&self) -> Option<Vec<CertificateDer<'static>>>;
 
-    /// Whether the sink takes compressed batches.
-    fn accepts_zstd(&self) -> bool;
+    /// What compression the sink takes.
+    fn accepts(&self) -> Accepts;
 
     /// The latest acknowledgement on this session.
     fn acked(&self) -> watch::Receiver<Acked>;
@@ -150,30 +151,53 @@ impl Session {
 /// are cumulative: the sink acknowledges batches in the order it received them.
 pub(crate) type Acked = Option<(u64, u64)>;
 
-/// The frame to send a sink: as it is when the sink takes compressed batches, else with its
-/// datagrams expanded (a sink older than compression; or batches compressed, and spooled,
-/// before this agent's compression was turned off); with `catch_up` (the agent's live rate),
-/// marked as catch-up.
+/// The link's compressor at zstd `level`; `None` (batches go plain) without a level, or
+/// should zstd refuse it (the level was checked at start-up).
+pub(crate) fn compressor(level: Option<i32>) -> Option<Compressor> {
+    level.and_then(|level| {
+        Compressor::new(level)
+            .inspect_err(
+                |error| tracing::error!(%error, "zstd unavailable: batches go uncompressed"),
+            )
+            .ok()
+    })
+}
+
+/// The frame to send a sink: compressed by `compressor` as far as the sink takes it (against
+/// the connection's history, or on its own), else as it is; a frame compressed earlier (by an
+/// earlier run, and spooled) goes as it is to a sink that takes compression and expanded to one
+/// that does not. With `catch_up` (the agent's live rate), marked as catch-up.
 fn frame_for(
     record: &Record,
     session: &Session,
+    compressor: Option<&mut Compressor>,
     catch_up: Option<u32>,
     sink: &SinkConfig,
 ) -> Result<Bytes, TransportError> {
-    let mut bytes = if session.wire.accepts_zstd() {
-        record.bytes.clone()
-    } else {
-        proto::compression::plain_frame(&record.bytes, proto::wire::DEFAULT_MAX_FRAME_LEN).map_err(
-            |e| {
-                TransportError::new(
-                    FailureKind::Other,
-                    session.transport,
-                    sink,
-                    format_args!("batch {} cannot be sent uncompressed: {e}", record.sequence),
-                )
-                .with_source(e)
-            },
-        )?
+    let accepts = session.wire.accepts();
+    let mut bytes = match (accepts, compressor) {
+        (Accepts::Plain, _) => {
+            proto::compression::plain_frame(&record.bytes, proto::wire::DEFAULT_MAX_FRAME_LEN)
+                .map_err(|e| {
+                    TransportError::new(
+                        FailureKind::Other,
+                        session.transport,
+                        sink,
+                        format_args!(
+                            "batch {} cannot be sent uncompressed: {e}",
+                            record.sequence
+                        ),
+                    )
+                    .with_source(e)
+                })?
+        }
+        (_, None) => record.bytes.clone(),
+        (Accepts::Zstd | Accepts::ZstdHistory, Some(compressor)) => compressor
+            .compress_frame(&record.bytes, accepts == Accepts::ZstdHistory)
+            .unwrap_or_else(|error| {
+                tracing::warn!(sink = %sink.addr, %error, "batch compression failed: sent uncompressed");
+                record.bytes.clone()
+            }),
     };
     if let Some(live) = catch_up {
         bytes = proto::wire::mark_catch_up(&bytes, live);
@@ -382,6 +406,12 @@ pub(crate) struct Link {
     pub(crate) sent_through: u64,
     /// Datagrams a second coming into the backlog.
     pub(crate) live_rate: LiveRate,
+    /// Compresses what is sent (`None`: `--compression none`); its history is the current
+    /// connection's.
+    pub(crate) compressor: Option<Compressor>,
+    /// Bytes of the frames as first sent, after compression (the agent's
+    /// `relay_agent_frame_bytes_total`).
+    pub(crate) frame_bytes: prometheus::IntCounter,
 }
 
 /// The rate at which datagrams come into a sink's backlog (the site's live rate), measured
@@ -541,7 +571,8 @@ impl Link {
             remote = %session.wire.remote(),
             transport = session.transport.as_str(),
             sink_certificate_expires = %session.sink_certificate_expires(),
-            sink_accepts_compression = session.wire.accepts_zstd(),
+            sink_accepts_compression = session.wire.accepts() != Accepts::Plain,
+            compression = session.wire.accepts().as_str(),
             "connected to sink"
         );
     }
@@ -597,6 +628,10 @@ impl Link {
         let mut finishing = false;
         let mut proof = Proof::new();
         let mut last_progress = Instant::now();
+        // A new connection: the sink has no history of it.
+        if let Some(compressor) = &mut self.compressor {
+            compressor.reset();
+        }
         let probing = self.dialer.sink.transport == TransportMode::Auto
             && session.transport == Transport::Grpc;
         let probe = probe_quic(
@@ -669,11 +704,20 @@ impl Link {
             .live_rate
             .update(Instant::now(), self.backlog.appended_datagrams());
         let catch_up = is_catch_up(record, resend, in_flight.catch_up, live).then_some(live);
-        let frame = frame_for(record, session, catch_up, &self.dialer.sink)?;
+        let frame = frame_for(
+            record,
+            session,
+            self.compressor.as_mut(),
+            catch_up,
+            &self.dialer.sink,
+        )?;
+        let len = frame.len() as u64;
         session.wire.send(frame).await?;
         let metrics = &self.dialer.metrics;
         if resend {
             metrics.batches_resent.inc();
+        } else {
+            self.frame_bytes.inc_by(len);
         }
         if catch_up.is_some() {
             metrics.catch_up_datagrams_sent.inc_by(record.datagrams);
@@ -682,7 +726,7 @@ impl Link {
         in_flight.push(record, catch_up.is_some());
         metrics.batches_sent.inc();
         metrics.datagrams_sent.inc_by(record.datagrams);
-        metrics.bytes_sent.inc_by(record.bytes.len() as u64);
+        metrics.bytes_sent.inc_by(len);
         Ok(())
     }
 

@@ -43,8 +43,8 @@ impl Tls {
         transport: &Arc<quinn::TransportConfig>,
         revocation: &certs::Revocation,
     ) -> Result<Self, TlsError> {
-        // An agent that offers compression gets it; an older agent (plain ALPN only) is served
-        // as before.
+        // An agent that offers compression gets it, against the stream's history if it offers
+        // that; an older agent (one-shot zstd, or plain ALPN only) is served as before.
         let server = |alpn: &[&[u8]]| {
             certs::server_config_with_crls(&loaded.ca, &loaded.identity, alpn, revocation)
         };

@@ -234,3 +234,102 @@ pub fn flood_without_client_cert(
     });
     started.elapsed()
 }
+
+/// What a [`OlderSink`] received: each batch as it came (its datagrams still compressed, if
+/// they were), in order.
+pub type Received = Arc<std::sync::Mutex<Vec<pb::Batch>>>;
+
+/// A sink of an older release, as far as the agent can tell: a QUIC server that offers only
+/// the ALPN protocols `alpns` (say `sflow-relay/1+zstd` and `sflow-relay/1`, a sink from
+/// before history), reads the batches of one connection at a time, expands them as such a sink
+/// could (it refuses one made against a history) and acknowledges each. For checking that a
+/// new agent falls back to what an older sink reads.
+pub struct OlderSink {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// The batches received, as they came.
+    pub received: Received,
+    /// Batches that a sink of that release could not have read (the reason, each).
+    pub refused: Arc<std::sync::Mutex<Vec<String>>>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl OlderSink {
+    /// Listens on 127.0.0.1 with the certificate `sink` (certificate, key), trusting agents
+    /// that `ca` signed.
+    pub fn start(ca: &Path, sink: &(PathBuf, PathBuf), alpns: &[&[u8]]) -> Self {
+        let ca = certs::TrustAnchors::load(ca).expect("the CA");
+        let identity = certs::Identity::load(&sink.0, &sink.1).expect("the sink's identity");
+        let tls = certs::server_config(&ca, &identity, alpns).expect("a TLS configuration");
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).expect("QUIC TLS");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let endpoint = runtime
+            .block_on(async {
+                quinn::Endpoint::server(
+                    quinn::ServerConfig::with_crypto(Arc::new(crypto)),
+                    "127.0.0.1:0".parse().expect("an address"),
+                )
+            })
+            .expect("a QUIC endpoint");
+        let addr = endpoint.local_addr().expect("its address");
+        let received = Received::default();
+        let refused = Arc::<std::sync::Mutex<Vec<String>>>::default();
+        let (r, f) = (received.clone(), refused.clone());
+        runtime.spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                let Ok(connection) = incoming.await else {
+                    continue;
+                };
+                let Ok((mut send, recv)) = connection.accept_bi().await else {
+                    continue;
+                };
+                let mut reader =
+                    proto::wire::FrameReader::new(recv, proto::wire::DEFAULT_MAX_FRAME_LEN);
+                while let Ok(Some(batch)) = reader.next::<pb::Batch>().await {
+                    if batch.zstd_prefix.is_some() {
+                        f.lock()
+                            .expect("not poisoned")
+                            .push(format!("batch {} made against a history", batch.sequence));
+                        break;
+                    }
+                    let ack = pb::Ack {
+                        session: batch.session,
+                        sequence: batch.sequence,
+                    };
+                    r.lock().expect("not poisoned").push(batch);
+                    let mut frame = bytes::BytesMut::new();
+                    proto::wire::encode_frame(&ack, &mut frame);
+                    if send.write_all(&frame).await.is_err() {
+                        break;
+                    }
+                }
+                connection.close(0u32.into(), b"done");
+            }
+        });
+        Self {
+            addr,
+            received,
+            refused,
+            _runtime: runtime,
+        }
+    }
+
+    /// The datagrams received so far, expanded, in order.
+    pub fn datagrams(&self) -> Vec<Vec<u8>> {
+        let batches = self.received.lock().expect("not poisoned").clone();
+        let mut expander = proto::compression::Expander::new(proto::wire::DEFAULT_MAX_FRAME_LEN);
+        batches
+            .into_iter()
+            .flat_map(|mut batch| {
+                expander
+                    .expand(&mut batch)
+                    .expect("a batch this sink reads");
+                batch.datagrams.into_iter().map(|d| d.payload.to_vec())
+            })
+            .collect()
+    }
+}

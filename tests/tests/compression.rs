@@ -1,14 +1,21 @@
 //! End-to-end: batch compression. With the default (zstd), agent and sink agree on it when
-//! they connect, over QUIC and over gRPC; realistic sFlow arrives byte for byte, and the
-//! agent's frames are well under the payload it received. With `--compression none` the
-//! frames are not smaller than the payload, and the stream is the same. Over QUIC, what the
-//! link itself carries (`relay_agent_quic_udp_bytes_sent_total`: frames with QUIC and TLS
-//! overhead) is counted and stays under 0.6 of the payload with compression on.
+//! they connect, over QUIC and over gRPC, each batch compressed against the connection's
+//! history; realistic sFlow arrives byte for byte, and the agent's frames are well under the
+//! payload it received. With `--compression none` the frames are not smaller than the
+//! payload, and the stream is the same. Over QUIC, what the link itself carries
+//! (`relay_agent_quic_udp_bytes_sent_total`: frames with QUIC and TLS overhead) is counted and
+//! stays under 0.6 of the payload with compression on. A sink of an earlier release (one that
+//! reads batches compressed each on its own, or only plain ones) gets what it reads, byte for
+//! byte. (A reconnect mid-stream starts the history afresh: every fault test, which cuts links
+//! and kills sinks with the defaults, relays through it.)
 
+use std::time::Duration;
+
+use relay_tests::bare::OlderSink;
 use relay_tests::fixture::{METRICS, Relay};
 use relay_tests::metrics::{self, Scrape};
-use relay_tests::sflow::SflowGen;
-use relay_tests::{Transport, WAIT, field, send_paced};
+use relay_tests::sflow::{Payload, SflowGen};
+use relay_tests::{Pki, Transport, WAIT, field, send_paced, start_agent_over};
 
 const N: usize = 2_000;
 
@@ -20,6 +27,8 @@ struct Measured {
     quic_udp: f64,
     /// What the agent said of the sink's compression.
     accepts: bool,
+    /// The compression the agent said it uses with the sink.
+    compression: String,
 }
 
 /// Relays N realistic datagrams over `transport` with the agent's `extra` flags.
@@ -31,6 +40,7 @@ fn relay(transport: Transport, extra: &[&str]) -> Measured {
         .as_bool()
         .unwrap_or_else(|| panic!("no sink_accepts_compression: {connected}"));
     assert_eq!(field(&connected, "transport"), transport.name());
+    let compression = field(&connected, "compression").to_owned();
 
     let mut generator = SflowGen::new(4, 2, 5);
     let sent: Vec<Vec<u8>> = (0..N).map(|_| generator.datagram()).collect();
@@ -70,6 +80,7 @@ fn relay(transport: Transport, extra: &[&str]) -> Measured {
         frames: frames / payload,
         quic_udp: quic_udp / payload,
         accepts,
+        compression,
     }
 }
 
@@ -78,6 +89,7 @@ fn compressed_by_default_over_quic_and_grpc_and_byte_exact() {
     for transport in [Transport::Quic, Transport::Grpc] {
         let m = relay(transport, &[]);
         assert!(m.accepts, "{transport:?}: the sink accepts compression");
+        assert_eq!(m.compression, "zstd-history", "{transport:?}");
         assert!(
             m.frames < 0.6,
             "{transport:?}: frames are {:.3} of the payload",
@@ -135,4 +147,64 @@ fn a_bad_compression_level_is_a_clear_error() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--compression-level 99"), "{stderr}");
+}
+
+/// `N` datagrams of sFlow with random payloads, sent through a real agent (defaults, over
+/// QUIC) to `sink`; what it received, expanded as that sink would.
+fn through_older_sink(alpns: &[&[u8]]) -> (OlderSink, Vec<Vec<u8>>, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = Pki::new(dir.path());
+    let sink = OlderSink::start(&pki.ca(), &pki.sink_cert("sink"), alpns);
+    let (agent, listen) = start_agent_over(
+        Transport::Quic,
+        &pki.ca(),
+        &pki.agent_cert("site-a"),
+        sink.addr,
+        "localhost",
+        &[],
+    );
+    let connected = agent.wait_for("connected to sink");
+    let mut generator = SflowGen::new(2, 2, 9).with_payload(Payload::Random);
+    let sent: Vec<Vec<u8>> = (0..500).map(|_| generator.datagram()).collect();
+    send_paced(listen, &sent, 4, || sink.datagrams().len());
+    let deadline = std::time::Instant::now() + WAIT;
+    while sink.datagrams().len() < sent.len() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        sink.refused.lock().unwrap().as_slice(),
+        &[] as &[String],
+        "batches an older sink cannot read"
+    );
+    assert!(sink.datagrams() == sent, "byte for byte, in order");
+    (sink, sent, field(&connected, "compression").to_owned())
+}
+
+#[test]
+fn a_sink_without_history_gets_batches_compressed_each_on_its_own() {
+    let (sink, _, compression) = through_older_sink(&[proto::ALPN_ZSTD, proto::ALPN]);
+    assert_eq!(compression, "zstd");
+    let batches = sink.received.lock().unwrap().clone();
+    assert!(batches.len() > 10, "{} batches", batches.len());
+    for batch in &batches {
+        assert!(
+            !batch.zstd_datagrams.is_empty() && batch.datagrams.is_empty(),
+            "batch {} not compressed",
+            batch.sequence
+        );
+        assert_eq!(batch.zstd_prefix, None);
+    }
+}
+
+#[test]
+fn a_sink_older_than_compression_gets_plain_batches() {
+    let (sink, _, compression) = through_older_sink(&[proto::ALPN]);
+    assert_eq!(compression, "none");
+    let batches = sink.received.lock().unwrap().clone();
+    assert!(
+        batches
+            .iter()
+            .all(|b| b.zstd_datagrams.is_empty() && !b.datagrams.is_empty()),
+        "all plain"
+    );
 }

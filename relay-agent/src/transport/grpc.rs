@@ -15,6 +15,7 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes};
 use hyper_util::rt::TokioIo;
 use prost::Message;
+use proto::compression::Accepts;
 use proto::pb;
 use runtime::grpc::{GrpcOptions, error_chain};
 use tokio::net::TcpStream;
@@ -112,10 +113,21 @@ impl Connector {
             )
             .await
             .map_err(|status| handshake.failure(&self.sink, describe(&status), status))?;
-        let accepts_zstd = response
-            .metadata()
+        let metadata = response.metadata();
+        let history = proto::compression::HISTORY_LEN.to_string();
+        let accepts = if metadata
+            .get(proto::GRPC_HISTORY_HEADER)
+            .is_some_and(|v| v == history.as_str())
+        {
+            Accepts::ZstdHistory
+        } else if metadata
             .get(proto::GRPC_COMPRESSION_HEADER)
-            .is_some_and(|v| v == "zstd");
+            .is_some_and(|v| v == "zstd")
+        {
+            Accepts::Zstd
+        } else {
+            Accepts::Plain
+        };
         let (acked_tx, acked) = watch::channel(Acked::default());
         let (ended_tx, ended) = watch::channel(None);
         tokio::spawn(read_acks(response.into_inner(), acked_tx, ended_tx));
@@ -126,7 +138,7 @@ impl Connector {
             remote,
             peer_chain: handshake.take_chain(),
             sink: self.sink.clone(),
-            accepts_zstd,
+            accepts,
             _channel: channel,
         })
     }
@@ -286,8 +298,9 @@ pub(crate) struct Session {
     /// The certificate chain the sink presented.
     peer_chain: Option<Vec<CertificateDer<'static>>>,
     sink: SinkConfig,
-    /// The sink's response carried `proto::GRPC_COMPRESSION_HEADER: zstd`.
-    accepts_zstd: bool,
+    /// What the sink's response headers say it takes (`proto::GRPC_HISTORY_HEADER`,
+    /// `proto::GRPC_COMPRESSION_HEADER`).
+    accepts: Accepts,
     _channel: Channel,
 }
 
@@ -330,8 +343,8 @@ impl Wire for Session {
         self.remote
     }
 
-    fn accepts_zstd(&self) -> bool {
-        self.accepts_zstd
+    fn accepts(&self) -> Accepts {
+        self.accepts
     }
 
     fn acked(&self) -> watch::Receiver<Acked> {

@@ -147,8 +147,9 @@ impl Wire for Memory {
         None
     }
 
-    fn accepts_zstd(&self) -> bool {
-        true
+    fn accepts(&self) -> Accepts {
+        // The frames go as they are: these links have no compressor.
+        Accepts::ZstdHistory
     }
 
     fn acked(&self) -> watch::Receiver<Acked> {
@@ -280,6 +281,8 @@ impl Harness {
             released: 0,
             sent_through: 0,
             live_rate: LiveRate::default(),
+            compressor: None,
+            frame_bytes: prometheus::IntCounter::new("frame_bytes", "test").expect("a counter"),
         };
         Self {
             backlog,

@@ -1,10 +1,11 @@
-//! The QUIC transport: one connection per session (mutual TLS, ALPN `sflow-relay/1`), one
+//! The QUIC transport: one connection per session (mutual TLS, ALPN `sflow-relay/1` and its compressed variants), one
 //! bidirectional stream on it; length-prefixed batch frames out, acknowledgement frames in.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use proto::compression::Accepts;
 use proto::pb;
 use proto::wire::FrameReader;
 use quinn::{Connection, ConnectionError, Endpoint, SendStream, TransportErrorCode, VarInt};
@@ -65,11 +66,15 @@ impl Connector {
                 .with_source(elapsed));
             }
         };
-        let accepts_zstd = connection
+        let alpn = connection
             .handshake_data()
             .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
-            .and_then(|data| data.protocol)
-            .is_some_and(|alpn| alpn == proto::ALPN_ZSTD);
+            .and_then(|data| data.protocol);
+        let accepts = match alpn.as_deref() {
+            Some(proto::ALPN_ZSTD_HISTORY) => Accepts::ZstdHistory,
+            Some(proto::ALPN_ZSTD) => Accepts::Zstd,
+            _ => Accepts::Plain,
+        };
         let (send, recv) = connection
             .open_bi()
             .await
@@ -86,7 +91,7 @@ impl Connector {
             send,
             acked,
             sink: self.sink.clone(),
-            accepts_zstd,
+            accepts,
         })
     }
 }
@@ -159,8 +164,9 @@ pub(crate) struct Session {
     send: SendStream,
     acked: watch::Receiver<Acked>,
     sink: SinkConfig,
-    /// The sink chose ALPN `proto::ALPN_ZSTD`: it takes compressed batches.
-    accepts_zstd: bool,
+    /// What the sink's choice of ALPN says it takes (`proto::ALPN_ZSTD_HISTORY`,
+    /// `proto::ALPN_ZSTD`, or `proto::ALPN`).
+    accepts: Accepts,
 }
 
 impl Wire for Session {
@@ -176,8 +182,8 @@ impl Wire for Session {
         self.connection.remote_address()
     }
 
-    fn accepts_zstd(&self) -> bool {
-        self.accepts_zstd
+    fn accepts(&self) -> Accepts {
+        self.accepts
     }
 
     fn acked(&self) -> watch::Receiver<Acked> {

@@ -302,10 +302,16 @@ impl Relay for RelayService {
             .instrument(span),
         );
         let mut response = Response::new(ReceiverStream::new(response));
-        // Compressed batches are welcome (the gRPC twin of ALPN `proto::ALPN_ZSTD`).
-        response.metadata_mut().insert(
+        // Compressed batches are welcome, also those made against the call's history (the
+        // gRPC twins of ALPN `proto::ALPN_ZSTD` and `proto::ALPN_ZSTD_HISTORY`).
+        let metadata = response.metadata_mut();
+        metadata.insert(
             proto::GRPC_COMPRESSION_HEADER,
             tonic::metadata::MetadataValue::from_static("zstd"),
+        );
+        metadata.insert(
+            proto::GRPC_HISTORY_HEADER,
+            tonic::metadata::MetadataValue::from(proto::compression::HISTORY_LEN),
         );
         Ok(response)
     }
@@ -323,13 +329,7 @@ async fn relay(
 ) {
     let (pending, replayed) = mpsc::channel(ACKS_PENDING);
     let acker = tokio::spawn(acknowledge(replayed, acks.clone()));
-    let mut expander = match Expander::new(shared.config.max_frame_bytes) {
-        Ok(expander) => expander,
-        Err(error) => {
-            tracing::error!(agent = %peer.agent, %error, "cannot make a zstd context");
-            return;
-        }
-    };
+    let mut expander = Expander::new(shared.config.max_frame_bytes);
     let refusal = loop {
         let next = tokio::select! {
             next = batches.message() => next,
