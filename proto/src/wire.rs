@@ -22,6 +22,10 @@ pub const DEFAULT_MAX_FRAME_LEN: usize = 4 * 1024 * 1024;
 /// Most that [`decode_frame`] reserves ahead of the bytes of an incomplete frame.
 const RESERVE_AHEAD: usize = 256 * 1024;
 
+/// What a [`FrameReader`] reads into when no frame has told it how much is coming (and the
+/// least it allocates at a time).
+const READ_AHEAD: usize = 4 * 1024;
+
 /// Errors from decoding frames.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -116,10 +120,15 @@ pub struct FrameReader<R> {
 
 impl<R: tokio::io::AsyncRead + Unpin> FrameReader<R> {
     /// A reader that refuses frames longer than `max_len` bytes.
+    ///
+    /// Its buffer starts small ([`READ_AHEAD`]) and grows to the frames that come: a sink
+    /// holds one reader per connected agent, and most agents send a few kilobytes at a time.
+    /// A frame's header makes room for the rest of it ([`decode_frame`]), so large frames are
+    /// still read in few calls.
     pub fn new(inner: R, max_len: usize) -> Self {
         Self {
             inner,
-            buf: BytesMut::with_capacity(64 * 1024),
+            buf: BytesMut::with_capacity(READ_AHEAD),
             max_len,
         }
     }
@@ -137,7 +146,7 @@ impl<R: tokio::io::AsyncRead + Unpin> FrameReader<R> {
                 return Ok(Some(M::decode(body)?));
             }
             if self.buf.capacity() == self.buf.len() {
-                self.buf.reserve(16 * 1024);
+                self.buf.reserve(READ_AHEAD);
             }
             if self.inner.read_buf(&mut self.buf).await? == 0 {
                 return if self.buf.is_empty() {
