@@ -18,7 +18,7 @@
 
 use std::collections::VecDeque;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -97,6 +97,9 @@ pub(crate) struct Backlog {
     /// Datagrams appended since the backlog was opened (the live rate's clock; read on every
     /// send, so kept outside the lock).
     appended_datagrams: AtomicU64,
+    /// Whether the link has a connection to send on: while it has none, what is appended
+    /// waits, and is compressed on the way in (see `links::intake`).
+    sending: AtomicBool,
 }
 
 /// Now, Unix milliseconds (the clock of [`Record::unix_ms`]).
@@ -158,6 +161,7 @@ impl Backlog {
             }),
             grew: Notify::new(),
             appended_datagrams: AtomicU64::new(0),
+            sending: AtomicBool::new(false),
             limits,
             metrics,
             name: name.to_owned(),
@@ -433,6 +437,16 @@ impl Backlog {
     /// Datagrams appended since the backlog was opened.
     pub(crate) fn appended_datagrams(&self) -> u64 {
         self.appended_datagrams.load(Ordering::Relaxed)
+    }
+
+    /// The link says whether it has a connection to send on.
+    pub(crate) fn set_sending(&self, sending: bool) {
+        self.sending.store(sending, Ordering::Relaxed);
+    }
+
+    /// Whether the link has a connection to send on (else what is appended waits).
+    pub(crate) fn is_sending(&self) -> bool {
+        self.sending.load(Ordering::Relaxed)
     }
 
     /// (batches, datagrams) not yet acknowledged, and how many of them only memory holds.

@@ -95,7 +95,11 @@ impl Links {
                 link_metrics.clone(),
             )?);
             let (tx, rx) = mpsc::channel(INTAKE_QUEUE);
-            let intake = links.intakes.spawn(intake(rx, backlog.clone()));
+            let intake = links.intakes.spawn(intake(
+                rx,
+                backlog.clone(),
+                transport::compressor(config.compression),
+            ));
             links.queues.push(batch::SinkQueue {
                 name: sink.addr.clone(),
                 queue: tx,
@@ -231,9 +235,91 @@ fn link(
 
 /// Takes a sink's batches from the batcher into its backlog (and spool), so that neither the
 /// batcher nor other sinks ever wait on this sink's disk or network.
-async fn intake(mut queue: mpsc::Receiver<batch::Frame>, backlog: Arc<backlog::Backlog>) {
-    while let Some(frame) = queue.recv().await {
+///
+/// Batches come plain: the link compresses what it sends against its connection's history.
+/// While the link has no connection, though, batches wait in the backlog, in memory and on
+/// disk, for as long as the sink is away; those are compressed here, each on its own, so that
+/// an outage fills the backlog at the compressed size (`compressor`: `None` with
+/// `--compression none`).
+async fn intake(
+    mut queue: mpsc::Receiver<batch::Frame>,
+    backlog: Arc<backlog::Backlog>,
+    mut compressor: Option<proto::compression::Compressor>,
+) {
+    while let Some(mut frame) = queue.recv().await {
+        if let Some(compressor) = compressor.as_mut().filter(|_| !backlog.is_sending()) {
+            match compressor.compress_frame(&frame.bytes, false) {
+                Ok(bytes) => frame.bytes = bytes,
+                Err(error) => tracing::warn!(%error, "batch compression failed: kept uncompressed"),
+            }
+        }
         backlog.append(frame);
     }
     backlog.close();
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::{Bytes, BytesMut};
+    use prost::Message;
+    use proto::pb;
+
+    use super::*;
+
+    fn frame(sequence: u64) -> batch::Frame {
+        let batch = pb::Batch {
+            session: 1,
+            sequence,
+            datagrams: vec![
+                pb::Datagram {
+                    payload: Bytes::from(vec![sequence as u8; 1_000]),
+                    ..Default::default()
+                };
+                4
+            ],
+            ..Default::default()
+        };
+        let mut bytes = BytesMut::new();
+        proto::wire::encode_frame(&batch, &mut bytes);
+        batch::Frame {
+            session: 1,
+            sequence,
+            datagrams: 4,
+            bytes: bytes.freeze(),
+        }
+    }
+
+    fn compressed(record: &backlog::Record) -> bool {
+        let batch = pb::Batch::decode(&record.bytes[proto::wire::FRAME_HEADER_LEN..]).unwrap();
+        !batch.zstd_datagrams.is_empty()
+    }
+
+    #[tokio::test]
+    async fn batches_that_wait_for_a_connection_are_kept_compressed() {
+        let limits = backlog::Limits {
+            memory_bytes: 1 << 20,
+            spool_max_bytes: 0,
+            spool_max_age: Duration::from_secs(60),
+        };
+        let backlog = Arc::new(backlog::Backlog::open("s", None, limits, Arc::default()).unwrap());
+        let (tx, rx) = mpsc::channel(8);
+        let task = tokio::spawn(intake(
+            rx,
+            backlog.clone(),
+            transport::compressor(Some(proto::compression::DEFAULT_LEVEL)),
+        ));
+        // No connection: the batch waits, compressed.
+        tx.send(frame(1)).await.unwrap();
+        let waiting = backlog.next_after(0).await.unwrap();
+        assert!(compressed(&waiting));
+        assert!(waiting.bytes.len() < frame(1).bytes.len() / 4);
+        // Connected: plain, for the link to compress against its connection's history.
+        backlog.set_sending(true);
+        tx.send(frame(2)).await.unwrap();
+        let sent_soon = backlog.next_after(waiting.id).await.unwrap();
+        assert!(!compressed(&sent_soon));
+        assert_eq!(sent_soon.bytes, frame(2).bytes);
+        drop(tx);
+        task.await.unwrap();
+    }
 }

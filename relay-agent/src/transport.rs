@@ -518,8 +518,10 @@ impl Link {
     async fn carry(&mut self, mut session: Session) -> bool {
         loop {
             self.connected(&session);
+            self.backlog.set_sending(true);
             let mut window = Window::default();
             let ended = self.stream(&mut session, &mut window).await;
+            self.backlog.set_sending(false);
             self.dialer.metrics.set_transport(InUse::None);
             // Only these can reach the sink twice; the rest of the backlog was never sent.
             let unacknowledged = window.batches.len();
