@@ -202,7 +202,7 @@ impl Metrics {
             frame_bytes: counter(
                 &r,
                 "relay_agent_frame_bytes_total",
-                "Bytes of the batch frames made (after compression, before TLS): over relay_agent_bytes_received_total, what compression leaves.",
+                "Bytes of the batch frames as first sent to each sink, summed over the sinks (after compression, before TLS): over relay_agent_bytes_received_total, what compression leaves.",
             ),
             kernel_drops: counter_vec(
                 &r,
@@ -286,7 +286,7 @@ impl DeliveryFamilies {
             bytes_sent: counter_vec(
                 r,
                 "relay_agent_bytes_sent_total",
-                "Encoded batch bytes written to the sink's stream (resends included).",
+                "Batch frame bytes written to the sink's stream, as sent (compressed; resends included).",
                 &["sink"],
             ),
             batches_acknowledged: counter_vec(
