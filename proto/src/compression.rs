@@ -141,7 +141,6 @@ pub struct Compressor {
     zstd: zstd::zstd_safe::CCtx<'static>,
     level: i32,
     plain: Vec<u8>,
-    packed: Vec<u8>,
     history: History,
 }
 
@@ -171,14 +170,8 @@ impl Compressor {
             zstd,
             level,
             plain: Vec::new(),
-            packed: Vec::new(),
             history: History::default(),
         })
-    }
-
-    /// The zstd level.
-    pub fn level(&self) -> i32 {
-        self.level
     }
 
     /// Forgets the history: a new connection (or stream) starts without one.
@@ -218,11 +211,10 @@ impl Compressor {
         } else {
             &[]
         };
-        self.packed.clear();
-        self.packed
-            .reserve(zstd::zstd_safe::compress_bound(self.plain.len()));
+        // Compressed straight into the buffer the frame's field will own.
+        let mut packed = Vec::with_capacity(zstd::zstd_safe::compress_bound(self.plain.len()));
         self.zstd
-            .compress_using_dict(&mut self.packed, &self.plain, prefix, self.level)
+            .compress_using_dict(&mut packed, &self.plain, prefix, self.level)
             .map_err(|code| {
                 CompressionError::Corrupt(std::io::Error::other(zstd::zstd_safe::get_error_name(
                     code,
@@ -232,7 +224,7 @@ impl Compressor {
         if history {
             self.history.push(&self.plain);
         }
-        batch.zstd_datagrams = Bytes::copy_from_slice(&self.packed);
+        batch.zstd_datagrams = Bytes::from(packed);
         batch.zstd_prefix = prefix_len;
         let mut out = BytesMut::with_capacity(FRAME_HEADER_LEN + batch.encoded_len());
         encode_frame(&batch, &mut out);

@@ -99,8 +99,7 @@ async fn accept(
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let full = runtime::ratelimit::RateLimit::new(Duration::from_secs(60));
-    let watch = token.clone();
-    runtime::grpc::accept_until(&listener, &watch, "enroll", |tcp, remote| {
+    runtime::grpc::accept_until(&listener, &token, "enroll", |tcp, remote| {
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             drop(tcp);
             if let Some(more) = full.check() {

@@ -1,5 +1,6 @@
-//! The QUIC transport: one connection per session (mutual TLS, ALPN `sflow-relay/1` and its compressed variants), one
-//! bidirectional stream on it; length-prefixed batch frames out, acknowledgement frames in.
+//! The QUIC transport: one connection per session (mutual TLS, ALPN `sflow-relay/1` or one of
+//! its compressed variants), one bidirectional stream on it; length-prefixed batch frames out,
+//! acknowledgement frames in.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -104,8 +104,7 @@ async fn accept(
     token: CancellationToken,
     handshakes: TaskTracker,
 ) {
-    let watch = token.clone();
-    runtime::grpc::accept_until(&listener, &watch, "grpc", |tcp, remote| {
+    runtime::grpc::accept_until(&listener, &token, "grpc", |tcp, remote| {
         // A slot for the whole connection, handshake included; none left: closed at once.
         let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
             drop(tcp);
