@@ -440,6 +440,19 @@ pub struct SinkConfig {
     pub route: Route,
 }
 
+/// Where an agent's receive loops run. Not an option of the binary, which always has threads;
+/// for a program that hosts many agents in one process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReceiveOn {
+    /// A thread of its own per socket, outside the runtime: nothing on the sending side can
+    /// hold up receiving (the binary's choice).
+    #[default]
+    Threads,
+    /// A task per socket on the caller's runtime, so that thousands of agents in one process
+    /// (`relay-perf --scale`) share its threads instead of having one each.
+    Runtime,
+}
+
 /// The agent's checked configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -449,6 +462,8 @@ pub struct Config {
     pub recv_buffer: usize,
     /// Pause after emptying a socket.
     pub recv_coalesce: Duration,
+    /// Where the receive loops run.
+    pub receive_on: ReceiveOn,
     /// Which received datagrams are relayed.
     pub admission: Admission,
     /// Sinks.
@@ -562,6 +577,7 @@ impl TryFrom<Args> for Config {
             listen,
             recv_buffer: args.recv_buffer.unwrap_or(DEFAULT_RECV_BUFFER),
             recv_coalesce: args.recv_coalesce.unwrap_or(DEFAULT_RECV_COALESCE),
+            receive_on: ReceiveOn::Threads,
             admission,
             sinks,
             batch_bytes,

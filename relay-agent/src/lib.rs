@@ -201,6 +201,9 @@ pub async fn run(
         // Each notices the cancellation within receive::CANCEL_CHECK.
         let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     }
+    for task in receiving.tasks {
+        let _ = task.await;
+    }
     let _ = reloading.await;
     renewing.close();
     renewing.wait().await;

@@ -40,12 +40,16 @@ use std::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, ReceiveOn};
 use crate::metrics::Metrics;
 
 /// Payload bytes are copied into arenas of this size, so each datagram holds a small share of
 /// an allocation instead of a whole receive buffer.
 const ARENA_LEN: usize = 256 * 1024;
+
+/// The arena size of a receive task ([`ReceiveOn::Runtime`]): a process that hosts
+/// thousands of low-rate agents keeps each one's share small.
+const TASK_ARENA_LEN: usize = 16 * 1024;
 
 /// Datagrams received together, in arrival order.
 pub(crate) type Chunk = Vec<pb::Datagram>;
@@ -66,15 +70,18 @@ pub(crate) struct Receiver {
     pub(crate) coalesce: Duration,
 }
 
-/// The receive threads, one per socket.
+/// The receive loops, one per socket.
 pub(crate) struct Receiving {
     /// The threads; each ends within [`CANCEL_CHECK`] of the token's cancellation.
     pub(crate) threads: Vec<std::thread::JoinHandle<()>>,
+    /// Or the tasks, with [`ReceiveOn::Runtime`]; each ends at the token's cancellation.
+    pub(crate) tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Each socket's address and its kernel-drop counter, for the observability endpoint.
     pub(crate) listening: Vec<(SocketAddr, prometheus::IntCounter)>,
 }
 
-/// Starts a receive thread on each socket, each handing its datagrams to `batcher`, until
+/// Starts a receive loop on each socket (a thread, or a task with [`ReceiveOn::Runtime`]),
+/// each handing its datagrams to `batcher`, until
 /// `token` is cancelled. Logs each address.
 ///
 /// # Errors
@@ -88,7 +95,8 @@ pub(crate) fn spawn_all(
     token: &CancellationToken,
 ) -> std::io::Result<Receiving> {
     let mut receiving = Receiving {
-        threads: Vec::with_capacity(sockets.len()),
+        threads: Vec::new(),
+        tasks: Vec::new(),
         listening: Vec::with_capacity(sockets.len()),
     };
     for socket in sockets {
@@ -110,10 +118,21 @@ pub(crate) fn spawn_all(
             coalesce: config.recv_coalesce,
         };
         let token = token.clone();
-        let thread = std::thread::Builder::new()
-            .name("relay-recv".into())
-            .spawn(move || receive_loop(socket, receiver, token))?;
-        receiving.threads.push(thread);
+        match config.receive_on {
+            ReceiveOn::Threads => {
+                let thread = std::thread::Builder::new()
+                    .name("relay-recv".into())
+                    .spawn(move || receive_loop(socket, receiver, token))?;
+                receiving.threads.push(thread);
+            }
+            ReceiveOn::Runtime => {
+                socket.set_nonblocking(true)?;
+                let socket = tokio::net::UdpSocket::from_std(socket)?;
+                receiving
+                    .tasks
+                    .push(tokio::spawn(receive_task(socket, receiver, token)));
+            }
+        }
     }
     Ok(receiving)
 }
@@ -141,6 +160,7 @@ pub(crate) fn receive_loop(socket: UdpSocket, receiver: Receiver, token: Cancell
         admission,
         local,
         arena: BytesMut::with_capacity(ARENA_LEN),
+        arena_len: ARENA_LEN,
         headers: Vec::with_capacity(udp::RECV_BATCH),
         refusals: RateLimit::new(Duration::from_secs(10)),
     };
@@ -164,22 +184,59 @@ pub(crate) fn receive_loop(socket: UdpSocket, receiver: Receiver, token: Cancell
                 continue;
             }
         };
-        let chunk = check.admit(&slots, n, &metrics);
-        let relayed = chunk.len();
-        if relayed > 0 && batcher.try_send(chunk).is_err() {
-            metrics.dropped_queue_full.inc_by(relayed as u64);
-            if let Some(more) = full.check() {
-                tracing::warn!(
-                    ?local,
-                    dropped_datagrams = relayed,
-                    earlier_drops_not_logged = more,
-                    "batch queue full: datagrams dropped"
-                );
-            }
-        }
+        check.hand_off(&slots, n, &batcher, &metrics, &full);
         let drained = n < udp::RECV_BATCH;
         if drained && !coalesce.is_zero() {
             std::thread::sleep(coalesce);
+        }
+    }
+}
+
+/// [`receive_loop`] as a task on the runtime ([`ReceiveOn::Runtime`]): the same checks,
+/// hand-off and pause, woken by the runtime when the socket is readable; ends at the token's
+/// cancellation.
+async fn receive_task(socket: tokio::net::UdpSocket, receiver: Receiver, token: CancellationToken) {
+    let Receiver {
+        batcher,
+        metrics,
+        admission,
+        coalesce,
+    } = receiver;
+    let mut slots = udp::RecvBatch::default();
+    let mut check = Check {
+        admission,
+        local: socket.local_addr().ok(),
+        arena: BytesMut::new(),
+        arena_len: TASK_ARENA_LEN,
+        headers: Vec::with_capacity(udp::RECV_BATCH),
+        refusals: RateLimit::new(Duration::from_secs(10)),
+    };
+    let full = RateLimit::new(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            () = token.cancelled() => return,
+            ready = socket.readable() => {
+                if let Err(error) = ready {
+                    tracing::error!(local = ?check.local, %error, "socket failed; receiving stops");
+                    return;
+                }
+            }
+        }
+        let n = match socket.try_io(tokio::io::Interest::READABLE, || slots.recv(&socket, false)) {
+            Ok(n) => n,
+            Err(error) => {
+                if !matches!(
+                    error.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) {
+                    tracing::debug!(local = ?check.local, %error, "receive error");
+                }
+                continue;
+            }
+        };
+        check.hand_off(&slots, n, &batcher, &metrics, &full);
+        if n < udp::RECV_BATCH && !coalesce.is_zero() {
+            tokio::time::sleep(coalesce).await;
         }
     }
 }
@@ -193,6 +250,8 @@ struct Check {
     local: Option<SocketAddr>,
     /// Where payloads are copied to.
     arena: BytesMut,
+    /// The size of each new arena.
+    arena_len: usize,
     /// The sFlow headers of one call, each with its datagram's slot, for the sequence
     /// accounting (reused).
     headers: Vec<(Result<Header, NotSflow>, usize)>,
@@ -203,6 +262,31 @@ struct Check {
 impl Check {
     /// Checks the `n` datagrams one receive call put in `slots` and returns those admitted,
     /// copied out; counts them all (received, bytes, refused by reason, sequence gaps).
+    /// Checks the `n` datagrams in `slots` and hands what is relayed to `batcher` without
+    /// waiting; when its queue is full they are dropped, counted and logged (`full`).
+    fn hand_off(
+        &mut self,
+        slots: &udp::RecvBatch,
+        n: usize,
+        batcher: &mpsc::Sender<Chunk>,
+        metrics: &Metrics,
+        full: &RateLimit,
+    ) {
+        let chunk = self.admit(slots, n, metrics);
+        let relayed = chunk.len();
+        if relayed > 0 && batcher.try_send(chunk).is_err() {
+            metrics.dropped_queue_full.inc_by(relayed as u64);
+            if let Some(more) = full.check() {
+                tracing::warn!(
+                    local = ?self.local,
+                    dropped_datagrams = relayed,
+                    earlier_drops_not_logged = more,
+                    "batch queue full: datagrams dropped"
+                );
+            }
+        }
+    }
+
     fn admit(&mut self, slots: &udp::RecvBatch, n: usize, metrics: &Metrics) -> Chunk {
         const UNSPECIFIED: SocketAddr =
             SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
@@ -225,7 +309,7 @@ impl Check {
                     }
                     chunk.push(
                         proto::wire::Datagram {
-                            payload: copy_out(&mut self.arena, data),
+                            payload: copy_out(&mut self.arena, self.arena_len, data),
                             source,
                             received_unix_nanos,
                         }
@@ -272,9 +356,9 @@ fn unix_nanos() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
-fn copy_out(arena: &mut BytesMut, data: &[u8]) -> Bytes {
+fn copy_out(arena: &mut BytesMut, arena_len: usize, data: &[u8]) -> Bytes {
     if arena.capacity() - arena.len() < data.len() {
-        *arena = BytesMut::with_capacity(ARENA_LEN.max(data.len()));
+        *arena = BytesMut::with_capacity(arena_len.max(data.len()));
     }
     arena.extend_from_slice(data);
     arena.split().freeze()
@@ -287,19 +371,87 @@ mod tests {
     #[test]
     fn arena_copies_are_exact_and_independent() {
         let mut arena = BytesMut::with_capacity(ARENA_LEN);
-        let a = copy_out(&mut arena, b"first");
+        let a = copy_out(&mut arena, ARENA_LEN, b"first");
         let big = vec![7u8; 65_507];
-        let b = copy_out(&mut arena, &big);
-        let c = copy_out(&mut arena, b"third");
+        let b = copy_out(&mut arena, ARENA_LEN, &big);
+        let c = copy_out(&mut arena, ARENA_LEN, b"third");
         assert_eq!(&a[..], b"first");
         assert_eq!(&b[..], &big[..]);
         assert_eq!(&c[..], b"third");
         let mut many = Vec::new();
         for i in 0..1000u32 {
-            many.push((i, copy_out(&mut arena, &i.to_be_bytes().repeat(350))));
+            many.push((
+                i,
+                copy_out(&mut arena, ARENA_LEN, &i.to_be_bytes().repeat(350)),
+            ));
         }
         for (i, bytes) in many {
             assert_eq!(&bytes[..], &i.to_be_bytes().repeat(350)[..]);
+        }
+    }
+
+    /// Both kinds of receive loop hand over what arrives, in order, and end when the token is
+    /// cancelled.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn threads_and_tasks_receive_alike_and_stop_on_cancellation() {
+        for receive_on in [ReceiveOn::Threads, ReceiveOn::Runtime] {
+            let mut config = Config::try_from(crate::config::Args {
+                sink: Some(crate::config::Sinks::One("127.0.0.1:9".into())),
+                ca: Some("ca.pem".into()),
+                cert: Some("agent.pem".into()),
+                key: Some("agent.key".into()),
+                ..Default::default()
+            })
+            .expect("config");
+            config.admission = Admission::new(runtime::admission::Accept::Any, Vec::new());
+            config.receive_on = receive_on;
+            let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+            let to = socket.local_addr().expect("address");
+            let (tx, mut rx) = mpsc::channel(64);
+            let token = CancellationToken::new();
+            let metrics = Arc::new(Metrics::default());
+            let receiving =
+                spawn_all(vec![socket], &tx, &config, &metrics, &token).expect("receive");
+            assert_eq!(
+                receiving.threads.len(),
+                usize::from(receive_on == ReceiveOn::Threads)
+            );
+            assert_eq!(
+                receiving.tasks.len(),
+                usize::from(receive_on == ReceiveOn::Runtime)
+            );
+            drop(tx);
+            let sender = UdpSocket::bind("127.0.0.1:0").expect("bind sender");
+            for i in 0..50u32 {
+                sender.send_to(&i.to_be_bytes(), to).expect("send");
+            }
+            let mut got = Vec::new();
+            while got.len() < 50 {
+                let chunk = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                    .await
+                    .expect("datagrams within 5 s")
+                    .expect("receiving goes on");
+                got.extend(chunk.into_iter().map(|d| d.payload));
+            }
+            let expected: Vec<Bytes> = (0..50u32)
+                .map(|i| Bytes::copy_from_slice(&i.to_be_bytes()))
+                .collect();
+            assert_eq!(got, expected, "{receive_on:?}");
+            token.cancel();
+            for thread in receiving.threads {
+                tokio::task::spawn_blocking(move || thread.join())
+                    .await
+                    .expect("join")
+                    .expect("thread");
+            }
+            for task in receiving.tasks {
+                tokio::time::timeout(Duration::from_secs(1), task)
+                    .await
+                    .expect("the task ends at cancellation")
+                    .expect("task");
+            }
+            // Both loops held the last senders: the queue is closed now.
+            assert!(rx.recv().await.is_none(), "{receive_on:?}");
         }
     }
 }

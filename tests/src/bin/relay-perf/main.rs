@@ -5,8 +5,8 @@
 //! Usage:
 //! - `cargo run --release -p relay-tests --bin relay-perf` (every path: about 3 minutes once
 //!   the release binaries are built)
-//! - `cargo run --release -p relay-tests --bin relay-perf -- --scale` (1,000 agents for a
-//!   minute: about 70 seconds)
+//! - `cargo run --release -p relay-tests --bin relay-perf -- --scale 10000` (10,000 agents for
+//!   a minute, then one agent at their total rate for a minute)
 //!
 //! For each path: generator → path → receiver, with realistic sFlow v5 datagrams of about
 //! 1,400 bytes ([`relay_tests::sflow::SflowGen`]).
@@ -60,9 +60,11 @@
 //! random and on text payloads, beside one-shot `zstd -1` of the same datagrams (see [`wire`];
 //! issue 20).
 //!
-//! `--scale` is a separate mode: 1,000 agents (the agent's library, in this process) connect
-//! at once to one relay-sink process and each relays `--scale-rate` datagrams a second for
-//! `--scale-duration`; it reports delivery and the sink's CPU and memory. See [`scale`].
+//! `--scale N` is a separate mode: N agents (the agent's library, in this process, sharing its
+//! threads) connect at once to one relay-sink process and each relays `--scale-rate`
+//! datagrams a second for `--scale-duration`; then one agent relays their total rate to a
+//! fresh sink. It reports delivery and the sink's CPU per datagram (against the one agent's)
+//! and memory. See [`scale`].
 
 mod bench;
 mod forwarder;
@@ -199,7 +201,7 @@ fn main() {
                 .unwrap_or_else(|| "target/relay-perf-wire.json".into());
             write_json(&json, &wire::run(&cli.wire));
         }
-        None if cli.scale.scale => {
+        None if cli.scale.scale.is_some() => {
             let json = cli
                 .bench
                 .json

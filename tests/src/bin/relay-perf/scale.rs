@@ -1,52 +1,159 @@
-//! `--scale`: many agents at once on one sink.
+//! `--scale N`: N agents at once on one sink, against one agent at the same total rate.
 //!
-//! One relay-sink process (the real binary) and, in this process, `--agents` agents made with
-//! the agent's library ([`agent::run`]), each with its own UDP input socket, its own
-//! certificate (identity `agent-0001` …) and its own QUIC connection. Each agent receives
-//! `--scale-rate` datagrams a second of its own sFlow stream (agent address 10.0.x.y, one
-//! sub-agent, sequence 1, 2, …) for `--scale-duration`; the receiver checks that every
-//! (agent, sub-agent, sequence) arrived exactly once. Reported: agents connected (as the
-//! sink's `/agents` lists them), sent, delivered, lost, duplicated; the sink's CPU per
-//! datagram and CPU % over the run, its peak RSS, and RSS per connected agent ((peak RSS −
-//! RSS before the agents came) / agents).
+//! Two phases, each with a fresh relay-sink process (the real binary) replaying unpaced to one
+//! receiver:
+//! - **N agents**, made with the agent's library ([`agent::run`]) in this process, each with
+//!   its own UDP input socket, its own certificate (identity `agent-0001` …) and its own QUIC
+//!   connection. The agents share this process's runtime threads (their receive loops are
+//!   tasks, [`agent::config::ReceiveOn::Runtime`]), so 10,000 fit. Each agent receives
+//!   `--scale-rate` datagrams a second of its own sFlow stream (agent address 10.0.x.y, one
+//!   sub-agent, sequence 1, 2, …) for `--scale-duration`.
+//! - **One agent** receiving N × `--scale-rate` datagrams a second for as long: the baseline
+//!   the issue compares the sink's CPU per datagram with.
+//!
+//! In each phase the traffic starts once the sink's `/agents` lists every agent (or after a
+//! time limit), and the receiver checks that every (agent, sub-agent, sequence) arrived exactly
+//! once. Reported: agents connected, sent, delivered, lost, duplicated; the sink's CPU per
+//! datagram while relaying (from the moment the traffic starts until it has all arrived) and
+//! over the whole phase (the handshakes included); its peak RSS, and RSS per connected agent
+//! ((peak RSS − RSS before the agents came) / agents). Issue 20 asks, at 10,000 agents: all
+//! delivered exactly once, CPU per datagram at most 2× the one agent's, peak RSS at most
+//! 64 MiB + 64 KiB per connected agent.
 
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use agent::config::{Args, Sinks, TransportMode};
+use agent::config::{Args, ReceiveOn, Sinks, TransportMode};
 use relay_tests::sflow::SflowGen;
 use relay_tests::{Pki, bin, http, metrics_addr, start_sink};
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::load::{Key, Receiver};
-use crate::procs::{self, mib};
+use crate::procs::{self, Usage, mib};
 use crate::report::thousands;
 
 /// The issue's memory budget for the sink: this much, plus [`SINK_RSS_PER_AGENT`] per
 /// connected agent.
 const SINK_RSS_BASE: u64 = 64 << 20;
-const SINK_RSS_PER_AGENT: u64 = 1 << 20;
+const SINK_RSS_PER_AGENT: u64 = 64 << 10;
+
+/// The issue's bound on the sink's CPU per datagram with many agents, against one agent at the
+/// same total rate.
+const CPU_RATIO_BOUND: f64 = 2.0;
 
 /// Options of `--scale`.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct ScaleArgs {
-    /// Run the scale mode instead of the path comparison: many agents on one sink.
-    #[arg(long)]
-    pub(crate) scale: bool,
-    /// Agents connected at once (with --scale).
-    #[arg(long, default_value_t = 1_000)]
-    agents: usize,
+    /// Run the scale mode instead of the path comparison, with this many agents on one sink
+    /// (1,000 when no number follows).
+    #[arg(long, value_name = "AGENTS", num_args = 0..=1, default_missing_value = "1000")]
+    pub(crate) scale: Option<usize>,
+    /// The number of agents, as `--scale N` gives it (kept for older command lines).
+    #[arg(long, hide = true)]
+    agents: Option<usize>,
     /// Datagrams per second sent to each agent (with --scale).
     #[arg(long, default_value_t = 20)]
     scale_rate: u64,
-    /// How long each agent receives traffic (with --scale).
+    /// How long each phase sends (with --scale).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     scale_duration: Duration,
+}
+
+/// What one phase measured.
+#[derive(Debug, Default)]
+struct Phase {
+    agents: usize,
+    rate_per_agent: u64,
+    /// The most agents the sink's /agents listed at once.
+    connected: usize,
+    all_connected_after: Option<f64>,
+    sent: u64,
+    received: u64,
+    delivered_once: u64,
+    lost: u64,
+    duplicated: u64,
+    unexpected: u64,
+    /// Seconds from the first agent's start to the traffic's start.
+    connect_seconds: f64,
+    /// Seconds from the traffic's start until it had all arrived (or stopped arriving).
+    relay_seconds: f64,
+    sink_before: Usage,
+    sink_at_traffic: Usage,
+    sink_after: Usage,
+    agents_cpu_seconds: f64,
+    agents_peak_rss: u64,
+    errors: Vec<String>,
+}
+
+impl Phase {
+    /// The sink's CPU per datagram delivered while relaying, µs.
+    fn cpu_us_relaying(&self) -> f64 {
+        (self.sink_after.cpu_seconds - self.sink_at_traffic.cpu_seconds) * 1e6
+            / self.received.max(1) as f64
+    }
+
+    /// The same over the whole phase, the handshakes included, µs.
+    fn cpu_us_all(&self) -> f64 {
+        (self.sink_after.cpu_seconds - self.sink_before.cpu_seconds) * 1e6
+            / self.received.max(1) as f64
+    }
+
+    /// (Peak RSS − RSS before the agents) / connected agents, bytes.
+    fn rss_per_agent(&self) -> Option<u64> {
+        self.sink_after
+            .peak_rss
+            .saturating_sub(self.sink_before.rss)
+            .checked_div(self.connected as u64)
+    }
+
+    fn budget(&self) -> u64 {
+        SINK_RSS_BASE + SINK_RSS_PER_AGENT * self.connected as u64
+    }
+
+    fn exactly_once(&self) -> bool {
+        self.lost == 0
+            && self.duplicated == 0
+            && self.unexpected == 0
+            && self.connected == self.agents
+            && self.errors.is_empty()
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "agents": self.agents,
+            "rate_per_agent": self.rate_per_agent,
+            "agents_connected": self.connected,
+            "all_connected_after_seconds": self.all_connected_after,
+            "connect_seconds": self.connect_seconds,
+            "relay_seconds": self.relay_seconds,
+            "sent": self.sent,
+            "received": self.received,
+            "delivered_once": self.delivered_once,
+            "lost": self.lost,
+            "duplicated": self.duplicated,
+            "unexpected": self.unexpected,
+            "sink": {
+                "cpu_us_per_datagram_relaying": self.cpu_us_relaying(),
+                "cpu_us_per_datagram_all": self.cpu_us_all(),
+                "cpu_percent_relaying": (self.sink_after.cpu_seconds - self.sink_at_traffic.cpu_seconds)
+                    / self.relay_seconds.max(1e-9) * 100.0,
+                "rss_bytes_before_agents": self.sink_before.rss,
+                "peak_rss_bytes": self.sink_after.peak_rss,
+                "rss_bytes_per_agent": self.rss_per_agent(),
+                "rss_budget_bytes": self.budget(),
+            },
+            "agents_process": {
+                "cpu_seconds": self.agents_cpu_seconds,
+                "peak_rss_bytes": self.agents_peak_rss,
+            },
+            "agent_errors": self.errors,
+        })
+    }
 }
 
 /// Runs the scale mode and reports.
@@ -54,11 +161,13 @@ pub(crate) fn run(args: &ScaleArgs, json_to: &Path) {
     // Build (or find) the release binaries before timing anything.
     let _ = bin("relay-sink");
     let started = Instant::now();
-    let n = args.agents.max(1);
+    let n = args.agents.or(args.scale).unwrap_or(1_000).max(1);
     let nofile = raise_nofile();
     eprintln!(
-        "relay-perf --scale: {n} agents, {}/s each for {:?}; open files limit {nofile:?}",
-        args.scale_rate, args.scale_duration
+        "relay-perf --scale {n}: {}/s each for {:?}, then one agent at {}/s; open files limit {nofile:?}",
+        args.scale_rate,
+        args.scale_duration,
+        args.scale_rate * n as u64
     );
 
     let dir = tempfile::tempdir().expect("temp dir");
@@ -69,11 +178,164 @@ pub(crate) fn run(args: &ScaleArgs, json_to: &Path) {
     let issue_seconds = issuing.elapsed().as_secs_f64();
     eprintln!("  {n} agent certificates issued (relay-certs) in {issue_seconds:.1} s");
 
+    eprintln!("phase 1: {n} agents");
+    let many = phase(
+        &pki,
+        &sink_cert,
+        &certs,
+        args.scale_rate,
+        args.scale_duration,
+    );
+    eprintln!("phase 2: one agent at the same total rate");
+    let one = phase(
+        &pki,
+        &sink_cert,
+        &certs[..1],
+        args.scale_rate * n as u64,
+        args.scale_duration,
+    );
+    let total_wall = started.elapsed().as_secs_f64();
+    let ratio = many.cpu_us_relaying() / one.cpu_us_relaying().max(1e-9);
+
+    println!(
+        "\n## relay-perf --scale {n}: {n} agents on one sink, and one agent at the same total rate\n"
+    );
+    let machine = procs::machine(8 << 20);
+    println!(
+        "- machine: {} cores, {}, kernel {}",
+        machine["cores"],
+        machine["cpu_model"].as_str().unwrap_or("?"),
+        machine["kernel"].as_str().unwrap_or("?")
+    );
+    println!(
+        "- {n} agents (the agent's library, in the benchmark process, sharing its runtime's threads, each with its own certificate, UDP input and QUIC connection), {}/s of realistic sFlow each for {:?}; then one agent at {}/s for as long. Each phase with a fresh relay-sink process (defaults) replaying unpaced to one receiver",
+        args.scale_rate,
+        args.scale_duration,
+        args.scale_rate * n as u64,
+    );
+    println!("- run: {total_wall:.0} s in all (certificates {issue_seconds:.0} s)\n");
+    println!("| measure | {n} agents | 1 agent |\n|---|---|---|");
+    let row = |name: &str, f: &dyn Fn(&Phase) -> String| {
+        println!("| {name} | {} | {} |", f(&many), f(&one));
+    };
+    row("rate per agent", &|p| {
+        format!("{}/s", thousands(p.rate_per_agent))
+    });
+    row("agents connected (listed by the sink's /agents)", &|p| {
+        format!(
+            "{} of {}{}",
+            p.connected,
+            p.agents,
+            p.all_connected_after
+                .map_or(String::new(), |s| format!(", all within {s:.1} s"))
+        )
+    });
+    row("datagrams sent", &|p| thousands(p.sent));
+    row("delivered (each (agent, sub-agent, sequence) once)", &|p| {
+        thousands(p.delivered_once)
+    });
+    row("lost / duplicated / unexpected", &|p| {
+        format!(
+            "{} / {} / {}",
+            thousands(p.lost),
+            thousands(p.duplicated),
+            thousands(p.unexpected)
+        )
+    });
+    row("sink CPU per datagram, relaying", &|p| {
+        format!("{:.1} µs", p.cpu_us_relaying())
+    });
+    row("sink CPU per datagram, the handshakes included", &|p| {
+        format!("{:.1} µs", p.cpu_us_all())
+    });
+    row("sink CPU while relaying", &|p| {
+        format!(
+            "{:.1} % of one core",
+            (p.sink_after.cpu_seconds - p.sink_at_traffic.cpu_seconds) / p.relay_seconds.max(1e-9)
+                * 100.0
+        )
+    });
+    row("sink RSS before the agents / peak", &|p| {
+        format!(
+            "{} / {} MiB",
+            mib(p.sink_before.rss),
+            mib(p.sink_after.peak_rss)
+        )
+    });
+    row("sink RSS per connected agent", &|p| {
+        p.rss_per_agent()
+            .map_or("–".into(), |b| format!("{:.1} KiB", b as f64 / 1024.0))
+    });
+    row(
+        "agents' process (agents, generator, receiver): CPU / peak RSS",
+        &|p| {
+            format!(
+                "{:.0} s / {} MiB",
+                p.agents_cpu_seconds,
+                mib(p.agents_peak_rss)
+            )
+        },
+    );
+    let verdict = |ok: bool| if ok { "pass" } else { "FAIL" };
+    println!(
+        "\nIssue 20, line 3, this run:\n- all delivered exactly once: {}\n- sink CPU per datagram, relaying: {:.1} µs against {:.1} µs for one agent, {ratio:.2}× (at most {CPU_RATIO_BOUND}×): {}\n- sink peak RSS {} MiB, at most 64 MiB + 64 KiB per connected agent ({} MiB): {}",
+        verdict(many.exactly_once() && one.exactly_once()),
+        many.cpu_us_relaying(),
+        one.cpu_us_relaying(),
+        verdict(ratio <= CPU_RATIO_BOUND),
+        mib(many.sink_after.peak_rss),
+        mib(many.budget()),
+        verdict(many.sink_after.peak_rss <= many.budget()),
+    );
+    for p in [&many, &one] {
+        if !p.errors.is_empty() {
+            println!(
+                "\n{} agents ended with an error; the first: {}",
+                p.errors.len(),
+                p.errors[0]
+            );
+        }
+    }
+
+    crate::write_json(
+        json_to,
+        &json!({
+            "machine": machine,
+            "settings": {
+                "agents": n,
+                "rate_per_agent": args.scale_rate,
+                "duration_seconds": args.scale_duration.as_secs_f64(),
+            },
+            "open_files_limit": nofile,
+            "certificates_seconds": issue_seconds,
+            "wall_seconds": total_wall,
+            "agents": many.json(),
+            "one_agent": one.json(),
+            "cpu_ratio_relaying": ratio,
+        }),
+    );
+}
+
+/// Starts a sink and `certs.len()` agents, waits until the sink lists them all, sends each
+/// `rate` datagrams a second for `length`, waits for them, checks them and stops everything.
+fn phase(
+    pki: &Pki,
+    sink_cert: &(PathBuf, PathBuf),
+    certs: &[(PathBuf, PathBuf)],
+    rate: u64,
+    length: Duration,
+) -> Phase {
+    let n = certs.len();
+    let mut p = Phase {
+        agents: n,
+        rate_per_agent: rate,
+        ..Phase::default()
+    };
     let rx = Receiver::start();
     rx.record();
     let (sink, sink_addr) = start_sink(
-        &pki,
-        &sink_cert,
+        pki,
+        sink_cert,
         &[rx.addr()],
         None,
         &["--metrics-listen", "127.0.0.1:0"],
@@ -81,7 +343,7 @@ pub(crate) fn run(args: &ScaleArgs, json_to: &Path) {
     let sink_metrics = metrics_addr(&sink);
     let sink_pid = sink.pid().to_string();
     std::thread::sleep(Duration::from_millis(500));
-    let sink_before = procs::usage(&sink_pid);
+    p.sink_before = procs::usage(&sink_pid);
     let self_before = procs::usage("self");
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -92,8 +354,8 @@ pub(crate) fn run(args: &ScaleArgs, json_to: &Path) {
     let mut inputs: Vec<SocketAddr> = Vec::with_capacity(n);
     let mut tasks = Vec::with_capacity(n);
     let agents_started = Instant::now();
-    for (cert, key) in &certs {
-        let config = agent::Config::try_from(Args {
+    for (cert, key) in certs {
+        let mut config = agent::Config::try_from(Args {
             listen: vec!["127.0.0.1:0".parse().expect("address")],
             sink: Some(Sinks::One(sink_addr.to_string())),
             server_name: Some("localhost".into()),
@@ -105,6 +367,9 @@ pub(crate) fn run(args: &ScaleArgs, json_to: &Path) {
             ..Default::default()
         })
         .expect("agent config");
+        config.receive_on = ReceiveOn::Runtime;
+        // The runtime's context, for the receive tasks' sockets.
+        let _entered = rt.enter();
         let sockets = agent::bind_listeners(&config).expect("agent input socket");
         inputs.push(sockets[0].local_addr().expect("agent input address"));
         let stop = stop.clone();
@@ -121,75 +386,90 @@ pub(crate) fn run(args: &ScaleArgs, json_to: &Path) {
         }));
     }
     eprintln!(
-        "  {n} agents started in {:.1} s; sending",
+        "  {n} agents started in {:.1} s; waiting for the sink to list them all",
         agents_started.elapsed().as_secs_f64()
+    );
+    let connect_limit = Duration::from_secs(30) + Duration::from_millis(20) * n as u32;
+    let mut last_progress = Instant::now();
+    while agents_started.elapsed() < connect_limit {
+        let listed = listed_agents(sink_metrics);
+        p.connected = p.connected.max(listed.unwrap_or(0));
+        if listed == Some(n) {
+            p.all_connected_after = Some(agents_started.elapsed().as_secs_f64());
+            break;
+        }
+        if last_progress.elapsed() >= Duration::from_secs(10) {
+            last_progress = Instant::now();
+            eprintln!(
+                "  {:>4.0} s: the sink lists {} agents",
+                agents_started.elapsed().as_secs_f64(),
+                listed.map_or("?".into(), |l| l.to_string()),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    p.connect_seconds = agents_started.elapsed().as_secs_f64();
+    p.sink_at_traffic = procs::usage(&sink_pid);
+    eprintln!(
+        "  {} of {n} listed after {:.1} s; sending {}/s to each for {length:?}",
+        p.connected, p.connect_seconds, rate
     );
 
     // The traffic, on a thread: agent i gets datagram k when k % n == i, evenly spread.
+    let traffic_started = Instant::now();
     let sending = Arc::new(AtomicBool::new(true));
     let sender = {
-        let (inputs, rate, length, sending) = (
-            inputs.clone(),
-            args.scale_rate,
-            args.scale_duration,
-            sending.clone(),
-        );
+        let (inputs, sending) = (inputs.clone(), sending.clone());
         std::thread::spawn(move || {
             let sent = send_round_robin(&inputs, rate, length);
             sending.store(false, Ordering::Relaxed);
             sent
         })
     };
-    let mut all_listed_after = None;
-    let mut most_listed = 0usize;
+    // Progress every 10 s (the agent list is not fetched more often: it costs the sink).
     let mut last_progress = Instant::now();
     while sending.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_secs(1));
-        let listed = listed_agents(sink_metrics);
-        most_listed = most_listed.max(listed.unwrap_or(0));
-        if all_listed_after.is_none() && listed == Some(n) {
-            all_listed_after = Some(agents_started.elapsed().as_secs_f64());
-        }
+        std::thread::sleep(Duration::from_millis(200));
         if last_progress.elapsed() >= Duration::from_secs(10) {
             last_progress = Instant::now();
+            let listed = listed_agents(sink_metrics);
+            p.connected = p.connected.max(listed.unwrap_or(0));
             eprintln!(
                 "  {:>4.0} s: the sink lists {} agents; {} datagrams delivered",
-                agents_started.elapsed().as_secs_f64(),
+                traffic_started.elapsed().as_secs_f64(),
                 listed.map_or("?".into(), |l| l.to_string()),
                 thousands(rx.count())
             );
         }
     }
     let sent_per_agent: Vec<u64> = sender.join().expect("sender thread");
-    let sent: u64 = sent_per_agent.iter().sum();
-    let delivered = rx.settle(sent, Duration::from_secs(3), Duration::from_secs(60));
-    let wall = agents_started.elapsed().as_secs_f64();
-    let sink_after = procs::usage(&sink_pid);
+    p.sent = sent_per_agent.iter().sum();
+    p.received = rx.settle(p.sent, Duration::from_secs(3), Duration::from_secs(60));
+    p.relay_seconds = traffic_started.elapsed().as_secs_f64();
+    p.sink_after = procs::usage(&sink_pid);
     let self_after = procs::usage("self");
+    p.agents_cpu_seconds = self_after.cpu_seconds - self_before.cpu_seconds;
+    p.agents_peak_rss = self_after.peak_rss;
     let listed_at_end = listed_agents(sink_metrics);
-    most_listed = most_listed.max(listed_at_end.unwrap_or(0));
-    if all_listed_after.is_none() && listed_at_end == Some(n) {
-        all_listed_after = Some(wall);
-    }
+    p.connected = p.connected.max(listed_at_end.unwrap_or(0));
 
     // Exactly once: every (agent, sub-agent 0, sequence 1..=sent) and nothing else.
     let arrivals = rx.take();
     let mut seen: HashSet<Key> = HashSet::with_capacity(arrivals.len());
-    let mut duplicated = 0u64;
-    let mut unexpected = 0u64;
     for (key, _) in &arrivals {
         let i = u32::from(key.0).wrapping_sub(u32::from(agent_address(0))) as usize;
         let expected = i < n && key.1 == 0 && key.2 >= 1 && u64::from(key.2) <= sent_per_agent[i];
         if !expected {
-            unexpected += 1;
+            p.unexpected += 1;
         } else if !seen.insert(*key) {
-            duplicated += 1;
+            p.duplicated += 1;
         }
     }
-    let missing = sent - seen.len() as u64;
+    p.delivered_once = seen.len() as u64;
+    p.lost = p.sent - p.delivered_once;
 
     stop.cancel();
-    let errors: Vec<String> = rt.block_on(async {
+    p.errors = rt.block_on(async {
         let mut errors = Vec::new();
         for task in tasks {
             match tokio::time::timeout(Duration::from_secs(30), task).await {
@@ -203,131 +483,13 @@ pub(crate) fn run(args: &ScaleArgs, json_to: &Path) {
     });
     rt.shutdown_timeout(Duration::from_secs(5));
     drop(sink);
-
-    let sink_cpu = sink_after.cpu_seconds - sink_before.cpu_seconds;
-    let agents_cpu = self_after.cpu_seconds - self_before.cpu_seconds;
-    let connected = most_listed as u64;
-    let per_agent = sink_after
-        .peak_rss
-        .saturating_sub(sink_before.rss)
-        .checked_div(connected);
-    let budget = SINK_RSS_BASE + SINK_RSS_PER_AGENT * connected;
-    let total_wall = started.elapsed().as_secs_f64();
-
-    println!("\n## relay-perf --scale: {n} agents on one sink\n");
-    let machine = procs::machine(8 << 20);
-    println!(
-        "- machine: {} cores, {}, kernel {}",
-        machine["cores"],
-        machine["cpu_model"].as_str().unwrap_or("?"),
-        machine["kernel"].as_str().unwrap_or("?")
+    eprintln!(
+        "  delivered {} of {}; sink CPU {:.1} µs per datagram while relaying",
+        thousands(p.delivered_once),
+        thousands(p.sent),
+        p.cpu_us_relaying()
     );
-    println!(
-        "- {n} agents (the agent's library, in the benchmark process, each with its own certificate, UDP input and QUIC connection), {}/s of realistic sFlow each for {:?}; one relay-sink process replaying unpaced to one receiver",
-        args.scale_rate, args.scale_duration
-    );
-    println!(
-        "- run: {:.0} s in all (certificates {issue_seconds:.0} s, agents and traffic {wall:.0} s)\n",
-        total_wall
-    );
-    println!("| measure | value |\n|---|---|");
-    println!(
-        "| agents connected (listed by the sink's /agents) | {most_listed} of {n}{} |",
-        all_listed_after.map_or(String::new(), |s| format!(", all within {s:.1} s"))
-    );
-    println!("| datagrams sent | {} |", thousands(sent));
-    println!(
-        "| delivered (each (agent, sub-agent, sequence) once) | {} |",
-        thousands(seen.len() as u64)
-    );
-    println!("| lost | {} |", thousands(missing));
-    println!(
-        "| duplicated / unexpected | {} / {} |",
-        thousands(duplicated),
-        thousands(unexpected)
-    );
-    println!(
-        "| sink CPU per datagram (the {n} handshakes included) | {:.1} µs |",
-        sink_cpu * 1e6 / delivered.max(1) as f64
-    );
-    println!(
-        "| sink CPU over the run | {:.1} % of one core |",
-        sink_cpu / wall * 100.0
-    );
-    println!(
-        "| sink RSS before the agents / peak | {} / {} MiB |",
-        mib(sink_before.rss),
-        mib(sink_after.peak_rss)
-    );
-    println!(
-        "| sink RSS per connected agent | {} |",
-        per_agent.map_or("–".into(), |b| format!("{:.1} KiB", b as f64 / 1024.0))
-    );
-    println!(
-        "| agents' process (this one: {n} agents, generator, receiver) CPU / peak RSS | {:.1} % of one core / {} MiB |",
-        agents_cpu / wall * 100.0,
-        mib(self_after.peak_rss)
-    );
-    println!(
-        "\nIssue 7 acceptance, this run:\n- all delivered: {}\n- sink RSS ≤ 64 MiB + 1 MiB per connected agent ({} MiB): {} (peak {} MiB)",
-        if missing == 0 && duplicated == 0 && most_listed == n {
-            "pass"
-        } else {
-            "FAIL"
-        },
-        mib(budget),
-        if sink_after.peak_rss <= budget {
-            "pass"
-        } else {
-            "FAIL"
-        },
-        mib(sink_after.peak_rss)
-    );
-    if !errors.is_empty() {
-        println!(
-            "\n{} agents ended with an error; the first: {}",
-            errors.len(),
-            errors[0]
-        );
-    }
-
-    crate::write_json(
-        json_to,
-        &json!({
-            "machine": machine,
-            "settings": {
-                "agents": n,
-                "rate_per_agent": args.scale_rate,
-                "duration_seconds": args.scale_duration.as_secs_f64(),
-            },
-            "open_files_limit": nofile,
-            "certificates_seconds": issue_seconds,
-            "wall_seconds": total_wall,
-            "agents_connected": most_listed,
-            "agents_connected_at_end": listed_at_end,
-            "all_connected_after_seconds": all_listed_after,
-            "sent": sent,
-            "received": delivered,
-            "delivered_once": seen.len(),
-            "lost": missing,
-            "duplicated": duplicated,
-            "unexpected": unexpected,
-            "sink": {
-                "cpu_seconds": sink_cpu,
-                "cpu_us_per_datagram": sink_cpu * 1e6 / delivered.max(1) as f64,
-                "cpu_percent": sink_cpu / wall * 100.0,
-                "rss_bytes_before_agents": sink_before.rss,
-                "peak_rss_bytes": sink_after.peak_rss,
-                "rss_bytes_per_agent": per_agent,
-                "rss_budget_bytes": budget,
-            },
-            "agents_process": {
-                "cpu_percent": agents_cpu / wall * 100.0,
-                "peak_rss_bytes": self_after.peak_rss,
-            },
-            "agent_errors": errors,
-        }),
-    );
+    p
 }
 
 /// The sFlow agent address of agent `i`: 10.0.0.1, 10.0.0.2, …
@@ -336,7 +498,7 @@ fn agent_address(i: usize) -> Ipv4Addr {
 }
 
 /// Issues `n` agent certificates (`agent-0001` …) with `relay-certs`, four at a time.
-fn issue_agents(pki: &Pki, n: usize) -> Vec<(std::path::PathBuf, std::path::PathBuf)> {
+fn issue_agents(pki: &Pki, n: usize) -> Vec<(PathBuf, PathBuf)> {
     const THREADS: usize = 4;
     let mut certs = vec![Default::default(); n];
     std::thread::scope(|s| {
