@@ -33,9 +33,10 @@ pub const DEFAULT_REPLAY_QUEUE: usize = 1024;
 pub const DEFAULT_CATCH_UP_MAX_PPS: u64 = 5_000;
 /// Default send buffer of each replay socket.
 pub const DEFAULT_SEND_BUFFER: usize = 4 * 1024 * 1024;
-/// Default limit on agent connections, handshakes in progress included: far above any fleet
-/// one sink serves, far below what exhausts its memory (each costs at most its windows).
-pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default limit on agent connections, handshakes in progress included: room for 10,000 sites
+/// on one sink with headroom (an agent on `--transport auto` may hold two for a moment); a
+/// connected low-rate agent costs the sink about 70 KiB, so the limit is about 1 GiB.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
 /// Default time a frame may take to arrive once its first byte has: a frame announcing a
 /// length and then stalling must not hold its buffer and its stream forever (QUIC's idle
 /// timeout does not end a connection whose keep-alives are answered).
@@ -156,7 +157,7 @@ pub struct Args {
     pub handshake_timeout: Option<Duration>,
 
     /// Most agent connections at once, handshakes in progress included, over both transports;
-    /// one more is refused at once (counted). [default: 1024]
+    /// one more is refused at once (counted). [default: 16384]
     #[arg(long, value_name = "N")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,

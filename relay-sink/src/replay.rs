@@ -612,6 +612,7 @@ async fn send_loop(
         out: udp::SendBatch::new(udp::SEND_BATCH),
         errors: RateLimit::new(Duration::from_secs(10)),
     };
+    let mut jobs: Vec<Job> = Vec::new();
     loop {
         let route = state.route();
         let wake = route
@@ -632,13 +633,24 @@ async fn send_loop(
             return;
         }
         let Some(job) = job else { continue };
-        match sender.send(&job).await {
-            Ok(()) => state.advance(job.ticket),
+        // Unpaced, what else is queued goes in the same system calls: with many agents each
+        // batch may hold one datagram, and one call per batch (each waking the receiver)
+        // would cost far more than the datagrams themselves.
+        let mut taken = job.len();
+        jobs.push(job);
+        while sender.bucket.is_none() && taken < udp::SEND_BATCH {
+            let Ok(next) = queue.try_recv() else { break };
+            taken += next.len();
+            jobs.push(next);
+        }
+        match sender.send(&jobs).await {
+            Ok(()) => state.advance(jobs.last().map_or(0, |job| job.ticket)),
             Err(stop) => {
                 end(&state, &mut queue, stop);
                 return;
             }
         }
+        jobs.clear();
     }
     tracing::debug!(destination = %state.addr, "replay task finished");
 }
@@ -696,17 +708,20 @@ struct Sender<'a> {
 }
 
 impl Sender<'_> {
-    /// Sends a job's datagrams, as many at a time as the pace allows (all when unpaced), in
-    /// one system call per `udp::SEND_BATCH`; a paced job stops at the destination's end.
-    async fn send(&mut self, job: &Job) -> Result<(), Stop> {
-        let batch = &job.replaying.batch.datagrams;
-        let datagrams: Vec<&[u8]> = match &job.share {
-            Share::All => batch.iter().map(|d| &d.payload[..]).collect(),
-            Share::Only(only) => only
-                .iter()
-                .map(|&i| &batch[i as usize].payload[..])
-                .collect(),
-        };
+    /// Sends the jobs' datagrams in order, as many at a time as the pace allows (all when
+    /// unpaced), in one system call per `udp::SEND_BATCH`; a paced job stops at the
+    /// destination's end.
+    async fn send(&mut self, jobs: &[Job]) -> Result<(), Stop> {
+        let mut datagrams: Vec<&[u8]> = Vec::with_capacity(jobs.iter().map(Job::len).sum());
+        for job in jobs {
+            let batch = &job.replaying.batch.datagrams;
+            match &job.share {
+                Share::All => datagrams.extend(batch.iter().map(|d| &d.payload[..])),
+                Share::Only(only) => {
+                    datagrams.extend(only.iter().map(|&i| &batch[i as usize].payload[..]));
+                }
+            }
+        }
         let mut next = 0;
         while next < datagrams.len() {
             let allowed = match &mut self.bucket {

@@ -122,6 +122,9 @@ enum Command {
     /// The plain UDP forwarder of the `forwarder` path (run by the benchmark itself).
     #[command(hide = true)]
     Forward(forwarder::ForwardArgs),
+    /// Agents for `--scale`, in a process of their own (run by the benchmark itself).
+    #[command(hide = true)]
+    Agents(scale::WorkerArgs),
 }
 
 /// Options of the default run (all paths).
@@ -186,6 +189,7 @@ fn main() {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Forward(args)) => forwarder::run(&args),
+        Some(Command::Agents(args)) => scale::worker(&args),
         None if cli.interfaces.sflow_interfaces.is_some() => {
             let json = cli
                 .bench

@@ -2,10 +2,12 @@
 //!
 //! Two phases, each with a fresh relay-sink process (the real binary) replaying unpaced to one
 //! receiver:
-//! - **N agents**, made with the agent's library ([`agent::run`]) in this process, each with
-//!   its own UDP input socket, its own certificate (identity `agent-0001` …) and its own QUIC
-//!   connection. The agents share this process's runtime threads (their receive loops are
-//!   tasks, [`agent::config::ReceiveOn::Runtime`]), so 10,000 fit. Each agent receives
+//! - **N agents**, made with the agent's library ([`agent::run`]) in worker processes
+//!   (`relay-perf agents`, up to [`AGENTS_PER_WORKER`] each: a process may be held to 20,000
+//!   open files), each agent with its own UDP input socket, its own certificate (identity
+//!   `agent-0001` …) and its own QUIC connection. A worker's agents share its runtime's
+//!   threads (their receive loops are tasks, [`agent::config::ReceiveOn::Runtime`]), so
+//!   10,000 fit on this machine. Each agent receives
 //!   `--scale-rate` datagrams a second of its own sFlow stream (agent address 10.0.x.y, one
 //!   sub-agent, sequence 1, 2, …) for `--scale-duration`.
 //! - **One agent** receiving N × `--scale-rate` datagrams a second for as long: the baseline
@@ -208,7 +210,7 @@ pub(crate) fn run(args: &ScaleArgs, json_to: &Path) {
         machine["kernel"].as_str().unwrap_or("?")
     );
     println!(
-        "- {n} agents (the agent's library, in the benchmark process, sharing its runtime's threads, each with its own certificate, UDP input and QUIC connection), {}/s of realistic sFlow each for {:?}; then one agent at {}/s for as long. Each phase with a fresh relay-sink process (defaults) replaying unpaced to one receiver",
+        "- {n} agents (the agent's library, in worker processes of up to {AGENTS_PER_WORKER} agents that share their runtime's threads; each agent with its own certificate, UDP input and QUIC connection), {}/s of realistic sFlow each for {:?}; then one agent at {}/s for as long. Each phase with a fresh relay-sink process (defaults) replaying unpaced to one receiver",
         args.scale_rate,
         args.scale_duration,
         args.scale_rate * n as u64,
@@ -344,47 +346,17 @@ fn phase(
     let sink_pid = sink.pid().to_string();
     std::thread::sleep(Duration::from_millis(500));
     p.sink_before = procs::usage(&sink_pid);
-    let self_before = procs::usage("self");
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let stop = CancellationToken::new();
-    let mut inputs: Vec<SocketAddr> = Vec::with_capacity(n);
-    let mut tasks = Vec::with_capacity(n);
     let agents_started = Instant::now();
-    for (cert, key) in certs {
-        let mut config = agent::Config::try_from(Args {
-            listen: vec!["127.0.0.1:0".parse().expect("address")],
-            sink: Some(Sinks::One(sink_addr.to_string())),
-            server_name: Some("localhost".into()),
-            ca: Some(pki.ca()),
-            cert: Some(cert.clone()),
-            key: Some(key.clone()),
-            transport: Some(TransportMode::Quic),
-            reconnect_max: Some(Duration::from_secs(2)),
-            ..Default::default()
-        })
-        .expect("agent config");
-        config.receive_on = ReceiveOn::Runtime;
-        // The runtime's context, for the receive tasks' sockets.
-        let _entered = rt.enter();
-        let sockets = agent::bind_listeners(&config).expect("agent input socket");
-        inputs.push(sockets[0].local_addr().expect("agent input address"));
-        let stop = stop.clone();
-        tasks.push(rt.spawn(async move {
-            let mut links = Vec::new();
-            agent::run(
-                config,
-                sockets,
-                Arc::new(agent::Metrics::default()),
-                &mut links,
-                stop.cancelled_owned(),
-            )
-            .await
-        }));
-    }
+    let mut workers: Vec<Worker> = certs
+        .chunks(AGENTS_PER_WORKER)
+        .map(|chunk| Worker::start(pki, sink_addr, chunk))
+        .collect();
+    let inputs: Vec<SocketAddr> = workers
+        .iter_mut()
+        .flat_map(|w| std::mem::take(&mut w.inputs))
+        .collect();
+    assert_eq!(inputs.len(), n, "every agent's input address");
     eprintln!(
         "  {n} agents started in {:.1} s; waiting for the sink to list them all",
         agents_started.elapsed().as_secs_f64()
@@ -447,9 +419,11 @@ fn phase(
     p.received = rx.settle(p.sent, Duration::from_secs(3), Duration::from_secs(60));
     p.relay_seconds = traffic_started.elapsed().as_secs_f64();
     p.sink_after = procs::usage(&sink_pid);
-    let self_after = procs::usage("self");
-    p.agents_cpu_seconds = self_after.cpu_seconds - self_before.cpu_seconds;
-    p.agents_peak_rss = self_after.peak_rss;
+    for w in &workers {
+        let usage = procs::usage(&w.child.id().to_string());
+        p.agents_cpu_seconds += usage.cpu_seconds;
+        p.agents_peak_rss += usage.peak_rss;
+    }
     let listed_at_end = listed_agents(sink_metrics);
     p.connected = p.connected.max(listed_at_end.unwrap_or(0));
 
@@ -468,8 +442,88 @@ fn phase(
     p.delivered_once = seen.len() as u64;
     p.lost = p.sent - p.delivered_once;
 
+    p.errors = workers.into_iter().flat_map(Worker::stop).collect();
+    drop(sink);
+    eprintln!(
+        "  delivered {} of {}; sink CPU {:.1} µs per datagram while relaying",
+        thousands(p.delivered_once),
+        thousands(p.sent),
+        p.cpu_us_relaying()
+    );
+    p
+}
+
+/// Agents per worker process: each agent holds two sockets (its input and its QUIC
+/// endpoint's), and a process may have to live with 20,000 open files.
+const AGENTS_PER_WORKER: usize = 5_000;
+
+/// `relay-perf agents` (hidden): runs agents for `--scale`, in a process of its own.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct WorkerArgs {
+    /// The sink's QUIC address.
+    #[arg(long)]
+    sink: SocketAddr,
+    /// The CA certificate.
+    #[arg(long)]
+    ca: PathBuf,
+    /// A file with one agent a line: its certificate and key paths, separated by a tab.
+    #[arg(long)]
+    certs: PathBuf,
+}
+
+/// Runs the agents in `args.certs`, each with its own input socket and QUIC connection, all
+/// on one runtime (their receive loops are tasks); prints `input ADDR` for each, in order,
+/// then `ready`; stops them when a line or the end of standard input comes, prints `error
+/// TEXT` for each that ended with one, and exits.
+pub(crate) fn worker(args: &WorkerArgs) {
+    use std::io::{BufRead, Write};
+    raise_nofile();
+    let certs = std::fs::read_to_string(&args.certs).expect("certificate list");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let stop = CancellationToken::new();
+    let mut tasks = Vec::new();
+    let mut out = std::io::stdout().lock();
+    for line in certs.lines() {
+        let (cert, key) = line.split_once('\t').expect("certificate and key");
+        let mut config = agent::Config::try_from(Args {
+            listen: vec!["127.0.0.1:0".parse().expect("address")],
+            sink: Some(Sinks::One(args.sink.to_string())),
+            server_name: Some("localhost".into()),
+            ca: Some(args.ca.clone()),
+            cert: Some(cert.into()),
+            key: Some(key.into()),
+            transport: Some(TransportMode::Quic),
+            reconnect_max: Some(Duration::from_secs(2)),
+            ..Default::default()
+        })
+        .expect("agent config");
+        config.receive_on = ReceiveOn::Runtime;
+        // The runtime's context, for the receive tasks' sockets.
+        let _entered = rt.enter();
+        let sockets = agent::bind_listeners(&config).expect("agent input socket");
+        let input = sockets[0].local_addr().expect("agent input address");
+        writeln!(out, "input {input}").expect("stdout");
+        let stop = stop.clone();
+        tasks.push(rt.spawn(async move {
+            let mut links = Vec::new();
+            agent::run(
+                config,
+                sockets,
+                Arc::new(agent::Metrics::default()),
+                &mut links,
+                stop.cancelled_owned(),
+            )
+            .await
+        }));
+    }
+    writeln!(out, "ready").expect("stdout");
+    out.flush().expect("stdout");
+    let _ = std::io::stdin().lock().lines().next();
     stop.cancel();
-    p.errors = rt.block_on(async {
+    let errors: Vec<String> = rt.block_on(async {
         let mut errors = Vec::new();
         for task in tasks {
             match tokio::time::timeout(Duration::from_secs(30), task).await {
@@ -481,15 +535,76 @@ fn phase(
         }
         errors
     });
+    for error in errors {
+        writeln!(out, "error {}", error.replace('\n', " ")).expect("stdout");
+    }
+    out.flush().expect("stdout");
     rt.shutdown_timeout(Duration::from_secs(5));
-    drop(sink);
-    eprintln!(
-        "  delivered {} of {}; sink CPU {:.1} µs per datagram while relaying",
-        thousands(p.delivered_once),
-        thousands(p.sent),
-        p.cpu_us_relaying()
-    );
-    p
+}
+
+/// A `relay-perf agents` process.
+struct Worker {
+    child: std::process::Child,
+    /// Its output, after `ready`.
+    output: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+    /// Its agents' input addresses, in order (taken once read).
+    inputs: Vec<SocketAddr>,
+    /// The file listing its agents, kept until it ends.
+    _list: tempfile::NamedTempFile,
+}
+
+impl Worker {
+    /// Starts a worker with `certs`' agents, connecting to `sink`; returns once they all run.
+    fn start(pki: &Pki, sink: SocketAddr, certs: &[(PathBuf, PathBuf)]) -> Self {
+        use std::io::{BufRead, Write};
+        let mut list = tempfile::NamedTempFile::new().expect("certificate list");
+        for (cert, key) in certs {
+            writeln!(list, "{}\t{}", cert.display(), key.display()).expect("certificate list");
+        }
+        list.flush().expect("certificate list");
+        let mut child = std::process::Command::new(std::env::current_exe().expect("relay-perf"))
+            .arg("agents")
+            .arg("--sink")
+            .arg(sink.to_string())
+            .arg("--ca")
+            .arg(pki.ca())
+            .arg("--certs")
+            .arg(list.path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start relay-perf agents");
+        let mut output = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut inputs = Vec::with_capacity(certs.len());
+        for line in output.by_ref() {
+            let line = line.expect("worker output");
+            if line == "ready" {
+                break;
+            }
+            if let Some(addr) = line.strip_prefix("input ") {
+                inputs.push(addr.parse().expect("input address"));
+            }
+        }
+        Self {
+            child,
+            output,
+            inputs,
+            _list: list,
+        }
+    }
+
+    /// Stops the worker's agents; returns their errors.
+    fn stop(mut self) -> Vec<String> {
+        drop(self.child.stdin.take());
+        let errors: Vec<String> = self
+            .output
+            .by_ref()
+            .map_while(Result::ok)
+            .filter_map(|l| l.strip_prefix("error ").map(str::to_owned))
+            .collect();
+        let _ = self.child.wait();
+        errors
+    }
 }
 
 /// The sFlow agent address of agent `i`: 10.0.0.1, 10.0.0.2, …
@@ -557,11 +672,16 @@ fn listed_agents(metrics: SocketAddr) -> Option<usize> {
     Some(names.len())
 }
 
-/// Raises the soft limit of open files to the hard one (each agent holds a few sockets);
-/// returns (soft, hard) after.
+/// Raises the limit of open files (each agent holds two sockets, the sink one per agent): to
+/// 1,048,576 where the process may (root), else the soft limit to the hard one; returns
+/// (soft, hard) after.
 fn raise_nofile() -> Option<(u64, u64)> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    const WANTED: u64 = 1 << 20;
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    if hard < WANTED && setrlimit(Resource::RLIMIT_NOFILE, WANTED, WANTED).is_ok() {
+        return getrlimit(Resource::RLIMIT_NOFILE).ok();
+    }
     if soft < hard {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
