@@ -161,26 +161,31 @@ async fn stream(
     let mut expander = Expander::new(shared.config.max_frame_bytes);
     // Set when a frame was already incomplete at the previous `--frame-timeout` tick: a
     // frame gets at least one whole period (at most two) to arrive once it has begun, and
-    // the time between frames is not limited (an idle agent sends none).
+    // the time between frames is not limited (an idle agent sends none). One ticking timer
+    // per stream, not one per frame: with thousands of agents sending a datagram at a time,
+    // arming and disarming a timer per batch is a cost of its own.
+    let period = shared.config.frame_timeout;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stalled = false;
     loop {
         let next = tokio::select! {
-            next = tokio::time::timeout(shared.config.frame_timeout, reader.next::<pb::Batch>()) => next,
+            next = reader.next::<pb::Batch>() => next,
+            _ = tick.tick() => {
+                if reader.buffered() == 0 {
+                    stalled = false;
+                    continue;
+                }
+                if !stalled {
+                    stalled = true;
+                    continue;
+                }
+                let error = ProtocolError::FrameTimeout {
+                    buffered: reader.buffered(),
+                };
+                break violated(&shared, &connection, &agent, remote, &error);
+            }
             () = token.cancelled() => break,
-        };
-        let Ok(next) = next else {
-            if reader.buffered() == 0 {
-                stalled = false;
-                continue;
-            }
-            if !stalled {
-                stalled = true;
-                continue;
-            }
-            let error = ProtocolError::FrameTimeout {
-                buffered: reader.buffered(),
-            };
-            break violated(&shared, &connection, &agent, remote, &error);
         };
         stalled = false;
         let mut batch = match next {
@@ -230,12 +235,23 @@ async fn acknowledge(
     agent: Arc<str>,
 ) {
     let mut frame = BytesMut::with_capacity(32);
+    // One timer, armed only when a write has to wait (the stream's window is full): most
+    // complete at once.
+    let stuck = tokio::time::sleep(ACK_WRITE_LIMIT);
+    tokio::pin!(stuck);
     while let Some(delivery) = pending.recv().await {
         let ack = delivery.replayed().await;
         frame.clear();
         encode_frame(&ack, &mut frame);
-        let write = tokio::time::timeout(Duration::from_secs(30), send.write_all(&frame));
-        if !matches!(write.await, Ok(Ok(()))) {
+        stuck
+            .as_mut()
+            .reset(tokio::time::Instant::now() + ACK_WRITE_LIMIT);
+        let written = tokio::select! {
+            biased;
+            written = send.write_all(&frame) => written.is_ok(),
+            () = &mut stuck => false,
+        };
+        if !written {
             tracing::debug!(%agent, "could not acknowledge; stream closed");
             return;
         }
@@ -246,6 +262,9 @@ async fn acknowledge(
         let _ = tokio::time::timeout(ACKS_DELIVERY, send.stopped()).await;
     }
 }
+
+/// How long an acknowledgement may wait for room in the stream before the stream is given up.
+const ACK_WRITE_LIMIT: Duration = Duration::from_secs(30);
 
 /// How long a finished stream waits for the agent to receive its last acknowledgements.
 const ACKS_DELIVERY: Duration = Duration::from_secs(2);

@@ -160,6 +160,8 @@ impl Phase {
 
 /// Runs the scale mode and reports.
 pub(crate) fn run(args: &ScaleArgs, json_to: &Path) {
+    // This program, for the workers; read first: the build below may replace its file.
+    let this = std::env::current_exe().expect("relay-perf's path");
     // Build (or find) the release binaries before timing anything.
     let _ = bin("relay-sink");
     let started = Instant::now();
@@ -182,6 +184,7 @@ pub(crate) fn run(args: &ScaleArgs, json_to: &Path) {
 
     eprintln!("phase 1: {n} agents");
     let many = phase(
+        &this,
         &pki,
         &sink_cert,
         &certs,
@@ -190,6 +193,7 @@ pub(crate) fn run(args: &ScaleArgs, json_to: &Path) {
     );
     eprintln!("phase 2: one agent at the same total rate");
     let one = phase(
+        &this,
         &pki,
         &sink_cert,
         &certs[..1],
@@ -321,6 +325,7 @@ pub(crate) fn run(args: &ScaleArgs, json_to: &Path) {
 /// Starts a sink and `certs.len()` agents, waits until the sink lists them all, sends each
 /// `rate` datagrams a second for `length`, waits for them, checks them and stops everything.
 fn phase(
+    this: &Path,
     pki: &Pki,
     sink_cert: &(PathBuf, PathBuf),
     certs: &[(PathBuf, PathBuf)],
@@ -350,7 +355,7 @@ fn phase(
     let agents_started = Instant::now();
     let mut workers: Vec<Worker> = certs
         .chunks(AGENTS_PER_WORKER)
-        .map(|chunk| Worker::start(pki, sink_addr, chunk))
+        .map(|chunk| Worker::start(this, pki, sink_addr, chunk))
         .collect();
     let inputs: Vec<SocketAddr> = workers
         .iter_mut()
@@ -555,14 +560,15 @@ struct Worker {
 
 impl Worker {
     /// Starts a worker with `certs`' agents, connecting to `sink`; returns once they all run.
-    fn start(pki: &Pki, sink: SocketAddr, certs: &[(PathBuf, PathBuf)]) -> Self {
+    /// `this` is relay-perf itself.
+    fn start(this: &Path, pki: &Pki, sink: SocketAddr, certs: &[(PathBuf, PathBuf)]) -> Self {
         use std::io::{BufRead, Write};
         let mut list = tempfile::NamedTempFile::new().expect("certificate list");
         for (cert, key) in certs {
             writeln!(list, "{}\t{}", cert.display(), key.display()).expect("certificate list");
         }
         list.flush().expect("certificate list");
-        let mut child = std::process::Command::new(std::env::current_exe().expect("relay-perf"))
+        let mut child = std::process::Command::new(this)
             .arg("agents")
             .arg("--sink")
             .arg(sink.to_string())
