@@ -73,6 +73,9 @@ struct Phase {
     rate_per_agent: u64,
     /// The most agents the sink's /agents listed at once.
     connected: usize,
+    /// Connections the sink accepted over the phase (`relay_sink_connections_accepted_total`):
+    /// more than the agents when some reconnected.
+    accepted: u64,
     all_connected_after: Option<f64>,
     sent: u64,
     received: u64,
@@ -130,6 +133,7 @@ impl Phase {
             "agents": self.agents,
             "rate_per_agent": self.rate_per_agent,
             "agents_connected": self.connected,
+            "connections_accepted": self.accepted,
             "all_connected_after_seconds": self.all_connected_after,
             "connect_seconds": self.connect_seconds,
             "relay_seconds": self.relay_seconds,
@@ -236,6 +240,10 @@ pub(crate) fn run(args: &ScaleArgs, json_to: &Path) {
                 .map_or(String::new(), |s| format!(", all within {s:.1} s"))
         )
     });
+    row(
+        "connections the sink accepted (reconnections included)",
+        &|p| thousands(p.accepted),
+    );
     row("datagrams sent", &|p| thousands(p.sent));
     row("delivered (each (agent, sub-agent, sequence) once)", &|p| {
         thousands(p.delivered_once)
@@ -431,6 +439,8 @@ fn phase(
     }
     let listed_at_end = listed_agents(sink_metrics);
     p.connected = p.connected.max(listed_at_end.unwrap_or(0));
+    p.accepted = relay_tests::metrics::Scrape::of(sink_metrics)
+        .sum("relay_sink_connections_accepted_total") as u64;
 
     // Exactly once: every (agent, sub-agent 0, sequence 1..=sent) and nothing else.
     let arrivals = rx.take();
