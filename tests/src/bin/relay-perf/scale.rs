@@ -10,8 +10,9 @@
 //!   10,000 fit on this machine. Each agent receives
 //!   `--scale-rate` datagrams a second of its own sFlow stream (agent address 10.0.x.y, one
 //!   sub-agent, sequence 1, 2, …) for `--scale-duration`.
-//! - **One agent** receiving N × `--scale-rate` datagrams a second for as long: the baseline
-//!   the issue compares the sink's CPU per datagram with.
+//! - **One agent** receiving N × `--scale-rate` datagrams a second for as long, on a receive
+//!   thread as the binary does: the baseline the issue compares the sink's CPU per datagram
+//!   with.
 //!
 //! In each phase the traffic starts once the sink's `/agents` lists every agent (or after a
 //! time limit), and the receiver checks that every (agent, sub-agent, sequence) arrived exactly
@@ -484,6 +485,9 @@ pub(crate) struct WorkerArgs {
     /// A file with one agent a line: its certificate and key paths, separated by a tab.
     #[arg(long)]
     certs: PathBuf,
+    /// Receive on a thread per agent, as the binary does, instead of tasks on the runtime.
+    #[arg(long)]
+    receive_threads: bool,
 }
 
 /// Runs the agents in `args.certs`, each with its own input socket and QUIC connection, all
@@ -515,7 +519,9 @@ pub(crate) fn worker(args: &WorkerArgs) {
             ..Default::default()
         })
         .expect("agent config");
-        config.receive_on = ReceiveOn::Runtime;
+        if !args.receive_threads {
+            config.receive_on = ReceiveOn::Runtime;
+        }
         // The runtime's context, for the receive tasks' sockets.
         let _entered = rt.enter();
         let sockets = agent::bind_listeners(&config).expect("agent input socket");
@@ -570,7 +576,8 @@ struct Worker {
 
 impl Worker {
     /// Starts a worker with `certs`' agents, connecting to `sink`; returns once they all run.
-    /// `this` is relay-perf itself.
+    /// `this` is relay-perf itself. A worker with one agent receives on a thread, as the
+    /// binary does.
     fn start(this: &Path, pki: &Pki, sink: SocketAddr, certs: &[(PathBuf, PathBuf)]) -> Self {
         use std::io::{BufRead, Write};
         let mut list = tempfile::NamedTempFile::new().expect("certificate list");
@@ -586,6 +593,7 @@ impl Worker {
             .arg(pki.ca())
             .arg("--certs")
             .arg(list.path())
+            .args((certs.len() == 1).then_some("--receive-threads"))
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
