@@ -44,6 +44,13 @@ pub const DEFAULT_LEVEL: i32 = 1;
 /// from 0.570 to 0.533 of the datagrams, and 64 KiB gains nothing more.
 pub const HISTORY_LEN: usize = 8 * 1024;
 
+/// The least history a batch is compressed against: a batch uses the last
+/// max([`PREFIX_FLOOR`], 2 × its own size) bytes of the history, up to [`HISTORY_LEN`]. zstd
+/// hashes the whole prefix for every batch, so a one-datagram batch against 8 KiB costs the
+/// agent more than the batch itself; measured on sFlow with random payloads, 4 KiB of history
+/// compresses as well as 8 KiB (0.534 against 0.533 of the datagrams).
+pub const PREFIX_FLOOR: usize = 4 * 1024;
+
 /// zstd's dictionary magic number as it appears in bytes: a prefix that began with it would be
 /// read as a formatted dictionary rather than as raw content, so the compressor never uses one
 /// that does.
@@ -203,7 +210,8 @@ impl Compressor {
         list.encode(&mut self.plain)
             .expect("a Vec grows to fit the message");
         let prefix = if history {
-            let mut prefix = self.history.tail(HISTORY_LEN);
+            let wanted = (2 * self.plain.len()).clamp(PREFIX_FLOOR, HISTORY_LEN);
+            let mut prefix = self.history.tail(wanted);
             while prefix.starts_with(&DICTIONARY_MAGIC) {
                 prefix = &prefix[1..];
             }
@@ -471,6 +479,28 @@ mod tests {
     }
 
     #[test]
+    fn a_small_batch_uses_less_history_than_a_large_one() {
+        let mut compressor = Compressor::new(DEFAULT_LEVEL).unwrap();
+        let mut expander = expander();
+        let prefix_of = |packed: &Bytes| pb::Batch::decode(body(packed)).unwrap().zstd_prefix;
+        // Fill the history.
+        for original in small_batches(10) {
+            let packed = compressor.compress_frame(&frame(&original), true).unwrap();
+            receive(&mut expander, &packed).unwrap();
+        }
+        assert_eq!(compressor.history.bytes.len(), HISTORY_LEN);
+        let mut small = batch(1);
+        small.datagrams[0].payload = Bytes::from_static(b"one small datagram");
+        let packed = compressor.compress_frame(&frame(&small), true).unwrap();
+        assert_eq!(prefix_of(&packed), Some(PREFIX_FLOOR as u32));
+        assert_eq!(receive(&mut expander, &packed).unwrap(), small);
+        let large = batch(40);
+        let packed = compressor.compress_frame(&frame(&large), true).unwrap();
+        assert_eq!(prefix_of(&packed), Some(HISTORY_LEN as u32));
+        assert_eq!(receive(&mut expander, &packed).unwrap(), large);
+    }
+
+    #[test]
     fn a_batch_needs_the_history_before_it_and_a_reset_starts_afresh() {
         let batches = small_batches(3);
         let mut compressor = Compressor::new(DEFAULT_LEVEL).unwrap();
@@ -511,7 +541,8 @@ mod tests {
         history.resize(HISTORY_LEN, 7);
         let mut compressor = Compressor::new(DEFAULT_LEVEL).unwrap();
         compressor.history.bytes = history.clone();
-        let original = batch(3);
+        // Large enough to be made against the whole history.
+        let original = batch(40);
         let packed = compressor.compress_frame(&frame(&original), true).unwrap();
         let sent = pb::Batch::decode(body(&packed)).unwrap();
         assert_eq!(sent.zstd_prefix, Some(HISTORY_LEN as u32 - 1));
