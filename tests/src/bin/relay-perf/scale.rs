@@ -82,6 +82,10 @@ struct Phase {
     received: u64,
     delivered_once: u64,
     lost: u64,
+    /// Arrived only once the agents were stopped (they send what they hold at shutdown).
+    late: u64,
+    /// Connections that ended during the phase, by the reason the sink logged.
+    disconnections: std::collections::BTreeMap<String, u64>,
     duplicated: u64,
     unexpected: u64,
     /// Seconds from the first agent's start to the traffic's start.
@@ -142,6 +146,8 @@ impl Phase {
             "received": self.received,
             "delivered_once": self.delivered_once,
             "lost": self.lost,
+            "delivered_late": self.late,
+            "disconnections": self.disconnections,
             "duplicated": self.duplicated,
             "unexpected": self.unexpected,
             "sink": {
@@ -256,6 +262,20 @@ pub(crate) fn run(args: &ScaleArgs, json_to: &Path) {
             thousands(p.duplicated),
             thousands(p.unexpected)
         )
+    });
+    row("delivered only at the agents' shutdown (late)", &|p| {
+        thousands(p.late)
+    });
+    row("connections ended during the run, by reason", &|p| {
+        if p.disconnections.is_empty() {
+            "none".into()
+        } else {
+            p.disconnections
+                .iter()
+                .map(|(reason, n)| format!("{n}: {reason}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        }
     });
     row("sink CPU per datagram, relaying", &|p| {
         format!("{:.1} µs", p.cpu_us_relaying())
@@ -430,7 +450,8 @@ fn phase(
     }
     let sent_per_agent: Vec<u64> = sender.join().expect("sender thread");
     p.sent = sent_per_agent.iter().sum();
-    p.received = rx.settle(p.sent, Duration::from_secs(3), Duration::from_secs(60));
+    // Quiet for 10 s: an agent that reconnects under this load may take a few seconds.
+    p.received = rx.settle(p.sent, Duration::from_secs(10), Duration::from_secs(120));
     p.relay_seconds = traffic_started.elapsed().as_secs_f64();
     p.sink_after = procs::usage(&sink_pid);
     for w in &workers {
@@ -443,8 +464,23 @@ fn phase(
     p.accepted = relay_tests::metrics::Scrape::of(sink_metrics)
         .sum("relay_sink_connections_accepted_total") as u64;
 
+    // Why connections ended during the phase, from the sink's log.
+    for event in sink.events() {
+        if event["message"] == "agent disconnected" {
+            let reason = relay_tests::field(&event, "reason").to_owned();
+            *p.disconnections.entry(reason).or_default() += 1;
+        }
+    }
+
+    // Stopped, the agents send what they still hold (within their shutdown grace); what
+    // arrives then counts as delivered late.
+    p.errors = workers.into_iter().flat_map(Worker::stop).collect();
+    let on_time = rx.count();
+    rx.settle(p.sent, Duration::from_secs(2), Duration::from_secs(10));
+
     // Exactly once: every (agent, sub-agent 0, sequence 1..=sent) and nothing else.
     let arrivals = rx.take();
+    p.late = arrivals.len().saturating_sub(on_time as usize) as u64;
     let mut seen: HashSet<Key> = HashSet::with_capacity(arrivals.len());
     for (key, _) in &arrivals {
         let i = u32::from(key.0).wrapping_sub(u32::from(agent_address(0))) as usize;
@@ -457,8 +493,6 @@ fn phase(
     }
     p.delivered_once = seen.len() as u64;
     p.lost = p.sent - p.delivered_once;
-
-    p.errors = workers.into_iter().flat_map(Worker::stop).collect();
     drop(sink);
     eprintln!(
         "  delivered {} of {}; sink CPU {:.1} µs per datagram while relaying",
