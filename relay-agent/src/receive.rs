@@ -70,6 +70,22 @@ pub(crate) struct Receiver {
     pub(crate) coalesce: Duration,
 }
 
+impl Receiver {
+    /// A receive loop's state for the socket at `local`, copying into arenas of `arena_len`,
+    /// and the rate limit of its queue-full warnings.
+    fn check(&self, local: Option<SocketAddr>, arena_len: usize) -> (Check, RateLimit) {
+        let check = Check {
+            admission: self.admission.clone(),
+            local,
+            arena: BytesMut::new(),
+            arena_len,
+            headers: Vec::with_capacity(udp::RECV_BATCH),
+            refusals: RateLimit::new(Duration::from_secs(10)),
+        };
+        (check, RateLimit::new(Duration::from_secs(10)))
+    }
+}
+
 /// The receive loops, one per socket.
 pub(crate) struct Receiving {
     /// The threads; each ends within [`CANCEL_CHECK`] of the token's cancellation.
@@ -141,12 +157,6 @@ pub(crate) fn spawn_all(
 /// in chunks, pausing `coalesce` each time the socket is empty. Blocks: run it on a thread of
 /// its own.
 pub(crate) fn receive_loop(socket: UdpSocket, receiver: Receiver, token: CancellationToken) {
-    let Receiver {
-        batcher,
-        metrics,
-        admission,
-        coalesce,
-    } = receiver;
     let local = socket.local_addr().ok();
     if let Err(error) = socket
         .set_nonblocking(false)
@@ -156,15 +166,7 @@ pub(crate) fn receive_loop(socket: UdpSocket, receiver: Receiver, token: Cancell
         return;
     }
     let mut slots = udp::RecvBatch::default();
-    let mut check = Check {
-        admission,
-        local,
-        arena: BytesMut::with_capacity(ARENA_LEN),
-        arena_len: ARENA_LEN,
-        headers: Vec::with_capacity(udp::RECV_BATCH),
-        refusals: RateLimit::new(Duration::from_secs(10)),
-    };
-    let full = RateLimit::new(Duration::from_secs(10));
+    let (mut check, full) = receiver.check(local, ARENA_LEN);
     while !token.is_cancelled() {
         let n = match slots.recv(&socket, true) {
             Ok(n) => n,
@@ -184,10 +186,10 @@ pub(crate) fn receive_loop(socket: UdpSocket, receiver: Receiver, token: Cancell
                 continue;
             }
         };
-        check.hand_off(&slots, n, &batcher, &metrics, &full);
+        check.hand_off(&slots, n, &receiver, &full);
         let drained = n < udp::RECV_BATCH;
-        if drained && !coalesce.is_zero() {
-            std::thread::sleep(coalesce);
+        if drained && !receiver.coalesce.is_zero() {
+            std::thread::sleep(receiver.coalesce);
         }
     }
 }
@@ -196,22 +198,8 @@ pub(crate) fn receive_loop(socket: UdpSocket, receiver: Receiver, token: Cancell
 /// hand-off and pause, woken by the runtime when the socket is readable; ends at the token's
 /// cancellation.
 async fn receive_task(socket: tokio::net::UdpSocket, receiver: Receiver, token: CancellationToken) {
-    let Receiver {
-        batcher,
-        metrics,
-        admission,
-        coalesce,
-    } = receiver;
     let mut slots = udp::RecvBatch::default();
-    let mut check = Check {
-        admission,
-        local: socket.local_addr().ok(),
-        arena: BytesMut::new(),
-        arena_len: TASK_ARENA_LEN,
-        headers: Vec::with_capacity(udp::RECV_BATCH),
-        refusals: RateLimit::new(Duration::from_secs(10)),
-    };
-    let full = RateLimit::new(Duration::from_secs(10));
+    let (mut check, full) = receiver.check(socket.local_addr().ok(), TASK_ARENA_LEN);
     loop {
         tokio::select! {
             () = token.cancelled() => return,
@@ -234,9 +222,9 @@ async fn receive_task(socket: tokio::net::UdpSocket, receiver: Receiver, token: 
                 continue;
             }
         };
-        check.hand_off(&slots, n, &batcher, &metrics, &full);
-        if n < udp::RECV_BATCH && !coalesce.is_zero() {
-            tokio::time::sleep(coalesce).await;
+        check.hand_off(&slots, n, &receiver, &full);
+        if n < udp::RECV_BATCH && !receiver.coalesce.is_zero() {
+            tokio::time::sleep(receiver.coalesce).await;
         }
     }
 }
@@ -262,20 +250,13 @@ struct Check {
 impl Check {
     /// Checks the `n` datagrams one receive call put in `slots` and returns those admitted,
     /// copied out; counts them all (received, bytes, refused by reason, sequence gaps).
-    /// Checks the `n` datagrams in `slots` and hands what is relayed to `batcher` without
+    /// Checks the `n` datagrams in `slots` and hands what is relayed to the batcher without
     /// waiting; when its queue is full they are dropped, counted and logged (`full`).
-    fn hand_off(
-        &mut self,
-        slots: &udp::RecvBatch,
-        n: usize,
-        batcher: &mpsc::Sender<Chunk>,
-        metrics: &Metrics,
-        full: &RateLimit,
-    ) {
-        let chunk = self.admit(slots, n, metrics);
+    fn hand_off(&mut self, slots: &udp::RecvBatch, n: usize, to: &Receiver, full: &RateLimit) {
+        let chunk = self.admit(slots, n, &to.metrics);
         let relayed = chunk.len();
-        if relayed > 0 && batcher.try_send(chunk).is_err() {
-            metrics.dropped_queue_full.inc_by(relayed as u64);
+        if relayed > 0 && to.batcher.try_send(chunk).is_err() {
+            to.metrics.dropped_queue_full.inc_by(relayed as u64);
             if let Some(more) = full.check() {
                 tracing::warn!(
                     local = ?self.local,
