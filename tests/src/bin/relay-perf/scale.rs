@@ -59,7 +59,7 @@ pub(crate) struct ScaleArgs {
     /// The number of agents, as `--scale N` gives it (kept for older command lines).
     #[arg(long, hide = true)]
     agents: Option<usize>,
-    /// Datagrams per second sent to each agent (with --scale).
+    /// Datagrams per second sent to each agent (with --scale; 0: connected and idle).
     #[arg(long, default_value_t = 20)]
     scale_rate: u64,
     /// How long each phase sends (with --scale).
@@ -699,6 +699,10 @@ fn send_round_robin(inputs: &[SocketAddr], rate: u64, length: Duration) -> Vec<u
     let per_second = (rate * inputs.len() as u64) as f64;
     let total = (per_second * length.as_secs_f64()) as u64;
     let start = Instant::now();
+    if total == 0 {
+        // `--scale-rate 0`: the agents stay connected and idle for as long.
+        std::thread::sleep(length);
+    }
     for k in 0..total {
         let due = Duration::from_secs_f64(k as f64 / per_second);
         if let Some(wait) = due.checked_sub(start.elapsed()) {
