@@ -593,8 +593,8 @@ impl Bucket {
 enum Stop {
     /// Its `not-after` came; `unsent` datagrams of the job in hand were not sent.
     Ended { unsent: usize },
-    /// Its socket failed.
-    Failed,
+    /// Its socket failed; `unsent` datagrams of the jobs in hand were not sent.
+    Failed { unsent: usize },
 }
 
 /// A destination's task: sends each job's datagrams in queue order, until the queue closes
@@ -670,7 +670,7 @@ fn end(state: &DestinationState, queue: &mut mpsc::Receiver<Job>, stop: Stop) {
     queue.close();
     let (unsent, counter, why) = match stop {
         Stop::Ended { unsent } => (unsent, &state.metrics.expired, "its not-after has come"),
-        Stop::Failed => (0, &state.metrics.errors, "its socket failed"),
+        Stop::Failed { unsent } => (unsent, &state.metrics.errors, "its socket failed"),
     };
     let mut discarded = unsent as u64;
     while let Ok(job) = queue.try_recv() {
@@ -736,15 +736,20 @@ impl Sender<'_> {
                 }
                 None => datagrams.len() - next,
             };
-            self.send_group(&datagrams[next..next + allowed]).await?;
+            if let Err(sent) = self.send_group(&datagrams[next..next + allowed]).await {
+                return Err(Stop::Failed {
+                    unsent: datagrams.len() - next - sent,
+                });
+            }
             next += allowed;
         }
         Ok(())
     }
 
     /// Sends `group`, waiting for room in the socket buffer; a datagram the socket refuses is
-    /// counted, logged (rate-limited) and skipped.
-    async fn send_group(&mut self, group: &[&[u8]]) -> Result<(), Stop> {
+    /// counted, logged (rate-limited) and skipped. When the socket fails, the error is how
+    /// many of the group were dealt with before.
+    async fn send_group(&mut self, group: &[&[u8]]) -> Result<(), usize> {
         let (socket, metrics) = (&self.socket, &self.state.metrics);
         let mut done = 0;
         while done < group.len() {
@@ -761,7 +766,7 @@ impl Sender<'_> {
                     // The socket buffer is full: wait for room, lose nothing.
                     if let Err(error) = socket.writable().await {
                         tracing::warn!(destination = %self.state.addr, %error, "replay socket failed");
-                        return Err(Stop::Failed);
+                        return Err(done);
                     }
                 }
                 Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
