@@ -71,18 +71,17 @@ pub(crate) struct Receiver {
 }
 
 impl Receiver {
-    /// A receive loop's state for the socket at `local`, copying into arenas of `arena_len`,
-    /// and the rate limit of its queue-full warnings.
-    fn check(&self, local: Option<SocketAddr>, arena_len: usize) -> (Check, RateLimit) {
-        let check = Check {
+    /// A receive loop's state for the socket at `local`, copying into arenas of `arena_len`.
+    fn check(&self, local: Option<SocketAddr>, arena_len: usize) -> Check {
+        Check {
             admission: self.admission.clone(),
             local,
             arena: BytesMut::new(),
             arena_len,
             headers: Vec::with_capacity(udp::RECV_BATCH),
             refusals: RateLimit::new(Duration::from_secs(10)),
-        };
-        (check, RateLimit::new(Duration::from_secs(10)))
+            full: RateLimit::new(Duration::from_secs(10)),
+        }
     }
 }
 
@@ -166,7 +165,7 @@ pub(crate) fn receive_loop(socket: UdpSocket, receiver: Receiver, token: Cancell
         return;
     }
     let mut slots = udp::RecvBatch::default();
-    let (mut check, full) = receiver.check(local, ARENA_LEN);
+    let mut check = receiver.check(local, ARENA_LEN);
     while !token.is_cancelled() {
         let n = match slots.recv(&socket, true) {
             Ok(n) => n,
@@ -186,7 +185,7 @@ pub(crate) fn receive_loop(socket: UdpSocket, receiver: Receiver, token: Cancell
                 continue;
             }
         };
-        check.hand_off(&slots, n, &receiver, &full);
+        check.hand_off(&slots, n, &receiver);
         let drained = n < udp::RECV_BATCH;
         if drained && !receiver.coalesce.is_zero() {
             std::thread::sleep(receiver.coalesce);
@@ -199,7 +198,7 @@ pub(crate) fn receive_loop(socket: UdpSocket, receiver: Receiver, token: Cancell
 /// cancellation.
 async fn receive_task(socket: tokio::net::UdpSocket, receiver: Receiver, token: CancellationToken) {
     let mut slots = udp::RecvBatch::default();
-    let (mut check, full) = receiver.check(socket.local_addr().ok(), TASK_ARENA_LEN);
+    let mut check = receiver.check(socket.local_addr().ok(), TASK_ARENA_LEN);
     loop {
         tokio::select! {
             () = token.cancelled() => return,
@@ -222,7 +221,7 @@ async fn receive_task(socket: tokio::net::UdpSocket, receiver: Receiver, token: 
                 continue;
             }
         };
-        check.hand_off(&slots, n, &receiver, &full);
+        check.hand_off(&slots, n, &receiver);
         if n < udp::RECV_BATCH && !receiver.coalesce.is_zero() {
             tokio::time::sleep(receiver.coalesce).await;
         }
@@ -245,19 +244,19 @@ struct Check {
     headers: Vec<(Result<Header, NotSflow>, usize)>,
     /// Logging of refused datagrams: one warning per interval.
     refusals: RateLimit,
+    /// Logging of datagrams dropped on a full batch queue: one warning per interval.
+    full: RateLimit,
 }
 
 impl Check {
-    /// Checks the `n` datagrams one receive call put in `slots` and returns those admitted,
-    /// copied out; counts them all (received, bytes, refused by reason, sequence gaps).
     /// Checks the `n` datagrams in `slots` and hands what is relayed to the batcher without
-    /// waiting; when its queue is full they are dropped, counted and logged (`full`).
-    fn hand_off(&mut self, slots: &udp::RecvBatch, n: usize, to: &Receiver, full: &RateLimit) {
+    /// waiting; when its queue is full they are dropped, counted and logged.
+    fn hand_off(&mut self, slots: &udp::RecvBatch, n: usize, to: &Receiver) {
         let chunk = self.admit(slots, n, &to.metrics);
         let relayed = chunk.len();
         if relayed > 0 && to.batcher.try_send(chunk).is_err() {
             to.metrics.dropped_queue_full.inc_by(relayed as u64);
-            if let Some(more) = full.check() {
+            if let Some(more) = self.full.check() {
                 tracing::warn!(
                     local = ?self.local,
                     dropped_datagrams = relayed,
@@ -268,6 +267,8 @@ impl Check {
         }
     }
 
+    /// Checks the `n` datagrams one receive call put in `slots` and returns those admitted,
+    /// copied out; counts them all (received, bytes, refused by reason, sequence gaps).
     fn admit(&mut self, slots: &udp::RecvBatch, n: usize, metrics: &Metrics) -> Chunk {
         const UNSPECIFIED: SocketAddr =
             SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);

@@ -636,15 +636,15 @@ async fn send_loop(
         // Unpaced, what else is queued goes in the same system calls: with many agents each
         // batch may hold one datagram, and one call per batch (each waking the receiver)
         // would cost far more than the datagrams themselves.
-        let mut taken = job.len();
+        let (mut taken, mut ticket) = (job.len(), job.ticket);
         jobs.push(job);
         while sender.bucket.is_none() && taken < udp::SEND_BATCH {
             let Ok(next) = queue.try_recv() else { break };
-            taken += next.len();
+            (taken, ticket) = (taken + next.len(), next.ticket);
             jobs.push(next);
         }
         match sender.send(&jobs).await {
-            Ok(()) => state.advance(jobs.last().map_or(0, |job| job.ticket)),
+            Ok(()) => state.advance(ticket),
             Err(stop) => {
                 end(&state, &mut queue, stop);
                 return;

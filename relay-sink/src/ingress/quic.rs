@@ -235,23 +235,14 @@ async fn acknowledge(
     agent: Arc<str>,
 ) {
     let mut frame = BytesMut::with_capacity(32);
-    // One timer, armed only when a write has to wait (the stream's window is full): most
-    // complete at once.
-    let stuck = tokio::time::sleep(ACK_WRITE_LIMIT);
-    tokio::pin!(stuck);
     while let Some(delivery) = pending.recv().await {
         let ack = delivery.replayed().await;
         frame.clear();
         encode_frame(&ack, &mut frame);
-        stuck
-            .as_mut()
-            .reset(tokio::time::Instant::now() + ACK_WRITE_LIMIT);
-        let written = tokio::select! {
-            biased;
-            written = send.write_all(&frame) => written.is_ok(),
-            () = &mut stuck => false,
-        };
-        if !written {
+        // `timeout` polls the write first and registers its timer only if the write has to
+        // wait (the stream's window is full): the usual acknowledgement arms none.
+        let write = tokio::time::timeout(ACK_WRITE_LIMIT, send.write_all(&frame));
+        if !matches!(write.await, Ok(Ok(()))) {
             tracing::debug!(%agent, "could not acknowledge; stream closed");
             return;
         }
