@@ -7,6 +7,8 @@
 //!   same with throughput per datagram.
 //! - `hex/encode`: one 1,400-byte datagram into a reused line buffer, per payload byte.
 //! - `hex/decode`: 1,000 such lines through one `LineDecoder`, per line.
+//! - `history/{compress,expand}`: one-datagram batches (a quiet site's usual batch) through
+//!   one `Compressor` against its history, and back through one `Expander`, per datagram.
 //!
 //! Run: `cargo bench -p relay-proto --bench codecs` (append `-- --quick` for a short run).
 //! The numbers belong to the machine that ran them: name it next to any you quote.
@@ -17,6 +19,7 @@ use std::net::SocketAddr;
 use bytes::{Bytes, BytesMut};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use prost::Message;
+use relay_proto::compression::{Compressor, Expander};
 use relay_proto::wire::hex::{self, Line, LineDecoder};
 use relay_proto::wire::{self, DEFAULT_MAX_FRAME_LEN, Datagram};
 use relay_proto::{MAX_DATAGRAM_LEN, pb, sflow};
@@ -155,5 +158,49 @@ fn hex_lines(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, frame, hex_lines);
+/// One-datagram batches, compressed in order against the stream's history and expanded in
+/// that order; each iteration is one stream of [`HISTORY_BATCHES`] batches from its start.
+fn history(c: &mut Criterion) {
+    const HISTORY_BATCHES: u32 = 256;
+    let frames: Vec<Bytes> = (0..HISTORY_BATCHES)
+        .map(|i| {
+            let mut batch = batch();
+            batch.sequence = u64::from(i) + 1;
+            batch.datagrams.truncate(1);
+            batch.datagrams[0].payload = sflow_like(DATAGRAM_LEN, i);
+            let mut buf = BytesMut::new();
+            wire::encode_frame(&batch, &mut buf);
+            buf.freeze()
+        })
+        .collect();
+    let mut compressor = Compressor::new(1).expect("level 1");
+    let packed: Vec<Bytes> = frames
+        .iter()
+        .map(|frame| compressor.compress_frame(frame, true).expect("compressed"))
+        .collect();
+    let mut group = c.benchmark_group("history");
+    group.throughput(Throughput::Elements(HISTORY_BATCHES.into()));
+    group.bench_function("compress", |b| {
+        b.iter(|| {
+            compressor.reset();
+            for frame in &frames {
+                black_box(compressor.compress_frame(frame, true).expect("compressed"));
+            }
+        });
+    });
+    group.bench_function("expand", |b| {
+        b.iter(|| {
+            let mut expander = Expander::new(DEFAULT_MAX_FRAME_LEN);
+            for frame in &packed {
+                let mut batch = decode(BytesMut::from(&frame[..]));
+                expander.expand(&mut batch).expect("expanded");
+                assert_eq!(batch.datagrams.len(), 1);
+                black_box(batch);
+            }
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(benches, frame, hex_lines, history);
 criterion_main!(benches);

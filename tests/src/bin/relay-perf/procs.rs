@@ -66,3 +66,67 @@ pub(crate) fn machine(rcvbuf: usize) -> Value {
 pub(crate) fn mib(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / f64::from(1 << 20))
 }
+
+/// The machine's cores split in two: one for the process measured, the rest for the load that
+/// drives it, so that the measured process's CPU time is not inflated by being preempted by,
+/// and sharing caches with, its own load generator (as it would not be on a machine of its
+/// own).
+#[derive(Debug, Clone)]
+pub(crate) struct Cores {
+    measured: nix::sched::CpuSet,
+    load: nix::sched::CpuSet,
+    /// The measured process's core, and the load's, for the report.
+    pub(crate) measured_core: usize,
+    pub(crate) load_cores: Vec<usize>,
+}
+
+impl Cores {
+    /// The last core this process may run on for the measured process, the others for the
+    /// load; `None` with fewer than two cores.
+    pub(crate) fn split() -> Option<Self> {
+        use nix::sched::{CpuSet, sched_getaffinity};
+        use nix::unistd::Pid;
+        let mine = sched_getaffinity(Pid::from_raw(0)).ok()?;
+        let usable: Vec<usize> = (0..CpuSet::count())
+            .filter(|&cpu| mine.is_set(cpu).unwrap_or(false))
+            .collect();
+        let (&measured_core, load_cores) = usable.split_last()?;
+        if load_cores.is_empty() {
+            return None;
+        }
+        let mut measured = CpuSet::new();
+        measured.set(measured_core).ok()?;
+        let mut load = CpuSet::new();
+        for &cpu in load_cores {
+            load.set(cpu).ok()?;
+        }
+        Some(Self {
+            measured,
+            load,
+            measured_core,
+            load_cores: load_cores.to_vec(),
+        })
+    }
+
+    /// Puts the calling thread on the load's cores: the threads and processes it starts
+    /// afterwards inherit them.
+    pub(crate) fn load_here(&self) -> nix::Result<()> {
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &self.load)
+    }
+
+    /// Puts every thread of process `pid` on the measured core (threads it starts afterwards
+    /// inherit it); how many threads were moved.
+    pub(crate) fn measure(&self, pid: u32) -> nix::Result<usize> {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map_err(|e| nix::Error::from_raw(e.raw_os_error().unwrap_or(0)))?;
+        let mut moved = 0;
+        for task in tasks.flatten() {
+            let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+                continue;
+            };
+            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), &self.measured)?;
+            moved += 1;
+        }
+        Ok(moved)
+    }
+}
