@@ -199,6 +199,33 @@ fn history(c: &mut Criterion) {
             }
         });
     });
+    // The sink's case: many streams at once, each batch against its own stream's history
+    // (cold in the cache by the time its next batch comes).
+    const STREAMS: usize = 1_000;
+    let per_stream = 8;
+    let mut expanders: Vec<Expander> = (0..STREAMS)
+        .map(|_| Expander::new(DEFAULT_MAX_FRAME_LEN))
+        .collect();
+    let mut round = 0;
+    group.throughput(Throughput::Elements((STREAMS * per_stream) as u64));
+    group.bench_function("expand_1000_streams", |b| {
+        b.iter(|| {
+            if round + per_stream > packed.len() {
+                round = 0;
+                for expander in &mut expanders {
+                    *expander = Expander::new(DEFAULT_MAX_FRAME_LEN);
+                }
+            }
+            for frame in &packed[round..round + per_stream] {
+                for expander in &mut expanders {
+                    let mut batch = decode(BytesMut::from(&frame[..]));
+                    expander.expand(&mut batch).expect("expanded");
+                    black_box(batch);
+                }
+            }
+            round += per_stream;
+        });
+    });
     group.finish();
 }
 

@@ -130,3 +130,21 @@ impl Cores {
         Ok(moved)
     }
 }
+
+/// How many times the threads of process `pid` have gone to sleep and been woken since they
+/// started (their voluntary context switches, summed); 0 when it is gone.
+pub(crate) fn wakeups(pid: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
+        .filter_map(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+        })
+        .sum()
+}

@@ -97,6 +97,8 @@ struct Phase {
     /// Batches and datagrams the sink received (`relay_sink_{batches,datagrams}_received_total`).
     batches_at_sink: u64,
     datagrams_at_sink: u64,
+    /// The sink's threads' wake-ups (voluntary context switches) while relaying.
+    sink_wakeups: u64,
     /// Connections that ended during the phase, by the reason the sink logged.
     disconnections: std::collections::BTreeMap<String, u64>,
     duplicated: u64,
@@ -141,6 +143,11 @@ impl Phase {
             .checked_div(self.connected as u64)
     }
 
+    /// The sink's wake-ups per batch it received, while relaying.
+    fn wakeups_per_batch(&self) -> f64 {
+        self.sink_wakeups as f64 / self.batches_at_sink.max(1) as f64
+    }
+
     /// Datagrams per batch the sink received.
     fn batch_size(&self) -> f64 {
         self.datagrams_at_sink as f64 / self.batches_at_sink.max(1) as f64
@@ -174,6 +181,7 @@ impl Phase {
             "delivered_late": self.late,
             "sink_batches_received": self.batches_at_sink,
             "sink_datagrams_received": self.datagrams_at_sink,
+            "sink_wakeups_relaying": self.sink_wakeups,
             "disconnections": self.disconnections,
             "duplicated": self.duplicated,
             "unexpected": self.unexpected,
@@ -314,6 +322,10 @@ pub(crate) fn run(args: &ScaleArgs, json_to: &Path) {
     row("datagrams per batch the sink received", &|p| {
         format!("{:.2}", p.batch_size())
     });
+    row(
+        "sink wake-ups per batch (its threads' voluntary context switches)",
+        &|p| format!("{:.2}", p.wakeups_per_batch()),
+    );
     row("delivered only at the agents' shutdown (late)", &|p| {
         thousands(p.late)
     });
@@ -465,6 +477,7 @@ fn phase(
     }
     p.connect_seconds = agents_started.elapsed().as_secs_f64();
     p.sink_at_traffic = procs::usage(&sink_pid);
+    let wakeups_at_traffic = procs::wakeups(&sink_pid);
     eprintln!(
         "  {} of {n} listed after {:.1} s; sending {}/s to each for {length:?}",
         p.connected, p.connect_seconds, rate
@@ -503,6 +516,7 @@ fn phase(
     p.received = rx.settle(p.sent, Duration::from_secs(10), Duration::from_secs(120));
     p.relay_seconds = traffic_started.elapsed().as_secs_f64();
     p.sink_after = procs::usage(&sink_pid);
+    p.sink_wakeups = procs::wakeups(&sink_pid).saturating_sub(wakeups_at_traffic);
     for w in &workers {
         let usage = procs::usage(&w.child.id().to_string());
         p.agents_cpu_seconds += usage.cpu_seconds;
