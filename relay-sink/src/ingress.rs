@@ -32,10 +32,20 @@ pub(crate) struct Delivery {
 impl Delivery {
     /// Waits until the batch has been replayed; then it may be acknowledged.
     pub(crate) async fn replayed(self) -> pb::Ack {
+        self.wait_replayed().await;
+        self.ack
+    }
+
+    /// Waits until the batch has been replayed (cancel-safe: waiting again picks up).
+    pub(crate) async fn wait_replayed(&self) {
         if let Some(replaying) = &self.replaying {
             replaying.finished().await;
         }
-        self.ack
+    }
+
+    /// Whether the batch has been replayed.
+    pub(crate) fn is_replayed(&self) -> bool {
+        self.replaying.as_ref().is_none_or(|r| r.is_finished())
     }
 }
 

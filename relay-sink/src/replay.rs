@@ -168,6 +168,15 @@ impl Replaying {
             destination.reached(*ticket).await;
         }
     }
+
+    /// Whether [`finished`](Self::finished) would return at once.
+    pub fn is_finished(&self) -> bool {
+        self.waits
+            .get()
+            .into_iter()
+            .flatten()
+            .all(|(destination, ticket)| destination.is_done(*ticket))
+    }
 }
 
 // === impl DestinationState ===

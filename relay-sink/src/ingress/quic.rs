@@ -5,6 +5,7 @@
 //! those refusals with the peer address and the reason, and names accepted agents by the name
 //! in their certificate.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +16,6 @@ use proto::pb;
 use proto::wire::{FrameReader, WireError, encode_frame};
 use quinn::{Connection, Incoming, RecvStream, SendStream, VarInt};
 use rustls::pki_types::CertificateDer;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -145,6 +145,10 @@ enum Ended {
 /// window of batches moving, bounded so a stalled destination slows the agent down.
 const ACKS_PENDING: usize = 1024;
 
+/// Reads an agent's batches off one stream, hands them to replay, and acknowledges each once
+/// it has been replayed: one task does both, so a batch costs one task's wake-ups, not two
+/// tasks' (with thousands of agents each sending a datagram at a time, that is most of the
+/// cost of a batch).
 async fn stream(
     send: SendStream,
     recv: RecvStream,
@@ -156,8 +160,7 @@ async fn stream(
 ) {
     let agent = registered.agent.clone();
     let mut reader = FrameReader::new(recv, shared.config.max_frame_bytes);
-    let (pending, acks) = mpsc::channel(ACKS_PENDING);
-    let acker = tokio::spawn(acknowledge(send, acks, agent.clone()));
+    let mut acks = Acks::new(send, agent.clone());
     let mut expander = Expander::new(shared.config.max_frame_bytes);
     // Set when a frame was already incomplete at the previous `--frame-timeout` tick: a
     // frame gets at least one whole period (at most two) to arrive once it has begun, and
@@ -170,9 +173,17 @@ async fn stream(
     let mut stalled = false;
     loop {
         let next = tokio::select! {
-            next = reader.next::<pb::Batch>() => next,
+            ack = acks.ready(), if acks.is_waiting() => {
+                if acks.write(ack).await {
+                    continue;
+                }
+                break;
+            }
+            next = reader.next::<pb::Batch>(), if acks.has_room() => next,
             _ = tick.tick() => {
-                if reader.buffered() == 0 {
+                // Not reading (too many batches wait for their replay) is not the agent's
+                // stall.
+                if reader.buffered() == 0 || !acks.has_room() {
                     stalled = false;
                     continue;
                 }
@@ -200,17 +211,110 @@ async fn stream(
         if let Err(error) = expander.expand(&mut batch) {
             break violated(&shared, &connection, &agent, remote, &error.into());
         }
-        if pending
-            .send(ingress::deliver(&shared, &registered, batch).await)
-            .await
-            .is_err()
-        {
+        // Handing over may wait (a full replay queue, the catch-up pace): what was replayed
+        // meanwhile is acknowledged meanwhile.
+        let deliver = ingress::deliver(&shared, &registered, batch);
+        tokio::pin!(deliver);
+        let delivery = loop {
+            tokio::select! {
+                biased;
+                delivery = &mut deliver => break delivery,
+                ack = acks.ready(), if acks.is_waiting() => {
+                    acks.write(ack).await;
+                }
+            }
+        };
+        acks.waiting.push_back(delivery);
+        if acks.closed {
             break;
         }
     }
     // What was read is acknowledged once replayed; then the stream is finished.
-    drop(pending);
-    let _ = acker.await;
+    acks.finish().await;
+}
+
+/// One stream's acknowledgements: the batches read and handed to replay, oldest first, each
+/// acknowledged once it has been replayed. An acknowledgement covers every batch of its
+/// session before it, so the batches found replayed together go in one.
+struct Acks {
+    send: SendStream,
+    waiting: VecDeque<ingress::Delivery>,
+    frame: BytesMut,
+    agent: Arc<str>,
+    /// A write failed or timed out: the agent no longer reads them.
+    closed: bool,
+}
+
+impl Acks {
+    fn new(send: SendStream, agent: Arc<str>) -> Self {
+        Self {
+            send,
+            waiting: VecDeque::new(),
+            frame: BytesMut::with_capacity(32),
+            agent,
+            closed: false,
+        }
+    }
+
+    /// Whether another batch may be read.
+    fn has_room(&self) -> bool {
+        self.waiting.len() < ACKS_PENDING
+    }
+
+    /// Whether a batch waits for its acknowledgement.
+    fn is_waiting(&self) -> bool {
+        !self.closed && !self.waiting.is_empty()
+    }
+
+    /// Waits until the oldest waiting batch has been replayed, and takes it and the batches
+    /// after it of the same session replayed by then; the acknowledgement that covers them.
+    /// Cancel-safe: nothing is taken until the wait is over. Call only when
+    /// [`is_waiting`](Self::is_waiting).
+    async fn ready(&mut self) -> pb::Ack {
+        if let Some(oldest) = self.waiting.front() {
+            oldest.wait_replayed().await;
+        }
+        let mut ack = self.waiting.pop_front().expect("a batch waits").ack;
+        while let Some(next) = self.waiting.front() {
+            if next.ack.session != ack.session || !next.is_replayed() {
+                break;
+            }
+            ack = self.waiting.pop_front().expect("a batch waits").ack;
+        }
+        ack
+    }
+
+    /// Writes `ack`; whether it was written (if not, the stream is given up).
+    async fn write(&mut self, ack: pb::Ack) -> bool {
+        self.frame.clear();
+        encode_frame(&ack, &mut self.frame);
+        // `timeout` polls the write first and registers its timer only if the write has to
+        // wait (the stream's window is full): the usual acknowledgement arms none.
+        let write = tokio::time::timeout(ACK_WRITE_LIMIT, self.send.write_all(&self.frame));
+        if matches!(write.await, Ok(Ok(()))) {
+            return true;
+        }
+        tracing::debug!(agent = %self.agent, "could not acknowledge; stream closed");
+        self.closed = true;
+        false
+    }
+
+    /// Acknowledges what waits as it is replayed, then finishes the stream.
+    async fn finish(mut self) {
+        while self.is_waiting() {
+            let ack = self.ready().await;
+            self.write(ack).await;
+        }
+        if self.closed {
+            return;
+        }
+        // Closing the connection discards stream data not yet delivered: wait (briefly)
+        // until the agent has the last acknowledgements, or it would send those batches
+        // again.
+        if self.send.finish().is_ok() {
+            let _ = tokio::time::timeout(ACKS_DELIVERY, self.send.stopped()).await;
+        }
+    }
 }
 
 /// Counts and logs a protocol violation, and closes the agent's connection with its text.
@@ -226,32 +330,6 @@ fn violated(
         VarInt::from_u32(CLOSE_PROTOCOL),
         error.to_string().as_bytes(),
     );
-}
-
-/// Acknowledges each batch, in order, once it has been replayed.
-async fn acknowledge(
-    mut send: SendStream,
-    mut pending: mpsc::Receiver<ingress::Delivery>,
-    agent: Arc<str>,
-) {
-    let mut frame = BytesMut::with_capacity(32);
-    while let Some(delivery) = pending.recv().await {
-        let ack = delivery.replayed().await;
-        frame.clear();
-        encode_frame(&ack, &mut frame);
-        // `timeout` polls the write first and registers its timer only if the write has to
-        // wait (the stream's window is full): the usual acknowledgement arms none.
-        let write = tokio::time::timeout(ACK_WRITE_LIMIT, send.write_all(&frame));
-        if !matches!(write.await, Ok(Ok(()))) {
-            tracing::debug!(%agent, "could not acknowledge; stream closed");
-            return;
-        }
-    }
-    // Closing the connection discards stream data not yet delivered: wait (briefly) until the
-    // agent has the last acknowledgements, or it would send those batches again.
-    if send.finish().is_ok() {
-        let _ = tokio::time::timeout(ACKS_DELIVERY, send.stopped()).await;
-    }
 }
 
 /// How long an acknowledgement may wait for room in the stream before the stream is given up.

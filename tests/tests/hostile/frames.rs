@@ -64,7 +64,7 @@ fn bomb(plain: usize, sized: bool) -> pb::Batch {
 }
 
 /// Sends `n` batches of one small datagram each (tagged 0x7A) as fast as the
-/// stream takes them, and counts the acknowledgements; gives up after `WAIT`.
+/// stream takes them; the last sequence acknowledged (all of them: `n`), given up after `WAIT`.
 async fn tiny_batches(endpoint: &quinn::Endpoint, sink: SocketAddr, n: u32) -> u32 {
     let connection = endpoint
         .connect(sink, "localhost")
@@ -93,12 +93,19 @@ async fn tiny_batches(endpoint: &quinn::Endpoint, sink: SocketAddr, n: u32) -> u
         }
         send
     });
+    // Acknowledgements are cumulative (the sink may cover several batches with one): what
+    // counts is the last sequence acknowledged.
     let mut reader = proto::wire::FrameReader::new(recv, 1024);
     let mut acked = 0;
     let counting = async {
         while acked < n {
             match reader.next::<pb::Ack>().await {
-                Ok(Some(_)) => acked += 1,
+                Ok(Some(ack)) => {
+                    assert_eq!(ack.session, 77, "the batches' session");
+                    let sequence = u32::try_from(ack.sequence).expect("a sequence sent");
+                    assert!(sequence > acked, "acknowledgements in order");
+                    acked = sequence;
+                }
                 _ => break,
             }
         }
