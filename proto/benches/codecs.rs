@@ -8,7 +8,9 @@
 //! - `hex/encode`: one 1,400-byte datagram into a reused line buffer, per payload byte.
 //! - `hex/decode`: 1,000 such lines through one `LineDecoder`, per line.
 //! - `history/{compress,expand}`: one-datagram batches (a quiet site's usual batch) through
-//!   one `Compressor` against its history, and back through one `Expander`, per datagram.
+//!   one `Compressor` against its history, and back through one `Expander`, per datagram;
+//!   `history/expand_1000_streams` expands them across 1,000 streams, each against its own
+//!   history, as a sink with 1,000 agents does.
 //!
 //! Run: `cargo bench -p relay-proto --bench codecs` (append `-- --quick` for a short run).
 //! The numbers belong to the machine that ran them: name it next to any you quote.
@@ -19,7 +21,7 @@ use std::net::SocketAddr;
 use bytes::{Bytes, BytesMut};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use prost::Message;
-use relay_proto::compression::{Compressor, Expander};
+use relay_proto::compression::{Compressor, DEFAULT_LEVEL, Expander};
 use relay_proto::wire::hex::{self, Line, LineDecoder};
 use relay_proto::wire::{self, DEFAULT_MAX_FRAME_LEN, Datagram};
 use relay_proto::{MAX_DATAGRAM_LEN, pb, sflow};
@@ -173,7 +175,7 @@ fn history(c: &mut Criterion) {
             buf.freeze()
         })
         .collect();
-    let mut compressor = Compressor::new(1).expect("level 1");
+    let mut compressor = Compressor::new(DEFAULT_LEVEL).expect("the default level");
     let packed: Vec<Bytes> = frames
         .iter()
         .map(|frame| compressor.compress_frame(frame, true).expect("compressed"))

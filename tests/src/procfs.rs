@@ -1,5 +1,5 @@
 //! What Linux's `/proc` says about a process the test started: memory (`VmRSS`, `VmHWM`,
-//! `VmData`), CPU time, threads, open file descriptors, and the raw fields of
+//! `VmData`), CPU time, threads and their wake-ups, open file descriptors, and the raw fields of
 //! `/proc/PID/status` (user, groups, capabilities). The suites and the benchmark read
 //! `/proc` only through [`Proc`].
 
@@ -60,6 +60,12 @@ impl Proc {
 
     /// A `KEY: N kB` status line, KiB; `None` when the process is gone or has no such line.
     pub fn try_status_kib(&self, key: &str) -> Option<u64> {
+        self.try_status_number(key)
+    }
+
+    /// The number that starts the status line `KEY:`; `None` when the process is gone or has
+    /// no such line.
+    fn try_status_number(&self, key: &str) -> Option<u64> {
         let status = self.try_status()?;
         field_of(&status, key)?
             .split_whitespace()
@@ -100,6 +106,32 @@ impl Proc {
             .first()
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("Threads in /proc/{}/status", self.dir))
+    }
+
+    /// The ids of the process's threads (the entries of `/proc/PID/task`); none when it is
+    /// gone.
+    pub fn thread_ids(&self) -> Vec<u32> {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.dir)) else {
+            return Vec::new();
+        };
+        tasks
+            .flatten()
+            .filter_map(|task| task.file_name().to_str()?.parse().ok())
+            .collect()
+    }
+
+    /// How many times the process's threads have gone to sleep and been woken since they
+    /// started: their `voluntary_ctxt_switches`, summed (0 when it is gone).
+    pub fn wakeups(&self) -> u64 {
+        self.thread_ids()
+            .into_iter()
+            .filter_map(|tid| {
+                let thread = Self {
+                    dir: format!("{}/task/{tid}", self.dir),
+                };
+                thread.try_status_number("voluntary_ctxt_switches")
+            })
+            .sum()
     }
 
     /// Open file descriptors (entries of `/proc/PID/fd`).

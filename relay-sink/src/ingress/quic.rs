@@ -174,10 +174,11 @@ async fn stream(
     loop {
         let next = tokio::select! {
             ack = acks.ready(), if acks.is_waiting() => {
-                if acks.write(ack).await {
-                    continue;
+                acks.write(ack).await;
+                if acks.closed {
+                    break;
                 }
-                break;
+                continue;
             }
             next = reader.next::<pb::Batch>(), if acks.has_room() => next,
             _ = tick.tick() => {
@@ -284,19 +285,17 @@ impl Acks {
         ack
     }
 
-    /// Writes `ack`; whether it was written (if not, the stream is given up).
-    async fn write(&mut self, ack: pb::Ack) -> bool {
+    /// Writes `ack`; when that fails, the stream is given up (`closed`).
+    async fn write(&mut self, ack: pb::Ack) {
         self.frame.clear();
         encode_frame(&ack, &mut self.frame);
         // `timeout` polls the write first and registers its timer only if the write has to
         // wait (the stream's window is full): the usual acknowledgement arms none.
         let write = tokio::time::timeout(ACK_WRITE_LIMIT, self.send.write_all(&self.frame));
-        if matches!(write.await, Ok(Ok(()))) {
-            return true;
+        if !matches!(write.await, Ok(Ok(()))) {
+            tracing::debug!(agent = %self.agent, "could not acknowledge; stream closed");
+            self.closed = true;
         }
-        tracing::debug!(agent = %self.agent, "could not acknowledge; stream closed");
-        self.closed = true;
-        false
     }
 
     /// Acknowledges what waits as it is replayed, then finishes the stream.

@@ -71,12 +71,11 @@ pub(crate) fn mib(bytes: u64) -> String {
 /// drives it, so that the measured process's CPU time is not inflated by being preempted by,
 /// and sharing caches with, its own load generator (as it would not be on a machine of its
 /// own).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct Cores {
-    measured: nix::sched::CpuSet,
-    load: nix::sched::CpuSet,
-    /// The measured process's core, and the load's, for the report.
+    /// The measured process's core.
     pub(crate) measured_core: usize,
+    /// The load's cores.
     pub(crate) load_cores: Vec<usize>,
 }
 
@@ -84,67 +83,45 @@ impl Cores {
     /// The last core this process may run on for the measured process, the others for the
     /// load; `None` with fewer than two cores.
     pub(crate) fn split() -> Option<Self> {
-        use nix::sched::{CpuSet, sched_getaffinity};
-        use nix::unistd::Pid;
-        let mine = sched_getaffinity(Pid::from_raw(0)).ok()?;
-        let usable: Vec<usize> = (0..CpuSet::count())
+        let mine = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok()?;
+        let mut usable: Vec<usize> = (0..nix::sched::CpuSet::count())
             .filter(|&cpu| mine.is_set(cpu).unwrap_or(false))
             .collect();
-        let (&measured_core, load_cores) = usable.split_last()?;
-        if load_cores.is_empty() {
-            return None;
-        }
-        let mut measured = CpuSet::new();
-        measured.set(measured_core).ok()?;
-        let mut load = CpuSet::new();
-        for &cpu in load_cores {
-            load.set(cpu).ok()?;
-        }
-        Some(Self {
-            measured,
-            load,
+        let measured_core = usable.pop()?;
+        (!usable.is_empty()).then_some(Self {
             measured_core,
-            load_cores: load_cores.to_vec(),
+            load_cores: usable,
         })
     }
 
     /// Puts the calling thread on the load's cores: the threads and processes it starts
     /// afterwards inherit them.
     pub(crate) fn load_here(&self) -> nix::Result<()> {
-        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &self.load)
+        pin(0, &self.load_cores)
     }
 
     /// Puts every thread of process `pid` on the measured core (threads it starts afterwards
-    /// inherit it); how many threads were moved.
-    pub(crate) fn measure(&self, pid: u32) -> nix::Result<usize> {
-        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
-            .map_err(|e| nix::Error::from_raw(e.raw_os_error().unwrap_or(0)))?;
-        let mut moved = 0;
-        for task in tasks.flatten() {
-            let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
-                continue;
-            };
-            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), &self.measured)?;
-            moved += 1;
-        }
-        Ok(moved)
+    /// inherit it).
+    pub(crate) fn measure(&self, pid: u32) -> nix::Result<()> {
+        Proc::of(pid)
+            .thread_ids()
+            .into_iter()
+            .try_for_each(|tid| pin(tid, &[self.measured_core]))
     }
 }
 
-/// How many times the threads of process `pid` have gone to sleep and been woken since they
-/// started (their voluntary context switches, summed); 0 when it is gone.
+/// Lets thread `tid` (0: the calling thread) run on `cores` only.
+fn pin(tid: u32, cores: &[usize]) -> nix::Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    for &cpu in cores {
+        set.set(cpu)?;
+    }
+    let tid = i32::try_from(tid).map_err(|_| nix::Error::EINVAL)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set)
+}
+
+/// How many times the threads of process `pid` have gone to sleep and been woken
+/// ([`Proc::wakeups`]); 0 when it is gone.
 pub(crate) fn wakeups(pid: &str) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .flatten()
-        .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
-        .filter_map(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-                .and_then(|n| n.trim().parse::<u64>().ok())
-        })
-        .sum()
+    pid.parse::<Proc>().map_or(0, |p| p.wakeups())
 }

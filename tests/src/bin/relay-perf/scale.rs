@@ -214,16 +214,13 @@ pub(crate) fn run(args: &ScaleArgs, json_to: &Path) {
     let nofile = raise_nofile();
     // Read before the load is put on its cores (the count follows this thread's).
     let machine = procs::machine(8 << 20);
-    let cores = if args.scale_own_core {
-        Some(procs::Cores::split().expect("--scale-own-core needs two cores or more"))
-    } else {
-        None
-    };
-    if let Some(cores) = &cores {
+    let cores = args.scale_own_core.then(|| {
+        let cores = procs::Cores::split().expect("--scale-own-core needs two cores or more");
         cores
             .load_here()
             .expect("the load's threads and processes on their cores");
-    }
+        cores
+    });
     eprintln!(
         "relay-perf --scale {n}: {}/s each for {:?}, then one agent at {}/s; open files limit {nofile:?}",
         args.scale_rate,
