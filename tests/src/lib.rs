@@ -937,11 +937,37 @@ pub fn free_tcp_port() -> u16 {
         .port()
 }
 
+/// A loopback port where a sink can listen later: free for both UDP (QUIC) and TCP (gRPC), and
+/// below the kernel's ephemeral range, so that no other test's outgoing connection or port-0
+/// bind is given it before the sink binds it (a port drawn from the ephemeral range was, once,
+/// taken for TCP in between). For a sink address the agent must be given before the sink
+/// starts (`observe.rs`).
+///
+/// # Panics
+///
+/// When no such port is found in a bounded number of tries.
+pub fn free_sink_port() -> SocketAddr {
+    use rand::Rng;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let (low, high) = (10_000, ephemeral_low.max(10_001));
+    let mut rng = rand::rng();
+    for _ in 0..1_000 {
+        let at = SocketAddr::from(([127, 0, 0, 1], rng.random_range(low..high)));
+        let free = UdpSocket::bind(at).is_ok() && std::net::TcpListener::bind(at).is_ok();
+        if free {
+            return at;
+        }
+    }
+    panic!("no loopback port free for both UDP and TCP in {low}..{high}");
+}
+
 /// A free loopback UDP port (bound, then released, so another program may take it first).
 /// Everything that can binds port 0 and reports its address; this remains where that cannot
 /// be: a port nothing listens on (a closed replay destination in `relay.rs` and `faults.rs`,
-/// a sink that is not there in `observe.rs`), a sink address the agent must be given before
-/// the sink starts on it (`observe.rs`), and programs that must be told their port (the
+/// a sink that is not there in `observe.rs`), and programs that must be told their port (the
 /// Python `sflow_fwd.py` collector in `ssh_hex.rs` and in the benchmark's paths).
 pub fn free_udp_port() -> SocketAddr {
     UdpSocket::bind("127.0.0.1:0")

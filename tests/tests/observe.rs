@@ -11,8 +11,8 @@ use relay_tests::metrics::Scrape;
 use relay_tests::prometheus::{self, Prometheus};
 use relay_tests::sflow::SflowGen;
 use relay_tests::{
-    Pki, Transport, UdpCapture, WAIT, free_udp_port, http, metrics_addr, send_paced,
-    start_agent_over, start_sink, wait_until,
+    Pki, Transport, UdpCapture, WAIT, free_sink_port, free_udp_port, http, metrics_addr,
+    send_paced, start_agent_over, start_sink, wait_until,
 };
 
 fn sflow(n: usize) -> Vec<Vec<u8>> {
@@ -137,7 +137,7 @@ fn agent_is_not_ready_while_its_sink_is_down_without_a_spool() {
     let capture = UdpCapture::bind();
     // The sink's address is known before it runs: the agent starts first, with nowhere to go
     // (so the port is probed: the agent must be given it, and the sink binds it later).
-    let sink_at = free_udp_port();
+    let sink_at = free_sink_port();
     let (agent, _listen) = start_agent_over(
         Transport::Quic,
         &pki.ca(),
