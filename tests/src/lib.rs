@@ -929,24 +929,39 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> O
 /// A free loopback TCP port (bound, then released, so another program may take it first:
 /// use only where nothing better exists). It remains for what cannot bind port 0 and report:
 /// Prometheus (`prometheus.rs`) and sshd (`ssh_hex.rs`) must be told their port, and a test
-/// may need a port nothing listens on (`prometheus_harness.rs`).
+/// may need a port nothing listens on (`prometheus_harness.rs`). Drawn as [`quiet_port`] says.
 pub fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
+    quiet_port("TCP", |at| std::net::TcpListener::bind(at).is_ok()).port()
 }
 
-/// A loopback port where a sink can listen later: free for both UDP (QUIC) and TCP (gRPC), and
-/// below the kernel's ephemeral range, so that no other test's outgoing connection or port-0
-/// bind is given it before the sink binds it (a port drawn from the ephemeral range was, once,
-/// taken for TCP in between). For a sink address the agent must be given before the sink
+/// A loopback port where a sink can listen later: free for both UDP (QUIC) and TCP (gRPC),
+/// drawn as [`quiet_port`] says. For a sink address the agent must be given before the sink
 /// starts (`observe.rs`).
+pub fn free_sink_port() -> SocketAddr {
+    quiet_port("UDP and TCP", |at| {
+        UdpSocket::bind(at).is_ok() && std::net::TcpListener::bind(at).is_ok()
+    })
+}
+
+/// A free loopback UDP port (bound, then released, so another program may take it first).
+/// Everything that can binds port 0 and reports its address; this remains where that cannot
+/// be: a port nothing listens on (a closed replay destination in `relay.rs` and `faults.rs`,
+/// a sink that is not there in `observe.rs`), and programs that must be told their port (the
+/// Python `sflow_fwd.py` collector in `ssh_hex.rs` and in the benchmark's paths). Drawn as
+/// [`quiet_port`] says.
+pub fn free_udp_port() -> SocketAddr {
+    quiet_port("UDP", |at| UdpSocket::bind(at).is_ok())
+}
+
+/// A loopback port for which `free` holds, drawn at random below the kernel's ephemeral
+/// range: every port-0 bind and outgoing connection of the tests running beside this one
+/// takes its port from that range, so one drawn from it may be taken between the probe and
+/// its use (CI once found a sink's TCP port so taken).
 ///
 /// # Panics
 ///
 /// When no such port is found in a bounded number of tries.
-pub fn free_sink_port() -> SocketAddr {
+fn quiet_port(what: &str, free: impl Fn(SocketAddr) -> bool) -> SocketAddr {
     use rand::Rng;
     let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
@@ -956,23 +971,11 @@ pub fn free_sink_port() -> SocketAddr {
     let mut rng = rand::rng();
     for _ in 0..1_000 {
         let at = SocketAddr::from(([127, 0, 0, 1], rng.random_range(low..high)));
-        let free = UdpSocket::bind(at).is_ok() && std::net::TcpListener::bind(at).is_ok();
-        if free {
+        if free(at) {
             return at;
         }
     }
-    panic!("no loopback port free for both UDP and TCP in {low}..{high}");
-}
-
-/// A free loopback UDP port (bound, then released, so another program may take it first).
-/// Everything that can binds port 0 and reports its address; this remains where that cannot
-/// be: a port nothing listens on (a closed replay destination in `relay.rs` and `faults.rs`,
-/// a sink that is not there in `observe.rs`), and programs that must be told their port (the
-/// Python `sflow_fwd.py` collector in `ssh_hex.rs` and in the benchmark's paths).
-pub fn free_udp_port() -> SocketAddr {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("free port")
+    panic!("no loopback port free for {what} in {low}..{high}");
 }
 
 #[cfg(test)]
