@@ -5,7 +5,7 @@
 //! - **N agents**, made with the agent's library ([`agent::run`]) in worker processes
 //!   (`relay-perf agents`, up to [`AGENTS_PER_WORKER`] each: a process may be held to 20,000
 //!   open files), each agent with its own UDP input socket, its own certificate (identity
-//!   `agent-0001` …) and its own QUIC connection. A worker's agents share its runtime's
+//!   `agent-0001` …) and its own QUIC connection (gRPC with `--scale-transport grpc`). A worker's agents share its runtime's
 //!   threads (their receive loops are tasks, [`agent::config::ReceiveOn::Runtime`]), so
 //!   10,000 fit on this machine. Each agent receives
 //!   `--scale-rate` datagrams a second of its own sFlow stream (agent address 10.0.x.y, one
@@ -75,6 +75,20 @@ pub(crate) struct ScaleArgs {
     /// keep up, the agents' batches grow (the report shows their size).
     #[arg(long)]
     scale_own_core: bool,
+    /// How the agents reach the sink (with --scale): `quic`, or `grpc` (HTTP/2 over TLS on
+    /// TCP, as at sites that let no UDP out).
+    #[arg(long, value_enum, default_value_t = TransportMode::Quic)]
+    scale_transport: TransportMode,
+}
+
+/// What every phase of a run shares.
+struct Setup<'a> {
+    /// relay-perf itself, for the workers.
+    this: &'a Path,
+    pki: &'a Pki,
+    sink_cert: &'a (PathBuf, PathBuf),
+    cores: Option<&'a procs::Cores>,
+    transport: TransportMode,
 }
 
 /// What one phase measured.
@@ -236,25 +250,21 @@ pub(crate) fn run(args: &ScaleArgs, json_to: &Path) {
     let issue_seconds = issuing.elapsed().as_secs_f64();
     eprintln!("  {n} agent certificates issued (relay-certs) in {issue_seconds:.1} s");
 
+    let setup = Setup {
+        this: &this,
+        pki: &pki,
+        sink_cert: &sink_cert,
+        cores: cores.as_ref(),
+        transport: args.scale_transport,
+    };
     eprintln!("phase 1: {n} agents");
-    let many = phase(
-        &this,
-        &pki,
-        &sink_cert,
-        &certs,
-        args.scale_rate,
-        args.scale_duration,
-        cores.as_ref(),
-    );
+    let many = phase(&setup, &certs, args.scale_rate, args.scale_duration);
     eprintln!("phase 2: one agent at the same total rate");
     let one = phase(
-        &this,
-        &pki,
-        &sink_cert,
+        &setup,
         &certs[..1],
         args.scale_rate * n as u64,
         args.scale_duration,
-        cores.as_ref(),
     );
     let total_wall = started.elapsed().as_secs_f64();
     let ratio = many.cpu_us_relaying() / one.cpu_us_relaying().max(1e-9);
@@ -269,7 +279,8 @@ pub(crate) fn run(args: &ScaleArgs, json_to: &Path) {
         machine["kernel"].as_str().unwrap_or("?")
     );
     println!(
-        "- {n} agents (the agent's library, in worker processes of up to {AGENTS_PER_WORKER} agents that share their runtime's threads; each agent with its own certificate, UDP input and QUIC connection), {}/s of realistic sFlow each for {:?}; then one agent at {}/s for as long. Each phase with a fresh relay-sink process (defaults) replaying unpaced to one receiver",
+        "- {n} agents (the agent's library, in worker processes of up to {AGENTS_PER_WORKER} agents that share their runtime's threads; each agent with its own certificate, UDP input and {} connection), {}/s of realistic sFlow each for {:?}; then one agent at {}/s for as long. Each phase with a fresh relay-sink process (defaults) replaying unpaced to one receiver",
+        transport_name(args.scale_transport),
         args.scale_rate,
         args.scale_duration,
         args.scale_rate * n as u64,
@@ -393,6 +404,7 @@ pub(crate) fn run(args: &ScaleArgs, json_to: &Path) {
                 "agents": n,
                 "rate_per_agent": args.scale_rate,
                 "duration_seconds": args.scale_duration.as_secs_f64(),
+                "transport": args.scale_transport.as_str(),
                 "sink_core": cores.as_ref().map(|c| c.measured_core),
                 "load_cores": cores.as_ref().map(|c| c.load_cores.clone()),
             },
@@ -408,15 +420,14 @@ pub(crate) fn run(args: &ScaleArgs, json_to: &Path) {
 
 /// Starts a sink and `certs.len()` agents, waits until the sink lists them all, sends each
 /// `rate` datagrams a second for `length`, waits for them, checks them and stops everything.
-fn phase(
-    this: &Path,
-    pki: &Pki,
-    sink_cert: &(PathBuf, PathBuf),
-    certs: &[(PathBuf, PathBuf)],
-    rate: u64,
-    length: Duration,
-    cores: Option<&procs::Cores>,
-) -> Phase {
+fn phase(setup: &Setup<'_>, certs: &[(PathBuf, PathBuf)], rate: u64, length: Duration) -> Phase {
+    let Setup {
+        this,
+        pki,
+        sink_cert,
+        cores,
+        transport,
+    } = *setup;
     let n = certs.len();
     let mut p = Phase {
         agents: n,
@@ -444,7 +455,7 @@ fn phase(
     let mut workers = Vec::new();
     let mut inputs: Vec<SocketAddr> = Vec::with_capacity(n);
     for chunk in certs.chunks(AGENTS_PER_WORKER) {
-        let (worker, its_inputs) = Worker::start(this, pki, sink_addr, chunk);
+        let (worker, its_inputs) = Worker::start(this, pki, sink_addr, transport, chunk);
         workers.push(worker);
         inputs.extend(its_inputs);
     }
@@ -565,6 +576,15 @@ fn phase(
     p
 }
 
+/// The transport's name as the report prints it.
+fn transport_name(transport: TransportMode) -> &'static str {
+    match transport {
+        TransportMode::Quic => "QUIC",
+        TransportMode::Grpc => "gRPC",
+        TransportMode::Auto => "QUIC (gRPC when QUIC fails)",
+    }
+}
+
 /// Agents per worker process: each agent holds two sockets (its input and its QUIC
 /// endpoint's), and a process may have to live with 20,000 open files.
 const AGENTS_PER_WORKER: usize = 5_000;
@@ -572,9 +592,12 @@ const AGENTS_PER_WORKER: usize = 5_000;
 /// `relay-perf agents` (hidden): runs agents for `--scale`, in a process of its own.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct WorkerArgs {
-    /// The sink's QUIC address.
+    /// The sink's address (QUIC and gRPC share it).
     #[arg(long)]
     sink: SocketAddr,
+    /// How the agents reach the sink.
+    #[arg(long, value_enum)]
+    transport: TransportMode,
     /// The CA certificate.
     #[arg(long)]
     ca: PathBuf,
@@ -610,7 +633,7 @@ pub(crate) fn worker(args: &WorkerArgs) {
             ca: Some(args.ca.clone()),
             cert: Some(cert.into()),
             key: Some(key.into()),
-            transport: Some(TransportMode::Quic),
+            transport: Some(args.transport),
             reconnect_max: Some(Duration::from_secs(2)),
             ..Default::default()
         })
@@ -676,6 +699,7 @@ impl Worker {
         this: &Path,
         pki: &Pki,
         sink: SocketAddr,
+        transport: TransportMode,
         certs: &[(PathBuf, PathBuf)],
     ) -> (Self, Vec<SocketAddr>) {
         use std::io::{BufRead, Write};
@@ -692,6 +716,8 @@ impl Worker {
             .arg(pki.ca())
             .arg("--certs")
             .arg(list.path())
+            .arg("--transport")
+            .arg(transport.as_str())
             .args((certs.len() == 1).then_some("--receive-threads"))
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
