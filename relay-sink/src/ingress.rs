@@ -11,6 +11,7 @@
 pub(crate) mod grpc;
 pub(crate) mod quic;
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use proto::pb;
@@ -30,22 +31,68 @@ pub(crate) struct Delivery {
 }
 
 impl Delivery {
-    /// Waits until the batch has been replayed; then it may be acknowledged.
-    pub(crate) async fn replayed(self) -> pb::Ack {
-        self.wait_replayed().await;
-        self.ack
-    }
-
     /// Waits until the batch has been replayed (cancel-safe: waiting again picks up).
-    pub(crate) async fn wait_replayed(&self) {
+    async fn wait_replayed(&self) {
         if let Some(replaying) = &self.replaying {
             replaying.finished().await;
         }
     }
 
     /// Whether the batch has been replayed.
-    pub(crate) fn is_replayed(&self) -> bool {
+    fn is_replayed(&self) -> bool {
         self.replaying.as_ref().is_none_or(|r| r.is_finished())
+    }
+}
+
+/// Batches a stream has read and handed to replay, waiting for their acknowledgement, oldest
+/// first: enough to keep an agent's window of batches moving, bounded so that a stalled
+/// destination slows the agent down. Each is acknowledged once replayed; an acknowledgement
+/// covers every batch of its session before it, so the batches found replayed together go in
+/// one (with thousands of agents each sending a datagram at a time, an acknowledgement is a
+/// packet, and a good part of the cost of a batch).
+///
+/// The stream's one task reads batches and writes acknowledgements: a batch costs one task's
+/// wake-ups, not those of a reader and an acknowledging task.
+#[derive(Default)]
+pub(crate) struct Unacknowledged {
+    waiting: VecDeque<Delivery>,
+}
+
+impl Unacknowledged {
+    /// Batches a stream may have waiting before it stops reading.
+    pub(crate) const LIMIT: usize = 1024;
+
+    /// Whether another batch may be read.
+    pub(crate) fn has_room(&self) -> bool {
+        self.waiting.len() < Self::LIMIT
+    }
+
+    /// Whether a batch waits for its acknowledgement.
+    pub(crate) fn is_waiting(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+
+    /// Adds the batch just handed to replay.
+    pub(crate) fn push(&mut self, delivery: Delivery) {
+        self.waiting.push_back(delivery);
+    }
+
+    /// Waits until the oldest waiting batch has been replayed, and takes it and the batches
+    /// after it of the same session replayed by then; the acknowledgement that covers them.
+    /// Cancel-safe: nothing is taken until the wait is over. Call only when
+    /// [`is_waiting`](Self::is_waiting).
+    pub(crate) async fn ready(&mut self) -> pb::Ack {
+        if let Some(oldest) = self.waiting.front() {
+            oldest.wait_replayed().await;
+        }
+        let mut ack = self.waiting.pop_front().expect("a batch waits").ack;
+        while let Some(next) = self.waiting.front() {
+            if next.ack.session != ack.session || !next.is_replayed() {
+                break;
+            }
+            ack = self.waiting.pop_front().expect("a batch waits").ack;
+        }
+        ack
     }
 }
 

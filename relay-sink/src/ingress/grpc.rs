@@ -44,9 +44,6 @@ const GRPC: Transport = Transport::Grpc;
 /// Acknowledgements are tiny; the response stream needs little room.
 const ACK_QUEUE: usize = 64;
 
-/// Acknowledgements waiting for their batch's replay, per call (as on QUIC).
-const ACKS_PENDING: usize = 1024;
-
 /// Serves gRPC on `listener` until `token` is cancelled; then ends every call (so agents see
 /// the stream close and reconnect elsewhere) and returns once connections are closed.
 pub(crate) async fn serve(
@@ -316,9 +313,10 @@ impl Relay for RelayService {
     }
 }
 
-/// Reads one call's batches, delivers each, acknowledges each. Ends when the agent finishes
-/// its side, the connection fails, a message breaks the protocol, or the sink shuts down;
-/// dropping `acks` then ends the response stream.
+/// Reads one call's batches, delivers each, acknowledges each once replayed (the batches
+/// found replayed together with one: [`ingress::Unacknowledged`]). Ends when the agent
+/// finishes its side, the connection fails, a message breaks the protocol, or the sink shuts
+/// down; dropping `acks` then ends the response stream.
 async fn relay(
     mut batches: Streaming<pb::Batch>,
     acks: mpsc::Sender<Result<pb::Ack, Status>>,
@@ -326,12 +324,20 @@ async fn relay(
     shared: Arc<Shared>,
     token: CancellationToken,
 ) {
-    let (pending, replayed) = mpsc::channel(ACKS_PENDING);
-    let acker = tokio::spawn(acknowledge(replayed, acks.clone()));
+    let mut unacknowledged = ingress::Unacknowledged::default();
     let mut expander = Expander::new(shared.config.max_frame_bytes);
+    // The response stream is gone: the agent no longer reads acknowledgements.
+    let mut gone = false;
     let refusal = loop {
         let next = tokio::select! {
-            next = batches.message() => next,
+            ack = unacknowledged.ready(), if unacknowledged.is_waiting() => {
+                if acks.send(Ok(ack)).await.is_err() {
+                    gone = true;
+                    break None;
+                }
+                continue;
+            }
+            next = batches.message(), if unacknowledged.has_room() => next,
             () = token.cancelled() => break None,
             () = peer.registered.closing() => {
                 let words = peer.registered.closed_for().map_or("not authorized", |k| k.words());
@@ -343,8 +349,21 @@ async fn relay(
                 if let Err(error) = expander.expand(&mut batch) {
                     break Some(violated(&shared, &peer, error.into()));
                 }
-                let delivery = ingress::deliver(&shared, &peer.registered, batch).await;
-                if pending.send(delivery).await.is_err() {
+                // Handing over may wait (a full replay queue, the catch-up pace): what was
+                // replayed meanwhile is acknowledged meanwhile.
+                let deliver = ingress::deliver(&shared, &peer.registered, batch);
+                tokio::pin!(deliver);
+                let delivery = loop {
+                    tokio::select! {
+                        biased;
+                        delivery = &mut deliver => break delivery,
+                        ack = unacknowledged.ready(), if !gone && unacknowledged.is_waiting() => {
+                            gone = acks.send(Ok(ack)).await.is_err();
+                        }
+                    }
+                };
+                unacknowledged.push(delivery);
+                if gone {
                     break None;
                 }
             }
@@ -360,22 +379,11 @@ async fn relay(
     };
     // What was read is acknowledged once replayed; then the call ends (with the refusal,
     // if there was one).
-    drop(pending);
-    let _ = acker.await;
+    while !gone && unacknowledged.is_waiting() {
+        gone = acks.send(Ok(unacknowledged.ready().await)).await.is_err();
+    }
     if let Some(status) = refusal {
         let _ = acks.send(Err(status)).await;
-    }
-}
-
-/// Acknowledges each batch, in order, once it has been replayed.
-async fn acknowledge(
-    mut pending: mpsc::Receiver<ingress::Delivery>,
-    acks: mpsc::Sender<Result<pb::Ack, Status>>,
-) {
-    while let Some(delivery) = pending.recv().await {
-        if acks.send(Ok(delivery.replayed().await)).await.is_err() {
-            return;
-        }
     }
 }
 

@@ -5,7 +5,6 @@
 //! those refusals with the peer address and the reason, and names accepted agents by the name
 //! in their certificate.
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -141,14 +140,8 @@ enum Ended {
     Connection(#[from] quinn::ConnectionError),
 }
 
-/// Acknowledgements waiting for their batch's replay, per stream: enough to keep an agent's
-/// window of batches moving, bounded so a stalled destination slows the agent down.
-const ACKS_PENDING: usize = 1024;
-
 /// Reads an agent's batches off one stream, hands them to replay, and acknowledges each once
-/// it has been replayed: one task does both, so a batch costs one task's wake-ups, not two
-/// tasks' (with thousands of agents each sending a datagram at a time, that is most of the
-/// cost of a batch).
+/// it has been replayed ([`ingress::Unacknowledged`]).
 async fn stream(
     send: SendStream,
     recv: RecvStream,
@@ -225,7 +218,7 @@ async fn stream(
                 }
             }
         };
-        acks.waiting.push_back(delivery);
+        acks.unacknowledged.push(delivery);
         if acks.closed {
             break;
         }
@@ -234,12 +227,10 @@ async fn stream(
     acks.finish().await;
 }
 
-/// One stream's acknowledgements: the batches read and handed to replay, oldest first, each
-/// acknowledged once it has been replayed. An acknowledgement covers every batch of its
-/// session before it, so the batches found replayed together go in one.
+/// One stream's acknowledgements: the batches waiting for theirs, and where they are written.
 struct Acks {
     send: SendStream,
-    waiting: VecDeque<ingress::Delivery>,
+    unacknowledged: ingress::Unacknowledged,
     frame: BytesMut,
     agent: Arc<str>,
     /// A write failed or timed out: the agent no longer reads them.
@@ -250,7 +241,7 @@ impl Acks {
     fn new(send: SendStream, agent: Arc<str>) -> Self {
         Self {
             send,
-            waiting: VecDeque::new(),
+            unacknowledged: ingress::Unacknowledged::default(),
             frame: BytesMut::with_capacity(32),
             agent,
             closed: false,
@@ -259,30 +250,18 @@ impl Acks {
 
     /// Whether another batch may be read.
     fn has_room(&self) -> bool {
-        self.waiting.len() < ACKS_PENDING
+        self.unacknowledged.has_room()
     }
 
-    /// Whether a batch waits for its acknowledgement.
+    /// Whether a batch waits for its acknowledgement, which can still be written.
     fn is_waiting(&self) -> bool {
-        !self.closed && !self.waiting.is_empty()
+        !self.closed && self.unacknowledged.is_waiting()
     }
 
-    /// Waits until the oldest waiting batch has been replayed, and takes it and the batches
-    /// after it of the same session replayed by then; the acknowledgement that covers them.
-    /// Cancel-safe: nothing is taken until the wait is over. Call only when
-    /// [`is_waiting`](Self::is_waiting).
+    /// The next acknowledgement, once its batches have been replayed (cancel-safe; see
+    /// [`ingress::Unacknowledged::ready`]).
     async fn ready(&mut self) -> pb::Ack {
-        if let Some(oldest) = self.waiting.front() {
-            oldest.wait_replayed().await;
-        }
-        let mut ack = self.waiting.pop_front().expect("a batch waits").ack;
-        while let Some(next) = self.waiting.front() {
-            if next.ack.session != ack.session || !next.is_replayed() {
-                break;
-            }
-            ack = self.waiting.pop_front().expect("a batch waits").ack;
-        }
-        ack
+        self.unacknowledged.ready().await
     }
 
     /// Writes `ack`; when that fails, the stream is given up (`closed`).
