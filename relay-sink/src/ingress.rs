@@ -60,7 +60,7 @@ pub(crate) struct Unacknowledged {
 
 impl Unacknowledged {
     /// Batches a stream may have waiting before it stops reading.
-    pub(crate) const LIMIT: usize = 1024;
+    const LIMIT: usize = 1024;
 
     /// Whether another batch may be read.
     pub(crate) fn has_room(&self) -> bool {

@@ -5,9 +5,9 @@
 //! - **N agents**, made with the agent's library ([`agent::run`]) in worker processes
 //!   (`relay-perf agents`, up to [`AGENTS_PER_WORKER`] each: a process may be held to 20,000
 //!   open files), each agent with its own UDP input socket, its own certificate (identity
-//!   `agent-0001` …) and its own QUIC connection (gRPC with `--scale-transport grpc`). A worker's agents share its runtime's
-//!   threads (their receive loops are tasks, [`agent::config::ReceiveOn::Runtime`]), so
-//!   10,000 fit on this machine. Each agent receives
+//!   `agent-0001` …) and its own QUIC connection (gRPC with `--scale-transport grpc`). A
+//!   worker's agents share its runtime's threads (their receive loops are tasks,
+//!   [`agent::config::ReceiveOn::Runtime`]), so 10,000 fit on this machine. Each agent receives
 //!   `--scale-rate` datagrams a second of its own sFlow stream (agent address 10.0.x.y, one
 //!   sub-agent, sequence 1, 2, …) for `--scale-duration`.
 //! - **One agent** receiving N × `--scale-rate` datagrams a second for as long, on a receive
