@@ -304,8 +304,8 @@ impl Check {
             }
             self.log_refusal(verdict, source, data.len());
         }
-        metrics.datagrams_received.inc_by(n as u64);
-        metrics.bytes_received.inc_by(bytes as u64);
+        // What was refused, and why, is counted before what was received: a scrape that sees
+        // the received count include a datagram also sees its refusal counted.
         if not_allowed > 0 {
             metrics.source_not_allowed.inc_by(not_allowed);
         }
@@ -314,6 +314,8 @@ impl Check {
                 .drain(..)
                 .map(|(header, i)| (header, slots.datagram(i))),
         );
+        metrics.datagrams_received.inc_by(n as u64);
+        metrics.bytes_received.inc_by(bytes as u64);
         chunk
     }
 
