@@ -28,12 +28,12 @@ use tokio::time::Instant;
 use crate::metrics::{DropReason, Metrics, SinkMetrics};
 use crate::receive::Chunk;
 
-/// How much earlier than a batch's deadline the batcher asks to be woken. tokio's timers fire
-/// on the first millisecond tick at or after their deadline, and the wait for events rounds
-/// its timeout up to a millisecond as well: measured on a 2-core VM, a 5 ms sleep woke 1.2 ms
-/// late at the median (1.5 ms at the 90th percentile), so a lone datagram waited about
-/// 6.2 ms under a 5 ms `batch-delay`. Woken a millisecond early, batches leave within about
-/// 0.2 ms of the delay, either side.
+/// How much earlier than `batch_delay` after its first datagram a batch is due. tokio's
+/// timers fire on the first millisecond tick at or after their deadline, and the wait for
+/// events rounds its timeout up to a millisecond as well: measured on a 2-core VM, a 5 ms
+/// sleep woke 1.2 ms late at the median (1.5 ms at the 90th percentile), so a lone datagram
+/// waited about 6.2 ms under a 5 ms `batch-delay`. Due a millisecond early, batches leave
+/// within about 0.2 ms of the delay, either side.
 const TIMER_SLACK: Duration = Duration::from_millis(1);
 
 /// Each sink's route, in the order of the sinks; `None` for a sink whose feed has ended.
@@ -81,6 +81,8 @@ struct Lane {
     sequence: u64,
     pending: Vec<pb::Datagram>,
     pending_bytes: usize,
+    /// When the pending batch is due: `batch_delay` less [`TIMER_SLACK`] after its first
+    /// datagram.
     deadline: Option<Instant>,
     /// Datagrams the filter kept out since they were last counted.
     filtered: u64,
@@ -101,9 +103,6 @@ struct Batcher {
 /// Batches datagrams from `input` until it closes, then flushes what is left and returns,
 /// dropping the sink queues (which tells the sink links to finish). `routes` says which
 /// datagrams each sink takes; a change applies from the next batch.
-///
-/// The batcher wakes [`TIMER_SLACK`] before a lane's deadline and flushes what is due by
-/// then.
 pub(crate) async fn batch_loop(
     mut input: mpsc::Receiver<Chunk>,
     sinks: Vec<SinkQueue>,
@@ -125,9 +124,7 @@ pub(crate) async fn batch_loop(
         let deadline = batcher.lanes.iter().filter_map(|lane| lane.deadline).min();
         let sleep = async {
             match deadline {
-                Some(at) => {
-                    tokio::time::sleep_until(at.checked_sub(TIMER_SLACK).unwrap_or(at)).await
-                }
+                Some(at) => tokio::time::sleep_until(at).await,
                 None => std::future::pending().await,
             }
         };
@@ -142,7 +139,7 @@ pub(crate) async fn batch_loop(
                 }
                 batcher.count_filtered();
             }
-            () = sleep => batcher.flush_due(Instant::now() + TIMER_SLACK),
+            () = sleep => batcher.flush_due(Instant::now()),
             Ok(()) = routes.changed() => {
                 batcher.flush_all();
                 batcher.regroup(&routes.borrow_and_update());
@@ -218,7 +215,8 @@ impl Batcher {
             };
             let Some(datagram) = datagram else { continue };
             if lane.pending.is_empty() {
-                lane.deadline = Some(Instant::now() + self.settings.batch_delay);
+                let delay = self.settings.batch_delay.saturating_sub(TIMER_SLACK);
+                lane.deadline = Some(Instant::now() + delay);
             }
             lane.pending_bytes += datagram.encoded_len_in_batch();
             lane.pending.push(datagram);

@@ -326,13 +326,10 @@ async fn relay(
 ) {
     let mut unacknowledged = ingress::Unacknowledged::default();
     let mut expander = Expander::new(shared.config.max_frame_bytes);
-    // The response stream is gone: the agent no longer reads acknowledgements.
-    let mut gone = false;
     let refusal = loop {
         let next = tokio::select! {
             ack = unacknowledged.ready(), if unacknowledged.is_waiting() => {
                 if acks.send(Ok(ack)).await.is_err() {
-                    gone = true;
                     break None;
                 }
                 continue;
@@ -357,13 +354,17 @@ async fn relay(
                     tokio::select! {
                         biased;
                         delivery = &mut deliver => break delivery,
-                        ack = unacknowledged.ready(), if !gone && unacknowledged.is_waiting() => {
-                            gone = acks.send(Ok(ack)).await.is_err();
+                        ack = unacknowledged.ready(),
+                            if !acks.is_closed() && unacknowledged.is_waiting() =>
+                        {
+                            // A failed send means `acks` is closed, which is seen below.
+                            let _ = acks.send(Ok(ack)).await;
                         }
                     }
                 };
                 unacknowledged.push(delivery);
-                if gone {
+                // The response stream is gone: the agent no longer reads acknowledgements.
+                if acks.is_closed() {
                     break None;
                 }
             }
@@ -379,8 +380,8 @@ async fn relay(
     };
     // What was read is acknowledged once replayed; then the call ends (with the refusal,
     // if there was one).
-    while !gone && unacknowledged.is_waiting() {
-        gone = acks.send(Ok(unacknowledged.ready().await)).await.is_err();
+    while !acks.is_closed() && unacknowledged.is_waiting() {
+        let _ = acks.send(Ok(unacknowledged.ready().await)).await;
     }
     if let Some(status) = refusal {
         let _ = acks.send(Err(status)).await;

@@ -166,18 +166,18 @@ async fn stream(
     let mut stalled = false;
     loop {
         let next = tokio::select! {
-            ack = acks.ready(), if acks.is_waiting() => {
+            ack = acks.unacknowledged.ready(), if acks.is_waiting() => {
                 acks.write(ack).await;
                 if acks.closed {
                     break;
                 }
                 continue;
             }
-            next = reader.next::<pb::Batch>(), if acks.has_room() => next,
+            next = reader.next::<pb::Batch>(), if acks.unacknowledged.has_room() => next,
             _ = tick.tick() => {
                 // Not reading (too many batches wait for their replay) is not the agent's
                 // stall.
-                if reader.buffered() == 0 || !acks.has_room() {
+                if reader.buffered() == 0 || !acks.unacknowledged.has_room() {
                     stalled = false;
                     continue;
                 }
@@ -213,7 +213,7 @@ async fn stream(
             tokio::select! {
                 biased;
                 delivery = &mut deliver => break delivery,
-                ack = acks.ready(), if acks.is_waiting() => {
+                ack = acks.unacknowledged.ready(), if acks.is_waiting() => {
                     acks.write(ack).await;
                 }
             }
@@ -248,20 +248,9 @@ impl Acks {
         }
     }
 
-    /// Whether another batch may be read.
-    fn has_room(&self) -> bool {
-        self.unacknowledged.has_room()
-    }
-
     /// Whether a batch waits for its acknowledgement, which can still be written.
     fn is_waiting(&self) -> bool {
         !self.closed && self.unacknowledged.is_waiting()
-    }
-
-    /// The next acknowledgement, once its batches have been replayed (cancel-safe; see
-    /// [`ingress::Unacknowledged::ready`]).
-    async fn ready(&mut self) -> pb::Ack {
-        self.unacknowledged.ready().await
     }
 
     /// Writes `ack`; when that fails, the stream is given up (`closed`).
@@ -280,7 +269,7 @@ impl Acks {
     /// Acknowledges what waits as it is replayed, then finishes the stream.
     async fn finish(mut self) {
         while self.is_waiting() {
-            let ack = self.ready().await;
+            let ack = self.unacknowledged.ready().await;
             self.write(ack).await;
         }
         if self.closed {

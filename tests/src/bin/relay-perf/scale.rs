@@ -280,7 +280,7 @@ pub(crate) fn run(args: &ScaleArgs, json_to: &Path) {
     );
     println!(
         "- {n} agents (the agent's library, in worker processes of up to {AGENTS_PER_WORKER} agents that share their runtime's threads; each agent with its own certificate, UDP input and {} connection), {}/s of realistic sFlow each for {:?}; then one agent at {}/s for as long. Each phase with a fresh relay-sink process (defaults) replaying unpaced to one receiver",
-        transport_name(args.scale_transport),
+        args.scale_transport.as_str(),
         args.scale_rate,
         args.scale_duration,
         args.scale_rate * n as u64,
@@ -574,15 +574,6 @@ fn phase(setup: &Setup<'_>, certs: &[(PathBuf, PathBuf)], rate: u64, length: Dur
         p.cpu_us_relaying()
     );
     p
-}
-
-/// The transport's name as the report prints it.
-fn transport_name(transport: TransportMode) -> &'static str {
-    match transport {
-        TransportMode::Quic => "QUIC",
-        TransportMode::Grpc => "gRPC",
-        TransportMode::Auto => "QUIC (gRPC when QUIC fails)",
-    }
 }
 
 /// Agents per worker process: each agent holds two sockets (its input and its QUIC
