@@ -344,6 +344,39 @@ mod tests {
         );
         assert!(text < 0.3, "text payloads: {text:.3}");
     }
+
+    #[test]
+    fn sampled_payloads_are_the_bytes_after_each_sampled_packets_headers() {
+        let mut g = SflowGen::new(2, 2, 1).with_payload(Payload::Random);
+        for _ in 0..200 {
+            let d = g.datagram();
+            let payloads = sampled_payloads(&d);
+            let flow_samples = {
+                let mut at = 28;
+                let mut n = 0;
+                for _ in 0..u32_at(&d, 24) {
+                    n += usize::from(u32_at(&d, at) == 1);
+                    at += 8 + u32_at(&d, at + 4) as usize;
+                }
+                n
+            };
+            assert_eq!(payloads.len(), flow_samples);
+            for &(start, end) in &payloads {
+                // The 128-byte header's Ethernet (14), IPv4 (20) and TCP (20) or UDP (8).
+                let len = end - start;
+                assert!(len == 128 - 54 || len == 128 - 42, "{len}");
+                // Its frame begins 14 + 20 + (20 or 8) bytes before, with the IPv4 ethertype.
+                let frame = start - (128 - len);
+                assert_eq!(d[frame + 12..frame + 14], [0x08, 0x00]);
+            }
+        }
+        assert!(sampled_payloads(b"not sflow").is_empty());
+        let d = g.datagram();
+        assert!(
+            sampled_payloads(&d[..d.len() - 200]).is_empty(),
+            "truncated"
+        );
+    }
 }
 
 /// Who sent an sFlow v5 datagram and its place in that sender's stream: (agent address,
@@ -359,6 +392,71 @@ pub fn stream_position(datagram: &[u8]) -> Option<(Ipv4Addr, u32, u32)> {
     }
     let agent = Ipv4Addr::from(word(8)?);
     Some((agent, word(12)?, word(16)?))
+}
+
+/// The payloads of the packets an sFlow v5 datagram samples: in each flow sample's
+/// sampled-header record of an Ethernet frame, the bytes after its IPv4 and TCP or UDP
+/// headers, as (start, end) offsets into `datagram`, in order. What cannot be walked
+/// (another layout, a truncated record) has none.
+///
+/// With [`Payload::Random`] these are the generator's random bytes: what no compressor can
+/// shrink, and what an sFlow-aware one could at best pass through while it models the rest.
+pub fn sampled_payloads(datagram: &[u8]) -> Vec<(usize, usize)> {
+    let word = |at: usize| -> Option<usize> {
+        Some(u32::from_be_bytes(datagram.get(at..at.checked_add(4)?)?.try_into().ok()?) as usize)
+    };
+    let mut found = Vec::new();
+    let walk = |found: &mut Vec<(usize, usize)>| -> Option<()> {
+        if word(0)? != 5 || word(4)? != 1 {
+            return None; // sFlow v5 from an IPv4 agent only
+        }
+        let mut at = 28;
+        for _ in 0..word(24)? {
+            let (format, len) = (word(at)?, word(at + 4)?);
+            let end = (at + 8).checked_add(len)?;
+            if format == 1 {
+                // Flow sample: seven fields, then its records.
+                let records = word(at + 8 + 28)?;
+                let mut rec = at + 8 + 32;
+                for _ in 0..records {
+                    let (rec_format, rec_len) = (word(rec)?, word(rec + 4)?);
+                    let data = rec + 8;
+                    if rec_format == 1 && word(data)? == 1 {
+                        let header = data + 16;
+                        let header_len = word(data + 12)?;
+                        if let Some(range) =
+                            ipv4_payload(datagram.get(header..header + header_len)?)
+                        {
+                            found.push((header + range, header + header_len));
+                        }
+                    }
+                    rec = data.checked_add(rec_len)?;
+                }
+            }
+            at = end;
+        }
+        Some(())
+    };
+    if walk(&mut found).is_none() {
+        found.clear();
+    }
+    found
+}
+
+/// Where the payload begins in an Ethernet frame's first bytes carrying IPv4 and TCP or UDP.
+fn ipv4_payload(frame: &[u8]) -> Option<usize> {
+    if frame.get(12..14)? != [0x08, 0x00] {
+        return None;
+    }
+    let ip = 14;
+    let ihl = usize::from(frame.get(ip)? & 0x0f) * 4;
+    let l4 = ip + ihl;
+    let end = match frame.get(ip + 9)? {
+        6 => l4 + usize::from(frame.get(l4 + 12)? >> 4) * 4,
+        17 => l4 + 8,
+        _ => return None,
+    };
+    (end <= frame.len()).then_some(end)
 }
 
 /// What a collector would see of the streams: per (agent, sub-agent), datagrams missing,
