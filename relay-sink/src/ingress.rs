@@ -44,6 +44,17 @@ impl Delivery {
     }
 }
 
+/// Where a stream's acknowledgements go: QUIC's send stream, or a gRPC call's response
+/// channel.
+pub(crate) trait AckWriter {
+    /// Writes `ack`. When that fails, the writer is closed from then on.
+    async fn write(&mut self, ack: pb::Ack);
+
+    /// Whether the agent no longer reads acknowledgements (a write failed, or its side is
+    /// gone).
+    fn is_closed(&self) -> bool;
+}
+
 /// Batches a stream has read and handed to replay, waiting for their acknowledgement, oldest
 /// first: enough to keep an agent's window of batches moving, bounded so that a stalled
 /// destination slows the agent down. Each is acknowledged once replayed; an acknowledgement
@@ -52,7 +63,10 @@ impl Delivery {
 /// packet, and a good part of the cost of a batch).
 ///
 /// The stream's one task reads batches and writes acknowledgements: a batch costs one task's
-/// wake-ups, not those of a reader and an acknowledging task.
+/// wake-ups, not those of a reader and an acknowledging task. Both transports run it the
+/// same way: [`can_acknowledge`](Self::can_acknowledge) guards [`ready`](Self::ready) beside
+/// the read, [`hand_over`](Self::hand_over) delivers what was read, and
+/// [`drain`](Self::drain) acknowledges the rest when the stream ends.
 #[derive(Default)]
 pub(crate) struct Unacknowledged {
     waiting: VecDeque<Delivery>,
@@ -72,9 +86,37 @@ impl Unacknowledged {
         !self.waiting.is_empty()
     }
 
-    /// Adds the batch just handed to replay.
-    pub(crate) fn push(&mut self, delivery: Delivery) {
+    /// Whether a batch waits for its acknowledgement and `to` still takes it.
+    pub(crate) fn can_acknowledge(&self, to: &impl AckWriter) -> bool {
+        !to.is_closed() && self.is_waiting()
+    }
+
+    /// Waits until `deliver` has handed a batch to replay (which may wait: a full replay
+    /// queue, the catch-up pace), acknowledging to `to` meanwhile what is replayed meanwhile;
+    /// then adds the batch.
+    pub(crate) async fn hand_over(
+        &mut self,
+        deliver: impl Future<Output = Delivery>,
+        to: &mut impl AckWriter,
+    ) {
+        tokio::pin!(deliver);
+        let delivery = loop {
+            tokio::select! {
+                biased;
+                delivery = &mut deliver => break delivery,
+                ack = self.ready(), if self.can_acknowledge(to) => to.write(ack).await,
+            }
+        };
         self.waiting.push_back(delivery);
+    }
+
+    /// Acknowledges to `to` every batch still waiting, each as it is replayed, while `to`
+    /// takes them: what a stream read is acknowledged before it ends.
+    pub(crate) async fn drain(&mut self, to: &mut impl AckWriter) {
+        while self.can_acknowledge(to) {
+            let ack = self.ready().await;
+            to.write(ack).await;
+        }
     }
 
     /// Waits until the oldest waiting batch has been replayed, and takes it and the batches

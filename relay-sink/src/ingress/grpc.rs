@@ -34,7 +34,7 @@ use tracing::Instrument;
 
 use crate::Shared;
 use crate::admission;
-use crate::ingress;
+use crate::ingress::{self, AckWriter as _};
 use crate::labels::Transport;
 use crate::refusal::{self, HandshakeError, ProtocolError};
 use crate::status::Registered;
@@ -319,7 +319,7 @@ impl Relay for RelayService {
 /// down; dropping `acks` then ends the response stream.
 async fn relay(
     mut batches: Streaming<pb::Batch>,
-    acks: mpsc::Sender<Result<pb::Ack, Status>>,
+    mut acks: mpsc::Sender<Result<pb::Ack, Status>>,
     peer: Peer,
     shared: Arc<Shared>,
     token: CancellationToken,
@@ -328,8 +328,10 @@ async fn relay(
     let mut expander = Expander::new(shared.config.max_frame_bytes);
     let refusal = loop {
         let next = tokio::select! {
+            // Also once the response stream is closed: the write then fails, and the call ends.
             ack = unacknowledged.ready(), if unacknowledged.is_waiting() => {
-                if acks.send(Ok(ack)).await.is_err() {
+                acks.write(ack).await;
+                if acks.is_closed() {
                     break None;
                 }
                 continue;
@@ -346,23 +348,8 @@ async fn relay(
                 if let Err(error) = expander.expand(&mut batch) {
                     break Some(violated(&shared, &peer, error.into()));
                 }
-                // Handing over may wait (a full replay queue, the catch-up pace): what was
-                // replayed meanwhile is acknowledged meanwhile.
                 let deliver = ingress::deliver(&shared, &peer.registered, batch);
-                tokio::pin!(deliver);
-                let delivery = loop {
-                    tokio::select! {
-                        biased;
-                        delivery = &mut deliver => break delivery,
-                        ack = unacknowledged.ready(),
-                            if !acks.is_closed() && unacknowledged.is_waiting() =>
-                        {
-                            // A failed send means `acks` is closed, which is seen below.
-                            let _ = acks.send(Ok(ack)).await;
-                        }
-                    }
-                };
-                unacknowledged.push(delivery);
+                unacknowledged.hand_over(deliver, &mut acks).await;
                 // The response stream is gone: the agent no longer reads acknowledgements.
                 if acks.is_closed() {
                     break None;
@@ -380,11 +367,22 @@ async fn relay(
     };
     // What was read is acknowledged once replayed; then the call ends (with the refusal,
     // if there was one).
-    while !acks.is_closed() && unacknowledged.is_waiting() {
-        let _ = acks.send(Ok(unacknowledged.ready().await)).await;
-    }
+    unacknowledged.drain(&mut acks).await;
     if let Some(status) = refusal {
         let _ = acks.send(Err(status)).await;
+    }
+}
+
+/// A call's response stream, as [`relay`] writes acknowledgements to it.
+impl ingress::AckWriter for mpsc::Sender<Result<pb::Ack, Status>> {
+    async fn write(&mut self, ack: pb::Ack) {
+        // A failed send means the response stream is closed, which `is_closed` says.
+        let _ = self.send(Ok(ack)).await;
+    }
+
+    fn is_closed(&self) -> bool {
+        // The channel's own (inherent methods come first).
+        Self::is_closed(self)
     }
 }
 

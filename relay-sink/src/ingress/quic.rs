@@ -21,7 +21,7 @@ use tracing::Instrument;
 
 use crate::Shared;
 use crate::admission;
-use crate::ingress;
+use crate::ingress::{self, AckWriter as _};
 use crate::labels::Transport;
 use crate::refusal::{self, HandshakeError, ProtocolError};
 use crate::status::Registered;
@@ -154,6 +154,7 @@ async fn stream(
     let agent = registered.agent.clone();
     let mut reader = FrameReader::new(recv, shared.config.max_frame_bytes);
     let mut acks = Acks::new(send, agent.clone());
+    let mut unacknowledged = ingress::Unacknowledged::default();
     let mut expander = Expander::new(shared.config.max_frame_bytes);
     // Set when a frame was already incomplete at the previous `--frame-timeout` tick: a
     // frame gets at least one whole period (at most two) to arrive once it has begun, and
@@ -166,18 +167,18 @@ async fn stream(
     let mut stalled = false;
     loop {
         let next = tokio::select! {
-            ack = acks.unacknowledged.ready(), if acks.is_waiting() => {
+            ack = unacknowledged.ready(), if unacknowledged.can_acknowledge(&acks) => {
                 acks.write(ack).await;
                 if acks.closed {
                     break;
                 }
                 continue;
             }
-            next = reader.next::<pb::Batch>(), if acks.unacknowledged.has_room() => next,
+            next = reader.next::<pb::Batch>(), if unacknowledged.has_room() => next,
             _ = tick.tick() => {
                 // Not reading (too many batches wait for their replay) is not the agent's
                 // stall.
-                if reader.buffered() == 0 || !acks.unacknowledged.has_room() {
+                if reader.buffered() == 0 || !unacknowledged.has_room() {
                     stalled = false;
                     continue;
                 }
@@ -205,32 +206,20 @@ async fn stream(
         if let Err(error) = expander.expand(&mut batch) {
             break violated(&shared, &connection, &agent, remote, &error.into());
         }
-        // Handing over may wait (a full replay queue, the catch-up pace): what was replayed
-        // meanwhile is acknowledged meanwhile.
         let deliver = ingress::deliver(&shared, &registered, batch);
-        tokio::pin!(deliver);
-        let delivery = loop {
-            tokio::select! {
-                biased;
-                delivery = &mut deliver => break delivery,
-                ack = acks.unacknowledged.ready(), if acks.is_waiting() => {
-                    acks.write(ack).await;
-                }
-            }
-        };
-        acks.unacknowledged.push(delivery);
+        unacknowledged.hand_over(deliver, &mut acks).await;
         if acks.closed {
             break;
         }
     }
     // What was read is acknowledged once replayed; then the stream is finished.
+    unacknowledged.drain(&mut acks).await;
     acks.finish().await;
 }
 
-/// One stream's acknowledgements: the batches waiting for theirs, and where they are written.
+/// Where one stream's acknowledgements are written.
 struct Acks {
     send: SendStream,
-    unacknowledged: ingress::Unacknowledged,
     frame: BytesMut,
     agent: Arc<str>,
     /// A write failed or timed out: the agent no longer reads them.
@@ -241,18 +230,27 @@ impl Acks {
     fn new(send: SendStream, agent: Arc<str>) -> Self {
         Self {
             send,
-            unacknowledged: ingress::Unacknowledged::default(),
             frame: BytesMut::with_capacity(32),
             agent,
             closed: false,
         }
     }
 
-    /// Whether a batch waits for its acknowledgement, which can still be written.
-    fn is_waiting(&self) -> bool {
-        !self.closed && self.unacknowledged.is_waiting()
+    /// Once the last acknowledgement is written, finishes the stream.
+    async fn finish(mut self) {
+        if self.closed {
+            return;
+        }
+        // Closing the connection discards stream data not yet delivered: wait (briefly)
+        // until the agent has the last acknowledgements, or it would send those batches
+        // again.
+        if self.send.finish().is_ok() {
+            let _ = tokio::time::timeout(ACKS_DELIVERY, self.send.stopped()).await;
+        }
     }
+}
 
+impl ingress::AckWriter for Acks {
     /// Writes `ack`; when that fails, the stream is given up (`closed`).
     async fn write(&mut self, ack: pb::Ack) {
         self.frame.clear();
@@ -266,21 +264,8 @@ impl Acks {
         }
     }
 
-    /// Acknowledges what waits as it is replayed, then finishes the stream.
-    async fn finish(mut self) {
-        while self.is_waiting() {
-            let ack = self.unacknowledged.ready().await;
-            self.write(ack).await;
-        }
-        if self.closed {
-            return;
-        }
-        // Closing the connection discards stream data not yet delivered: wait (briefly)
-        // until the agent has the last acknowledgements, or it would send those batches
-        // again.
-        if self.send.finish().is_ok() {
-            let _ = tokio::time::timeout(ACKS_DELIVERY, self.send.stopped()).await;
-        }
+    fn is_closed(&self) -> bool {
+        self.closed
     }
 }
 
