@@ -963,10 +963,13 @@ pub fn free_udp_port() -> SocketAddr {
 /// When no such port is found in a bounded number of tries.
 fn quiet_port(what: &str, free: impl Fn(SocketAddr) -> bool) -> SocketAddr {
     use rand::Rng;
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32_768);
+    static EPHEMERAL_LOW: OnceLock<u16> = OnceLock::new();
+    let ephemeral_low = *EPHEMERAL_LOW.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+            .unwrap_or(32_768)
+    });
     let (low, high) = (10_000, ephemeral_low.max(10_001));
     let mut rng = rand::rng();
     for _ in 0..1_000 {

@@ -402,45 +402,42 @@ pub fn stream_position(datagram: &[u8]) -> Option<(Ipv4Addr, u32, u32)> {
 /// With [`Payload::Random`] these are the generator's random bytes: what no compressor can
 /// shrink, and what an sFlow-aware one could at best pass through while it models the rest.
 pub fn sampled_payloads(datagram: &[u8]) -> Vec<(usize, usize)> {
+    walk_sampled_payloads(datagram).unwrap_or_default()
+}
+
+/// [`sampled_payloads`]; `None` where the walk breaks off.
+fn walk_sampled_payloads(datagram: &[u8]) -> Option<Vec<(usize, usize)>> {
     let word = |at: usize| -> Option<usize> {
         Some(u32::from_be_bytes(datagram.get(at..at.checked_add(4)?)?.try_into().ok()?) as usize)
     };
-    let mut found = Vec::new();
-    let walk = |found: &mut Vec<(usize, usize)>| -> Option<()> {
-        if word(0)? != 5 || word(4)? != 1 {
-            return None; // sFlow v5 from an IPv4 agent only
-        }
-        let mut at = 28;
-        for _ in 0..word(24)? {
-            let (format, len) = (word(at)?, word(at + 4)?);
-            let end = (at + 8).checked_add(len)?;
-            if format == 1 {
-                // Flow sample: seven fields, then its records.
-                let records = word(at + 8 + 28)?;
-                let mut rec = at + 8 + 32;
-                for _ in 0..records {
-                    let (rec_format, rec_len) = (word(rec)?, word(rec + 4)?);
-                    let data = rec + 8;
-                    if rec_format == 1 && word(data)? == 1 {
-                        let header = data + 16;
-                        let header_len = word(data + 12)?;
-                        if let Some(range) =
-                            ipv4_payload(datagram.get(header..header + header_len)?)
-                        {
-                            found.push((header + range, header + header_len));
-                        }
-                    }
-                    rec = data.checked_add(rec_len)?;
-                }
-            }
-            at = end;
-        }
-        Some(())
+    let header = proto::sflow::parse_header(datagram).ok()?;
+    let mut at = match header.agent {
+        std::net::IpAddr::V4(_) => proto::sflow::HEADER_LEN_IPV4,
+        std::net::IpAddr::V6(_) => proto::sflow::HEADER_LEN_IPV6,
     };
-    if walk(&mut found).is_none() {
-        found.clear();
+    let mut found = Vec::new();
+    for _ in 0..header.samples {
+        let (format, len) = (word(at)?, word(at + 4)?);
+        if format == 1 {
+            // Flow sample: seven fields, the number of records, then the records.
+            let mut rec = at + 8 + 32;
+            for _ in 0..word(rec - 4)? {
+                let (rec_format, rec_len) = (word(rec)?, word(rec + 4)?);
+                let data = rec + 8;
+                // A sampled header of an Ethernet frame: four fields, then the frame's bytes.
+                if rec_format == 1 && word(data)? == 1 {
+                    let frame = data + 16;
+                    let frame_end = frame.checked_add(word(data + 12)?)?;
+                    if let Some(payload) = ipv4_payload(datagram.get(frame..frame_end)?) {
+                        found.push((frame + payload, frame_end));
+                    }
+                }
+                rec = data.checked_add(rec_len)?;
+            }
+        }
+        at = (at + 8).checked_add(len)?;
     }
-    found
+    Some(found)
 }
 
 /// Where the payload begins in an Ethernet frame's first bytes carrying IPv4 and TCP or UDP.

@@ -79,11 +79,10 @@ fn relay(datagrams: &[Vec<u8>], rate: u32, agent_args: &[&str]) -> Measured {
     }
 }
 
-/// One-shot `zstd -1` over the datagrams as one stream: compressed over plain bytes.
-fn zstd_one_shot(datagrams: &[Vec<u8>]) -> f64 {
-    let all: Vec<u8> = datagrams.concat();
-    let packed = zstd::bulk::compress(&all, 1).expect("zstd");
-    packed.len() as f64 / all.len() as f64
+/// One-shot zstd at `level` over `bytes`: compressed over plain bytes.
+fn zstd_one_shot(bytes: &[u8], level: i32) -> f64 {
+    let packed = zstd::bulk::compress(bytes, level).expect("zstd");
+    packed.len() as f64 / bytes.len() as f64
 }
 
 /// What the best compressors could make of random-payload datagrams, for the figures beside
@@ -92,9 +91,8 @@ fn zstd_one_shot(datagrams: &[Vec<u8>]) -> f64 {
 /// [`sampled_payloads`]) passed through as they are, for free, and `zstd -19` over everything
 /// else. Both see the whole run at once, which a relay batching within milliseconds cannot,
 /// and carry no transport overhead.
-fn best_case(datagrams: &[Vec<u8>]) -> (f64, f64) {
-    let all: Vec<u8> = datagrams.concat();
-    let level_19 = zstd::bulk::compress(&all, 19).expect("zstd").len();
+/// `all` is `datagrams` as one stream.
+fn best_case(datagrams: &[Vec<u8>], all: &[u8]) -> (f64, f64) {
     let (mut payloads, mut rest) = (0, Vec::with_capacity(all.len()));
     for d in datagrams {
         let mut at = 0;
@@ -106,8 +104,10 @@ fn best_case(datagrams: &[Vec<u8>]) -> (f64, f64) {
         rest.extend_from_slice(&d[at..]);
     }
     let rest = zstd::bulk::compress(&rest, 19).expect("zstd").len();
-    let len = all.len() as f64;
-    (level_19 as f64 / len, (payloads + rest) as f64 / len)
+    (
+        zstd_one_shot(all, 19),
+        (payloads + rest) as f64 / all.len() as f64,
+    )
 }
 
 /// Runs the measurement and prints it; the JSON for the results file.
@@ -120,7 +120,8 @@ pub(crate) fn run(args: &WireArgs) -> Value {
     ] {
         let mut generator = SflowGen::new(8, 2, 7).with_payload(payload);
         let datagrams: Vec<Vec<u8>> = (0..args.wire_count).map(|_| generator.datagram()).collect();
-        let one_shot = zstd_one_shot(&datagrams);
+        let all = datagrams.concat();
+        let one_shot = zstd_one_shot(&all, 1);
         let zstd = relay(&datagrams, args.wire_rate, &[]);
         let plain = relay(&datagrams, args.wire_rate, &["--compression", "none"]);
         let (with, without) = (zstd.wire / zstd.sflow, plain.wire / plain.sflow);
@@ -133,7 +134,7 @@ pub(crate) fn run(args: &WireArgs) -> Value {
             args.wire_rate,
             with / one_shot
         );
-        let best = (payload == Payload::Random).then(|| best_case(&datagrams));
+        let best = (payload == Payload::Random).then(|| best_case(&datagrams, &all));
         if let Some((level_19, aware)) = best {
             println!(
                 "{profile}: one-shot zstd -19 over the same datagrams: {level_19:.3}; the \
