@@ -90,8 +90,7 @@ fn zstd_one_shot(bytes: &[u8], level: i32) -> f64 {
 /// sFlow format could do with zstd: the sampled packets' payloads (random bytes,
 /// [`sampled_payloads`]) passed through as they are, for free, and `zstd -19` over everything
 /// else. Both see the whole run at once, which a relay batching within milliseconds cannot,
-/// and carry no transport overhead.
-/// `all` is `datagrams` as one stream.
+/// and carry no transport overhead. `all` is `datagrams` as one stream.
 fn best_case(datagrams: &[Vec<u8>], all: &[u8]) -> (f64, f64) {
     let (mut payloads, mut rest) = (0, Vec::with_capacity(all.len()));
     for d in datagrams {
